@@ -1,0 +1,31 @@
+"""The reference's Criteo Kaggle benchmark settings (dlrm_s_pytorch.py's
+`bench/dlrm_s_criteo_kaggle.sh`): D=16, bottom 13-512-256-64-16, top
+512-256-1, dot interaction, batch 128, SGD with lr 0.1.
+
+Needs a prepared Criteo Kaggle directory in `data.path`.
+"""
+
+from dlrm_jax.config import base_config
+
+# Rows per table of the Kaggle set after the reference's preprocessing
+# (counts of distinct values per categorical feature, C1..C26).
+KAGGLE_TABLE_ROWS = (
+    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
+    27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572)
+
+
+def get_config():
+  c = base_config()
+  c.arch_sparse_feature_size = 16
+  c.arch_mlp_bot = "13-512-256-64-16"
+  c.arch_mlp_top = "512-256-1"
+  c.arch_embedding_size = "-".join(str(r) for r in KAGGLE_TABLE_ROWS)
+  c.arch_interaction_op = "dot"
+  c.learning_rate = 0.1
+  c.mini_batch_size = 128
+  c.test_mini_batch_size = 16384
+  c.num_batches = 306_969  # one epoch of the six training days at batch 128.
+  c.test_freq = 30_000
+  c.data.kind = "criteo_kaggle"
+  c.data.path = "data/criteo_kaggle"
+  return c

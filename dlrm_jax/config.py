@@ -1,0 +1,197 @@
+"""Parsing and validation of the reference DLRM's architecture knobs.
+
+Configs are `ml_collections.ConfigDict`s (see `configs/`). Their architecture
+fields keep the names of the reference implementation's command-line flags
+(`--arch-mlp-bot` becomes `arch_mlp_bot`), and this module turns them into a
+validated, immutable `ModelSpec` with errors that name the offending value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+INTERACTION_OPS = ("dot", "cat")
+LOSS_FUNCTIONS = ("bce", "mse", "wbce")
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid; the message names the value and why."""
+
+
+def parse_widths(name: str, value: str | int | Sequence[int]) -> tuple[int, ...]:
+  """Parses a reference-style dash-separated list such as "13-512-256-64-16"."""
+  if isinstance(value, int):
+    parts = [value]
+  elif isinstance(value, str):
+    if not value.strip():
+      raise ConfigError(f"{name} is empty; expected dash-separated positive integers such as '13-512-256'")
+    try:
+      parts = [int(p) for p in value.strip().split("-")]
+    except ValueError:
+      raise ConfigError(f"{name}={value!r} is not a dash-separated list of integers") from None
+  else:
+    parts = [int(p) for p in value]
+  if not parts:
+    raise ConfigError(f"{name} is empty")
+  bad = [p for p in parts if p <= 0]
+  if bad:
+    raise ConfigError(f"{name}={value!r} contains non-positive size(s) {bad}; every size must be >= 1")
+  return tuple(parts)
+
+
+def parse_floats(name: str, value: str | Sequence[float]) -> tuple[float, ...]:
+  """Parses a dash-separated list of floats such as the reference's "1.0-1.0"."""
+  if isinstance(value, str):
+    try:
+      return tuple(float(p) for p in value.split("-"))
+    except ValueError:
+      raise ConfigError(f"{name}={value!r} is not a dash-separated list of numbers") from None
+  return tuple(float(p) for p in value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """The DLRM architecture, validated.
+
+  Attributes:
+    num_dense: number of dense input features (13 for Criteo).
+    embedding_dim: D, the width of every embedding vector.
+    bottom: bottom-MLP widths, input first (first == num_dense, last == D).
+    top: top-MLP output widths (last == 1); its input width is derived.
+    table_rows: rows of each embedding table, one table per categorical feature.
+    interaction: "dot" or "cat".
+    interaction_itself: for "dot", keep the diagonal (self dot products) too.
+  """
+
+  num_dense: int
+  embedding_dim: int
+  bottom: tuple[int, ...]
+  top: tuple[int, ...]
+  table_rows: tuple[int, ...]
+  interaction: str = "dot"
+  interaction_itself: bool = False
+
+  def __post_init__(self):
+    if self.embedding_dim <= 0:
+      raise ConfigError(f"arch_sparse_feature_size={self.embedding_dim} must be >= 1")
+    if len(self.bottom) < 2:
+      raise ConfigError(
+          f"arch_mlp_bot={_dash(self.bottom)} needs at least an input and an output width")
+    if self.bottom[0] != self.num_dense:
+      raise ConfigError(
+          f"arch_mlp_bot={_dash(self.bottom)} starts with {self.bottom[0]}, but there are "
+          f"{self.num_dense} dense features: its first width must be the number of dense features")
+    if self.bottom[-1] != self.embedding_dim:
+      raise ConfigError(
+          f"arch_mlp_bot={_dash(self.bottom)} ends with {self.bottom[-1]}, but "
+          f"arch_sparse_feature_size={self.embedding_dim}: the bottom MLP's output is interacted "
+          "with the embedding vectors, so its last width must equal the embedding dim")
+    if self.top[-1] != 1:
+      raise ConfigError(
+          f"arch_mlp_top={_dash(self.top)} ends with {self.top[-1]}: the top MLP outputs one "
+          "click logit, so its last width must be 1")
+    if not self.table_rows:
+      raise ConfigError("arch_embedding_size is empty: give at least one table size")
+    if self.interaction not in INTERACTION_OPS:
+      raise ConfigError(
+          f"arch_interaction_op={self.interaction!r} is not one of {INTERACTION_OPS}")
+
+  @property
+  def num_tables(self) -> int:
+    return len(self.table_rows)
+
+  @property
+  def interaction_width(self) -> int:
+    """Width of the interaction output, i.e. the top MLP's input width."""
+    d, f = self.embedding_dim, self.num_tables
+    if self.interaction == "cat":
+      return (f + 1) * d
+    n = f + 1
+    pairs = n * (n + 1) // 2 if self.interaction_itself else n * (n - 1) // 2
+    return d + pairs
+
+  @classmethod
+  def from_config(cls, config) -> "ModelSpec":
+    """Builds the spec from a config with the reference's `arch_*` knobs."""
+    return cls(
+        num_dense=int(config.data.num_dense_features),
+        embedding_dim=int(config.arch_sparse_feature_size),
+        bottom=parse_widths("arch_mlp_bot", config.arch_mlp_bot),
+        top=parse_widths("arch_mlp_top", config.arch_mlp_top),
+        table_rows=parse_widths("arch_embedding_size", config.arch_embedding_size),
+        interaction=str(config.arch_interaction_op),
+        interaction_itself=bool(config.arch_interaction_itself),
+    )
+
+
+def _dash(widths: Sequence[int]) -> str:
+  return "-".join(str(w) for w in widths)
+
+
+def validate_training(config) -> None:
+  """Checks the training knobs that are not part of the architecture."""
+  if config.loss_function not in LOSS_FUNCTIONS:
+    raise ConfigError(f"loss_function={config.loss_function!r} is not one of {LOSS_FUNCTIONS}")
+  if config.loss_function == "wbce":
+    weights = parse_floats("loss_weights", config.loss_weights)
+    if len(weights) != 2:
+      raise ConfigError(
+          f"loss_weights={config.loss_weights!r} must give two weights, for label 0 and label 1")
+  for name in ("mini_batch_size", "test_mini_batch_size", "num_batches"):
+    if int(config[name]) <= 0:
+      raise ConfigError(f"{name}={config[name]} must be >= 1")
+  if not config.learning_rate > 0:
+    raise ConfigError(f"learning_rate={config.learning_rate} must be > 0")
+  for name in ("lr_num_warmup_steps", "lr_decay_start_step", "lr_num_decay_steps"):
+    if int(config[name]) < 0:
+      raise ConfigError(f"{name}={config[name]} must be >= 0")
+
+
+def base_config():
+  """Every knob with its default; the files in configs/ start from this.
+
+  Names follow the reference's flags (`--arch-mlp-bot` -> `arch_mlp_bot`,
+  `--test-freq` -> `test_freq`, ...).
+  """
+  import ml_collections
+
+  c = ml_collections.ConfigDict()
+  # Architecture.
+  c.arch_sparse_feature_size = 16
+  c.arch_mlp_bot = "13-512-256-64-16"
+  c.arch_mlp_top = "512-256-1"
+  c.arch_embedding_size = "-".join(["1000"] * 26)
+  c.arch_interaction_op = "dot"
+  c.arch_interaction_itself = False
+  # Loss and optimisation.
+  c.loss_function = "bce"
+  c.loss_weights = "1.0-1.0"  # wbce weights of label 0 and label 1.
+  c.learning_rate = 0.1
+  c.dense_optimizer = "sgd"  # sgd | adagrad | adam (optax).
+  # Sparse update of the touched rows only: sgd | rowwise_adagrad | adagrad | adam (lazy).
+  c.embedding_optimizer = "sgd"
+  c.lr_num_warmup_steps = 0
+  c.lr_decay_start_step = 0
+  c.lr_num_decay_steps = 0  # 0: no decay.
+  # Steps and evaluation.
+  c.mini_batch_size = 128
+  c.num_batches = 1000  # training steps.
+  c.test_freq = 0  # evaluate every N steps; 0: only at the end.
+  c.test_mini_batch_size = 4096
+  c.test_num_batches = 8
+  c.target_auc = 0.0  # stop once an evaluation reaches it; 0: never.
+  c.seed = 0
+  c.progress_bar = True
+  # Data.
+  c.data = ml_collections.ConfigDict()
+  c.data.kind = "synthetic_ctr"  # synthetic_ctr | random | criteo_kaggle | criteo_terabyte
+  c.data.num_dense_features = 13
+  c.data.seed = 1
+  c.data.zipf_exponent = 1.1
+  c.data.dense_missing_rate = 0.3
+  c.data.sparse_missing_rate = 0.1
+  c.data.teacher_num_pairs = 8  # feature pairs whose ids interact in the teacher.
+  c.data.teacher_pair_scale = 1.0
+  c.data.path = ""  # prepared Criteo directory.
+  return c

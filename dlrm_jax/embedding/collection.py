@@ -1,0 +1,156 @@
+"""Embedding tables as their own pytree, stacked into one array per width.
+
+All tables of a collection that share an embedding width are stored in one
+`[total_rows, D]` array with per-table row offsets, so that one gather serves
+every table (as FBGEMM's table-batched embeddings do) and one scatter applies
+the sparse optimiser update to all of them.
+
+Out-of-range ids: XLA clamps an out-of-range gather index and silently drops an
+out-of-range scatter update, and `jnp.take` fills NaN by default. None of that
+is acceptable for training data, so ids are checked on the host at the data
+boundary (`EmbeddingCollection.check_ids`, called by the training loop on every
+batch) and an id outside its table raises `IdOutOfRangeError` naming the
+feature, the sample and the value. Inside the jitted step ids are trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class IdOutOfRangeError(ValueError):
+  """A categorical id is negative or not smaller than its table's row count."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSpec:
+  """One embedding table: `rows` vectors of width `dim` for one feature."""
+
+  name: str
+  rows: int
+  dim: int
+
+  @property
+  def init_bound(self) -> float:
+    """Rows are U(-sqrt(1/rows), sqrt(1/rows)), as in the reference."""
+    return float(np.sqrt(1.0 / self.rows))
+
+
+Tables = dict[str, jax.Array]
+
+
+class EmbeddingCollection:
+  """Static description of a set of tables, one per categorical feature.
+
+  The tables themselves are a pytree (`Tables`: group name -> stacked array)
+  created by `init` and passed explicitly to `lookup` and to the optimisers.
+  """
+
+  def __init__(self, specs: Sequence[TableSpec]):
+    if not specs:
+      raise ValueError("an embedding collection needs at least one table")
+    dims = {s.dim for s in specs}
+    if len(dims) != 1:
+      raise ValueError(f"all tables must share one embedding width, got widths {sorted(dims)}")
+    self.specs = tuple(specs)
+    self.dim = specs[0].dim
+    rows = np.array([s.rows for s in specs], dtype=np.int64)
+    self.rows = rows
+    self.offsets = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
+    self.total_rows = int(rows.sum())
+    if self.total_rows >= 2**31:
+      raise ValueError(
+          f"{self.total_rows:,} rows in total do not fit int32 row indices; "
+          "split the tables over several collections")
+
+  @classmethod
+  def uniform(cls, table_rows: Sequence[int], dim: int) -> "EmbeddingCollection":
+    """One table per feature, named t0, t1, ..., with the given row counts."""
+    return cls([TableSpec(f"t{i}", int(r), dim) for i, r in enumerate(table_rows)])
+
+  @property
+  def num_tables(self) -> int:
+    return len(self.specs)
+
+  @property
+  def nbytes(self) -> int:
+    return self.total_rows * self.dim * 4
+
+  def init(self, seed: int | jax.Array) -> Tables:
+    """Fresh tables, each row U(-sqrt(1/rows), sqrt(1/rows)) of its own table.
+
+    Every value is a counter-based hash of (seed, row, column), so a table is
+    the same whatever the device layout it is created in, and it can be
+    created in place, shard by shard, under `jax.jit` with output shardings.
+    (jax.random's threefry takes XLA:CPU seconds to compile per call and
+    would give layout-dependent values under some partitionings.)
+    """
+    bounds = jnp.repeat(jnp.array([s.init_bound for s in self.specs], jnp.float32),
+                        self.rows, total_repeat_length=self.total_rows)
+    rows = jax.lax.broadcasted_iota(jnp.uint32, (self.total_rows, self.dim), 0)
+    cols = jax.lax.broadcasted_iota(jnp.uint32, (self.total_rows, self.dim), 1)
+    u = hash_uniform(jnp.asarray(seed, jnp.uint32), rows, cols)
+    return {"stacked": u * bounds[:, None]}
+
+  def from_arrays(self, arrays: Sequence[np.ndarray]) -> Tables:
+    """Stacks per-table arrays (e.g. weights trained elsewhere) into our layout."""
+    if len(arrays) != self.num_tables:
+      raise ValueError(f"expected {self.num_tables} tables, got {len(arrays)}")
+    for spec, a in zip(self.specs, arrays):
+      if a.shape != (spec.rows, spec.dim):
+        raise ValueError(f"table {spec.name}: expected shape {(spec.rows, spec.dim)}, got {a.shape}")
+    return {"stacked": jnp.asarray(np.concatenate(arrays, axis=0), jnp.float32)}
+
+  def to_arrays(self, tables: Tables) -> list[np.ndarray]:
+    """Splits the stacked storage back into one array per table."""
+    stacked = np.asarray(tables["stacked"])
+    return [stacked[o:o + r] for o, r in zip(self.offsets, self.rows)]
+
+  def check_ids(self, ids: np.ndarray) -> None:
+    """Raises IdOutOfRangeError unless 0 <= ids[:, f] < rows[f] for every feature f."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.shape[1] != self.num_tables:
+      raise ValueError(
+          f"categorical ids must have shape [batch, {self.num_tables}], got {ids.shape}")
+    bad = (ids < 0) | (ids >= self.rows[None, :])
+    if bad.any():
+      sample, feature = map(int, np.argwhere(bad)[0])
+      spec = self.specs[feature]
+      raise IdOutOfRangeError(
+          f"feature {feature} (table {spec.name!r}, {spec.rows} rows) has id "
+          f"{int(ids[sample, feature])} at sample {sample} of the batch "
+          f"({int(bad.sum())} out-of-range ids in this batch); ids must be in [0, {spec.rows})")
+
+  def global_rows(self, ids: jax.Array) -> jax.Array:
+    """Per-table ids [B, F] -> rows of the stacked array [B, F] (int32)."""
+    return ids.astype(jnp.int32) + jnp.asarray(self.offsets, jnp.int32)
+
+  def lookup(self, tables: Tables, ids: jax.Array) -> jax.Array:
+    """Per-table ids [B, F] -> embedding vectors [B, F, D]."""
+    return gather_rows(tables["stacked"], self.global_rows(ids))
+
+
+def gather_rows(table: jax.Array, rows: jax.Array) -> jax.Array:
+  """table[rows] for valid rows (checked at the data boundary)."""
+  return jnp.take(table, rows, axis=0, mode="clip")
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: a bijective, well-mixing hash."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def hash_uniform(seed: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+  """Uniform values in [-1, 1), a fixed function of (seed, row, column)."""
+  h = _fmix32(cols * jnp.uint32(0x9E3779B9) + _fmix32(seed + jnp.uint32(0x632BE5AB)))
+  h = _fmix32(rows * jnp.uint32(0x27D4EB2F) ^ h)
+  return (h >> 8).astype(jnp.float32) * (2.0 / (1 << 24)) - 1.0

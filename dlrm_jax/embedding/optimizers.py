@@ -1,0 +1,169 @@
+"""Sparse embedding optimisers: pure functions that update only touched rows.
+
+The train step differentiates the dense network with respect to the looked-up
+vectors, never the tables, and hands those per-lookup gradients here together
+with the rows they came from. An update therefore costs O(lookups x D) time
+and memory, whatever the table size; the optimiser state has the tables'
+row layout and is updated on the same rows.
+
+All optimisers first sum the gradients of a row that appears several times in
+the batch (a sort and a segment sum with static sizes), so each touched row is
+updated once with its total gradient, which is what a dense gradient of the
+gather would hold for that row:
+
+- `sgd`:              w -= lr * g
+- `rowwise_adagrad`:  a += mean(g^2) (one accumulator per row);
+                      w -= lr * g / (sqrt(a) + eps)            (FBGEMM, TorchRec, MLPerf DLRM-DCNv2)
+- `adagrad`:          a += g^2 (per element); w -= lr * g / (sqrt(a) + eps)   (torch.optim.Adagrad)
+- `adam` (lazy):      m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+                      w -= lr * m_hat / (sqrt(v_hat) + eps), with bias corrections
+                      by the global step count t (torch.optim.SparseAdam). Rows that a
+                      step does not touch keep their moments unchanged (they do not
+                      decay), which is what makes it lazy: it differs from dense Adam,
+                      where every row's moments decay every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from dlrm_jax.embedding.collection import Tables
+
+
+def sum_duplicates(rows: jax.Array, grads: jax.Array, fill_row: int) -> tuple[jax.Array, jax.Array]:
+  """Sums gradients of repeated rows.
+
+  Args:
+    rows: [N] int32 rows of the stacked table.
+    grads: [N, D] gradient of each lookup.
+    fill_row: the index given to unused slots; pass the table's row count so
+      that scatters with mode="drop" ignore them.
+
+  Returns:
+    unique rows [N] (sorted; slots past the number of distinct rows hold
+    `fill_row`) and their summed gradients [N, D] (zero in unused slots).
+  """
+  n = rows.shape[0]
+  order = jnp.argsort(rows)
+  sorted_rows = rows[order]
+  is_first = jnp.concatenate([jnp.ones((1,), bool), sorted_rows[1:] != sorted_rows[:-1]])
+  segment = jnp.cumsum(is_first.astype(jnp.int32)) - 1
+  summed = jax.ops.segment_sum(grads[order], segment, num_segments=n, indices_are_sorted=True)
+  unique = jnp.full((n,), fill_row, rows.dtype).at[segment].set(sorted_rows, mode="drop")
+  return unique, summed
+
+
+def _take(x: jax.Array, rows: jax.Array) -> jax.Array:
+  return jnp.take(x, rows, axis=0, mode="clip")  # unused slots are dropped on write.
+
+
+def _put(x: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
+  return x.at[rows].set(values.astype(x.dtype), mode="drop", unique_indices=True,
+                        indices_are_sorted=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseSGD:
+  """Plain SGD, the reference's semantics: row -= lr * (sum of its gradients).
+
+  Needs no de-duplication: the scatter-add accumulates repeated rows.
+  """
+
+  def init(self, tables: Tables) -> dict:
+    del tables
+    return {}
+
+  def update(self, tables: Tables, state: dict, rows: jax.Array, grads: jax.Array,
+             lr: jax.Array, step: jax.Array) -> tuple[Tables, dict]:
+    """rows [N] (stacked-array rows), grads [N, D] -> updated tables and state."""
+    del step
+    table = tables["stacked"]
+    table = table.at[rows].add((-lr * grads).astype(table.dtype), mode="drop")
+    return {"stacked": table}, state
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseRowWiseAdagrad:
+  """Adagrad with one accumulator per row: a += mean(g^2); w -= lr g / (sqrt(a) + eps)."""
+
+  eps: float = 1e-8
+  initial_accumulator_value: float = 0.0
+
+  def init(self, tables: Tables) -> dict:
+    t = tables["stacked"]
+    return {"accumulator": jnp.full(t.shape[:1], self.initial_accumulator_value, jnp.float32)}
+
+  def update(self, tables, state, rows, grads, lr, step):
+    del step
+    table, acc = tables["stacked"], state["accumulator"]
+    unique, g = sum_duplicates(rows, grads, table.shape[0])
+    a = _take(acc, unique) + jnp.mean(jnp.square(g), axis=1)
+    w = _take(table, unique) - lr * g / (jnp.sqrt(a)[:, None] + self.eps)
+    return {"stacked": _put(table, unique, w)}, {"accumulator": _put(acc, unique, a)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseAdagrad:
+  """Element-wise Adagrad on touched rows: a += g^2; w -= lr g / (sqrt(a) + eps)."""
+
+  eps: float = 1e-10
+  initial_accumulator_value: float = 0.0
+
+  def init(self, tables: Tables) -> dict:
+    t = tables["stacked"]
+    return {"accumulator": jnp.full(t.shape, self.initial_accumulator_value, jnp.float32)}
+
+  def update(self, tables, state, rows, grads, lr, step):
+    del step
+    table, acc = tables["stacked"], state["accumulator"]
+    unique, g = sum_duplicates(rows, grads, table.shape[0])
+    a = _take(acc, unique) + jnp.square(g)
+    w = _take(table, unique) - lr * g / (jnp.sqrt(a) + self.eps)
+    return {"stacked": _put(table, unique, w)}, {"accumulator": _put(acc, unique, a)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseLazyAdam:
+  """Adam on touched rows only; untouched rows keep their moments (lazy Adam).
+
+  `step` is the 0-based global step, so bias corrections use t = step + 1 for
+  every row, as torch.optim.SparseAdam does.
+  """
+
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+
+  def init(self, tables: Tables) -> dict:
+    t = tables["stacked"]
+    return {"mu": jnp.zeros(t.shape, jnp.float32), "nu": jnp.zeros(t.shape, jnp.float32)}
+
+  def update(self, tables, state, rows, grads, lr, step):
+    table = tables["stacked"]
+    unique, g = sum_duplicates(rows, grads, table.shape[0])
+    t = jnp.asarray(step, jnp.float32) + 1.0
+    m = self.b1 * _take(state["mu"], unique) + (1 - self.b1) * g
+    v = self.b2 * _take(state["nu"], unique) + (1 - self.b2) * jnp.square(g)
+    m_hat = m / (1 - self.b1**t)
+    v_hat = v / (1 - self.b2**t)
+    w = _take(table, unique) - lr * m_hat / (jnp.sqrt(v_hat) + self.eps)
+    return ({"stacked": _put(table, unique, w)},
+            {"mu": _put(state["mu"], unique, m), "nu": _put(state["nu"], unique, v)})
+
+
+SPARSE_OPTIMIZERS = {
+    "sgd": SparseSGD,
+    "rowwise_adagrad": SparseRowWiseAdagrad,
+    "adagrad": SparseAdagrad,
+    "adam": SparseLazyAdam,
+}
+
+
+def make_sparse_optimizer(name: str):
+  """The sparse optimiser called `name` in configs (`embedding_optimizer`)."""
+  if name not in SPARSE_OPTIMIZERS:
+    raise ValueError(f"embedding_optimizer={name!r} is not one of {sorted(SPARSE_OPTIMIZERS)}")
+  return SPARSE_OPTIMIZERS[name]()

@@ -1,0 +1,300 @@
+"""Train state, the jitted train and eval steps, and the training loop.
+
+The core is functional: `TrainState` is a pytree (dense parameters as an NNX
+state, their optax state, the embedding tables and the sparse optimiser's
+state), and `train_step` is a pure function of it and a batch. The dense
+network is differentiated with respect to its parameters and to the looked-up
+embedding vectors, never the tables: the tables get a sparse update of the
+rows the batch touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from dlrm_jax import metrics as metrics_lib
+from dlrm_jax.config import ModelSpec, parse_floats, validate_training
+from dlrm_jax.data import make_data
+from dlrm_jax.data.prefetch import prefetch
+from dlrm_jax.embedding import EmbeddingCollection, Tables, gather_rows, make_sparse_optimizer
+from dlrm_jax.model import DLRM, init_params
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a train step reads and writes."""
+
+  step: jax.Array
+  params: nnx.State
+  opt_state: optax.OptState
+  tables: Tables
+  emb_opt_state: Any
+
+
+def lr_schedule(config) -> Callable[[jax.Array], jax.Array]:
+  """The reference's (MLPerf) policy: linear warmup, flat, quadratic decay.
+
+  Step s (0-based) trains with the rate for t = s + 1, as the reference's
+  scheduler does: t < warmup gives lr * t / warmup; from `lr_decay_start_step`
+  on, lr * ((N - (t - start)) / N)^2 over N = `lr_num_decay_steps` steps,
+  floored at 1e-7 and held at its last value once the decay ends.
+  """
+  base = float(config.learning_rate)
+  warmup = int(config.lr_num_warmup_steps)
+  decay_start = int(config.lr_decay_start_step)
+  decay_steps = int(config.lr_num_decay_steps)
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32) + 1.0
+    lr = jnp.asarray(base, jnp.float32)
+    if warmup > 0:
+      lr = jnp.where(t < warmup, base * t / warmup, lr)
+    if decay_steps > 0:
+      done = jnp.clip(t - decay_start, 0.0, decay_steps - 1)
+      decayed = jnp.maximum(base * ((decay_steps - done) / decay_steps) ** 2, 1e-7)
+      lr = jnp.where(t >= decay_start, decayed, lr)
+    return lr
+
+  return schedule
+
+
+def make_dense_optimizer(config) -> optax.GradientTransformation:
+  """The optax optimiser for the MLPs, driven by the learning-rate schedule."""
+  schedule = lr_schedule(config)
+  name = config.dense_optimizer
+  if name == "sgd":
+    return optax.sgd(schedule)
+  if name == "adagrad":
+    return optax.adagrad(schedule, initial_accumulator_value=0.0, eps=1e-10)
+  if name == "adam":
+    return optax.adam(schedule)
+  raise ValueError(f"dense_optimizer={name!r} is not one of ['adagrad', 'adam', 'sgd']")
+
+
+def make_loss(config) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """Mean loss of logits against 0/1 labels: bce, mse (on probabilities) or wbce."""
+  name = config.loss_function
+  if name == "bce":
+    return lambda logits, labels: optax.sigmoid_binary_cross_entropy(logits, labels).mean()
+  if name == "mse":
+    return lambda logits, labels: jnp.mean((jax.nn.sigmoid(logits) - labels) ** 2)
+  if name == "wbce":
+    w0, w1 = parse_floats("loss_weights", config.loss_weights)
+
+    def wbce(logits, labels):
+      weights = jnp.where(labels > 0.5, w1, w0)
+      return jnp.mean(weights * optax.sigmoid_binary_cross_entropy(logits, labels))
+
+    return wbce
+  raise ValueError(f"loss_function={name!r} is not one of ['bce', 'mse', 'wbce']")
+
+
+class Task:
+  """A model, its embedding collection and optimisers, with jitted steps.
+
+  Holds only static things (architecture, graph definition, optimiser
+  definitions); all state lives in `TrainState`.
+  """
+
+  def __init__(self, config, spec: ModelSpec | None = None):
+    validate_training(config)
+    self.config = config
+    self.spec = spec or ModelSpec.from_config(config)
+    self.collection = EmbeddingCollection.uniform(self.spec.table_rows, self.spec.embedding_dim)
+    self.schedule = lr_schedule(config)
+    self.tx = make_dense_optimizer(config)
+    self.sparse_opt = make_sparse_optimizer(config.embedding_optimizer)
+    self.loss = make_loss(config)
+    abstract = nnx.eval_shape(lambda: DLRM(self.spec, rngs=nnx.Rngs(0)))
+    self.graphdef, _ = nnx.split(abstract)
+    self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
+    self.predict = jax.jit(self._predict)
+    # One program for all optimiser-state initialisers (eagerly, XLA:CPU would
+    # compile each of their ops separately).
+    self._init_opt_states = jax.jit(lambda p, t: (self.tx.init(p), self.sparse_opt.init(t)))
+
+  def init_state(self, seed: int) -> TrainState:
+    """Fresh parameters (reference initialisation) and optimiser states."""
+    params = init_params(self.spec, seed)
+    tables = jax.jit(self.collection.init)(jnp.uint32(seed))
+    return self.state_from(params, tables)
+
+  def state_from(self, params: nnx.State, tables: Tables) -> TrainState:
+    """A step-0 train state around given dense parameters and tables."""
+    opt_state, emb_opt_state = self._init_opt_states(params, tables)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                      tables=tables, emb_opt_state=emb_opt_state)
+
+  def logits(self, params: nnx.State, tables: Tables, batch) -> jax.Array:
+    emb = self.collection.lookup(tables, batch["sparse"])
+    return nnx.merge(self.graphdef, params)(batch["dense"], emb)
+
+  def _predict(self, params: nnx.State, tables: Tables, batch) -> jax.Array:
+    return jax.nn.sigmoid(self.logits(params, tables, batch))
+
+  def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    rows = self.collection.global_rows(batch["sparse"])
+    emb = gather_rows(state.tables["stacked"], rows)
+
+    def loss_fn(params, emb):
+      logits = nnx.merge(self.graphdef, params)(batch["dense"], emb)
+      return self.loss(logits, batch["label"])
+
+    loss, (g_params, g_emb) = jax.value_and_grad(loss_fn, argnums=(0, 1))(state.params, emb)
+    updates, opt_state = self.tx.update(g_params, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    lr = self.schedule(state.step)
+    tables, emb_opt_state = self.sparse_opt.update(
+        state.tables, state.emb_opt_state, rows.reshape(-1),
+        g_emb.reshape(-1, g_emb.shape[-1]), lr, state.step)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           tables=tables, emb_opt_state=emb_opt_state)
+    return new_state, {"loss": loss, "lr": lr}
+
+
+def evaluate(task: Task, state: TrainState, batches) -> dict[str, float]:
+  """AUC, log loss and accuracy over an iterable of batches."""
+  labels, probs = [], []
+  for batch in batches:
+    probs.append(np.asarray(task.predict(state.params, state.tables, batch)))
+    labels.append(batch["label"])
+  return metrics_lib.evaluate(np.concatenate(labels), np.concatenate(probs))
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a training run returns: its summary, final state and evaluation records."""
+
+  summary: dict
+  state: TrainState
+  task: Task
+  records: list[dict]
+
+
+def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) -> TrainResult:
+  """Trains `config.num_batches` steps, evaluating every `config.test_freq`.
+
+  Writes WORKDIR/metrics.jsonl (one JSON object per evaluation, the same
+  records as `TrainResult.records`); `format_summary(result.summary)` is what
+  `train.py` prints at the end.
+  """
+  task = Task(config)
+  data = make_data(config, task.spec)
+  os.makedirs(workdir, exist_ok=True)
+  num_steps = int(config.num_batches)
+  test_freq = int(config.test_freq) or num_steps
+  eval_batches = [data.batch(i, "eval", int(config.test_mini_batch_size))
+                  for i in range(int(config.test_num_batches))]
+  teacher_auc = None
+  if hasattr(data, "teacher_probability"):
+    teacher_auc = metrics_lib.roc_auc(
+        np.concatenate([b["label"] for b in eval_batches]),
+        np.concatenate([data.teacher_probability(b) for b in eval_batches]))
+
+  state = task.init_state(int(config.seed))
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  show = progress if progress is not None else bool(config.progress_bar)
+
+  def host_batches():
+    for batch in data.batches(0, "train"):
+      task.collection.check_ids(batch["sparse"])
+      yield batch
+
+  records = []
+  batches = prefetch(host_batches(), size=2)
+  losses, interval_start, interval_steps, train_seconds = [], None, 0, 0.0
+  compile_seconds = 0.0
+  bar = tqdm(total=num_steps, disable=not show, unit="step", dynamic_ncols=True,
+             mininterval=0.5, desc="train")
+  with open(metrics_path, "w") as metrics_file:
+    for step in range(num_steps):
+      batch = next(batches)
+      if step == 0:
+        t = time.perf_counter()
+        state, out = task.train_step(state, batch)
+        jax.block_until_ready(state)
+        compile_seconds = time.perf_counter() - t
+        interval_start = time.perf_counter()
+      else:
+        state, out = task.train_step(state, batch)
+        interval_steps += 1
+      losses.append(out["loss"])
+      bar.update(1)
+      done = step + 1
+      if done % test_freq == 0 or done == num_steps:
+        mean_loss = float(np.mean(jax.device_get(losses)))
+        elapsed = time.perf_counter() - interval_start
+        train_seconds += elapsed
+        examples_per_sec = interval_steps * int(config.mini_batch_size) / max(elapsed, 1e-9)
+        result = evaluate(task, state, eval_batches)
+        record = {"step": done, **result, "train_loss": mean_loss,
+                  "examples_per_sec": examples_per_sec, "lr": float(out["lr"])}
+        if teacher_auc is not None:
+          record["teacher_auc"] = teacher_auc
+        records.append(record)
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        bar.set_postfix(loss=f"{mean_loss:.4f}", auc=f"{result['auc']:.4f}",
+                        ex_s=f"{examples_per_sec:,.0f}")
+        losses, interval_steps = [], 0
+        if float(config.target_auc) > 0 and result["auc"] >= float(config.target_auc):
+          break
+        interval_start = time.perf_counter()
+  bar.close()
+
+  final = records[-1]
+  steps_done = final["step"]
+  summary = {
+      "steps": steps_done,
+      "examples": steps_done * int(config.mini_batch_size),
+      "auc": final["auc"],
+      "logloss": final["logloss"],
+      "accuracy": final["accuracy"],
+      "teacher_auc": teacher_auc,
+      "compile_seconds": compile_seconds,
+      "train_seconds": train_seconds,
+      "examples_per_sec": (steps_done - 1) * int(config.mini_batch_size) / max(train_seconds, 1e-9),
+      "target_auc": float(config.target_auc) or None,
+      "eval_samples": int(sum(b["label"].size for b in eval_batches)),
+      "workdir": workdir,
+  }
+  return TrainResult(summary=summary, state=state, task=task, records=records)
+
+
+def format_summary(summary: dict) -> str:
+  """A human-readable run summary, with a warning for an AUC stuck near 0.5."""
+  lines = [
+      "Run summary",
+      f"  steps            {summary['steps']:,} ({summary['examples']:,} examples)",
+      f"  eval AUC         {summary['auc']:.4f}",
+  ]
+  if summary.get("teacher_auc") is not None:
+    gap = summary["teacher_auc"] - summary["auc"]
+    lines.append(f"  teacher AUC      {summary['teacher_auc']:.4f}  "
+                 f"(best achievable on this data; gap {gap:+.4f})")
+  lines += [
+      f"  eval log loss    {summary['logloss']:.4f}",
+      f"  eval accuracy    {summary['accuracy']:.4f}  ({summary['eval_samples']:,} samples)",
+      f"  throughput       {summary['examples_per_sec']:,.0f} examples/s "
+      f"(compile {summary['compile_seconds']:.1f} s)",
+      f"  metrics          {os.path.join(summary['workdir'], 'metrics.jsonl')}",
+  ]
+  if summary.get("target_auc"):
+    reached = "reached" if summary["auc"] >= summary["target_auc"] else "not reached"
+    lines.append(f"  target AUC       {summary['target_auc']:.4f} ({reached})")
+  if summary["auc"] < 0.52:
+    lines.append("  WARNING: the AUC is close to 0.5, the model has not learned to rank. "
+                 "Check the labels, the learning rate and the data (random data has no signal).")
+  return "\n".join(lines)

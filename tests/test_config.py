@@ -1,0 +1,82 @@
+"""Config validation: bad values get errors that name the value and say why."""
+
+import pytest
+
+from conftest import load_config
+from dlrm_jax.config import ConfigError, ModelSpec, parse_widths, validate_training
+
+
+def _spec(**overrides):
+  c = load_config("default")
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return ModelSpec.from_config(c)
+
+
+def test_default_config_is_valid():
+  spec = _spec()
+  assert spec.num_tables == 26 and spec.embedding_dim == 16
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(arch_mlp_bot="12-64-16"), "first width must be the number of dense features"),
+    (dict(arch_mlp_bot="13-64-8"), "last width must equal the embedding dim"),
+    (dict(arch_mlp_top="64-2"), "last width must be 1"),
+    (dict(arch_mlp_bot=""), "arch_mlp_bot is empty"),
+    (dict(arch_mlp_top="64-0-1"), "non-positive"),
+    (dict(arch_embedding_size="100--5"), "arch_embedding_size"),
+    (dict(arch_embedding_size="100-0"), "non-positive"),
+    (dict(arch_mlp_bot="13-x-16"), "not a dash-separated list"),
+    (dict(arch_interaction_op="sum"), "arch_interaction_op"),
+    (dict(arch_sparse_feature_size=0, arch_mlp_bot="13-0"), "must be"),
+])
+def test_invalid_architecture(overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    _spec(**overrides)
+
+
+def test_error_names_the_value():
+  with pytest.raises(ConfigError) as e:
+    _spec(arch_mlp_bot="13-64-32")
+  assert "arch_mlp_bot=13-64-32" in str(e.value) and "arch_sparse_feature_size=16" in str(e.value)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("loss_function", "hinge", "loss_function"),
+    ("mini_batch_size", 0, "mini_batch_size"),
+    ("learning_rate", 0.0, "learning_rate"),
+    ("lr_num_warmup_steps", -1, "lr_num_warmup_steps"),
+])
+def test_invalid_training(key, value, message):
+  c = load_config("default")
+  setattr(c, key, value)
+  with pytest.raises(ConfigError, match=message):
+    validate_training(c)
+
+
+def test_wbce_needs_two_weights():
+  c = load_config("default")
+  c.loss_function = "wbce"
+  c.loss_weights = "1.0-2.0-3.0"
+  with pytest.raises(ConfigError, match="two weights"):
+    validate_training(c)
+
+
+def test_parse_widths():
+  assert parse_widths("x", "13-512-256") == (13, 512, 256)
+  assert parse_widths("x", 7) == (7,)
+
+
+@pytest.mark.parametrize("name", ["default", "tiny", "criteo_kaggle", "criteo_terabyte"])
+def test_shipped_configs_are_valid(name):
+  c = load_config(name)
+  ModelSpec.from_config(c)
+  validate_training(c)
+
+
+def test_criteo_configs_say_how_to_get_data():
+  from dlrm_jax.data import make_data
+
+  c = load_config("criteo_kaggle")
+  with pytest.raises(ConfigError, match="synthetic data"):
+    make_data(c, ModelSpec.from_config(c))

@@ -1,0 +1,110 @@
+"""The model's formulas against a numpy re-derivation, shapes and dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dlrm_jax.config import ModelSpec
+from dlrm_jax.model import DLRM, cat_interaction, dot_interaction, init_params
+
+
+def _np_dot_interaction(x, emb, itself):
+  t = np.concatenate([x[:, None, :], emb], axis=1).astype(np.float64)
+  n = t.shape[1]
+  out = []
+  for b in range(t.shape[0]):
+    pairs = [t[b, i] @ t[b, j] for i in range(n) for j in range(i + (1 if itself else 0))]
+    out.append(np.concatenate([x[b], pairs]))
+  return np.array(out)
+
+
+@pytest.mark.parametrize("itself", [False, True])
+def test_dot_interaction_matches_numpy(itself):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(5, 4)).astype(np.float32)
+  emb = rng.normal(size=(5, 3, 4)).astype(np.float32)
+  got = np.asarray(dot_interaction(jnp.asarray(x), jnp.asarray(emb), itself))
+  np.testing.assert_allclose(got, _np_dot_interaction(x, emb, itself), rtol=1e-5, atol=1e-5)
+  n = 4
+  assert got.shape == (5, 4 + (n * (n + 1) // 2 if itself else n * (n - 1) // 2))
+
+
+def test_dot_interaction_pair_order():
+  # T = [x, e1, e2] with basis-like vectors so that each dot product is identifiable.
+  x = jnp.array([[1.0, 0.0, 0.0]])
+  emb = jnp.array([[[2.0, 0.0, 0.0], [3.0, 0.0, 0.0]]])
+  got = np.asarray(dot_interaction(x, emb))
+  # (1,0) = 2, (2,0) = 3, (2,1) = 6, after x itself.
+  np.testing.assert_allclose(got, [[1.0, 0.0, 0.0, 2.0, 3.0, 6.0]])
+  got = np.asarray(dot_interaction(x, emb, itself=True))
+  # (0,0), (1,0), (1,1), (2,0), (2,1), (2,2).
+  np.testing.assert_allclose(got, [[1.0, 0.0, 0.0, 1.0, 2.0, 4.0, 3.0, 6.0, 9.0]])
+
+
+def test_cat_interaction():
+  x = np.arange(6, dtype=np.float32).reshape(2, 3)
+  emb = np.arange(12, dtype=np.float32).reshape(2, 2, 3) + 100
+  got = np.asarray(cat_interaction(jnp.asarray(x), jnp.asarray(emb)))
+  np.testing.assert_array_equal(got, np.concatenate([x, emb.reshape(2, 6)], axis=1))
+
+
+def _np_forward(params, spec, dense, emb):
+  values = nnx.to_pure_dict(params)
+
+  def mlp(layers, h, relu_last):
+    keys = sorted(layers)
+    for i in keys:
+      h = h @ np.asarray(layers[i]["kernel"], np.float64) + np.asarray(layers[i]["bias"])
+      if i != keys[-1] or relu_last:
+        h = np.maximum(h, 0.0)
+    return h
+
+  x = mlp(values["bottom"]["layers"], dense.astype(np.float64), True)
+  if spec.interaction == "dot":
+    z = _np_dot_interaction(x, emb, spec.interaction_itself)
+  else:
+    z = np.concatenate([x, emb.reshape(emb.shape[0], -1)], axis=1)
+  return mlp(values["top"]["layers"], z, False)[:, 0]
+
+
+@pytest.mark.parametrize("op,itself", [("dot", False), ("dot", True), ("cat", False)])
+def test_forward_matches_numpy(op, itself):
+  spec = ModelSpec(num_dense=13, embedding_dim=8, bottom=(13, 16, 8), top=(12, 6, 1),
+                   table_rows=(10, 20, 30), interaction=op, interaction_itself=itself)
+  params = init_params(spec, seed=3)
+  rng = np.random.default_rng(1)
+  dense = rng.random((7, 13)).astype(np.float32)
+  emb = rng.normal(size=(7, 3, 8)).astype(np.float32)
+  logits = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: DLRM(spec, rngs=nnx.Rngs(0)))), params)(
+      jnp.asarray(dense), jnp.asarray(emb))
+  assert logits.shape == (7,) and logits.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(logits), _np_forward(params, spec, dense, emb),
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_parameter_shapes_and_reference_init_statistics():
+  spec = ModelSpec(num_dense=13, embedding_dim=16, bottom=(13, 512, 256, 64, 16),
+                   top=(512, 256, 1), table_rows=(100,) * 26)
+  values = nnx.to_pure_dict(init_params(spec, seed=0))
+  bottom = values["bottom"]["layers"]
+  assert [bottom[i]["kernel"].shape for i in sorted(bottom)] == [
+      (13, 512), (512, 256), (256, 64), (64, 16)]
+  top = values["top"]["layers"]
+  # The top MLP's input width is derived: D + 27 * 26 / 2 = 367, as in the reference.
+  assert [top[i]["kernel"].shape for i in sorted(top)] == [(367, 512), (512, 256), (256, 1)]
+  w = np.asarray(bottom[1]["kernel"])
+  assert w.dtype == np.float32
+  assert abs(w.std() - np.sqrt(2 / (512 + 256))) < 0.05 * np.sqrt(2 / (512 + 256))
+  b = np.asarray(bottom[1]["bias"])
+  assert abs(b.std() - np.sqrt(1 / 256)) < 0.2 * np.sqrt(1 / 256)
+
+
+def test_jit_forward_dtype_and_shape():
+  spec = ModelSpec(num_dense=13, embedding_dim=4, bottom=(13, 4), top=(3, 1),
+                   table_rows=(5, 5))
+  model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: DLRM(spec, rngs=nnx.Rngs(0)))),
+                    init_params(spec, 0))
+  out = jax.jit(lambda d, e: model(d, e))(jnp.ones((2, 13)), jnp.ones((2, 2, 4)))
+  assert out.shape == (2,) and out.dtype == jnp.float32

@@ -1,0 +1,40 @@
+"""Train DLRM: `python train.py [--config=configs/NAME.py] [--workdir=DIR] [--config.KEY=VALUE ...]`.
+
+With no arguments it trains the default config (a small model on synthetic
+click data) and prints a summary. See README.md for the configs.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dlrm_jax.config import ConfigError
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_HERE, "configs", "default.py"), "Training configuration file.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for metrics.jsonl (default: runs/<config name>).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from dlrm_jax import trainer  # Imported here so that --help stays fast.
+
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or os.path.join(
+      "runs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
+  logging.info("Config:\n%s", config)
+  try:
+    result = trainer.train_and_evaluate(config, workdir)
+  except ConfigError as e:
+    raise app.UsageError(str(e)) from None
+  print(trainer.format_summary(result.summary), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
