@@ -164,6 +164,7 @@ def base_config():
   c.arch_embedding_size = "-".join(["1000"] * 26)
   c.arch_interaction_op = "dot"
   c.arch_interaction_itself = False
+  c.embedding_pooling = "sum"  # sum | mean: how a multi-hot bag becomes one vector.
   # Loss and optimisation.
   c.loss_function = "bce"
   c.loss_weights = "1.0-1.0"  # wbce weights of label 0 and label 1.
@@ -193,5 +194,7 @@ def base_config():
   c.data.sparse_missing_rate = 0.1
   c.data.teacher_num_pairs = 8  # feature pairs whose ids interact in the teacher.
   c.data.teacher_pair_scale = 1.0
+  c.data.hotness = 1  # ids per feature; > 1 makes multi-hot bags (random data).
+  c.data.variable_hotness = False  # bags of 1..hotness ids, padded, with a mask.
   c.data.path = ""  # prepared Criteo directory.
   return c

@@ -112,7 +112,8 @@ class Task:
     validate_training(config)
     self.config = config
     self.spec = spec or ModelSpec.from_config(config)
-    self.collection = EmbeddingCollection.uniform(self.spec.table_rows, self.spec.embedding_dim)
+    self.collection = EmbeddingCollection.uniform(
+        self.spec.table_rows, self.spec.embedding_dim, config.embedding_pooling)
     self.schedule = lr_schedule(config)
     self.tx = make_dense_optimizer(config)
     self.sparse_opt = make_sparse_optimizer(config.embedding_optimizer)
@@ -138,27 +139,34 @@ class Task:
                       tables=tables, emb_opt_state=emb_opt_state)
 
   def logits(self, params: nnx.State, tables: Tables, batch) -> jax.Array:
-    emb = self.collection.lookup(tables, batch["sparse"])
+    emb = self.collection.lookup_from_batch(tables, batch)
     return nnx.merge(self.graphdef, params)(batch["dense"], emb)
 
   def _predict(self, params: nnx.State, tables: Tables, batch) -> jax.Array:
     return jax.nn.sigmoid(self.logits(params, tables, batch))
 
   def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-    rows = self.collection.global_rows(batch["sparse"])
-    emb = gather_rows(state.tables["stacked"], rows)
+    ids = batch["sparse"]  # [B, F], or bags [B, F, H] with optional weights and mask.
+    rows = self.collection.global_rows(ids)
+    vectors = gather_rows(state.tables["stacked"], rows)
 
-    def loss_fn(params, emb):
+    def loss_fn(params, vectors):
+      emb = vectors if ids.ndim == 2 else self.collection.pool(
+          vectors, batch.get("sparse_weights"), batch.get("sparse_mask"))
       logits = nnx.merge(self.graphdef, params)(batch["dense"], emb)
       return self.loss(logits, batch["label"])
 
-    loss, (g_params, g_emb) = jax.value_and_grad(loss_fn, argnums=(0, 1))(state.params, emb)
+    # Gradients with respect to the looked-up vectors, not the tables.
+    loss, (g_params, g_vectors) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
+        state.params, vectors)
+    if "sparse_mask" in batch:  # Padding is not a lookup: its row gets no update.
+      rows = jnp.where(batch["sparse_mask"], rows, self.collection.total_rows)
     updates, opt_state = self.tx.update(g_params, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     lr = self.schedule(state.step)
     tables, emb_opt_state = self.sparse_opt.update(
         state.tables, state.emb_opt_state, rows.reshape(-1),
-        g_emb.reshape(-1, g_emb.shape[-1]), lr, state.step)
+        g_vectors.reshape(-1, g_vectors.shape[-1]), lr, state.step)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            tables=tables, emb_opt_state=emb_opt_state)
     return new_state, {"loss": loss, "lr": lr}
@@ -209,7 +217,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
 
   def host_batches():
     for batch in data.batches(0, "train"):
-      task.collection.check_ids(batch["sparse"])
+      task.collection.check_ids(batch["sparse"], batch.get("sparse_mask"))
       yield batch
 
   records = []

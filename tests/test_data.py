@@ -82,3 +82,14 @@ def test_prefetch_keeps_order_and_reraises():
   assert next(it) == 1
   with pytest.raises(RuntimeError, match="boom"):
     next(it)
+
+
+def test_random_multi_hot_bags():
+  g = RandomData(ROWS, 13, 64, seed=0, hotness=3)
+  b = g.batch(0)
+  assert b["sparse"].shape == (64, 4, 3) and "sparse_mask" not in b
+  assert (b["sparse"] < np.array(ROWS)[None, :, None]).all()
+  v = RandomData(ROWS, 13, 64, seed=0, hotness=4, variable_hotness=True).batch(0)
+  lengths = v["sparse_mask"].sum(-1)
+  assert lengths.min() >= 1 and lengths.max() <= 4 and len(np.unique(lengths)) > 1
+  assert (v["sparse"][~v["sparse_mask"]] == 0).all()

@@ -148,3 +148,14 @@ def test_cli_rejects_bad_config(tmp_path):
       capture_output=True, text=True, timeout=600)
   assert proc.returncode != 0
   assert "last width must be 1" in proc.stderr
+
+
+def test_training_on_variable_multi_hot_bags(tiny_config, tmp_path):
+  c = tiny_config
+  c.data.kind = "random"
+  c.data.hotness, c.data.variable_hotness = 3, True
+  c.embedding_pooling = "mean"
+  c.embedding_optimizer = "rowwise_adagrad"
+  result = trainer.train_and_evaluate(c, str(tmp_path))
+  assert result.summary["steps"] == c.num_batches
+  assert np.isfinite(result.summary["logloss"])

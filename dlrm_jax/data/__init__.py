@@ -15,8 +15,13 @@ def make_data(config, spec: ModelSpec):
   common = dict(table_rows=spec.table_rows, num_dense=spec.num_dense,
                 batch_size=int(config.mini_batch_size), seed=int(data.seed))
   if kind == "random":
-    return RandomData(**common)
+    return RandomData(**common, hotness=int(data.hotness),
+                      variable_hotness=bool(data.variable_hotness))
   if kind == "synthetic_ctr":
+    if int(data.hotness) != 1 or data.variable_hotness:
+      raise ConfigError(f"data.hotness={data.hotness}, data.variable_hotness="
+                        f"{data.variable_hotness}: synthetic_ctr draws one id per feature; "
+                        "multi-hot bags are available with data.kind='random'")
     return SyntheticCTR(
         **common,
         zipf_exponent=float(data.zipf_exponent),

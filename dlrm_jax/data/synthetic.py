@@ -103,13 +103,36 @@ class _Generator:
 
 
 class RandomData(_Generator):
-  """The reference's random mode: uniform dense, uniform ids, random 0/1 labels."""
+  """The reference's random mode: uniform dense, uniform ids, random 0/1 labels.
+
+  With `hotness` > 1 every feature is a bag of `hotness` ids ('sparse' is
+  [B, F, H]); with `variable_hotness` each bag holds 1..hotness ids and
+  'sparse_mask' marks the ids present (padding ids are 0).
+  """
+
+  def __init__(self, table_rows: Sequence[int], num_dense: int, batch_size: int, seed: int, *,
+               hotness: int = 1, variable_hotness: bool = False):
+    super().__init__(table_rows, num_dense, batch_size, seed)
+    if hotness < 1:
+      raise ValueError(f"hotness={hotness} must be >= 1")
+    self.hotness = int(hotness)
+    self.variable_hotness = bool(variable_hotness)
 
   def _make(self, rng: np.random.Generator, b: int) -> Batch:
     dense = rng.random((b, self.num_dense), dtype=np.float32)
-    sparse = (rng.random((b, self.num_tables)) * self.table_rows).astype(np.int32)
+    if self.hotness == 1 and not self.variable_hotness:
+      shape, rows = (b, self.num_tables), self.table_rows
+    else:
+      shape, rows = (b, self.num_tables, self.hotness), self.table_rows[:, None]
+    sparse = (rng.random(shape) * rows).astype(np.int32)
     label = np.round(rng.random(b, dtype=np.float32))
-    return {"dense": dense, "sparse": sparse, "label": label}
+    batch = {"dense": dense, "sparse": sparse, "label": label}
+    if self.variable_hotness:
+      lengths = rng.integers(1, self.hotness + 1, (b, self.num_tables))
+      mask = np.arange(self.hotness)[None, None, :] < lengths[:, :, None]
+      batch["sparse"] = np.where(mask, sparse, 0).astype(np.int32)
+      batch["sparse_mask"] = mask
+    return batch
 
 
 class SyntheticCTR(_Generator):

@@ -27,18 +27,39 @@ class IdOutOfRangeError(ValueError):
   """A categorical id is negative or not smaller than its table's row count."""
 
 
+POOLINGS = ("sum", "mean")
+
+
 @dataclasses.dataclass(frozen=True)
 class TableSpec:
-  """One embedding table: `rows` vectors of width `dim` for one feature."""
+  """One embedding table: `rows` vectors of width `dim` for one feature.
+
+  Attributes:
+    name: the table's name (shown in errors).
+    rows: number of rows (ids are in [0, rows)).
+    dim: embedding width.
+    pooling: how a multi-hot bag of ids becomes one vector: "sum" or "mean"
+      (of the weighted vectors, over the ids present).
+    init_scale: rows start U(-init_scale, init_scale); None means the
+      reference's sqrt(1 / rows).
+  """
 
   name: str
   rows: int
   dim: int
+  pooling: str = "sum"
+  init_scale: float | None = None
+
+  def __post_init__(self):
+    if self.rows <= 0 or self.dim <= 0:
+      raise ValueError(f"table {self.name!r}: rows={self.rows} and dim={self.dim} must be >= 1")
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"table {self.name!r}: pooling={self.pooling!r} is not one of {POOLINGS}")
 
   @property
   def init_bound(self) -> float:
-    """Rows are U(-sqrt(1/rows), sqrt(1/rows)), as in the reference."""
-    return float(np.sqrt(1.0 / self.rows))
+    """Rows are U(-bound, bound); the reference's bound is sqrt(1 / rows)."""
+    return float(np.sqrt(1.0 / self.rows)) if self.init_scale is None else float(self.init_scale)
 
 
 Tables = dict[str, jax.Array]
@@ -69,9 +90,10 @@ class EmbeddingCollection:
           "split the tables over several collections")
 
   @classmethod
-  def uniform(cls, table_rows: Sequence[int], dim: int) -> "EmbeddingCollection":
+  def uniform(cls, table_rows: Sequence[int], dim: int,
+              pooling: str = "sum") -> "EmbeddingCollection":
     """One table per feature, named t0, t1, ..., with the given row counts."""
-    return cls([TableSpec(f"t{i}", int(r), dim) for i, r in enumerate(table_rows)])
+    return cls([TableSpec(f"t{i}", int(r), dim, pooling) for i, r in enumerate(table_rows)])
 
   @property
   def num_tables(self) -> int:
@@ -90,12 +112,17 @@ class EmbeddingCollection:
     (jax.random's threefry takes XLA:CPU seconds to compile per call and
     would give layout-dependent values under some partitionings.)
     """
-    bounds = jnp.repeat(jnp.array([s.init_bound for s in self.specs], jnp.float32),
-                        self.rows, total_repeat_length=self.total_rows)
-    rows = jax.lax.broadcasted_iota(jnp.uint32, (self.total_rows, self.dim), 0)
-    cols = jax.lax.broadcasted_iota(jnp.uint32, (self.total_rows, self.dim), 1)
-    u = hash_uniform(jnp.asarray(seed, jnp.uint32), rows, cols)
-    return {"stacked": u * bounds[:, None]}
+    shape = (self.total_rows, self.dim)
+    rows = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+    cols = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
+    # Each row's bound, as a step function of the row index, computed element
+    # by element inside the same fusion: no [total_rows] temporary.
+    bound = jnp.float32(self.specs[0].init_bound)
+    for spec, offset, previous in zip(self.specs[1:], self.offsets[1:], self.specs):
+      if spec.init_bound != previous.init_bound:
+        step = jnp.float32(spec.init_bound - previous.init_bound)
+        bound = bound + jnp.where(rows >= jnp.uint32(offset), step, jnp.float32(0))
+    return {"stacked": hash_uniform(jnp.asarray(seed, jnp.uint32), rows, cols) * bound}
 
   def from_arrays(self, arrays: Sequence[np.ndarray]) -> Tables:
     """Stacks per-table arrays (e.g. weights trained elsewhere) into our layout."""
@@ -111,28 +138,68 @@ class EmbeddingCollection:
     stacked = np.asarray(tables["stacked"])
     return [stacked[o:o + r] for o, r in zip(self.offsets, self.rows)]
 
-  def check_ids(self, ids: np.ndarray) -> None:
-    """Raises IdOutOfRangeError unless 0 <= ids[:, f] < rows[f] for every feature f."""
+  def check_ids(self, ids: np.ndarray, mask: np.ndarray | None = None) -> None:
+    """Raises IdOutOfRangeError unless 0 <= id < rows of its table for every id.
+
+    `ids` is [B, F] (one id per feature) or [B, F, H] (bags padded to H);
+    entries where `mask` ([B, F, H]) is False are padding and not checked.
+    """
     ids = np.asarray(ids)
-    if ids.ndim != 2 or ids.shape[1] != self.num_tables:
-      raise ValueError(
-          f"categorical ids must have shape [batch, {self.num_tables}], got {ids.shape}")
-    bad = (ids < 0) | (ids >= self.rows[None, :])
+    if ids.ndim not in (2, 3) or ids.shape[1] != self.num_tables:
+      raise ValueError(f"categorical ids must have shape [batch, {self.num_tables}] or "
+                       f"[batch, {self.num_tables}, hotness], got {ids.shape}")
+    rows = self.rows.reshape((1, -1) + (1,) * (ids.ndim - 2))
+    bad = (ids < 0) | (ids >= rows)
+    if mask is not None:
+      bad &= np.asarray(mask, bool)
     if bad.any():
-      sample, feature = map(int, np.argwhere(bad)[0])
+      where = tuple(int(i) for i in np.argwhere(bad)[0])
+      sample, feature = where[:2]
       spec = self.specs[feature]
+      position = f", position {where[2]} of its bag" if ids.ndim == 3 else ""
       raise IdOutOfRangeError(
           f"feature {feature} (table {spec.name!r}, {spec.rows} rows) has id "
-          f"{int(ids[sample, feature])} at sample {sample} of the batch "
+          f"{int(ids[where])} at sample {sample} of the batch{position} "
           f"({int(bad.sum())} out-of-range ids in this batch); ids must be in [0, {spec.rows})")
 
   def global_rows(self, ids: jax.Array) -> jax.Array:
-    """Per-table ids [B, F] -> rows of the stacked array [B, F] (int32)."""
-    return ids.astype(jnp.int32) + jnp.asarray(self.offsets, jnp.int32)
+    """Per-table ids [B, F] or [B, F, H] -> rows of the stacked array (int32)."""
+    offsets = jnp.asarray(self.offsets, jnp.int32).reshape((-1,) + (1,) * (ids.ndim - 2))
+    return ids.astype(jnp.int32) + offsets
 
-  def lookup(self, tables: Tables, ids: jax.Array) -> jax.Array:
-    """Per-table ids [B, F] -> embedding vectors [B, F, D]."""
-    return gather_rows(tables["stacked"], self.global_rows(ids))
+  def pool(self, vectors: jax.Array, weights: jax.Array | None = None,
+           mask: jax.Array | None = None) -> jax.Array:
+    """Bags of vectors [B, F, H, D] -> one vector per feature [B, F, D].
+
+    Each id's vector is scaled by its weight (default 1) and padding entries
+    (mask False) count for nothing; "sum" tables add the bag up, "mean"
+    tables divide by the number of ids present (at least 1, so an empty bag
+    gives a zero vector).
+    """
+    scale = jnp.ones(vectors.shape[:3], vectors.dtype)
+    if weights is not None:
+      scale = scale * weights.astype(vectors.dtype)
+    if mask is not None:
+      scale = jnp.where(mask, scale, 0.0)
+    mean = np.array([s.pooling == "mean" for s in self.specs])
+    if mean.any():
+      present = (jnp.ones(vectors.shape[:3], bool) if mask is None else mask).sum(-1)
+      divisor = jnp.where(jnp.asarray(mean)[None, :], jnp.maximum(present, 1), 1)
+      scale = scale / divisor[..., None].astype(vectors.dtype)
+    return jnp.einsum("bfh,bfhd->bfd", scale, vectors)
+
+  def lookup(self, tables: Tables, ids: jax.Array, weights: jax.Array | None = None,
+             mask: jax.Array | None = None) -> jax.Array:
+    """Ids [B, F] or bags [B, F, H] (with optional weights and mask) -> [B, F, D]."""
+    vectors = gather_rows(tables["stacked"], self.global_rows(ids))
+    if ids.ndim == 2:
+      return vectors
+    return self.pool(vectors, weights, mask)
+
+  def lookup_from_batch(self, tables: Tables, batch) -> jax.Array:
+    """`lookup` of a batch dict: 'sparse', and for bags 'sparse_weights', 'sparse_mask'."""
+    return self.lookup(tables, batch["sparse"], batch.get("sparse_weights"),
+                       batch.get("sparse_mask"))
 
 
 def gather_rows(table: jax.Array, rows: jax.Array) -> jax.Array:

@@ -81,7 +81,12 @@ class SparseSGD:
     """rows [N] (stacked-array rows), grads [N, D] -> updated tables and state."""
     del step
     table = tables["stacked"]
-    table = table.at[rows].add((-lr * grads).astype(table.dtype), mode="drop")
+    n = table.shape[0]
+    # Slots with row >= n (padding) add zero to a valid row instead of being
+    # dropped: XLA:CPU's scatter-add with mode="drop" is ~50x slower than with
+    # in-bounds indices.
+    update = jnp.where((rows < n)[:, None], -lr * grads, 0.0).astype(table.dtype)
+    table = table.at[jnp.minimum(rows, n - 1)].add(update, mode="promise_in_bounds")
     return {"stacked": table}, state
 
 

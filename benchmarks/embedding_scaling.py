@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Train-step time and peak memory against table size: sparse vs dense gradients.
+
+The reference's Kaggle-shaped model (D=16, bottom 13-512-256-64-16, top
+512-256-1, dot interaction, 26 tables, one id per feature, SGD), batch 2048,
+random data (uniform ids, as the TorchRec baseline in
+../shared/bench/torchrec_dlrm_cpu.py uses), at 26 x ROWS rows for each ROWS.
+
+Paths:
+  sparse: dlrm_jax's train step (gradients with respect to the looked-up
+          vectors, scatter update of the touched rows; donated state).
+  dense:  the naive path for contrast: jax.grad with respect to the whole
+          tables through the gather, then optax.sgd over every parameter.
+
+Each (rows, path) runs in its own subprocess so that its peak RSS
+(ru_maxrss) is its own. Prints one line per run and, with --markdown, a table.
+
+  python benchmarks/embedding_scaling.py --rows 100000,1000000,4000000 --paths sparse,dense
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def kaggle_config(rows: int, batch: int, lr: float, optimizer: str, dim: int = 16,
+                  bottom: str = "13-512-256-64-16", top: str = "512-256-1"):
+  from dlrm_jax.config import base_config
+
+  c = base_config()
+  c.arch_sparse_feature_size = dim
+  c.arch_mlp_bot = bottom
+  c.arch_mlp_top = top
+  c.arch_embedding_size = "-".join([str(rows)] * 26)
+  c.mini_batch_size = batch
+  c.learning_rate = lr
+  c.embedding_optimizer = optimizer
+  c.data.kind = "random"
+  return c
+
+
+def random_batches(task, batch: int, pool: int, seed: int = 1):
+  import jax
+
+  from dlrm_jax.data import RandomData
+
+  gen = RandomData(task.spec.table_rows, task.spec.num_dense, batch, seed)
+  batches = [gen.batch(i) for i in range(pool)]
+  for b in batches:
+    task.collection.check_ids(b["sparse"])
+  return [jax.device_put(b) for b in batches]
+
+
+def run_one(rows: int, path: str, batch: int, warmup: int, steps: int, pool: int, lr: float,
+            optimizer: str) -> dict:
+  import jax
+  import optax
+
+  from dlrm_jax import trainer
+
+  task = trainer.Task(kaggle_config(rows, batch, lr, optimizer))
+  t = time.perf_counter()
+  state = task.init_state(0)
+  jax.block_until_ready(state)
+  init_s = time.perf_counter() - t
+  batches = random_batches(task, batch, pool)
+
+  if path == "sparse":
+    step_fn = task.train_step
+  elif path == "dense":
+    tx = optax.sgd(lr)
+    state = (state.params, state.tables, tx.init((state.params, state.tables)))
+
+    def dense_step(s, b):
+      params, tables, opt_state = s
+
+      def loss_fn(pt):
+        return task.loss(task.logits(pt[0], pt[1], b), b["label"])
+
+      loss, grads = jax.value_and_grad(loss_fn)((params, tables))
+      updates, opt_state = tx.update(grads, opt_state)
+      params, tables = optax.apply_updates((params, tables), updates)
+      return (params, tables, opt_state), {"loss": loss}
+
+    step_fn = jax.jit(dense_step, donate_argnums=(0,))
+  else:
+    raise ValueError(path)
+
+  t = time.perf_counter()
+  for i in range(warmup):
+    state, out = step_fn(state, batches[i % pool])
+  jax.block_until_ready(state)
+  warmup_s = time.perf_counter() - t
+  times = []
+  for i in range(steps):
+    t = time.perf_counter()
+    state, out = step_fn(state, batches[(warmup + i) % pool])
+    jax.block_until_ready(out["loss"])
+    times.append(time.perf_counter() - t)
+  jax.block_until_ready(state)
+  med = statistics.median(times)
+  table_mb = task.collection.nbytes / 2**20
+  emb_state = state.emb_opt_state if path == "sparse" else {}
+  state_mb = sum(x.nbytes for x in jax.tree.leaves(emb_state)) / 2**20
+  return {
+      "rows": rows, "path": path, "optimizer": optimizer if path == "sparse" else "optax.sgd",
+      "batch": batch, "samples_per_s": batch / med, "median_step_ms": med * 1e3,
+      "p10_step_ms": sorted(times)[len(times) // 10] * 1e3,
+      "p90_step_ms": sorted(times)[(9 * len(times)) // 10] * 1e3,
+      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      "tables_mb": table_mb, "emb_opt_state_mb": state_mb,
+      "init_s": init_s, "warmup_s": warmup_s, "final_loss": float(out["loss"]),
+      "jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
+  }
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--rows", default="100000,1000000,4000000")
+  ap.add_argument("--paths", default="sparse,dense")
+  ap.add_argument("--optimizer", default="sgd", help="sparse optimiser of the sparse path")
+  ap.add_argument("--batch", type=int, default=2048)
+  ap.add_argument("--warmup", type=int, default=5)
+  ap.add_argument("--steps", type=int, default=50)
+  ap.add_argument("--pool", type=int, default=8, help="distinct random batches")
+  ap.add_argument("--lr", type=float, default=0.01)
+  ap.add_argument("--repeats", type=int, default=1, help="runs of each (rows, path), alternated")
+  ap.add_argument("--json", default="", help="append one JSON line per run here")
+  ap.add_argument("--_child", nargs=2, metavar=("ROWS", "PATH"), help=argparse.SUPPRESS)
+  a = ap.parse_args()
+
+  if a._child:
+    r = run_one(int(a._child[0]), a._child[1], a.batch, a.warmup, a.steps, a.pool, a.lr,
+                a.optimizer)
+    print("RESULT " + json.dumps(r), flush=True)
+    return
+
+  print(f"# {platform.node()} {platform.machine()} cores={os.cpu_count()} "
+        f"{time.strftime('%Y-%m-%d %H:%M')} batch={a.batch} steps={a.steps}", flush=True)
+  results = []
+  for rep in range(a.repeats):
+    for rows in [int(r) for r in a.rows.split(",")]:
+      for path in a.paths.split(","):
+        cmd = [sys.executable, os.path.abspath(__file__), "--_child", str(rows), path,
+               "--batch", str(a.batch), "--warmup", str(a.warmup), "--steps", str(a.steps),
+               "--pool", str(a.pool), "--lr", str(a.lr), "--optimizer", a.optimizer]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+          print(f"rows={rows} path={path}: FAILED (exit {proc.returncode})\n"
+                f"{proc.stderr[-2000:]}", flush=True)
+          continue
+        r = json.loads(lines[-1][len("RESULT "):])
+        r["repeat"] = rep
+        results.append(r)
+        print(f"rows=26x{rows:<9,} {path:6s} {r['samples_per_s']:>9,.0f} samples/s  "
+              f"median {r['median_step_ms']:7.1f} ms  peak RSS {r['peak_rss_mb']:8,.0f} MB  "
+              f"(tables {r['tables_mb']:,.0f} MB + opt state {r['emb_opt_state_mb']:,.0f} MB)",
+              flush=True)
+        if a.json:
+          with open(a.json, "a") as f:
+            f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+  main()
