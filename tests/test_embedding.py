@@ -173,8 +173,12 @@ def _bag_batch(task, rng, hot=3, batch=32):
           "label": (rng.random(batch) < 0.5).astype(np.float32)}
 
 
-@pytest.mark.parametrize("name,pooling", [("sgd", "mean"), ("rowwise_adagrad", "sum"),
-                                          ("adagrad", "mean"), ("adam", "sum")])
+# Each case compiles a train step; the update rules of all four optimisers are
+# covered cheaply above, so two of these cases run only with `-m slow`.
+@pytest.mark.parametrize("name,pooling", [
+    ("sgd", "mean"), ("rowwise_adagrad", "sum"),
+    pytest.param("adagrad", "mean", marks=pytest.mark.slow),
+    pytest.param("adam", "sum", marks=pytest.mark.slow)])
 def test_train_step_with_bags_matches_dense_reference(name, pooling):
   """Through the whole train step: per-row gradients of weighted, masked bags."""
   c = load_config("tiny")
