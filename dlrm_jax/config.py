@@ -184,6 +184,22 @@ def base_config():
   c.target_auc = 0.0  # stop once an evaluation reaches it; 0: never.
   c.seed = 0
   c.progress_bar = True
+  # Devices and sharding (see dlrm_jax/parallel.py and dlrm_jax/embedding/planner.py).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.num_devices = 0  # devices to use; 0: all of them.
+  c.mesh.replicas = 1  # > 1: a 2-D mesh, tables sharded within each of this many groups.
+  c.sharding = ml_collections.ConfigDict()
+  # Per-table sharding types, overriding the planner: "t3:row_wise,t7:table_wise:2".
+  c.sharding.overrides = ""
+  c.sharding.memory_budget_mb = 0.0  # per device, tables + optimiser state; 0: 90% of a
+  # GPU's or TPU's memory, no limit on CPU.
+  c.sharding.min_column_width = 32  # narrowest column slice the planner makes.
+  # Multi-process runs: jax.distributed.initialize (or set JAX_COORDINATOR_ADDRESS etc.).
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""  # "host:port"; "" and no env: single process.
+  c.distributed.num_processes = 0  # 0: from the environment or the cluster.
+  c.distributed.process_id = -1  # -1: from the environment or the cluster.
+  c.distributed.cpu_collectives = "gloo"  # CPU collectives across processes.
   # Data.
   c.data = ml_collections.ConfigDict()
   c.data.kind = "synthetic_ctr"  # synthetic_ctr | random | criteo_kaggle | criteo_terabyte

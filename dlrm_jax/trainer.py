@@ -22,13 +22,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
 from dlrm_jax import metrics as metrics_lib
-from dlrm_jax.config import ModelSpec, parse_floats, validate_training
+from dlrm_jax import parallel
+from dlrm_jax.config import ConfigError, ModelSpec, parse_floats, validate_training
 from dlrm_jax.data import make_data
 from dlrm_jax.data.prefetch import prefetch
-from dlrm_jax.embedding import EmbeddingCollection, Tables, gather_rows, make_sparse_optimizer
+from dlrm_jax.embedding import EmbeddingCollection, Tables, make_sparse_optimizer
+from dlrm_jax.embedding.planner import Plan, PlanError, parse_overrides, plan_tables
+from dlrm_jax.embedding.sharded import ShardedEmbedding
 from dlrm_jax.model import DLRM, init_params
 
 
@@ -102,10 +106,10 @@ def make_loss(config) -> Callable[[jax.Array, jax.Array], jax.Array]:
 
 
 class Task:
-  """A model, its embedding collection and optimisers, with jitted steps.
+  """A model, its sharded embedding tables and optimisers, with jitted steps.
 
-  Holds only static things (architecture, graph definition, optimiser
-  definitions); all state lives in `TrainState`.
+  Holds only static things (architecture, mesh, sharding plan, graph
+  definition, optimiser definitions); all state lives in `TrainState`.
   """
 
   def __init__(self, config, spec: ModelSpec | None = None):
@@ -114,69 +118,127 @@ class Task:
     self.spec = spec or ModelSpec.from_config(config)
     self.collection = EmbeddingCollection.uniform(
         self.spec.table_rows, self.spec.embedding_dim, config.embedding_pooling)
+    self.mesh, self.axes = parallel.make_mesh(config)
+    self.plan = make_plan(config, self.collection, self.mesh.shape[self.axes.shard])
+    self.embedding = ShardedEmbedding(self.collection, self.plan, self.mesh, self.axes)
     self.schedule = lr_schedule(config)
     self.tx = make_dense_optimizer(config)
     self.sparse_opt = make_sparse_optimizer(config.embedding_optimizer)
     self.loss = make_loss(config)
     abstract = nnx.eval_shape(lambda: DLRM(self.spec, rngs=nnx.Rngs(0)))
     self.graphdef, _ = nnx.split(abstract)
-    self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
-    self.predict = jax.jit(self._predict)
+    self.batch_sharding = NamedSharding(self.mesh, self.embedding.batch_spec)
+    self.state_shardings = self._state_shardings()
+    self._train_step_jit = jax.jit(self._train_step, donate_argnums=(0,),
+                                   in_shardings=(self.state_shardings, None),
+                                   out_shardings=(self.state_shardings, None))
+    self._predict_jit = jax.jit(self._predict)
     # One program for all optimiser-state initialisers (eagerly, XLA:CPU would
-    # compile each of their ops separately).
-    self._init_opt_states = jax.jit(lambda p, t: (self.tx.init(p), self.sparse_opt.init(t)))
+    # compile each of their ops separately), created where they will live.
+    self._init_opt_states = jax.jit(
+        lambda p, t: (self.tx.init(p), self.embedding.init_optimizer(self.sparse_opt, t)),
+        out_shardings=(self.state_shardings.opt_state, self.state_shardings.emb_opt_state))
+
+  def _state_shardings(self) -> TrainState:
+    params = nnx.state(nnx.eval_shape(lambda: DLRM(self.spec, rngs=nnx.Rngs(0))))
+    tables = jax.eval_shape(self.embedding.init, 0)
+    opt_state = jax.eval_shape(self.tx.init, params)
+    emb_opt_state = jax.eval_shape(
+        lambda t: self.embedding.init_optimizer(self.sparse_opt, t), tables)
+    rep = parallel.replicated(self.mesh)
+    return TrainState(step=rep, params=jax.tree.map(lambda _: rep, params),
+                      opt_state=jax.tree.map(lambda _: rep, opt_state),
+                      tables=self.embedding.table_shardings(),
+                      emb_opt_state=self.embedding.state_shardings(emb_opt_state))
 
   def init_state(self, seed: int) -> TrainState:
-    """Fresh parameters (reference initialisation) and optimiser states."""
+    """Fresh parameters (reference initialisation) and optimiser states.
+
+    Tables are created shard by shard on their devices, never whole on one.
+    """
     params = init_params(self.spec, seed)
-    tables = jax.jit(self.collection.init)(jnp.uint32(seed))
+    tables = jax.jit(self.embedding.init, out_shardings=self.state_shardings.tables)(
+        jnp.uint32(seed))
     return self.state_from(params, tables)
 
   def state_from(self, params: nnx.State, tables: Tables) -> TrainState:
-    """A step-0 train state around given dense parameters and tables."""
+    """A step-0 train state around given dense parameters and (sharded) tables."""
+    params = jax.device_put(params, self.state_shardings.params)
     opt_state, emb_opt_state = self._init_opt_states(params, tables)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                      tables=tables, emb_opt_state=emb_opt_state)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings.step),
+                      params=params, opt_state=opt_state, tables=tables,
+                      emb_opt_state=emb_opt_state)
+
+  def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    """One jitted step (`state` is donated); `batch` is a host or device batch."""
+    return self._train_step_jit(state, self.device_batch(batch))
+
+  def predict(self, params: nnx.State, tables: Tables, batch) -> jax.Array:
+    """Click probabilities [B] of a host or device batch."""
+    return self._predict_jit(params, tables, self.device_batch(batch))
+
+  def device_batch(self, batch) -> dict[str, jax.Array]:
+    """A host batch (global, or this process's rows of it) as arrays split over the mesh."""
+    return parallel.global_batch(parallel.local_rows(batch, self.batch_sharding),
+                                 self.batch_sharding)
 
   def logits(self, params: nnx.State, tables: Tables, batch) -> jax.Array:
-    emb = self.collection.lookup_from_batch(tables, batch)
+    emb = self.embedding.embed(tables, batch)
     return nnx.merge(self.graphdef, params)(batch["dense"], emb)
 
   def _predict(self, params: nnx.State, tables: Tables, batch) -> jax.Array:
     return jax.nn.sigmoid(self.logits(params, tables, batch))
 
   def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-    ids = batch["sparse"]  # [B, F], or bags [B, F, H] with optional weights and mask.
-    rows = self.collection.global_rows(ids)
-    vectors = gather_rows(state.tables["stacked"], rows)
+    # Each device gathers the rows it owns; the loss is differentiated with
+    # respect to those looked-up vectors (where they live), never the tables.
+    lookups = self.embedding.lookup(state.tables, batch)
 
     def loss_fn(params, vectors):
-      emb = vectors if ids.ndim == 2 else self.collection.pool(
-          vectors, batch.get("sparse_weights"), batch.get("sparse_mask"))
+      emb = self.embedding.exchange(self.embedding.with_vectors(lookups, vectors))
       logits = nnx.merge(self.graphdef, params)(batch["dense"], emb)
       return self.loss(logits, batch["label"])
 
-    # Gradients with respect to the looked-up vectors, not the tables.
     loss, (g_params, g_vectors) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
-        state.params, vectors)
-    if "sparse_mask" in batch:  # Padding is not a lookup: its row gets no update.
-      rows = jnp.where(batch["sparse_mask"], rows, self.collection.total_rows)
+        state.params, self.embedding.differentiable_part(lookups))
     updates, opt_state = self.tx.update(g_params, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     lr = self.schedule(state.step)
-    tables, emb_opt_state = self.sparse_opt.update(
-        state.tables, state.emb_opt_state, rows.reshape(-1),
-        g_vectors.reshape(-1, g_vectors.shape[-1]), lr, state.step)
+    tables, emb_opt_state = self.embedding.update(
+        self.sparse_opt, state.tables, state.emb_opt_state, lookups, g_vectors, lr, state.step)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            tables=tables, emb_opt_state=emb_opt_state)
     return new_state, {"loss": loss, "lr": lr}
+
+
+def make_plan(config, collection: EmbeddingCollection, num_shards: int) -> Plan:
+  """The sharding plan for the config's tables over `num_shards` devices."""
+  sharding = config.get("sharding")
+  budget_mb = float(sharding.memory_budget_mb) if sharding else 0.0
+  budget = int(budget_mb * 2**20) if budget_mb > 0 else device_memory_budget()
+  hotness = int(config.data.get("hotness", 1))
+  try:
+    return plan_tables(
+        collection.specs, num_shards, batch_size=int(config.mini_batch_size),
+        lookups=hotness, optimizer=config.embedding_optimizer, memory_budget=budget,
+        min_column_width=int(sharding.min_column_width) if sharding else 32,
+        overrides=parse_overrides(sharding.overrides if sharding else ""))
+  except PlanError as e:
+    raise ConfigError(str(e)) from None
+
+
+def device_memory_budget() -> int | None:
+  """90% of a device's memory when the backend reports it (GPU, TPU); None on CPU."""
+  stats = jax.devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  return int(0.9 * limit) if limit else None
 
 
 def evaluate(task: Task, state: TrainState, batches) -> dict[str, float]:
   """AUC, log loss and accuracy over an iterable of batches."""
   labels, probs = [], []
   for batch in batches:
-    probs.append(np.asarray(task.predict(state.params, state.tables, batch)))
+    probs.append(parallel.fetch(task.predict(state.params, state.tables, batch)))
     labels.append(batch["label"])
   return metrics_lib.evaluate(np.concatenate(labels), np.concatenate(probs))
 
@@ -198,8 +260,18 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
   records as `TrainResult.records`); `format_summary(result.summary)` is what
   `train.py` prints at the end.
   """
+  parallel.initialize_distributed(config)
   task = Task(config)
+  devices = task.mesh.size
+  for name in ("mini_batch_size", "test_mini_batch_size"):
+    if int(config[name]) % devices:
+      raise ConfigError(f"{name}={config[name]} must be a multiple of the number of devices "
+                        f"in the mesh ({devices}): each device takes an equal slice")
   data = make_data(config, task.spec)
+  lead = jax.process_index() == 0  # logs, metrics and the progress bar come from process 0
+  show = (progress if progress is not None else bool(config.progress_bar)) and lead
+  if show:
+    tqdm.write(task.plan.describe())
   os.makedirs(workdir, exist_ok=True)
   num_steps = int(config.num_batches)
   test_freq = int(config.test_freq) or num_steps
@@ -213,12 +285,11 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
 
   state = task.init_state(int(config.seed))
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  show = progress if progress is not None else bool(config.progress_bar)
 
   def host_batches():
     for batch in data.batches(0, "train"):
       task.collection.check_ids(batch["sparse"], batch.get("sparse_mask"))
-      yield batch
+      yield parallel.local_rows(batch, task.batch_sharding)
 
   records = []
   batches = prefetch(host_batches(), size=2)
@@ -226,9 +297,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
   compile_seconds = 0.0
   bar = tqdm(total=num_steps, disable=not show, unit="step", dynamic_ncols=True,
              mininterval=0.5, desc="train")
-  with open(metrics_path, "w") as metrics_file:
+  with open(metrics_path if lead else os.devnull, "w") as metrics_file:
     for step in range(num_steps):
-      batch = next(batches)
+      batch = parallel.global_batch(next(batches), task.batch_sharding)
       if step == 0:
         t = time.perf_counter()
         state, out = task.train_step(state, batch)

@@ -186,25 +186,32 @@ def test_train_step_with_bags_matches_dense_reference(name, pooling):
   c.embedding_pooling = pooling
   c.learning_rate = LR
   task = trainer.Task(c)
+  assert set(task.embedding.groups) == {"table_wise"}  # one device: the plain stacked layout
   state = task.init_state(0)
   rng = np.random.default_rng(1)
-  table0 = np.asarray(state.tables["stacked"])
-  ref_table = table0
-  ref_state = {k: np.asarray(v) for k, v in state.emb_opt_state.items()}
+  ref_table = _stacked(task, state.tables)
+  ref_state = {k: np.asarray(v) for k, v in state.emb_opt_state["table_wise"].items()}
+  dense_grad_fn = jax.jit(jax.grad(
+      lambda params, tables, batch: task.loss(task.logits(params, tables, batch), batch["label"]),
+      argnums=1))
   for step in range(2):
     batch = _bag_batch(task, rng)
     # The dense gradient of the loss with respect to the whole table.
-    dense_grad = np.asarray(jax.grad(
-        lambda t: task.loss(task.logits(state.params, {"stacked": t}, batch), batch["label"]))(
-            state.tables["stacked"]))
+    dense_grad = _stacked(task, dense_grad_fn(state.params, state.tables,
+                                              task.device_batch(batch)))
     touched = np.unique(np.asarray(task.collection.global_rows(batch["sparse"]))[batch["sparse_mask"]])
     ref_table, ref_state = np_update(name, ref_table, ref_state, touched, dense_grad[touched], step)
     state, _ = task.train_step(state, batch)
   atol = 2e-5 if name == "adam" else 5e-6
-  np.testing.assert_allclose(np.asarray(state.tables["stacked"]), ref_table, rtol=5e-5, atol=atol)
+  np.testing.assert_allclose(_stacked(task, state.tables), ref_table, rtol=5e-5, atol=atol)
   for k in ref_state:
-    np.testing.assert_allclose(np.asarray(state.emb_opt_state[k]), ref_state[k],
+    np.testing.assert_allclose(np.asarray(state.emb_opt_state["table_wise"][k]), ref_state[k],
                                rtol=5e-5, atol=1e-8)
+
+
+def _stacked(task, tables):
+  """All tables of a (sharded) tables pytree as one [total_rows, D] host array."""
+  return np.concatenate(task.embedding.to_arrays(tables))
 
 
 def test_bag_sgd_step_equals_dense_optax_sgd():
@@ -212,18 +219,19 @@ def test_bag_sgd_step_equals_dense_optax_sgd():
   c.learning_rate = LR
   task = trainer.Task(c)
   state = task.init_state(0)
-  batch = _bag_batch(task, np.random.default_rng(2))
+  host_batch = _bag_batch(task, np.random.default_rng(2))
+  batch = task.device_batch(host_batch)
 
-  def loss(params, tables):
-    return task.loss(task.logits(params, tables, batch), batch["label"])
+  @jax.jit
+  def dense_sgd(params, tables):
+    grads = jax.grad(lambda p, t: task.loss(task.logits(p, t, batch), batch["label"]),
+                     argnums=(0, 1))(params, tables)
+    tx = optax.sgd(LR)
+    return optax.apply_updates((params, tables), tx.update(grads, tx.init((params, tables)))[0])
 
-  grads = jax.grad(loss, argnums=(0, 1))(state.params, state.tables)
-  tx = optax.sgd(LR)
-  ref = optax.apply_updates((state.params, state.tables),
-                            tx.update(grads, tx.init((state.params, state.tables)))[0])
-  ref = jax.tree.map(np.asarray, ref)
+  ref_params, ref_tables = dense_sgd(state.params, state.tables)
   new_state, _ = task.train_step(state, batch)
-  np.testing.assert_allclose(np.asarray(new_state.tables["stacked"]), ref[1]["stacked"],
+  np.testing.assert_allclose(_stacked(task, new_state.tables), _stacked(task, ref_tables),
                              rtol=1e-6, atol=1e-7)
-  for got, want in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(ref[0])):
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-7)
+  for got, want in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(ref_params)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)

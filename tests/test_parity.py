@@ -38,7 +38,7 @@ def _setup(name):
   c.mini_batch_size = fx["mini_batch_size"]
   task = Task(c)
   init = {k[len("init/"):]: v for k, v in data.items() if k.startswith("init/")}
-  params, tables = from_reference(task.spec, task.collection, init)
+  params, tables = from_reference(task.spec, task.embedding, init)
   batch = {"dense": data["dense"], "sparse": data["cat"].astype(np.int32), "label": data["label"]}
   return fx, data, task, params, tables, batch
 
@@ -63,7 +63,7 @@ def test_sgd_steps_match_reference(name):
     losses.append(float(out["loss"]))
   np.testing.assert_allclose(losses, data["losses"], rtol=1e-5, atol=1e-6)
 
-  ours = to_reference(state.params, task.collection, state.tables)
+  ours = to_reference(state.params, task.embedding, state.tables)
   after = {k[len("after/"):]: v for k, v in data.items() if k.startswith("after/")}
   assert set(ours) == set(after)
   for key, expected in after.items():
@@ -79,6 +79,6 @@ def test_untouched_rows_unchanged():
   for s in range(fx["sgd_steps"]):
     lo = (s * b) % batch["label"].shape[0]
     state, _ = task.train_step(state, {k: v[lo:lo + b] for k, v in batch.items()})
-  for k, table in enumerate(task.collection.to_arrays(state.tables)):
+  for k, table in enumerate(task.embedding.to_arrays(state.tables)):
     untouched = np.setdiff1d(np.arange(table.shape[0]), data["cat"][:, k])
     np.testing.assert_array_equal(table[untouched], data[f"init/emb_l.{k}.weight"][untouched])

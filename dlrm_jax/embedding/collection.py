@@ -112,17 +112,24 @@ class EmbeddingCollection:
     (jax.random's threefry takes XLA:CPU seconds to compile per call and
     would give layout-dependent values under some partitionings.)
     """
-    shape = (self.total_rows, self.dim)
-    rows = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
-    cols = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
-    # Each row's bound, as a step function of the row index, computed element
-    # by element inside the same fusion: no [total_rows] temporary.
-    bound = jnp.float32(self.specs[0].init_bound)
-    for spec, offset, previous in zip(self.specs[1:], self.offsets[1:], self.specs):
-      if spec.init_bound != previous.init_bound:
-        step = jnp.float32(spec.init_bound - previous.init_bound)
-        bound = bound + jnp.where(rows >= jnp.uint32(offset), step, jnp.float32(0))
-    return {"stacked": hash_uniform(jnp.asarray(seed, jnp.uint32), rows, cols) * bound}
+    rows = jnp.arange(self.total_rows, dtype=jnp.int32)
+    return {"stacked": self.init_rows(seed, rows, jnp.arange(self.dim, dtype=jnp.uint32))}
+
+  def init_rows(self, seed: int | jax.Array, rows: jax.Array, cols: jax.Array,
+                valid: jax.Array | None = None) -> jax.Array:
+    """Initial values of stacked rows [R] (int32) at columns [C] -> [R, C].
+
+    Row r of the stacked array belongs to the table whose offset range holds
+    it and gets that table's bound; rows where `valid` is False (padding of a
+    sharded layout) are zero. Temporaries are per row, never per element.
+    """
+    offsets = jnp.asarray(self.offsets.astype(np.int32))
+    table = jnp.clip(jnp.searchsorted(offsets, rows, side="right") - 1, 0)
+    bounds = jnp.asarray(np.array([s.init_bound for s in self.specs], np.float32))
+    bound = bounds[table] if valid is None else jnp.where(valid, bounds[table], 0.0)
+    values = hash_uniform(jnp.asarray(seed, jnp.uint32), rows.astype(jnp.uint32)[:, None],
+                          cols[None, :])
+    return values * bound[:, None]
 
   def from_arrays(self, arrays: Sequence[np.ndarray]) -> Tables:
     """Stacks per-table arrays (e.g. weights trained elsewhere) into our layout."""
@@ -167,30 +174,40 @@ class EmbeddingCollection:
     offsets = jnp.asarray(self.offsets, jnp.int32).reshape((-1,) + (1,) * (ids.ndim - 2))
     return ids.astype(jnp.int32) + offsets
 
-  def pool(self, vectors: jax.Array, weights: jax.Array | None = None,
-           mask: jax.Array | None = None) -> jax.Array:
-    """Bags of vectors [B, F, H, D] -> one vector per feature [B, F, D].
+  def bag_scale(self, shape: tuple[int, int, int], weights: jax.Array | None = None,
+                mask: jax.Array | None = None) -> jax.Array:
+    """The factor of each id's vector in its bag's pooled vector, [B, F, H].
 
-    Each id's vector is scaled by its weight (default 1) and padding entries
-    (mask False) count for nothing; "sum" tables add the bag up, "mean"
-    tables divide by the number of ids present (at least 1, so an empty bag
-    gives a zero vector).
+    Each id counts with its weight (default 1) and padding entries (mask
+    False) count for nothing; "sum" tables add the bag up, "mean" tables
+    divide by the number of ids present (at least 1, so an empty bag gives a
+    zero vector).
     """
-    scale = jnp.ones(vectors.shape[:3], vectors.dtype)
+    scale = jnp.ones(shape, jnp.float32)
     if weights is not None:
-      scale = scale * weights.astype(vectors.dtype)
+      scale = scale * weights.astype(jnp.float32)
     if mask is not None:
       scale = jnp.where(mask, scale, 0.0)
     mean = np.array([s.pooling == "mean" for s in self.specs])
     if mean.any():
-      present = (jnp.ones(vectors.shape[:3], bool) if mask is None else mask).sum(-1)
+      present = (jnp.ones(shape, bool) if mask is None else mask).sum(-1)
       divisor = jnp.where(jnp.asarray(mean)[None, :], jnp.maximum(present, 1), 1)
-      scale = scale / divisor[..., None].astype(vectors.dtype)
+      scale = scale / divisor[..., None].astype(jnp.float32)
+    return scale
+
+  def pool(self, vectors: jax.Array, weights: jax.Array | None = None,
+           mask: jax.Array | None = None) -> jax.Array:
+    """Bags of vectors [B, F, H, D] -> one vector per feature [B, F, D] (see `bag_scale`)."""
+    scale = self.bag_scale(vectors.shape[:3], weights, mask).astype(vectors.dtype)
     return jnp.einsum("bfh,bfhd->bfd", scale, vectors)
 
   def lookup(self, tables: Tables, ids: jax.Array, weights: jax.Array | None = None,
              mask: jax.Array | None = None) -> jax.Array:
-    """Ids [B, F] or bags [B, F, H] (with optional weights and mask) -> [B, F, D]."""
+    """Ids [B, F] or bags [B, F, H] (with optional weights and mask) -> [B, F, D].
+
+    The plain single-array lookup; training on a mesh goes through
+    `dlrm_jax.embedding.sharded.ShardedEmbedding`, which this is the reference for.
+    """
     vectors = gather_rows(tables["stacked"], self.global_rows(ids))
     if ids.ndim == 2:
       return vectors

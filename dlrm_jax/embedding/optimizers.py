@@ -77,9 +77,14 @@ class SparseSGD:
     return {}
 
   def update(self, tables: Tables, state: dict, rows: jax.Array, grads: jax.Array,
-             lr: jax.Array, step: jax.Array) -> tuple[Tables, dict]:
-    """rows [N] (stacked-array rows), grads [N, D] -> updated tables and state."""
-    del step
+             lr: jax.Array, step: jax.Array, column_axis: str | None = None
+             ) -> tuple[Tables, dict]:
+    """rows [N] (stacked-array rows), grads [N, D] -> updated tables and state.
+
+    `column_axis` names the mesh axis a column-wise table's width is split
+    over (inside `shard_map`), for optimisers whose state spans a whole row.
+    """
+    del step, column_axis
     table = tables["stacked"]
     n = table.shape[0]
     # Slots with row >= n (padding) add zero to a valid row instead of being
@@ -101,11 +106,14 @@ class SparseRowWiseAdagrad:
     t = tables["stacked"]
     return {"accumulator": jnp.full(t.shape[:1], self.initial_accumulator_value, jnp.float32)}
 
-  def update(self, tables, state, rows, grads, lr, step):
+  def update(self, tables, state, rows, grads, lr, step, column_axis=None):
     del step
     table, acc = tables["stacked"], state["accumulator"]
     unique, g = sum_duplicates(rows, grads, table.shape[0])
-    a = _take(acc, unique) + jnp.mean(jnp.square(g), axis=1)
+    mean_square = jnp.mean(jnp.square(g), axis=1)
+    if column_axis is not None:  # equal slices of the row on each device: mean of their means
+      mean_square = jax.lax.pmean(mean_square, column_axis)
+    a = _take(acc, unique) + mean_square
     w = _take(table, unique) - lr * g / (jnp.sqrt(a)[:, None] + self.eps)
     return {"stacked": _put(table, unique, w)}, {"accumulator": _put(acc, unique, a)}
 
@@ -121,8 +129,8 @@ class SparseAdagrad:
     t = tables["stacked"]
     return {"accumulator": jnp.full(t.shape, self.initial_accumulator_value, jnp.float32)}
 
-  def update(self, tables, state, rows, grads, lr, step):
-    del step
+  def update(self, tables, state, rows, grads, lr, step, column_axis=None):
+    del step, column_axis  # element-wise: a column slice needs nothing from the others.
     table, acc = tables["stacked"], state["accumulator"]
     unique, g = sum_duplicates(rows, grads, table.shape[0])
     a = _take(acc, unique) + jnp.square(g)
@@ -146,7 +154,8 @@ class SparseLazyAdam:
     t = tables["stacked"]
     return {"mu": jnp.zeros(t.shape, jnp.float32), "nu": jnp.zeros(t.shape, jnp.float32)}
 
-  def update(self, tables, state, rows, grads, lr, step):
+  def update(self, tables, state, rows, grads, lr, step, column_axis=None):
+    del column_axis  # element-wise: a column slice needs nothing from the others.
     table = tables["stacked"]
     unique, g = sum_duplicates(rows, grads, table.shape[0])
     t = jnp.asarray(step, jnp.float32) + 1.0

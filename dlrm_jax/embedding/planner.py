@@ -1,0 +1,288 @@
+"""The sharding planner: which sharding type and which devices for each table.
+
+Four sharding types, as TorchRec offers them (`dlrm_jax.embedding.sharded`
+implements them with explicit collectives):
+
+- `table_wise`:  the whole table on one device; lookups reach it through an
+                 all-to-all (the paper's butterfly shuffle).
+- `row_wise`:    rows split evenly over all devices, for tables too big for one;
+                 ids are all-gathered and partial results reduce-scattered.
+- `column_wise`: the embedding dimension split over all devices; ids are
+                 all-gathered and column slices exchanged with an all-to-all.
+- `replicated`:  a copy on every device (data parallel), for small tables whose
+                 gradient all-reduce moves fewer bytes than table-wise lookups.
+
+The planner works from sizes alone, before anything is allocated, and refuses
+a plan that does not fit with an error that gives the numbers. Its rules, in
+order, for each table (largest first):
+
+1. a per-table override from the config wins (`table_wise[:DEVICE]`,
+   `row_wise`, `column_wise`, `replicated`);
+2. on one device every table is table-wise (one stacked array);
+3. `replicated` if all-reducing its dense gradient moves fewer bytes than
+   serving its lookups table-wise, and a copy fits on every device;
+4. `table_wise` on the device with the least lookup traffic so far among those
+   with room for it;
+5. otherwise split it: `column_wise` when its width splits into slices of at
+   least `min_column_width` values, else `row_wise`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping, Sequence
+
+from dlrm_jax.embedding.collection import TableSpec
+
+TABLE_WISE = "table_wise"
+ROW_WISE = "row_wise"
+COLUMN_WISE = "column_wise"
+REPLICATED = "replicated"
+SHARDING_TYPES = (TABLE_WISE, ROW_WISE, COLUMN_WISE, REPLICATED)
+
+# Optimiser state per table row, in float32 values, for a width-D table.
+_STATE_VALUES_PER_ROW = {
+    "sgd": lambda d: 0,
+    "rowwise_adagrad": lambda d: 1,
+    "adagrad": lambda d: d,
+    "adam": lambda d: 2 * d,
+}
+
+
+class PlanError(ValueError):
+  """The tables cannot be placed on the devices; the message gives the numbers."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where one table lives: its sharding type and, for table-wise, its device."""
+
+  kind: str
+  device: int = -1  # the owning device's index along the mesh's shard axis (table_wise).
+
+  def __post_init__(self):
+    if self.kind not in SHARDING_TYPES:
+      raise PlanError(f"sharding type {self.kind!r} is not one of {SHARDING_TYPES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A placement for every table of a collection over `num_shards` devices."""
+
+  placements: tuple[Placement, ...]
+  num_shards: int
+  table_bytes: tuple[int, ...]  # table plus optimiser state, unsharded.
+  lookups: tuple[float, ...]  # ids per sample of each table.
+  batch_size: int  # global batch the traffic estimates are for.
+  dims: tuple[int, ...]
+  rows: tuple[int, ...]
+  names: tuple[str, ...]
+
+  def device_bytes(self) -> list[int]:
+    """Bytes of tables and optimiser state that each device holds."""
+    per = [0] * self.num_shards
+    for p, size in zip(self.placements, self.table_bytes):
+      if p.kind == TABLE_WISE:
+        per[p.device] += size
+      else:
+        share = size if p.kind == REPLICATED else -(-size // self.num_shards)
+        for d in range(self.num_shards):
+          per[d] += share
+    return per
+
+  def table_device_bytes(self, k: int) -> int:
+    """Bytes of table k on each device that holds part of it."""
+    p, size = self.placements[k], self.table_bytes[k]
+    if p.kind in (TABLE_WISE, REPLICATED):
+      return size
+    return -(-size // self.num_shards)
+
+  def traffic(self) -> dict[str, int]:
+    """Estimated bytes each collective moves per train step, over all devices.
+
+    Counts what crosses between devices (a device's own share stays local):
+    ids are int32, vectors and gradients float32.
+    """
+    n, b = self.num_shards, self.batch_size
+    frac = (n - 1) / n
+    out = {"all_to_all": 0, "all_gather": 0, "reduce_scatter": 0, "all_reduce": 0}
+    if n == 1:
+      return out
+    for p, d, h, rows in zip(self.placements, self.dims, self.lookups, self.rows):
+      ids, vec = b * h * 4, b * d * 4
+      if p.kind == TABLE_WISE:  # ids out, pooled vectors back, their gradients out again.
+        out["all_to_all"] += int(frac * (ids + 2 * vec))
+      elif p.kind == ROW_WISE:  # every device receives all ids; partial vectors reduce-scattered;
+        out["all_gather"] += int(frac * n * (ids + vec))  # gradients all-gathered back.
+        out["reduce_scatter"] += int(frac * n * vec)
+      elif p.kind == COLUMN_WISE:  # all ids to every device; column slices exchanged both ways.
+        out["all_gather"] += int(frac * n * ids)
+        out["all_to_all"] += int(frac * 2 * vec)
+      else:  # replicated: the dense gradient (and touch counts) all-reduced.
+        out["all_reduce"] += int(2 * frac * n * rows * (d + 1) * 4)
+    return out
+
+  def describe(self) -> str:
+    """The plan as a table, with per-device totals and the traffic estimate."""
+    lines = [f"Embedding sharding plan: {len(self.placements)} tables over {self.num_shards} "
+             f"device(s), global batch {self.batch_size}",
+             f"  {'table':<10} {'rows':>12} {'dim':>5} {'type':<12} {'devices':<10} "
+             f"{'bytes/device':>14}"]
+    for k, p in enumerate(self.placements):
+      devices = (str(p.device) if p.kind == TABLE_WISE else
+                 f"0-{self.num_shards - 1}" if self.num_shards > 1 else "0")
+      lines.append(f"  {self.names[k]:<10} {self.rows[k]:>12,} {self.dims[k]:>5} {p.kind:<12} "
+                   f"{devices:<10} {_fmt_bytes(self.table_device_bytes(k)):>14}")
+    per = self.device_bytes()
+    lines.append(f"  per device: min {_fmt_bytes(min(per))}, max {_fmt_bytes(max(per))} "
+                 "(tables + optimiser state)")
+    traffic = self.traffic()
+    lines.append("  per step (estimate): " + ", ".join(
+        f"{name} {_fmt_bytes(v)}" for name, v in traffic.items()))
+    return "\n".join(lines)
+
+
+def _fmt_bytes(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+    if abs(n) < 1024 or unit == "TiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  raise AssertionError
+
+
+def parse_overrides(value: str | Mapping[str, str] | None) -> dict[str, str]:
+  """'t3:row_wise,t7:table_wise:2' (or a mapping) -> {table name: placement}."""
+  if not value:
+    return {}
+  if isinstance(value, Mapping):
+    return {str(k): str(v) for k, v in value.items()}
+  out = {}
+  for item in str(value).split(","):
+    name, sep, kind = item.strip().partition(":")
+    if not sep or not name or not kind:
+      raise PlanError(f"sharding override {item!r} must look like TABLE:TYPE or "
+                      f"TABLE:table_wise:DEVICE (types: {', '.join(SHARDING_TYPES)})")
+    out[name] = kind
+  return out
+
+
+def _parse_placement(name: str, text: str, num_shards: int) -> Placement:
+  kind, _, device = text.partition(":")
+  if kind not in SHARDING_TYPES:
+    raise PlanError(f"table {name}: sharding type {kind!r} is not one of {SHARDING_TYPES}")
+  if device:
+    if kind != TABLE_WISE:
+      raise PlanError(f"table {name}: only table_wise takes a device, got {text!r}")
+    if not device.isdigit() or int(device) >= num_shards:
+      raise PlanError(f"table {name}: device {device!r} is not in [0, {num_shards})")
+    return Placement(kind, int(device))
+  return Placement(kind)
+
+
+def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
+                lookups: Sequence[float] | float = 1.0, optimizer: str = "sgd",
+                memory_budget: int | None = None, min_column_width: int = 32,
+                overrides: Mapping[str, str] | None = None) -> Plan:
+  """Places every table over `num_shards` devices (see the module docstring).
+
+  Args:
+    specs: the tables.
+    num_shards: devices along the mesh's shard axis.
+    batch_size: global batch size (for the traffic estimates).
+    lookups: ids per sample of each table (its hotness), or one value for all.
+    optimizer: the sparse optimiser (its state counts towards memory).
+    memory_budget: bytes each device may hold for tables and optimiser state;
+      None for no limit.
+    min_column_width: the narrowest column slice column-wise splitting may make.
+    overrides: table name -> placement text, e.g. {"t3": "row_wise"}.
+
+  Raises:
+    PlanError: an unknown table or type in the overrides, a column-wise table
+      whose width does not split evenly, or tables that do not fit.
+  """
+  if num_shards < 1:
+    raise PlanError(f"num_shards={num_shards} must be >= 1")
+  if optimizer not in _STATE_VALUES_PER_ROW:
+    raise PlanError(f"unknown embedding optimizer {optimizer!r}")
+  n = num_shards
+  hot = [float(lookups)] * len(specs) if isinstance(lookups, (int, float)) else list(lookups)
+  if len(hot) != len(specs):
+    raise PlanError(f"got {len(hot)} lookup counts for {len(specs)} tables")
+  sizes = [s.rows * (s.dim + _STATE_VALUES_PER_ROW[optimizer](s.dim)) * 4 for s in specs]
+  names = [s.name for s in specs]
+  overrides = dict(overrides or {})
+  unknown = sorted(set(overrides) - set(names))
+  if unknown:
+    raise PlanError(f"sharding overrides name unknown tables {unknown}; tables are "
+                    f"{names[:6]}{' ...' if len(names) > 6 else ''}")
+  budget = float("inf") if memory_budget is None else int(memory_budget)
+
+  placements: list[Placement | None] = [None] * len(specs)
+  used = [0] * n  # bytes per device
+  load = [0.0] * n  # lookup bytes served per device
+
+  def add(k: int, p: Placement):
+    placements[k] = p
+    if p.kind == TABLE_WISE:
+      used[p.device] += sizes[k]
+      load[p.device] += batch_size * hot[k] * specs[k].dim
+    else:
+      share = sizes[k] if p.kind == REPLICATED else -(-sizes[k] // n)
+      for d in range(n):
+        used[d] += share
+        load[d] += batch_size * hot[k] * specs[k].dim / n
+
+  pinned_table_wise = set()  # overridden to table_wise with no device named
+  for k, spec in enumerate(specs):
+    if spec.name not in overrides:
+      continue
+    p = _parse_placement(spec.name, overrides[spec.name], n)
+    if p.kind == COLUMN_WISE and spec.dim % n:
+      raise PlanError(f"table {spec.name}: column_wise needs its dim ({spec.dim}) to be a "
+                      f"multiple of the number of devices ({n})")
+    if p.kind == TABLE_WISE and p.device < 0:
+      pinned_table_wise.add(k)
+    else:
+      add(k, p)
+
+  for k in sorted(range(len(specs)), key=lambda k: -sizes[k]):
+    spec = specs[k]
+    if placements[k] is not None:
+      continue
+    if n == 1:
+      add(k, Placement(TABLE_WISE, 0))
+      continue
+    allreduce_bytes = 2 * spec.rows * (spec.dim + 1) * 4
+    lookup_bytes = batch_size * hot[k] * (4 + 2 * spec.dim * 4)
+    if (k not in pinned_table_wise and allreduce_bytes < lookup_bytes
+        and max(used) + sizes[k] <= budget):
+      add(k, Placement(REPLICATED))
+      continue
+    room = [d for d in range(n) if used[d] + sizes[k] <= budget]
+    if room:
+      add(k, Placement(TABLE_WISE, min(room, key=lambda d: (load[d], used[d], d))))
+    elif k in pinned_table_wise:
+      raise _no_fit(spec, sizes[k], used, budget, "a whole copy on one device")
+    elif spec.dim % n == 0 and spec.dim // n >= min_column_width:
+      add(k, Placement(COLUMN_WISE))
+    else:
+      add(k, Placement(ROW_WISE))
+  plan = Plan(placements=tuple(placements), num_shards=n, table_bytes=tuple(sizes),
+              lookups=tuple(hot), batch_size=int(batch_size), dims=tuple(s.dim for s in specs),
+              rows=tuple(s.rows for s in specs), names=tuple(names))
+  per = plan.device_bytes()
+  if max(per) > budget:
+    worst = max(range(n), key=lambda d: per[d])
+    raise PlanError(
+        f"the embedding tables need {_fmt_bytes(per[worst])} on device {worst}, over the "
+        f"per-device budget of {_fmt_bytes(budget)} ({_fmt_bytes(sum(sizes))} of tables and "
+        f"optimiser state in all, over {n} device(s)); use more devices, a smaller model, "
+        f"or a larger embedding memory budget\n{plan.describe()}")
+  return plan
+
+
+def _no_fit(spec: TableSpec, size: int, used: list[int], budget: float, what: str) -> PlanError:
+  free = max(budget - u for u in used)
+  return PlanError(f"table {spec.name} ({spec.rows:,} rows x {spec.dim}) needs "
+                   f"{_fmt_bytes(size)} for {what}, but the most any device has left is "
+                   f"{_fmt_bytes(free)} of its {_fmt_bytes(budget)} budget")

@@ -1,0 +1,125 @@
+"""Devices, meshes and processes: where a training run's arrays live.
+
+One `jax.sharding.Mesh` serves the whole step. By default it is 1-D (axis
+"shard") over every device, every device on both roles as in the paper: the
+batch is split over it, dense parameters are replicated on it, embedding tables
+are sharded over it. With `mesh.replicas = R > 1` it is 2-D ("replica",
+"shard"): the batch is split over all devices, tables over "shard" within each
+of the R replica groups.
+
+Multi-host: `initialize_distributed` calls `jax.distributed.initialize` from
+the config or the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID); each process then feeds only its own rows of every global
+batch (`global_batch`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dlrm_jax.config import ConfigError
+from dlrm_jax.embedding.sharded import MeshAxes
+
+
+def initialize_distributed(config) -> None:
+  """Joins a multi-process run when the config or the environment asks for one.
+
+  `config.distributed.coordinator_address` (or JAX_COORDINATOR_ADDRESS) turns
+  it on; the process count and id come from the config when set (>= 0),
+  otherwise from the environment or the cluster (SLURM, TPU pods, ...).
+  Does nothing in a single-process run or when already initialised.
+  """
+  dist = config.get("distributed")
+  address = (dist.coordinator_address if dist else "") or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if not address or jax.distributed.is_initialized():
+    return
+  kwargs = {"coordinator_address": address}
+  if dist and int(dist.num_processes) > 0:
+    kwargs["num_processes"] = int(dist.num_processes)
+  if dist and int(dist.process_id) >= 0:
+    kwargs["process_id"] = int(dist.process_id)
+  if jax.default_backend() == "cpu" or (dist and dist.cpu_collectives):
+    jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives or "gloo")
+  jax.distributed.initialize(**kwargs)
+
+
+def make_mesh(config) -> tuple[Mesh, MeshAxes]:
+  """The mesh the config asks for: `mesh.num_devices` (0: all) and `mesh.replicas`."""
+  mesh_config = config.get("mesh")
+  count = int(mesh_config.num_devices) if mesh_config else 0
+  replicas = int(mesh_config.replicas) if mesh_config else 1
+  devices = jax.devices()
+  if count < 0 or count > len(devices):
+    raise ConfigError(f"mesh.num_devices={count}, but there are {len(devices)} devices "
+                      "(0 uses them all)")
+  count = count or len(devices)
+  if jax.process_count() > 1 and count != len(devices):
+    raise ConfigError(f"mesh.num_devices={count}: a multi-process run uses every device "
+                      f"({len(devices)}); leave it at 0")
+  if replicas < 1 or count % replicas:
+    raise ConfigError(f"mesh.replicas={replicas} must be >= 1 and divide the number of "
+                      f"devices ({count})")
+  if replicas == 1:
+    axes = MeshAxes()
+    mesh = jax.make_mesh((count,), (axes.shard,), devices=devices[:count])
+  else:
+    axes = MeshAxes(replica="replica")
+    mesh = jax.make_mesh((replicas, count // replicas), (axes.replica, axes.shard),
+                         devices=devices[:count])
+  return mesh, axes
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def process_rows(sharding: NamedSharding, global_size: int) -> slice:
+  """The rows of a batch-sharded array that this process's devices hold."""
+  index_map = sharding.addressable_devices_indices_map((global_size,))
+  starts = [idx[0].start or 0 for idx in index_map.values()]
+  stops = [global_size if idx[0].stop is None else idx[0].stop for idx in index_map.values()]
+  return slice(min(starts), max(stops))
+
+
+def global_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """A host batch -> global arrays split on their leading axis by `sharding`.
+
+  `batch` holds either the whole global batch or, in a multi-process run, only
+  this process's rows (those `process_rows` names); every process passes its
+  part and gets handles to the same global arrays. Arrays already placed are
+  passed through.
+  """
+  out = {}
+  for name, value in batch.items():
+    spec = P(*sharding.spec, *([None] * (np.ndim(value) - 1)))
+    s = NamedSharding(sharding.mesh, spec)
+    if jax.process_count() == 1:
+      out[name] = jax.device_put(value, s)  # a no-op for arrays already placed so
+    elif isinstance(value, jax.Array):
+      out[name] = value  # already global
+    else:
+      value = np.asarray(value)
+      global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+      out[name] = jax.make_array_from_process_local_data(s, value, global_shape)
+  return out
+
+
+def local_rows(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, np.ndarray]:
+  """This process's rows of a global host batch (all of it in a single-process run)."""
+  if jax.process_count() == 1 or any(isinstance(v, jax.Array) for v in batch.values()):
+    return batch
+  size = next(iter(batch.values())).shape[0]
+  rows = process_rows(sharding, size)
+  return {k: v[rows] for k, v in batch.items()}
+
+
+def fetch(x: jax.Array) -> np.ndarray:
+  """A global array's whole value on every process."""
+  if jax.process_count() == 1 or x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
