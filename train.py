@@ -30,10 +30,18 @@ def main(argv):
       "runs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])
   logging.info("Config:\n%s", config)
   try:
-    result = trainer.train_and_evaluate(config, workdir)
+    result = trainer.train_and_evaluate(config, workdir, log=lambda s: print(s, flush=True))
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
-  print(trainer.format_summary(result.summary), flush=True)
+  if _is_lead():
+    print(trainer.format_summary(result.summary), flush=True)
+
+
+def _is_lead() -> bool:
+  """Only process 0 of a multi-process run prints."""
+  import jax
+
+  return jax.process_index() == 0
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def kaggle_config(rows: int, batch: int, lr: float, optimizer: str, dim: int = 16,
-                  bottom: str = "13-512-256-64-16", top: str = "512-256-1"):
+                  bottom: str = "13-512-256-64-16", top: str = "512-256-1", devices: int = 1):
   from dlrm_jax.config import base_config
 
   c = base_config()
@@ -46,19 +46,18 @@ def kaggle_config(rows: int, batch: int, lr: float, optimizer: str, dim: int = 1
   c.learning_rate = lr
   c.embedding_optimizer = optimizer
   c.data.kind = "random"
+  c.mesh.num_devices = devices
   return c
 
 
 def random_batches(task, batch: int, pool: int, seed: int = 1):
-  import jax
-
   from dlrm_jax.data import RandomData
 
   gen = RandomData(task.spec.table_rows, task.spec.num_dense, batch, seed)
   batches = [gen.batch(i) for i in range(pool)]
   for b in batches:
     task.collection.check_ids(b["sparse"])
-  return [jax.device_put(b) for b in batches]
+  return [task.device_batch(b) for b in batches]
 
 
 def run_one(rows: int, path: str, batch: int, warmup: int, steps: int, pool: int, lr: float,

@@ -1,8 +1,17 @@
 """The reference's Criteo Kaggle benchmark settings (dlrm_s_pytorch.py's
 `bench/dlrm_s_criteo_kaggle.sh`): D=16, bottom 13-512-256-64-16, top
-512-256-1, dot interaction, batch 128, SGD with lr 0.1.
+512-256-1, dot interaction, batch 128, SGD with lr 0.1, one epoch of the six
+training days, evaluated on the test half of day 7 as the reference does.
 
-Needs a prepared Criteo Kaggle directory in `data.path`.
+Needs the Kaggle set prepared into `data.path` (see README.md, "Training on
+Criteo"); the reference's preprocessing is the default:
+
+    python -m dlrm_jax.data.criteo prepare --dataset kaggle --input train.txt \\
+        --output data/criteo_kaggle
+
+The table sizes come from the prepared directory's metadata.json when
+training starts (`dlrm_jax.data.configure_data`); `arch_embedding_size` below
+is what the reference's preprocessing gives, for reference.
 """
 
 from dlrm_jax.config import base_config
@@ -24,8 +33,10 @@ def get_config():
   c.learning_rate = 0.1
   c.mini_batch_size = 128
   c.test_mini_batch_size = 16384
+  c.test_num_batches = 0  # every full batch of the test split (3,274,330 rows).
   c.num_batches = 306_969  # one epoch of the six training days at batch 128.
   c.test_freq = 30_000
   c.data.kind = "criteo_kaggle"
   c.data.path = "data/criteo_kaggle"
+  c.data.eval_split = "test"
   return c

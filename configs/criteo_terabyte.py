@@ -4,7 +4,19 @@
 2048, SGD with lr 1.0, 2750 warmup steps, quadratic decay from step 49315 over
 27772 steps; the target is a validation AUC of 0.8025.
 
-Needs a prepared Criteo Terabyte directory in `data.path`.
+Needs the 24 days prepared into `data.path` with the reference's
+`--max-ind-range=40000000` (see README.md, "Training on Criteo"):
+
+    python -m dlrm_jax.data.criteo prepare --dataset terabyte \\
+        --input day_{0..23}.gz --output data/criteo_terabyte \\
+        --categorical reference --max-ind-range 40000000
+
+(`--categorical hash` is the fast alternative, as TorchRec does it: every
+table then has 40,000,000 rows.) The table sizes come from the prepared
+directory's metadata.json; `arch_embedding_size` below is what the
+reference's preprocessing gives. The reference evaluates the whole test half
+of day 23 (about 89M rows); the trainer holds its evaluation batches in host
+memory, so this config evaluates the first 500 batches (8.2M rows) of it.
 """
 
 from dlrm_jax.config import base_config
@@ -28,6 +40,7 @@ def get_config():
   c.learning_rate = 1.0
   c.mini_batch_size = 2048
   c.test_mini_batch_size = 16384
+  c.test_num_batches = 500
   c.lr_num_warmup_steps = 2750
   c.lr_decay_start_step = 49315
   c.lr_num_decay_steps = 27772
@@ -37,4 +50,5 @@ def get_config():
   c.data.kind = "criteo_terabyte"
   c.data.path = "data/criteo_terabyte"
   c.data.max_ind_range = MAX_IND_RANGE
+  c.data.eval_split = "test"
   return c

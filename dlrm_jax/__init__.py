@@ -1,8 +1,17 @@
 """dlrm_jax: the deep learning recommendation model (DLRM) in JAX and Flax."""
 
 from dlrm_jax.config import ConfigError, ModelSpec
-from dlrm_jax.model import DLRM
 
 __version__ = "0.1.0"
 
 __all__ = ["ConfigError", "DLRM", "ModelSpec", "__version__"]
+
+
+def __getattr__(name: str):
+  # The model (and with it JAX) is imported on first use, so that tools that
+  # need no JAX, such as the Criteo preprocessing workers, start fast.
+  if name == "DLRM":
+    from dlrm_jax.model import DLRM
+
+    return DLRM
+  raise AttributeError(f"module 'dlrm_jax' has no attribute {name!r}")

@@ -188,6 +188,7 @@ def base_config():
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = 0  # devices to use; 0: all of them.
   c.mesh.replicas = 1  # > 1: a 2-D mesh, tables sharded within each of this many groups.
+  c.mesh.axis_types = "explicit"  # explicit | auto: JAX's sharding mode for the mesh axes.
   c.sharding = ml_collections.ConfigDict()
   # Per-table sharding types, overriding the planner: "t3:row_wise,t7:table_wise:2".
   c.sharding.overrides = ""
@@ -212,5 +213,10 @@ def base_config():
   c.data.teacher_pair_scale = 1.0
   c.data.hotness = 1  # ids per feature; > 1 makes multi-hot bags (random data).
   c.data.variable_hotness = False  # bags of 1..hotness ids, padded, with a mask.
-  c.data.path = ""  # prepared Criteo directory.
+  c.data.path = ""  # prepared Criteo directory (python -m dlrm_jax.data.criteo prepare).
+  c.data.max_ind_range = -1  # Criteo: the modulus the directory must be prepared with; -1: any.
+  c.data.eval_split = "test"  # Criteo: the split evaluated ("test", as the reference, or "val").
+  c.data.shuffle = True  # Criteo: block shuffle + shuffle buffer of the train rows.
+  c.data.block_rows = 1024  # Criteo: rows per shuffled block.
+  c.data.shuffle_buffer = 262144  # Criteo: rows shuffled together (whole blocks).
   return c

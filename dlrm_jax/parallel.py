@@ -15,15 +15,28 @@ batch (`global_batch`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from dlrm_jax.config import ConfigError
-from dlrm_jax.embedding.sharded import MeshAxes
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshAxes:
+  """Names of the mesh axes: the one tables are split over and an optional replica axis."""
+
+  shard: str = "shard"
+  replica: str | None = None
+
+  @property
+  def batch(self) -> tuple[str, ...]:
+    """Axes the batch is split over (all of them)."""
+    return (self.shard,) if self.replica is None else (self.replica, self.shard)
 
 
 def initialize_distributed(config) -> None:
@@ -43,13 +56,21 @@ def initialize_distributed(config) -> None:
     kwargs["num_processes"] = int(dist.num_processes)
   if dist and int(dist.process_id) >= 0:
     kwargs["process_id"] = int(dist.process_id)
-  if jax.default_backend() == "cpu" or (dist and dist.cpu_collectives):
-    jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives or "gloo")
+  # Collectives between processes' CPU devices (a setting of the CPU backend only;
+  # asking which backend is the default would start it too early).
+  jax.config.update("jax_cpu_collectives_implementation",
+                    (dist.cpu_collectives if dist else "") or "gloo")
   jax.distributed.initialize(**kwargs)
+  # Gloo gives processes 30 s to meet when a group of devices first
+  # communicates; set up the groups used most (all devices, and one device per
+  # process) now, while the processes are in step, rather than at the first
+  # train step, which processes may reach a compile apart.
+  multihost_utils.sync_global_devices("dlrm_jax: start")
+  multihost_utils.assert_equal(np.int32(jax.process_count()), "dlrm_jax: process count")
 
 
 def make_mesh(config) -> tuple[Mesh, MeshAxes]:
-  """The mesh the config asks for: `mesh.num_devices` (0: all) and `mesh.replicas`."""
+  """The mesh the config asks for: `mesh.num_devices` (0: all), `mesh.replicas`, `mesh.axis_types`."""
   mesh_config = config.get("mesh")
   count = int(mesh_config.num_devices) if mesh_config else 0
   replicas = int(mesh_config.replicas) if mesh_config else 1
@@ -61,16 +82,20 @@ def make_mesh(config) -> tuple[Mesh, MeshAxes]:
   if jax.process_count() > 1 and count != len(devices):
     raise ConfigError(f"mesh.num_devices={count}: a multi-process run uses every device "
                       f"({len(devices)}); leave it at 0")
+  axis_type = str(mesh_config.axis_types).lower() if mesh_config else "explicit"
+  if axis_type not in ("explicit", "auto"):
+    raise ConfigError(f"mesh.axis_types={axis_type!r} is not one of ('explicit', 'auto')")
+  axis_type = AxisType.Explicit if axis_type == "explicit" else AxisType.Auto
   if replicas < 1 or count % replicas:
     raise ConfigError(f"mesh.replicas={replicas} must be >= 1 and divide the number of "
                       f"devices ({count})")
   if replicas == 1:
     axes = MeshAxes()
-    mesh = jax.make_mesh((count,), (axes.shard,), devices=devices[:count])
+    mesh = jax.make_mesh((count,), (axes.shard,), (axis_type,), devices=devices[:count])
   else:
     axes = MeshAxes(replica="replica")
     mesh = jax.make_mesh((replicas, count // replicas), (axes.replica, axes.shard),
-                         devices=devices[:count])
+                         (axis_type,) * 2, devices=devices[:count])
   return mesh, axes
 
 
@@ -118,8 +143,10 @@ def local_rows(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[st
   return {k: v[rows] for k, v in batch.items()}
 
 
+
+
 def fetch(x: jax.Array) -> np.ndarray:
-  """A global array's whole value on every process."""
-  if jax.process_count() == 1 or x.is_fully_addressable:
+  """The whole value of a (possibly multi-process) global array, on every process."""
+  if x.is_fully_addressable:
     return np.asarray(jax.device_get(x))
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from dlrm_jax import metrics as metrics_lib
 from dlrm_jax import parallel
 from dlrm_jax.config import ConfigError, ModelSpec, parse_floats, validate_training
-from dlrm_jax.data import make_data
+from dlrm_jax.data import configure_data, make_data
 from dlrm_jax.data.prefetch import prefetch
 from dlrm_jax.embedding import EmbeddingCollection, Tables, make_sparse_optimizer
 from dlrm_jax.embedding.planner import Plan, PlanError, parse_overrides, plan_tables
@@ -229,7 +229,7 @@ def make_plan(config, collection: EmbeddingCollection, num_shards: int) -> Plan:
 
 def device_memory_budget() -> int | None:
   """90% of a device's memory when the backend reports it (GPU, TPU); None on CPU."""
-  stats = jax.devices()[0].memory_stats() or {}
+  stats = jax.local_devices()[0].memory_stats() or {}
   limit = stats.get("bytes_limit")
   return int(0.9 * limit) if limit else None
 
@@ -253,14 +253,18 @@ class TrainResult:
   records: list[dict]
 
 
-def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) -> TrainResult:
+def train_and_evaluate(config, workdir: str, *, progress: bool | None = None,
+                       log: Callable[[str], None] | None = None) -> TrainResult:
   """Trains `config.num_batches` steps, evaluating every `config.test_freq`.
+
+  `log`, if given, receives the sharding plan at start-up (on process 0).
 
   Writes WORKDIR/metrics.jsonl (one JSON object per evaluation, the same
   records as `TrainResult.records`); `format_summary(result.summary)` is what
   `train.py` prints at the end.
   """
   parallel.initialize_distributed(config)
+  config = configure_data(config)  # Criteo: table sizes from the prepared data's metadata.
   task = Task(config)
   devices = task.mesh.size
   for name in ("mini_batch_size", "test_mini_batch_size"):
@@ -270,8 +274,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
   data = make_data(config, task.spec)
   lead = jax.process_index() == 0  # logs, metrics and the progress bar come from process 0
   show = (progress if progress is not None else bool(config.progress_bar)) and lead
-  if show:
-    tqdm.write(task.plan.describe())
+  if log is not None and lead:
+    log(task.plan.describe())
   os.makedirs(workdir, exist_ok=True)
   num_steps = int(config.num_batches)
   test_freq = int(config.test_freq) or num_steps

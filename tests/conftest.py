@@ -1,9 +1,25 @@
-"""Shared test helpers."""
+"""Shared test helpers.
+
+Tests run with 8 simulated CPU devices, so that the sharded code paths run in
+the same process as everything else; configs from `load_config` use one
+device unless a test asks for more.
+"""
 
 import os
 import sys
+import tempfile
 
 import pytest
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
+# Many tests compile the same small programs (XLA:CPU compiles take seconds on
+# 2 cores): share compiled executables between tests, test workers and the
+# subprocesses they start.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "dlrm_jax_tests_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared")
@@ -14,11 +30,13 @@ if REPO not in sys.path:  # configs/ is not part of the installed package.
   sys.path.insert(0, REPO)
 
 
-def load_config(name: str):
-  """get_config() of configs/NAME.py."""
+def load_config(name: str, devices: int = 1):
+  """get_config() of configs/NAME.py, on `devices` devices (0: all 8)."""
   import importlib
 
-  return importlib.import_module(f"configs.{name}").get_config()
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config.mesh.num_devices = devices
+  return config
 
 
 @pytest.fixture

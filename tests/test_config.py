@@ -74,9 +74,12 @@ def test_shipped_configs_are_valid(name):
   validate_training(c)
 
 
-def test_criteo_configs_say_how_to_get_data():
-  from dlrm_jax.data import make_data
+def test_criteo_configs_say_how_to_get_data(tmp_path):
+  from dlrm_jax.data import configure_data, make_data
 
   c = load_config("criteo_kaggle")
-  with pytest.raises(ConfigError, match="synthetic data"):
+  c.data.path = str(tmp_path / "criteo_kaggle")
+  with pytest.raises(ConfigError, match="python -m dlrm_jax.data.criteo prepare"):
+    configure_data(c)
+  with pytest.raises(ConfigError, match="python -m dlrm_jax.data.criteo prepare"):
     make_data(c, ModelSpec.from_config(c))

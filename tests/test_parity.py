@@ -36,6 +36,7 @@ def _setup(name):
   c.arch_embedding_size = "-".join([str(fx["rows_per_table"])] * data["cat"].shape[1])
   c.learning_rate = fx["learning_rate"]
   c.mini_batch_size = fx["mini_batch_size"]
+  c.mesh.num_devices = 1
   task = Task(c)
   init = {k[len("init/"):]: v for k, v in data.items() if k.startswith("init/")}
   params, tables = from_reference(task.spec, task.embedding, init)

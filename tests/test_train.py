@@ -133,13 +133,15 @@ def test_random_data_warns_about_chance_auc(tiny_config, tmp_path):
 
 def test_cli_end_to_end_on_tiny(tmp_path):
   workdir = tmp_path / "run"
+  env = dict(os.environ, XLA_FLAGS="")  # the host's one CPU device, as a user's first run
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "train.py"),
        f"--config={os.path.join(REPO, 'configs', 'tiny.py')}", f"--workdir={workdir}",
        "--config.num_batches=30", "--config.learning_rate=0.2"],
-      capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+      capture_output=True, text=True, timeout=600, cwd=str(tmp_path), env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Run summary" in proc.stdout and "teacher AUC" in proc.stdout
+  assert "Embedding sharding plan: 8 tables over 1 device(s)" in proc.stdout
   records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [10, 20, 30]
   assert records[-1]["lr"] == pytest.approx(0.2)

@@ -1,4 +1,4 @@
-"""Data sources: synthetic generators now, Criteo click logs to come."""
+"""Data sources: synthetic generators and prepared Criteo click logs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,47 @@ from dlrm_jax.config import ConfigError, ModelSpec
 from dlrm_jax.data.synthetic import Batch, RandomData, SyntheticCTR, hashed_uniform
 
 DATA_KINDS = ("synthetic_ctr", "random", "criteo_kaggle", "criteo_terabyte")
+CRITEO_KINDS = {"criteo_kaggle": "kaggle", "criteo_terabyte": "terabyte"}
+
+
+def configure_data(config):
+  """`config`, or for Criteo data a copy sized from the prepared directory's metadata.
+
+  The tables get the prepared vocabulary sizes (`arch_embedding_size`), and
+  `test_num_batches` <= 0 becomes every full batch of the evaluation split
+  (a last partial batch is left out: sharded steps need equal slices). Errors (no
+  prepared directory, another dataset, another `max_ind_range`) are
+  ConfigErrors that say what to do.
+  """
+  data = config.data
+  if data.kind not in CRITEO_KINDS:
+    return config
+  from dlrm_jax.data.format import FormatError, read_metadata
+
+  path = str(data.get("path") or "")
+  try:
+    meta = read_metadata(path)
+  except FormatError as e:
+    raise ConfigError(f"data.path={path!r}: {e}") from None
+  want = CRITEO_KINDS[data.kind]
+  if meta["dataset"] != want:
+    raise ConfigError(f"data.kind={data.kind!r} but {path} holds the {meta['dataset']} dataset")
+  max_ind_range = int(data.get("max_ind_range", -1) or -1)
+  prepared = meta["options"].get("max_ind_range")
+  if max_ind_range > 0 and prepared != [max_ind_range] * len(prepared or [0]):
+    raise ConfigError(
+        f"data.max_ind_range={max_ind_range}, but {path} was prepared with max_ind_range="
+        f"{prepared if prepared is None else sorted(set(prepared))}: prepare it with "
+        f"--max-ind-range {max_ind_range}, or set data.max_ind_range=-1 to train on it as it is")
+  split = str(data.get("eval_split", "test"))
+  if split not in ("test", "val"):
+    raise ConfigError(f"data.eval_split={split!r} is not 'test' or 'val'")
+  new = config.copy_and_resolve_references()
+  new.arch_embedding_size = "-".join(str(v) for v in meta["vocab_sizes"])
+  if int(new.test_num_batches) <= 0:
+    rows = sum(b - a for a, b in meta["splits"][split])
+    new.test_num_batches = max(1, rows // int(new.test_mini_batch_size))
+  return new
 
 
 def make_data(config, spec: ModelSpec):
@@ -30,13 +71,41 @@ def make_data(config, spec: ModelSpec):
         teacher_num_pairs=int(data.teacher_num_pairs),
         teacher_pair_scale=float(data.teacher_pair_scale),
     )
-  if kind in ("criteo_kaggle", "criteo_terabyte"):
-    raise ConfigError(
-        f"data.kind={kind!r}: training on the Criteo click logs needs a prepared data "
-        f"directory (data.path={data.get('path')!r}), and this version of dlrm_jax cannot "
-        "prepare or read one yet (Criteo preprocessing and loading are planned work). "
-        "Train on synthetic data meanwhile: python train.py --config=configs/default.py")
+  if kind in CRITEO_KINDS:
+    return _make_criteo(config, spec)
   raise ConfigError(f"data.kind={kind!r} is not one of {DATA_KINDS}")
 
 
-__all__ = ["Batch", "DATA_KINDS", "RandomData", "SyntheticCTR", "hashed_uniform", "make_data"]
+def _make_criteo(config, spec: ModelSpec):
+  from dlrm_jax.data.format import FormatError, read_metadata
+  from dlrm_jax.data.loader import CriteoData
+
+  data = config.data
+  try:
+    read_metadata(str(data.path))
+  except FormatError as e:
+    raise ConfigError(f"data.path={data.get('path')!r}: {e}") from None
+  import jax
+
+  try:
+    source = CriteoData(
+        str(data.path), int(config.mini_batch_size), seed=int(data.seed),
+        eval_split=str(data.get("eval_split", "test")), shuffle=bool(data.get("shuffle", True)),
+        block_rows=int(data.get("block_rows", 1024)),
+        shuffle_buffer=int(data.get("shuffle_buffer", 1 << 18)),
+        process_index=jax.process_index(), process_count=jax.process_count())
+  except FormatError as e:
+    raise ConfigError(f"data.path={data.get('path')!r}: {e}") from None
+  small = [(f, have, need) for f, (have, need) in enumerate(zip(spec.table_rows, source.table_rows))
+           if have < need]
+  if len(spec.table_rows) != len(source.table_rows) or small:
+    raise ConfigError(
+        f"arch_embedding_size has {len(spec.table_rows)} tables, but {data.path} needs "
+        f"{len(source.table_rows)} with rows {list(source.table_rows)}"
+        + (f" (table {small[0][0]} has {small[0][1]} < {small[0][2]})" if small else "")
+        + ": size the config with dlrm_jax.data.configure_data(config)")
+  return source
+
+
+__all__ = ["Batch", "CRITEO_KINDS", "DATA_KINDS", "RandomData", "SyntheticCTR", "configure_data",
+           "hashed_uniform", "make_data"]

@@ -21,8 +21,11 @@ order, for each table (largest first):
 2. on one device every table is table-wise (one stacked array);
 3. `replicated` if all-reducing its dense gradient moves fewer bytes than
    serving its lookups table-wise, and a copy fits on every device;
-4. `table_wise` on the device with the least lookup traffic so far among those
-   with room for it;
+4. `table_wise` if it is no bigger than half an even share of all
+   non-replicated bytes (table-wise storage is one array with an equal share
+   per device, so one big table would pad every device up to its size), on the device with
+   room that holds the least so far: its share of all table bytes plus its
+   share of all lookup traffic;
 5. otherwise split it: `column_wise` when its width splits into slices of at
    least `min_column_width` values, else `row_wise`.
 """
@@ -79,16 +82,15 @@ class Plan:
   names: tuple[str, ...]
 
   def device_bytes(self) -> list[int]:
-    """Bytes of tables and optimiser state that each device holds."""
-    per = [0] * self.num_shards
+    """Bytes of tables and optimiser state that each device holds.
+
+    Table-wise tables are stacked into one array with an equal share per
+    device, so every device holds as many table-wise bytes as the fullest one.
+    """
+    table_wise, other = [0] * self.num_shards, [0] * self.num_shards
     for p, size in zip(self.placements, self.table_bytes):
-      if p.kind == TABLE_WISE:
-        per[p.device] += size
-      else:
-        share = size if p.kind == REPLICATED else -(-size // self.num_shards)
-        for d in range(self.num_shards):
-          per[d] += share
-    return per
+      _account(p, size, self.num_shards, table_wise, other)
+    return [max(table_wise) + o for o in other]
 
   def table_device_bytes(self, k: int) -> int:
     """Bytes of table k on each device that holds part of it."""
@@ -217,20 +219,31 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
                     f"{names[:6]}{' ...' if len(names) > 6 else ''}")
   budget = float("inf") if memory_budget is None else int(memory_budget)
 
+  def replicable(k: int) -> bool:  # all-reducing its gradient moves less than its lookups
+    allreduce_bytes = 2 * specs[k].rows * (specs[k].dim + 1) * 4
+    return n > 1 and allreduce_bytes < batch_size * hot[k] * (4 + 2 * specs[k].dim * 4)
+
+  # A table bigger than half an even share of the sharded bytes would pad
+  # every device's table-wise storage up towards its size: such tables are split.
+  fair_share = sum(sizes[k] for k in range(len(specs)) if not replicable(k)) / n / 2
+  total_bytes = max(1, sum(sizes))
+  total_load = max(1.0, sum(batch_size * h * s.dim for h, s in zip(hot, specs)))
   placements: list[Placement | None] = [None] * len(specs)
-  used = [0] * n  # bytes per device
+  table_wise = [0] * n  # table-wise bytes per device
+  other = [0] * n  # bytes of split and replicated tables per device
   load = [0.0] * n  # lookup bytes served per device
 
   def add(k: int, p: Placement):
     placements[k] = p
+    _account(p, sizes[k], n, table_wise, other)
     if p.kind == TABLE_WISE:
-      used[p.device] += sizes[k]
       load[p.device] += batch_size * hot[k] * specs[k].dim
     else:
-      share = sizes[k] if p.kind == REPLICATED else -(-sizes[k] // n)
       for d in range(n):
-        used[d] += share
         load[d] += batch_size * hot[k] * specs[k].dim / n
+
+  def fits_table_wise(k: int, d: int) -> bool:
+    return max(max(table_wise), table_wise[d] + sizes[k]) + max(other) <= budget
 
   pinned_table_wise = set()  # overridden to table_wise with no device named
   for k, spec in enumerate(specs):
@@ -252,17 +265,21 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
     if n == 1:
       add(k, Placement(TABLE_WISE, 0))
       continue
-    allreduce_bytes = 2 * spec.rows * (spec.dim + 1) * 4
-    lookup_bytes = batch_size * hot[k] * (4 + 2 * spec.dim * 4)
-    if (k not in pinned_table_wise and allreduce_bytes < lookup_bytes
-        and max(used) + sizes[k] <= budget):
+    if (k not in pinned_table_wise and replicable(k)
+        and max(table_wise) + max(other) + sizes[k] <= budget):
       add(k, Placement(REPLICATED))
       continue
-    room = [d for d in range(n) if used[d] + sizes[k] <= budget]
-    if room:
-      add(k, Placement(TABLE_WISE, min(room, key=lambda d: (load[d], used[d], d))))
+    room = [d for d in range(n) if fits_table_wise(k, d)]
+    if room and (sizes[k] <= fair_share or k in pinned_table_wise):
+      # The device holding the least memory and lookup traffic, each as a share of all.
+      add(k, Placement(TABLE_WISE, min(room, key=lambda d: (
+          table_wise[d] / total_bytes + load[d] / total_load, d))))
     elif k in pinned_table_wise:
-      raise _no_fit(spec, sizes[k], used, budget, "a whole copy on one device")
+      free = budget - max(other) - min(table_wise)
+      raise PlanError(f"table {spec.name} ({spec.rows:,} rows x {spec.dim}) needs "
+                      f"{_fmt_bytes(sizes[k])} for a whole copy on one device, but the most "
+                      f"any device has left is {_fmt_bytes(free)} of its "
+                      f"{_fmt_bytes(budget)} budget")
     elif spec.dim % n == 0 and spec.dim // n >= min_column_width:
       add(k, Placement(COLUMN_WISE))
     else:
@@ -281,8 +298,11 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
   return plan
 
 
-def _no_fit(spec: TableSpec, size: int, used: list[int], budget: float, what: str) -> PlanError:
-  free = max(budget - u for u in used)
-  return PlanError(f"table {spec.name} ({spec.rows:,} rows x {spec.dim}) needs "
-                   f"{_fmt_bytes(size)} for {what}, but the most any device has left is "
-                   f"{_fmt_bytes(free)} of its {_fmt_bytes(budget)} budget")
+def _account(p: Placement, size: int, n: int, table_wise: list[int], other: list[int]):
+  """Adds a table's bytes to the devices that hold it."""
+  if p.kind == TABLE_WISE:
+    table_wise[p.device] += size
+    return
+  share = size if p.kind == REPLICATED else -(-size // n)
+  for d in range(n):
+    other[d] += share

@@ -35,7 +35,6 @@ touched rows and gradients of all replica groups so that copies stay equal.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Sequence
 
@@ -47,21 +46,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dlrm_jax.embedding.collection import EmbeddingCollection, Tables
 from dlrm_jax.embedding.planner import (COLUMN_WISE, REPLICATED, ROW_WISE, SHARDING_TYPES,
                                         TABLE_WISE, Plan)
+from dlrm_jax.parallel import MeshAxes, fetch
 
 Lookups = dict[str, dict[str, jax.Array]]
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshAxes:
-  """Names of the mesh axes: the one tables are split over and an optional replica axis."""
-
-  shard: str = "shard"
-  replica: str | None = None
-
-  @property
-  def batch(self) -> tuple[str, ...]:
-    """Axes the batch is split over (all of them)."""
-    return (self.shard,) if self.replica is None else (self.replica, self.shard)
 
 
 class _Group:
@@ -422,7 +409,7 @@ class ShardedEmbedding:
     """The sharded layout -> one host array per table."""
     out: list[np.ndarray | None] = [None] * self.collection.num_tables
     for kind, g in self.groups.items():
-      storage = np.asarray(jax.device_get(tables[kind]))
+      storage = fetch(tables[kind])
       for t in g.features:
         a = np.empty((self.specs[t].rows, self.specs[t].dim), np.float32)
         for start, row, count in g.blocks(t):

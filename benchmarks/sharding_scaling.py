@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Sharded train step on 1, 2, 4, 8 devices: step time and bytes per collective.
+
+The reference's Kaggle-shaped model (D=16, bottom 13-512-256-64-16, top
+512-256-1, dot, 26 tables of ROWS rows, one id each, SGD), global batch 2048,
+random data, with the planner's plan for each device count (or
+`--overrides`). Each device count runs in its own process; on a CPU host the
+devices are simulated (XLA_FLAGS=--xla_force_host_platform_device_count=N),
+so they share the host's cores and the step time measures the program's
+overhead, not a speed-up. On a GPU/TPU host, `--real` uses the real devices.
+
+For each run it prints the median step time, the plan's traffic estimate and
+the bytes each collective of the compiled step moves per device (read from
+the optimised HLO: the size of every all-to-all, all-gather, reduce-scatter
+and all-reduce result).
+
+  python benchmarks/sharding_scaling.py --devices 1,2,4,8 --rows 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
+_BYTES = {"f32": 4, "s32": 4, "u32": 4, "f16": 2, "bf16": 2, "s8": 1, "u8": 1, "pred": 1,
+          "f64": 8, "s64": 8, "u64": 8}
+
+
+def collective_bytes(hlo: str) -> dict[str, int]:
+  """Bytes of the results of each collective in an optimised HLO module (per device)."""
+  out = {name: 0 for name in COLLECTIVES}
+  for line in hlo.splitlines():
+    m = re.search(r"= (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\(", line)
+    if not m or m.group(2) + "-done" in line:
+      continue
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", m.group(1)):
+      n = 1
+      for d in filter(None, dims.split(",")):
+        n *= int(d)
+      out[m.group(2)] += n * _BYTES.get(dtype, 4)
+  return out
+
+
+def run_one(devices: int, rows: int, batch: int, warmup: int, steps: int, overrides: str) -> dict:
+  import jax
+
+  sys.path.insert(0, HERE)
+  from embedding_scaling import kaggle_config, random_batches
+
+  from dlrm_jax import trainer
+
+  config = kaggle_config(rows, batch, 0.01, "sgd", devices=devices)
+  config.sharding.overrides = overrides
+  task = trainer.Task(config)
+  state = task.init_state(0)
+  batches = random_batches(task, batch, 4)
+  t = time.perf_counter()
+  hlo = task._train_step_jit.lower(state, batches[0]).compile().as_text()
+  compile_s = time.perf_counter() - t
+  for i in range(warmup):
+    state, out = task.train_step(state, batches[i % 4])
+  jax.block_until_ready(state)
+  times = []
+  for i in range(steps):
+    t = time.perf_counter()
+    state, out = task.train_step(state, batches[i % 4])
+    jax.block_until_ready(out["loss"])
+    times.append(time.perf_counter() - t)
+  med = statistics.median(times)
+  kinds = {}
+  for p in task.plan.placements:
+    kinds[p.kind] = kinds.get(p.kind, 0) + 1
+  return {"devices": devices, "rows": rows, "batch": batch, "median_step_ms": med * 1e3,
+          "samples_per_s": batch / med, "compile_s": compile_s, "plan": kinds,
+          "hlo_bytes_per_device": collective_bytes(hlo),
+          "planned_bytes_all_devices": task.plan.traffic(),
+          "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--devices", default="1,2,4,8")
+  ap.add_argument("--rows", type=int, default=100_000)
+  ap.add_argument("--batch", type=int, default=2048)
+  ap.add_argument("--warmup", type=int, default=3)
+  ap.add_argument("--steps", type=int, default=20)
+  ap.add_argument("--overrides", default="", help="sharding.overrides for every run")
+  ap.add_argument("--real", action="store_true", help="use real devices, do not simulate")
+  ap.add_argument("--json", default="", help="append one JSON line per run here")
+  ap.add_argument("--_child", type=int, help=argparse.SUPPRESS)
+  a = ap.parse_args()
+  if a._child:
+    r = run_one(a._child, a.rows, a.batch, a.warmup, a.steps, a.overrides)
+    print("RESULT " + json.dumps(r), flush=True)
+    return
+  print(f"# {platform.node()} {platform.machine()} cores={os.cpu_count()} "
+        f"{time.strftime('%Y-%m-%d %H:%M')} rows=26x{a.rows:,} batch={a.batch}", flush=True)
+  for n in [int(x) for x in a.devices.split(",")]:
+    env = dict(os.environ)
+    if not a.real:
+      env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                          f" --xla_force_host_platform_device_count={n}").strip()
+      env["JAX_PLATFORMS"] = "cpu"
+    cmd = [sys.executable, os.path.abspath(__file__), "--_child", str(n), "--rows", str(a.rows),
+           "--batch", str(a.batch), "--warmup", str(a.warmup), "--steps", str(a.steps),
+           "--overrides", a.overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+      print(f"devices={n}: FAILED (exit {proc.returncode})\n{proc.stderr[-2000:]}", flush=True)
+      continue
+    r = json.loads(lines[-1][len("RESULT "):])
+    hlo = ", ".join(f"{k} {v / 2**10:,.0f} KiB" for k, v in r["hlo_bytes_per_device"].items() if v)
+    print(f"devices={n}  {r['median_step_ms']:8.1f} ms/step  {r['samples_per_s']:>8,.0f} "
+          f"samples/s  plan {r['plan']}  per device: {hlo or 'no collectives'}", flush=True)
+    if a.json:
+      with open(a.json, "a") as f:
+        f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,415 @@
+"""Batches from a prepared Criteo directory: shuffled, per process, resumable.
+
+Training order, epoch by epoch (every epoch a new order from `seed`):
+
+1. Block shuffle: the train rows are cut into blocks of `block_rows`
+   consecutive rows and the blocks are permuted.
+2. Per process: process p of P takes blocks p, p + P, p + 2P, ... of that
+   permutation, and reads only those (contiguous reads of whole blocks).
+3. Shuffle buffer: a process's blocks are taken `shuffle_buffer` rows at a
+   time (a window of whole blocks) and the rows of each window are permuted.
+   This is a shuffle buffer that is filled, shuffled and drained as a unit,
+   which makes every batch a pure function of (seed, epoch, position): a
+   resumed run continues with exactly the batches it would have seen.
+4. Every process yields the same number of batches: each takes its first
+   `m` rows (m: the smallest process's row count, rounded down to the local
+   batch size); the few rows left over (at most about a block per process)
+   are pooled, shuffled and dealt out evenly in the epoch's last batches.
+   Each train row appears exactly once per epoch across processes; with
+   `drop_remainder` (the default) a last partial global batch (fewer than
+   `batch_size` rows) is left out of that epoch.
+
+Evaluation splits ("test", "val"; "eval" names `eval_split`) are read in
+order: global batch i is rows [i * B, (i + 1) * B) of the split, and each
+process reads its contiguous part.
+
+Batches are dicts as the synthetic generators make them: "dense" float32
+[B, 13], "sparse" int32 [B, 26] (or [B, 26, H] for multi-hot data, with
+"sparse_mask" when features differ in hotness), "label" float32 [B]; B is the
+process-local batch size (batch_size / process_count).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+
+from dlrm_jax.data.format import NUM_SPARSE, PreparedData, sparse_offsets
+from dlrm_jax.data.prefetch import prefetch
+
+Batch = dict[str, np.ndarray]
+
+
+class CriteoData:
+  """A prepared Criteo directory as a source of batches (see the module docstring).
+
+  Args:
+    path: the prepared directory.
+    batch_size: the global batch size (all processes together).
+    seed: shuffling seed.
+    eval_split: the split that "eval" names ("test", as the reference evaluates, or "val").
+    shuffle: block shuffle and shuffle buffer for training (False: rows in order).
+    block_rows: rows per shuffled block.
+    shuffle_buffer: rows per shuffled window (rounded to whole blocks).
+    process_index, process_count: this process and how many read the data.
+    drop_remainder: leave out a last partial training batch of each epoch.
+  """
+
+  process_local = True  # Batches hold this process's rows only (not the global batch).
+
+  def __init__(self, path: str, batch_size: int, *, seed: int = 0, eval_split: str = "test",
+               shuffle: bool = True, block_rows: int = 1024, shuffle_buffer: int = 1 << 18,
+               process_index: int = 0, process_count: int = 1, drop_remainder: bool = True):
+    self.store = PreparedData(path)
+    self.path = path
+    self.batch_size = int(batch_size)
+    self.seed = int(seed)
+    self.eval_split = eval_split
+    self.shuffle = bool(shuffle)
+    self.block_rows = int(block_rows)
+    self.window_blocks = max(1, int(shuffle_buffer) // self.block_rows)
+    self.process_index = int(process_index)
+    self.process_count = int(process_count)
+    self.drop_remainder = bool(drop_remainder)
+    if not 0 <= self.process_index < self.process_count:
+      raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+    if self.block_rows < 1:
+      raise ValueError(f"block_rows={block_rows} must be >= 1")
+    self._check_batch_size(self.batch_size)
+    self._epochs: dict[int, _Epoch] = {}
+    hot = self.store.hotness
+    self._multi_hot = any(h != 1 for h in hot)
+    if self._multi_hot:
+      width = max(hot)
+      offsets = sparse_offsets(hot)
+      k = np.arange(width)[None, :]
+      h = np.asarray(hot)[:, None]
+      self._src = np.asarray(offsets)[:, None] + np.minimum(k, h - 1)  # [26, H]
+      self._mask = None if min(hot) == width else np.broadcast_to(k < h, (len(hot), width))
+
+  # -- what the trainer and configs read ------------------------------------------------------
+
+  @property
+  def table_rows(self) -> tuple[int, ...]:
+    return self.store.vocab_sizes
+
+  @property
+  def metadata(self) -> dict:
+    return self.store.meta
+
+  def split_name(self, split: str) -> str:
+    return self.eval_split if split == "eval" else split
+
+  def num_rows(self, split: str) -> int:
+    return self.store.split_rows(self.split_name(split))
+
+  def num_batches(self, split: str = "train", batch_size: int | None = None) -> int:
+    """Global batches per epoch of a split (train: as the shuffled stream yields them)."""
+    b = self.batch_size if batch_size is None else int(batch_size)
+    n = self.num_rows(split)
+    if self.split_name(split) == "train" and self.drop_remainder:
+      return n // b
+    return math.ceil(n / b)
+
+  def batch(self, index: int, split: str = "train", batch_size: int | None = None) -> Batch:
+    """Batch `index` of a split: evaluation splits in order, train as `batches` yields it."""
+    b = self.batch_size if batch_size is None else int(batch_size)
+    self._check_batch_size(b)
+    name = self.split_name(split)
+    if name == "train":
+      return self._train_batch(int(index), b)
+    n = self.store.split_rows(name)
+    lo, hi = int(index) * b, min((int(index) + 1) * b, n)
+    if not 0 <= lo < n:
+      raise IndexError(f"batch {index} of {b} rows is past the end of split {name!r} "
+                       f"({n} rows, {math.ceil(n / b)} batches)")
+    parts = np.array_split(np.arange(lo, hi), self.process_count)[self.process_index]
+    if len(parts) == 0:
+      return self._finish(self.store.empty(0))
+    return self._finish(self._read_positions(name, int(parts[0]), int(parts[-1]) + 1))
+
+  def batches(self, start: int = 0, split: str = "train",
+              batch_size: int | None = None) -> "BatchIterator":
+    """Batches from number `start` on: train endlessly (epoch after epoch), other splits once."""
+    return BatchIterator(self, split, int(start), batch_size)
+
+  # -- training order -------------------------------------------------------------------------
+
+  def _check_batch_size(self, b: int) -> None:
+    if b < 1 or b % self.process_count:
+      raise ValueError(f"batch size {b} must be a positive multiple of process_count="
+                       f"{self.process_count} (it is the global batch size)")
+
+  def _epoch(self, epoch: int, b: int) -> "_Epoch":
+    key = (epoch, b)
+    e = self._epochs.get(key)
+    if e is None:
+      if len(self._epochs) > 2:
+        self._epochs.clear()
+      e = self._epochs[key] = _Epoch(self, epoch, b)
+    return e
+
+  def _train_batch(self, index: int, b: int) -> Batch:
+    per_epoch = self.num_batches("train", b)
+    if per_epoch == 0:
+      raise ValueError(f"the train split ({self.num_rows('train')} rows) holds no full batch of {b}")
+    epoch, k = divmod(index, per_epoch)
+    return self._finish(self._epoch(epoch, b).local_batch(k))
+
+  def _read_positions(self, split: str, lo: int, hi: int, out=None, offset: int = 0) -> Batch:
+    """Rows at positions [lo, hi) of a split (its ranges concatenated)."""
+    if out is None:
+      out = self.store.empty(hi - lo)
+      offset = 0
+    pos = 0
+    for a, b in self.store.split_ranges(split):
+      n = b - a
+      s, e = max(lo, pos), min(hi, pos + n)
+      if s < e:
+        self.store.read(a + s - pos, a + e - pos, out, offset + s - lo)
+      pos += n
+    return out
+
+  def _global_rows(self, split: str, positions: np.ndarray) -> np.ndarray:
+    ranges = self.store.split_ranges(split)
+    starts = np.array([a for a, _ in ranges], np.int64)
+    sizes = np.array([b - a for a, b in ranges], np.int64)
+    cum = np.concatenate([[0], np.cumsum(sizes)])
+    which = np.searchsorted(cum, positions, side="right") - 1
+    return starts[which] + positions - cum[which]
+
+  def _finish(self, rows: Batch) -> Batch:
+    out = {"dense": rows["dense"], "label": rows["label"].astype(np.float32)}
+    sparse = rows["sparse"]
+    if self._multi_hot:
+      out["sparse"] = sparse[:, self._src]
+      if self._mask is not None:
+        mask = np.broadcast_to(self._mask, (len(sparse),) + self._mask.shape).copy()
+        out["sparse"] = np.where(mask, out["sparse"], 0).astype(np.int32)
+        out["sparse_mask"] = mask
+    else:
+      out["sparse"] = sparse
+    return out
+
+
+class _Epoch:
+  """One epoch's order for one process: its blocks, windows and the pooled leftover rows."""
+
+  def __init__(self, data: CriteoData, epoch: int, batch_size: int):
+    self.data = data
+    P = data.process_count
+    self.b = batch_size // P
+    self.B = batch_size
+    R = data.num_rows("train")
+    br = data.block_rows
+    nb = math.ceil(R / br)
+    rng = np.random.default_rng([data.seed, epoch, 0xB10C])
+    self.perm = rng.permutation(nb) if data.shuffle else np.arange(nb)
+    self.R, self.nb, self.epoch = R, nb, epoch
+    last_len = R - (nb - 1) * br
+    counts = []
+    for q in range(P):
+      own = self.perm[q::P]
+      counts.append(len(own) * br - (br - last_len if (nb - 1) in own else 0))
+    self.main = (min(counts) // self.b) * self.b
+    self._windows: dict[tuple[int, int], tuple[np.ndarray, Batch | None]] = {}
+    self._starts: dict[int, np.ndarray] = {}
+    # Leftover rows of every process, pooled and shuffled.
+    tail = [self._stream_positions(q, self.main, counts[q]) for q in range(P)]
+    tail = np.concatenate(tail) if tail else np.zeros(0, np.int64)
+    if data.shuffle:
+      tail = np.random.default_rng([data.seed, epoch, 0x7A11]).permutation(tail)
+    self.tail = tail
+
+  def _blocks(self, q: int) -> np.ndarray:
+    return self.perm[q::self.data.process_count]
+
+  def _block_lengths(self, blocks: np.ndarray) -> np.ndarray:
+    br = self.data.block_rows
+    return np.where(blocks == self.nb - 1, self.R - (self.nb - 1) * br, br)
+
+  def _window(self, q: int, w: int, load: bool) -> tuple[np.ndarray, Batch | None]:
+    """(split positions in shuffled order, rows in that order if `load`) of window w of process q."""
+    key = (q, w)
+    cached = self._windows.get(key)
+    if cached is not None and (cached[1] is not None or not load):
+      return cached
+    wb = self.data.window_blocks
+    blocks = self._blocks(q)[w * wb:(w + 1) * wb]
+    lengths = self._block_lengths(blocks)
+    br = self.data.block_rows
+    positions = np.concatenate([np.arange(s * br, s * br + n) for s, n in zip(blocks, lengths)]) \
+        if len(blocks) else np.zeros(0, np.int64)
+    order = (np.random.default_rng([self.data.seed, self.epoch, q, w]).permutation(len(positions))
+             if self.data.shuffle else np.arange(len(positions)))
+    rows = None
+    if load:
+      buf = self.data.store.empty(len(positions))
+      at = 0
+      for s, n in zip(blocks, lengths):
+        self.data._read_positions("train", int(s) * br, int(s) * br + int(n), buf, at)
+        at += int(n)
+      rows = {k: v[order] for k, v in buf.items()}
+    entry = (positions[order], rows)
+    if load and q == self.data.process_index:
+      for old in [k for k in self._windows if k[0] == q and k[1] < w - 1]:
+        del self._windows[old]
+    self._windows[key] = entry
+    return entry
+
+  def _window_starts(self, q: int) -> np.ndarray:
+    """Stream position where each window of process q starts (and the stream's end)."""
+    cached = self._starts.get(q)
+    if cached is not None:
+      return cached
+    blocks = self._blocks(q)
+    lengths = self._block_lengths(blocks)
+    wb = self.data.window_blocks
+    per_window = np.add.reduceat(lengths, np.arange(0, len(blocks), wb)) if len(blocks) else []
+    starts = self._starts[q] = np.concatenate([[0], np.cumsum(per_window)]).astype(np.int64)
+    return starts
+
+  def _stream_positions(self, q: int, lo: int, hi: int) -> np.ndarray:
+    """Split positions at stream positions [lo, hi) of process q."""
+    if hi <= lo:
+      return np.zeros(0, np.int64)
+    starts = self._window_starts(q)
+    out = []
+    w = int(np.searchsorted(starts, lo, side="right")) - 1
+    while w < len(starts) - 1 and starts[w] < hi:
+      positions, _ = self._window(q, w, load=False)
+      a, b = max(lo, starts[w]) - starts[w], min(hi, starts[w + 1]) - starts[w]
+      out.append(positions[a:b])
+      w += 1
+    return np.concatenate(out)
+
+  def local_batch(self, k: int) -> Batch:
+    """Local batch k of this epoch for this process (raw rows, uint8 labels)."""
+    b, p = self.b, self.data.process_index
+    main_batches = self.main // b
+    if k < main_batches:
+      lo, hi = k * b, (k + 1) * b
+      starts = self._window_starts(p)
+      parts = []
+      w = int(np.searchsorted(starts, lo, side="right")) - 1
+      while w < len(starts) - 1 and starts[w] < hi:
+        _, rows = self._window(p, w, load=True)
+        a, e = max(lo, starts[w]) - starts[w], min(hi, starts[w + 1]) - starts[w]
+        parts.append({f: v[a:e] for f, v in rows.items()})
+        w += 1
+      if len(parts) == 1:
+        return parts[0]
+      return {f: np.concatenate([x[f] for x in parts]) for f in parts[0]}
+    j = k - main_batches
+    chunk = self.tail[j * self.B:(j + 1) * self.B]
+    mine = np.array_split(chunk, self.data.process_count)[p]
+    return self.data.store.gather(self.data._global_rows("train", np.sort(mine)))
+
+
+class BatchIterator:
+  """Batches of a split from a position on, with a data position for checkpoints.
+
+  `state()` is a small dict of ints and strings (JSON- and Orbax-friendly);
+  `restore(state)` continues from it exactly. Wrap with `prefetched()` for a
+  background thread that keeps `state()` at the next batch to be consumed.
+  """
+
+  def __init__(self, data: CriteoData, split: str, start: int = 0, batch_size: int | None = None):
+    self.data = data
+    self.split = split
+    self.batch_size = data.batch_size if batch_size is None else int(batch_size)
+    data._check_batch_size(self.batch_size)
+    self.position = int(start)
+
+  def __iter__(self) -> "BatchIterator":
+    return self
+
+  def __next__(self) -> Batch:
+    if self.data.split_name(self.split) != "train":
+      if self.position >= self.data.num_batches(self.split, self.batch_size):
+        raise StopIteration
+    batch = self.data.batch(self.position, self.split, self.batch_size)
+    self.position += 1
+    return batch
+
+  def state(self) -> dict:
+    return self.state_at(self.position)
+
+  def state_at(self, position: int) -> dict:
+    d = self.data
+    return {"position": int(position), "split": self.split, "batch_size": self.batch_size,
+            "seed": d.seed, "shuffle": int(d.shuffle), "block_rows": d.block_rows,
+            "window_blocks": d.window_blocks, "process_index": d.process_index,
+            "process_count": d.process_count, "drop_remainder": int(d.drop_remainder),
+            "rows": d.store.num_rows, "created": d.store.meta.get("created", "")}
+
+  def restore(self, state: dict) -> None:
+    """Continues from `state()` of an earlier run; refuses a state of another order."""
+    mine = self.state_at(int(state["position"]))
+    diff = {k: (state.get(k), v) for k, v in mine.items() if k != "position" and state.get(k) != v}
+    if diff:
+      raise ValueError("the saved data position belongs to another data order: " + ", ".join(
+          f"{k} was {a!r}, is {b!r}" for k, (a, b) in sorted(diff.items())))
+    self.position = int(state["position"])
+
+  def prefetched(self, size: int = 2) -> "PrefetchIterator":
+    return PrefetchIterator(self, size)
+
+  @property
+  def epoch(self) -> int:
+    n = self.data.num_batches(self.split, self.batch_size)
+    return self.position // n if n else 0
+
+
+class PrefetchIterator:
+  """A BatchIterator read `size` batches ahead by a background thread (dlrm_jax.data.prefetch)."""
+
+  def __init__(self, iterator: BatchIterator, size: int = 2):
+    self._iterator = iterator
+    self._start = iterator.position
+    self._consumed = 0
+    self._stream = prefetch(iterator, size)
+
+  def __iter__(self) -> "PrefetchIterator":
+    return self
+
+  def __next__(self) -> Batch:
+    batch = next(self._stream)
+    self._consumed += 1
+    return batch
+
+  def state(self) -> dict:
+    """The position of the next batch this iterator will return."""
+    return self._iterator.state_at(self._start + self._consumed)
+
+
+def to_global_batch(batch: Batch, sharding) -> dict:
+  """A process-local host batch -> global jax.Arrays, each field placed by `sharding`.
+
+  `sharding` is one jax.sharding.Sharding for every field (e.g.
+  NamedSharding(mesh, P("data")): leading axis split over the data axis), or a
+  dict of them by field name. Every process passes its own rows; the global
+  batch is their concatenation in process order.
+  """
+  import jax
+
+  out = {}
+  for name, value in batch.items():
+    s = sharding[name] if isinstance(sharding, dict) else sharding
+    out[name] = jax.make_array_from_process_local_data(s, value)
+  return out
+
+
+def iterate_epoch(data: CriteoData, epoch: int = 0, batch_size: int | None = None
+                  ) -> Iterator[Batch]:
+  """The training batches of one epoch (for inspection and tests)."""
+  b = data.batch_size if batch_size is None else int(batch_size)
+  n = data.num_batches("train", b)
+  for k in range(n):
+    yield data.batch(epoch * n + k, "train", b)
+
+
+__all__ = ["BatchIterator", "CriteoData", "PrefetchIterator", "iterate_epoch", "to_global_batch",
+           "NUM_SPARSE"]

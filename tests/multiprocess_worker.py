@@ -1,0 +1,32 @@
+"""One process of a multi-process training run on localhost (see test_multiprocess.py).
+
+Usage: python multiprocess_worker.py PORT NUM_PROCESSES PROCESS_ID WORKDIR
+Set XLA_FLAGS=--xla_force_host_platform_device_count=N for N devices per process.
+"""
+
+import os
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(port: str, num_processes: str, process_id: str, workdir: str):
+  from dlrm_jax import trainer
+  from test_multiprocess import make_config
+
+  c = make_config()
+  c.distributed.coordinator_address = f"127.0.0.1:{port}"
+  c.distributed.num_processes = int(num_processes)
+  c.distributed.process_id = int(process_id)
+  result = trainer.train_and_evaluate(c, workdir)
+  tables = result.task.embedding.to_arrays(result.state.tables)  # a collective: every process
+  if int(process_id) == 0:
+    np.savez(os.path.join(workdir, "tables.npz"), *tables)
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])
