@@ -239,7 +239,8 @@ def evaluate(task: Task, state: TrainState, batches) -> dict[str, float]:
   labels, probs = [], []
   for batch in batches:
     probs.append(parallel.fetch(task.predict(state.params, state.tables, batch)))
-    labels.append(batch["label"])
+    label = batch["label"]  # a host batch, or global arrays already placed
+    labels.append(parallel.fetch(label) if isinstance(label, jax.Array) else np.asarray(label))
   return metrics_lib.evaluate(np.concatenate(labels), np.concatenate(probs))
 
 
@@ -279,8 +280,13 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None,
   os.makedirs(workdir, exist_ok=True)
   num_steps = int(config.num_batches)
   test_freq = int(config.test_freq) or num_steps
+  # A loader that reads only this process's rows (Criteo) gives process-local
+  # batches; the synthetic generators give whole global batches.
+  process_local = bool(getattr(data, "process_local", False))
   eval_batches = [data.batch(i, "eval", int(config.test_mini_batch_size))
                   for i in range(int(config.test_num_batches))]
+  if process_local:
+    eval_batches = [parallel.global_batch(b, task.batch_sharding) for b in eval_batches]
   teacher_auc = None
   if hasattr(data, "teacher_probability"):
     teacher_auc = metrics_lib.roc_auc(
@@ -293,7 +299,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None,
   def host_batches():
     for batch in data.batches(0, "train"):
       task.collection.check_ids(batch["sparse"], batch.get("sparse_mask"))
-      yield parallel.local_rows(batch, task.batch_sharding)
+      yield batch if process_local else parallel.local_rows(batch, task.batch_sharding)
 
   records = []
   batches = prefetch(host_batches(), size=2)
