@@ -64,6 +64,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from dlrm_jax.data.synthetic import mix64
 from dlrm_jax.data import format as fmt
 from dlrm_jax.data.format import FormatError, NUM_DENSE, NUM_SPARSE
 
@@ -1111,15 +1112,6 @@ def _apply_vocabulary(root, shards, mode, pool, progress) -> None:
 # ----------------------------------------------------------------------------
 # Multi-hot: the MLPerf DLRM-DCNv2 "Criteo multi-hot" shape, derived from one-hot data.
 
-def _mix(x: np.ndarray) -> np.ndarray:
-  """splitmix64's finaliser on uint64 arrays."""
-  x = x ^ (x >> np.uint64(30))
-  x = x * np.uint64(0xBF58476D1CE4E5B9)
-  x = x ^ (x >> np.uint64(27))
-  x = x * np.uint64(0x94D049BB133111EB)
-  return x ^ (x >> np.uint64(31))
-
-
 def multi_hot_ids(ids: np.ndarray, feature: int, hotness: int, rows: int, seed: int) -> np.ndarray:
   """[n] one-hot ids of a feature -> [n, hotness]: the id itself, then hotness-1 fixed
   pseudo-random rows of the table, a pure function of (seed, feature, id, k)."""
@@ -1130,7 +1122,7 @@ def multi_hot_ids(ids: np.ndarray, feature: int, hotness: int, rows: int, seed: 
     k = np.arange(1, hotness, dtype=np.uint64)[None, :]
     key = np.uint64((seed * 1_000_003 + feature * 7919 + 1) & (2**64 - 1))
     with np.errstate(over="ignore"):
-      h = _mix(base + k * np.uint64(0xD1B54A32D192ED03) + key)
+      h = mix64(base + k * np.uint64(0xD1B54A32D192ED03) + key)
     out[:, 1:] = (h % np.uint64(rows)).astype(np.int32)
   return out
 

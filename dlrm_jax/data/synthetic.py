@@ -38,7 +38,7 @@ def _split_code(split: str) -> int:
 _MASK64 = (1 << 64) - 1
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
   """splitmix64's finaliser: a bijective, well-mixing hash of uint64 values."""
   x = x ^ (x >> np.uint64(30))
   x = x * np.uint64(0xBF58476D1CE4E5B9)
@@ -48,7 +48,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 
 
 def _mix64_int(x: int) -> int:
-  """`_mix64` on a Python int (no numpy scalar overflow checks)."""
+  """`mix64` on a Python int (no numpy scalar overflow checks)."""
   x &= _MASK64
   x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
   x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
@@ -65,7 +65,7 @@ def hashed_uniform(seed: int, table: int | np.ndarray, ids: np.ndarray,
   tables = np.asarray(table, dtype=np.int64)
   keys = np.array([_mix64_int(seed * 1_000_003 + int(t) * 4099 + component * 131 + 1)
                    for t in tables.reshape(-1)], dtype=np.uint64).reshape(tables.shape)
-  x = _mix64(ids.astype(np.uint64) * _GOLDEN + keys)
+  x = mix64(ids.astype(np.uint64) * _GOLDEN + keys)
   return ((x >> np.uint64(11)).astype(np.float64) * 2.0**-52 - 1.0).astype(np.float32)
 
 
