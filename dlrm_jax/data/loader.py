@@ -275,15 +275,19 @@ class _Epoch:
     """Split positions at stream positions [lo, hi) of process q."""
     if hi <= lo:
       return np.zeros(0, np.int64)
-    starts = self._window_starts(q)
     out = []
+    for w, a, b in self._overlapping_windows(q, lo, hi):
+      positions, _ = self._window(q, w, load=False)
+      out.append(positions[a:b])
+    return np.concatenate(out)
+
+  def _overlapping_windows(self, q: int, lo: int, hi: int):
+    """(window, start, stop) within each of process q's windows that [lo, hi) covers."""
+    starts = self._window_starts(q)
     w = int(np.searchsorted(starts, lo, side="right")) - 1
     while w < len(starts) - 1 and starts[w] < hi:
-      positions, _ = self._window(q, w, load=False)
-      a, b = max(lo, starts[w]) - starts[w], min(hi, starts[w + 1]) - starts[w]
-      out.append(positions[a:b])
+      yield w, max(lo, starts[w]) - starts[w], min(hi, starts[w + 1]) - starts[w]
       w += 1
-    return np.concatenate(out)
 
   def local_batch(self, k: int) -> Batch:
     """Local batch k of this epoch for this process (raw rows, uint8 labels)."""
@@ -291,14 +295,10 @@ class _Epoch:
     main_batches = self.main // b
     if k < main_batches:
       lo, hi = k * b, (k + 1) * b
-      starts = self._window_starts(p)
       parts = []
-      w = int(np.searchsorted(starts, lo, side="right")) - 1
-      while w < len(starts) - 1 and starts[w] < hi:
+      for w, a, e in self._overlapping_windows(p, lo, hi):
         _, rows = self._window(p, w, load=True)
-        a, e = max(lo, starts[w]) - starts[w], min(hi, starts[w + 1]) - starts[w]
         parts.append({f: v[a:e] for f, v in rows.items()})
-        w += 1
       if len(parts) == 1:
         return parts[0]
       return {f: np.concatenate([x[f] for x in parts]) for f in parts[0]}
