@@ -16,6 +16,9 @@ Each (rows, path) runs in its own subprocess so that its peak RSS
 (ru_maxrss) is its own. Prints one line per run and, with --markdown, a table.
 
   python benchmarks/embedding_scaling.py --rows 100000,1000000,4000000 --paths sparse,dense
+
+`--dim`, `--bottom` and `--top` change the model's shape (e.g. the MLPerf-shaped
+config c of torchrec_side_by_side.py).
 """
 
 from __future__ import annotations
@@ -61,13 +64,14 @@ def random_batches(task, batch: int, pool: int, seed: int = 1):
 
 
 def run_one(rows: int, path: str, batch: int, warmup: int, steps: int, pool: int, lr: float,
-            optimizer: str) -> dict:
+            optimizer: str, dim: int = 16, bottom: str = "13-512-256-64-16",
+            top: str = "512-256-1") -> dict:
   import jax
   import optax
 
   from dlrm_jax import trainer
 
-  task = trainer.Task(kaggle_config(rows, batch, lr, optimizer))
+  task = trainer.Task(kaggle_config(rows, batch, lr, optimizer, dim, bottom, top))
   t = time.perf_counter()
   state = task.init_state(0)
   jax.block_until_ready(state)
@@ -133,6 +137,9 @@ def main():
   ap.add_argument("--steps", type=int, default=50)
   ap.add_argument("--pool", type=int, default=8, help="distinct random batches")
   ap.add_argument("--lr", type=float, default=0.01)
+  ap.add_argument("--dim", type=int, default=16, help="embedding dimension")
+  ap.add_argument("--bottom", default="13-512-256-64-16", help="bottom MLP (ends at --dim)")
+  ap.add_argument("--top", default="512-256-1", help="top MLP")
   ap.add_argument("--repeats", type=int, default=1, help="runs of each (rows, path), alternated")
   ap.add_argument("--json", default="", help="append one JSON line per run here")
   ap.add_argument("--_child", nargs=2, metavar=("ROWS", "PATH"), help=argparse.SUPPRESS)
@@ -140,7 +147,7 @@ def main():
 
   if a._child:
     r = run_one(int(a._child[0]), a._child[1], a.batch, a.warmup, a.steps, a.pool, a.lr,
-                a.optimizer)
+                a.optimizer, a.dim, a.bottom, a.top)
     print("RESULT " + json.dumps(r), flush=True)
     return
 
@@ -152,7 +159,8 @@ def main():
       for path in a.paths.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--_child", str(rows), path,
                "--batch", str(a.batch), "--warmup", str(a.warmup), "--steps", str(a.steps),
-               "--pool", str(a.pool), "--lr", str(a.lr), "--optimizer", a.optimizer]
+               "--pool", str(a.pool), "--lr", str(a.lr), "--optimizer", a.optimizer,
+               "--dim", str(a.dim), "--bottom", a.bottom, "--top", a.top]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:

@@ -16,7 +16,9 @@ batch (`global_batch`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -143,6 +145,47 @@ def local_rows(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[st
   return {k: v[rows] for k, v in batch.items()}
 
 
+_barrier_ids = itertools.count()
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+  """Waits until every process of a multi-process run gets here; a no-op in one process.
+
+  It waits on the coordination service, not on a device collective, so it has
+  no 30 s limit (gloo gives a collective's participants 30 s to meet).
+  Every process must pass the same barriers in the same order.
+  """
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost
+
+  key = f"dlrm_jax:{name}:{next(_barrier_ids)}"
+  multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_s * 1000)
+
+
+class CompiledInStep:
+  """A jitted function whose processes start each new program together.
+
+  In a multi-process run, each process compiles a program on its own, and a
+  loaded host can finish it minutes after another; the first to run it would
+  then wait in its first collective, and gloo gives up after 30 s. So on the
+  first call with new argument shapes every process compiles ahead of time,
+  then waits at a `barrier`, then runs. One process: a plain call.
+  """
+
+  def __init__(self, jitted: Callable, name: str):
+    self.jitted, self.name = jitted, name
+    self._compiled: set = set()
+
+  def __call__(self, *args) -> Any:
+    if jax.process_count() > 1:
+      key = tuple((np.shape(x), str(getattr(x, "dtype", type(x))))
+                  for x in jax.tree.leaves(args))
+      if key not in self._compiled:
+        self.jitted.lower(*args).compile()  # the call below reuses this executable
+        barrier(f"{self.name} compiled")
+        self._compiled.add(key)
+    return self.jitted(*args)
 
 
 def fetch(x: jax.Array) -> np.ndarray:

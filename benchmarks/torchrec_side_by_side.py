@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""dlrm_jax against TorchRec + FBGEMM on this machine's CPU, run alternately.
+
+The three configs of ../shared/bench/torchrec_dlrm_cpu.py (random data, batch
+2048, one id per feature, uniform over rows, SGD):
+
+  a: dim 16, 26 x 100,000 rows, bottom 13-512-256-64-16, top 512-256-1
+  b: dim 16, 26 x 1,000,000 rows, same MLPs
+  c: dim 128, 26 x 100,000 rows, bottom 13-512-256-128, top 1024-1024-512-256-1
+
+Each repeat runs, for every config, dlrm_jax's train step
+(embedding_scaling.py, sparse path) and then TorchRec's fused FBGEMM path,
+each in its own process, so the two sides see the same machine state within
+a minute of each other. Prints every run, then the median samples/s of each
+side and their ratio per config. TorchRec needs its own virtual environment:
+
+  bash ../shared/bench/setup_torchrec_venv.sh /tmp/torchrec-venv
+  python benchmarks/torchrec_side_by_side.py --torchrec-python /tmp/torchrec-venv/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+TORCHREC_SCRIPT = os.path.join(os.path.dirname(REPO), "shared", "bench", "torchrec_dlrm_cpu.py")
+
+CONFIGS = {
+    "a": dict(rows=100_000, dim=16, bottom="13-512-256-64-16", top="512-256-1"),
+    "b": dict(rows=1_000_000, dim=16, bottom="13-512-256-64-16", top="512-256-1"),
+    "c": dict(rows=100_000, dim=128, bottom="13-512-256-128", top="1024-1024-512-256-1"),
+}
+
+
+def _result(cmd: list[str]) -> dict | None:
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  if proc.returncode != 0 or not lines:
+    print(f"FAILED (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}", flush=True)
+    return None
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def run_jax(name: str, a) -> dict | None:
+  c = CONFIGS[name]
+  return _result([sys.executable, os.path.join(HERE, "embedding_scaling.py"),
+                  "--_child", str(c["rows"]), "sparse", "--steps", str(a.steps),
+                  "--warmup", str(a.warmup), "--dim", str(c["dim"]), "--bottom", c["bottom"],
+                  "--top", c["top"]])
+
+
+def run_torchrec(name: str, a) -> dict | None:
+  return _result([a.torchrec_python, a.torchrec_script, "--_child", name, "fused",
+                  "--steps", str(a.steps), "--warmup", str(a.warmup)])
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--configs", default="a,b,c")
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--steps", type=int, default=30)
+  ap.add_argument("--warmup", type=int, default=5)
+  ap.add_argument("--torchrec-python", default="/tmp/torchrec-venv/bin/python")
+  ap.add_argument("--torchrec-script", default=TORCHREC_SCRIPT)
+  ap.add_argument("--json", default="", help="append one JSON line per run here")
+  a = ap.parse_args()
+  if not os.path.exists(a.torchrec_python):
+    sys.exit(f"{a.torchrec_python} not found: set up TorchRec's environment first "
+             "(see this script's docstring)")
+  print(f"# {platform.node()} {platform.machine()} cores={os.cpu_count()} "
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')} steps={a.steps} repeats={a.repeats}", flush=True)
+  names = a.configs.split(",")
+  rates = {(n, side): [] for n in names for side in ("dlrm_jax", "torchrec")}
+  for rep in range(a.repeats):
+    for n in names:
+      for side, fn in (("dlrm_jax", run_jax), ("torchrec", run_torchrec)):
+        r = fn(n, a)
+        if r is None:
+          continue
+        rates[(n, side)].append(r["samples_per_s"])
+        print(f"repeat {rep} config {n} {side:8s} {r['samples_per_s']:>9,.0f} samples/s  "
+              f"median step {r['median_step_ms']:7.1f} ms  peak RSS {r['peak_rss_mb']:7,.0f} MB",
+              flush=True)
+        if a.json:
+          with open(a.json, "a") as f:
+            f.write(json.dumps({"config": n, "side": side, "repeat": rep, **r}) + "\n")
+  print("\n| config | dlrm_jax samples/s | TorchRec samples/s | ratio |\n|---|---|---|---|")
+  for n in names:
+    j, t = rates[(n, "dlrm_jax")], rates[(n, "torchrec")]
+    if j and t:
+      mj, mt = statistics.median(j), statistics.median(t)
+      print(f"| {n} | {mj:,.0f} ({', '.join(f'{x:,.0f}' for x in j)}) | "
+            f"{mt:,.0f} ({', '.join(f'{x:,.0f}' for x in t)}) | {mj / mt:.2f} |")
+
+
+if __name__ == "__main__":
+  main()
