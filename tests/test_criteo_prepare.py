@@ -3,6 +3,8 @@
 import gzip
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -107,6 +109,14 @@ def test_gzip_input_and_parallel_workers(raw_file, tmp_path):
           piece_bytes=50_000)
   assert a["vocab_sizes"] == b["vocab_sizes"]
   for k, v in prepared(tmp_path / "a")[1].items():
+    np.testing.assert_array_equal(v, prepared(tmp_path / "b")[1][k])
+  # A process without JAX forks its workers (this one, holding JAX, spawns them): the same rows.
+  code = ("import sys; from dlrm_jax.data import criteo; assert criteo._start_method() == 'fork'; "
+          "criteo.prepare('kaggle', [sys.argv[1]], sys.argv[2], categorical='reference', "
+          "workers=2, piece_bytes=50_000, progress=False)")
+  subprocess.run([sys.executable, "-c", code, str(raw_file), str(tmp_path / "c")], check=True,
+                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  for k, v in prepared(tmp_path / "c")[1].items():
     np.testing.assert_array_equal(v, prepared(tmp_path / "b")[1][k])
   import hashlib
   assert a["sources"][0]["sha256"] == hashlib.sha256(gz.read_bytes()).hexdigest()
@@ -289,3 +299,39 @@ def test_real_terabyte_rows_via_the_cli(tmp_path):
   bad.write_bytes(lines[0].replace(b"\t", b" ", 1))
   assert criteo.main(["prepare", "--dataset", "kaggle", "--input", str(bad), "--output",
                       str(tmp_path / "x"), "--no-progress", "--workers", "1"]) == 1
+
+
+def test_negative_subsampling_drops_train_negatives_reproducibly(raw_file, tmp_path):
+  """The reference's --data-sub-sample-rate: train negatives dropped by a seeded per-row rule."""
+  label, dense, raw = expected_arrays(raw_file)
+  full = run("kaggle", [raw_file], tmp_path / "full", categorical="hash", max_ind_range=997)
+  train = full["split_rows"]["train"]
+  keep = np.ones(len(label), bool)
+  keep[:train] = criteo.sub_sample_keep(label[:train], np.arange(train), 0.5, 3)
+  assert keep[:train][label[:train] == 1].all()  # every positive stays
+  dropped = int((~keep).sum())
+  assert 0.35 < dropped / (label[:train] == 0).sum() < 0.65
+  # Many pieces and shards (some across the train/test boundary), then one piece, another mode.
+  a = run("kaggle", [raw_file], tmp_path / "a", categorical="hash", max_ind_range=997,
+          sub_sample_rate=0.5, sub_sample_seed=3, piece_bytes=30_000, shard_rows=100)
+  b = run("kaggle", [raw_file], tmp_path / "b", categorical="reference", sub_sample_rate=0.5,
+          sub_sample_seed=3)
+  _, got_full = prepared(tmp_path / "full")
+  for meta, name in ((a, "a"), (b, "b")):
+    assert meta["rows"] == len(label) - dropped
+    assert meta["split_rows"] == {"train": train - dropped, "test": full["split_rows"]["test"],
+                                  "val": full["split_rows"]["val"]}
+    assert meta["sub_sample"] == {"rate": 0.5, "seed": 3, "train_rows_before": train,
+                                  "dropped": dropped}
+    _, got = prepared(tmp_path / name)
+    np.testing.assert_array_equal(got["label"], label[keep])
+    np.testing.assert_array_equal(got["dense"], got_full["dense"][keep])
+  np.testing.assert_array_equal(prepared(tmp_path / "a")[1]["sparse"], got_full["sparse"][keep])
+  want, sizes = reference_renumbering(raw[keep])  # the vocabulary of the kept rows
+  np.testing.assert_array_equal(prepared(tmp_path / "b")[1]["sparse"], want)
+  assert b["vocab_sizes"] == sizes
+  other = criteo.sub_sample_keep(label[:train], np.arange(train), 0.5, 4)
+  assert not np.array_equal(other, keep[:train])  # another seed, other rows
+  with pytest.raises(ValueError, match="sub_sample_rate=1.5 must be in"):
+    run("kaggle", [raw_file], tmp_path / "c", categorical="hash", max_ind_range=7,
+        sub_sample_rate=1.5)

@@ -30,8 +30,10 @@ the last (`day_23`) is split the same way into test and val.
 
 How it runs: each input is cut into pieces (byte ranges of about
 `piece_bytes`, aligned on lines; a .gz file is one piece), worker processes
-parse pieces with pyarrow's CSV reader and a vectorised hex decoder, and each
-piece writes its own shard files. A piece is recorded as done only when its
+(forked, so they start at once, when the parent runs a single thread;
+spawned otherwise) parse pieces in blocks of `block_bytes` (a few MB, so that
+a block's parsed columns stay in the CPU caches) with pyarrow's CSV reader
+and a vectorised hex decoder, and each piece writes its own shard files. A piece is recorded as done only when its
 files are complete, so an interrupted run resumes where it stopped (run the
 same command again). Memory: a worker holds one block of `block_bytes` of raw
 text and its parsed arrays (a few hundred MB); the `hash` mode needs nothing
@@ -43,6 +45,11 @@ to a further pass over the prepared shards, so the bound holds whatever the
 input size (a single feature must fit by itself). No intermediate copy is
 written: the vocabulary modes store the raw 32-bit values in the shards'
 sparse files and rewrite them shard by shard (one shard of temporary space).
+
+Negative subsampling (`sub_sample_rate`, the reference's
+`--data-sub-sample-rate`) runs after parsing, when the splits are known:
+train shards are rewritten without the dropped negatives (see
+`sub_sample_keep`), before any vocabulary is counted.
 """
 
 from __future__ import annotations
@@ -184,7 +191,7 @@ def _read_csv(data: bytes, types: dict, threads: bool):
   table = pacsv.read_csv(
       pa.py_buffer(data),
       read_options=pacsv.ReadOptions(column_names=NAMES, use_threads=threads,
-                                     block_size=16 << 20),
+                                     block_size=1 << 20),
       parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False,
                                        escape_char=False, newlines_in_values=False,
                                        ignore_empty_lines=False, invalid_row_handler=on_invalid),
@@ -262,6 +269,26 @@ def _drop_lines(data: bytes, lines: set[int]) -> bytes:
   return b"\n".join(kept)
 
 
+def _filled(column, fill: int) -> np.ndarray:
+  """A pyarrow integer column as one numpy array, nulls replaced by `fill`.
+
+  Read from the chunks' buffers with numpy: pyarrow.compute's fill_null would
+  cost every worker process the import of pyarrow.compute (seconds here).
+  """
+  if column.null_count == 0:
+    return column.to_numpy()
+  parts = []
+  for chunk in column.chunks:
+    n, off = len(chunk), chunk.offset
+    validity, values = chunk.buffers()[:2]
+    x = np.frombuffer(values, chunk.type.to_pandas_dtype(), n + off)[off:]
+    if validity is not None and chunk.null_count:
+      bits = np.unpackbits(np.frombuffer(validity, np.uint8), count=n + off, bitorder="little")
+      x = np.where(bits[off:].astype(bool), x, fill)
+    parts.append(x)
+  return np.concatenate(parts) if parts else np.zeros(0, column.type.to_pandas_dtype())
+
+
 def parse_block(data: bytes, *, skip_bad_lines: bool = False, threads: bool = False) -> Block:
   """Parses whole raw lines. Bad lines are listed in `Block.bad`, never dropped silently.
 
@@ -269,7 +296,6 @@ def parse_block(data: bytes, *, skip_bad_lines: bool = False, threads: bool = Fa
   a block with bad lines returns its bad lines and no rows (the caller stops).
   """
   import pyarrow as pa
-  import pyarrow.compute as pc
 
   lines = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
   try:
@@ -297,7 +323,7 @@ def parse_block(data: bytes, *, skip_bad_lines: bool = False, threads: bool = Fa
   else:
     kept_lines = _physical_lines(n, [w[0] for w in wrong])
   row_bad = np.zeros(n, bool)
-  label = pc.fill_null(table.column("label"), -1).to_numpy()
+  label = _filled(table.column("label"), -1)
   label_bad = (label != 0) & (label != 1)
   for i in np.flatnonzero(label_bad):
     token = table.column("label")[int(i)].as_py()
@@ -317,7 +343,7 @@ def parse_block(data: bytes, *, skip_bad_lines: bool = False, threads: bool = Fa
     return _empty_block(lines, sorted(bad))
   dense = np.empty((n, NUM_DENSE), np.float32)
   for j in range(NUM_DENSE):
-    x = pc.fill_null(table.column(f"I{j + 1}"), 0).to_numpy()
+    x = _filled(table.column(f"I{j + 1}"), 0)
     dense[:, j] = np.log1p(np.maximum(x, 0).astype(np.float64))
   label = label.astype(np.uint8)
   if row_bad.any():
@@ -390,7 +416,7 @@ def _blocks(piece: Piece, block_bytes: int, hasher, count_bytes: Callable[[int],
       f.seek(piece.start - 1)
       if f.read(1) != b"\n":  # Skip the line begun in the previous piece.
         skipped = f.readline()
-        hasher.update(skipped[:piece.end - piece.start])
+        hasher.update(memoryview(skipped)[:piece.end - piece.start])
         pos += len(skipped)
     while pos < piece.end:
       buf = f.read(min(block_bytes, piece.end - pos))
@@ -398,7 +424,7 @@ def _blocks(piece: Piece, block_bytes: int, hasher, count_bytes: Callable[[int],
         return
       if not buf.endswith(b"\n"):
         buf += f.readline()  # This line began before `end`: it is ours.
-      hasher.update(buf[:max(0, piece.end - pos)])
+      hasher.update(memoryview(buf)[:max(0, piece.end - pos)])  # A view: no copy.
       count_bytes(min(len(buf), piece.end - pos))
       yield buf, pos
       pos += len(buf)
@@ -549,8 +575,29 @@ def _piece_task(piece: Piece, cfg: dict) -> dict:
           "bad_examples": examples, "sha256": hasher.hexdigest()}
 
 
+# Libraries whose threads may hold locks at a fork (numpy's BLAS and pyarrow's pools
+# handle fork themselves).
+_FORK_UNSAFE_MODULES = ("jax", "jaxlib", "tensorflow", "torch")
+
+
+def _start_method() -> str:
+  """"fork" (workers start at once, modules already imported) on Linux when this process
+  runs no other Python thread and none of `_FORK_UNSAFE_MODULES`; else "spawn"."""
+  import threading
+
+  if (sys.platform.startswith("linux") and threading.active_count() == 1
+      and not any(m in sys.modules for m in _FORK_UNSAFE_MODULES)):
+    return "fork"
+  return "spawn"
+
+
+def _ready() -> bool:
+  """A no-op task: returns once a worker is up."""
+  return True
+
+
 class _Pool:
-  """Worker processes, started on first use (or inline execution), with shared progress counters."""
+  """Worker processes (or inline execution), with shared progress counters."""
 
   def __init__(self, workers: int):
     import multiprocessing as mp
@@ -558,8 +605,18 @@ class _Pool:
     self.workers = max(1, int(workers))
     self.executor = None
     if self.workers > 1:
-      self._ctx = mp.get_context("spawn")  # The parent may hold threads (JAX): no fork.
+      self._ctx = mp.get_context(_start_method())
       self.counters = (self._ctx.Value("q", 0), self._ctx.Value("q", 0))
+      # Forked workers start at once, with numpy and pyarrow imported once, here
+      # (pyarrow's import costs seconds per process on a busy machine); they are
+      # started before any helper thread (a progress bar's) exists.
+      if self._ctx.get_start_method() == "fork":
+        import pyarrow.csv  # noqa: F401
+      self.executor = ProcessPoolExecutor(self.workers, mp_context=self._ctx,
+                                          initializer=_init_worker, initargs=(self.counters,))
+      if self._ctx.get_start_method() == "fork":
+        for f in [self.executor.submit(_ready) for _ in range(self.workers)]:
+          f.result()
     else:
       self.counters = (_Counter(), _Counter())
 
@@ -577,9 +634,6 @@ class _Pool:
       finally:
         _COUNTERS = saved
       return
-    if self.executor is None:
-      self.executor = ProcessPoolExecutor(self.workers, mp_context=self._ctx,
-                                          initializer=_init_worker, initargs=(self.counters,))
     limit = max_in_flight or 2 * self.workers
     pending = list(tasks)
     futures: list = []
@@ -744,6 +798,98 @@ def _apply_task(path: str, root: str, mode: str) -> int:
 
 
 # ----------------------------------------------------------------------------
+# Negative subsampling of the training rows.
+
+def sub_sample_keep(label: np.ndarray, rows: np.ndarray, rate: float, seed: int) -> np.ndarray:
+  """Which rows a negative subsampling at `rate` keeps: every positive, and a negative
+  unless hash(seed, row) / 2**64 < rate. `rows` are global row numbers before any
+  row was dropped, so the choice is a pure function of (seed, row) whatever the
+  pieces, shards or workers."""
+  if rate <= 0:
+    return np.ones(len(label), bool)
+  if rate >= 1:
+    return label != 0
+  key = np.uint64((int(seed) * 0x9E3779B97F4A7C15 + 0x5B5E) & (2**64 - 1))
+  with np.errstate(over="ignore"):
+    h = mix64(np.asarray(rows, np.uint64) * np.uint64(0xD1B54A32D192ED03) + key)
+  return (label != 0) | (h >= np.uint64(min(int(rate * 2.0**64), 2**64 - 1)))
+
+
+def _sub_sample_task(root: str, name: str, train_rows: int, first_row: int, rate: float,
+                     seed: int) -> int:
+  """Writes shard NAME without its dropped train negatives as NAME.FIELD.npy.sub; returns its rows."""
+  arrays = {f: np.load(fmt.shard_path(root, name, f), mmap_mode="r") for f in fmt.FIELDS}
+  n = len(arrays["label"])
+  writers = {f: fmt.NpyAppender(fmt.shard_path(root, name, f) + ".sub", a.dtype, a.shape[1:])
+             for f, a in arrays.items()}
+  kept = 0
+  try:
+    step = 1 << 18
+    for lo in range(0, n, step):
+      hi = min(n, lo + step)
+      keep = np.ones(hi - lo, bool)
+      t = min(hi, max(lo, train_rows))  # Rows [lo, t) of this shard are train rows.
+      if t > lo:
+        label = np.asarray(arrays["label"][lo:t])
+        keep[:t - lo] = sub_sample_keep(label, np.arange(first_row + lo, first_row + t), rate,
+                                        seed)
+      for f, w in writers.items():
+        w.append(np.asarray(arrays[f][lo:hi])[keep])
+      kept += int(keep.sum())
+      _add(0, hi - lo)
+    for w in writers.values():
+      w.close()
+  except BaseException:
+    for w in writers.values():
+      w.abort()
+    raise
+  return kept
+
+
+def _sub_sample(root, shards, train_rows, rate, seed, pool, progress) -> list[dict]:
+  """Drops train negatives shard by shard (resumable); returns the shards with their new rows.
+
+  A shard's record is written once its three new files are complete, and only
+  then are they renamed over the old ones: a rerun redoes a shard without a
+  record from its untouched files, and finishes the renames of one with a record.
+  """
+  progress_dir = os.path.join(root, fmt.PROGRESS_DIR)
+  new, tasks, start = {}, [], 0
+  for s in shards:
+    rec = _read_json(os.path.join(progress_dir, f"sub-{s['name']}.json"))
+    if rec is not None:
+      new[s["name"]] = rec["rows"]
+    elif start < train_rows:
+      tasks.append((root, s["name"], train_rows - start, start, float(rate), int(seed)))
+    else:
+      new[s["name"]] = s["rows"]  # Evaluation rows only: untouched.
+    start += s["rows"]
+  bar = _progress(sum(t[2] for t in tasks), "subsample negatives", "rows", progress)
+  last = [0]
+
+  def tick():
+    v = pool.counters[0].value
+    bar.update(v - last[0])
+    last[0] = v
+
+  def done(task, kept):
+    name = task[1]
+    fmt.write_json_atomic(os.path.join(progress_dir, f"sub-{name}.json"), {"rows": kept})
+    new[name] = kept
+
+  pool.reset()
+  pool.run(_sub_sample_task, tasks, done, tick)
+  tick()
+  bar.close()
+  for s in shards:  # The renames (again after an interruption: they are idempotent).
+    for f in fmt.FIELDS:
+      p = fmt.shard_path(root, s["name"], f)
+      if os.path.exists(p + ".sub"):
+        os.replace(p + ".sub", p)
+  return [dict(s, rows=int(new[s["name"]])) for s in shards]
+
+
+# ----------------------------------------------------------------------------
 # Orchestration.
 
 def _sort_inputs(dataset: str, inputs: Sequence[str]) -> list[str]:
@@ -816,12 +962,15 @@ def _progress(total: int | None, desc: str, unit: str, enabled: bool):
 def prepare(dataset: str, inputs: Sequence[str], output: str, *, categorical: str = "reference",
             max_ind_range=None, frequency_threshold: int = 3, skip_bad_lines: bool = False,
             workers: int | None = None, shard_rows: int = 1 << 21, piece_bytes: int = 64 << 20,
-            block_bytes: int = 32 << 20, vocab_memory_bytes: int = 1 << 30,
+            block_bytes: int = 4 << 20, vocab_memory_bytes: int = 1 << 30,
+            sub_sample_rate: float = 0.0, sub_sample_seed: int = 0,
             progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
   """Prepares raw Criteo files into OUTPUT (see the module docstring); returns the metadata.
 
   Rerunning the same call after an interruption resumes it: finished pieces
   are kept. A call with other options on an unfinished directory is refused.
+  `sub_sample_rate` drops that fraction of the negative train rows (the
+  reference's `--data-sub-sample-rate`; see `sub_sample_keep`).
   """
   log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
   if dataset not in DATASETS:
@@ -834,6 +983,9 @@ def prepare(dataset: str, inputs: Sequence[str], output: str, *, categorical: st
                      "rows are the values modulo it")
   if categorical == "frequency" and int(frequency_threshold) < 1:
     raise ValueError(f"frequency_threshold={frequency_threshold} must be >= 1")
+  if not 0.0 <= float(sub_sample_rate) <= 1.0:
+    raise ValueError(f"sub_sample_rate={sub_sample_rate} must be in [0, 1] (the fraction of "
+                     "negative train rows to drop)")
   if not inputs:
     raise ValueError("no input files")
   inputs = _sort_inputs(dataset, inputs)
@@ -850,6 +1002,8 @@ def prepare(dataset: str, inputs: Sequence[str], output: str, *, categorical: st
              "frequency_threshold": int(frequency_threshold) if categorical == "frequency" else None,
              "skip_bad_lines": bool(skip_bad_lines), "shard_rows": int(shard_rows),
              "piece_bytes": int(piece_bytes), "inputs": [os.path.abspath(p) for p in inputs]}
+  if sub_sample_rate:  # Only when used: directories prepared without it keep their options.
+    options["sub_sample"] = {"rate": float(sub_sample_rate), "seed": int(sub_sample_seed)}
   progress_dir = os.path.join(output, fmt.PROGRESS_DIR)
   meta_path = os.path.join(output, fmt.METADATA_FILE)
   if os.path.exists(meta_path):
@@ -906,7 +1060,7 @@ def prepare(dataset: str, inputs: Sequence[str], output: str, *, categorical: st
   try:
     meta = _prepare_stages(dataset, inputs, output, pieces, records, sources, options, cfg,
                            pool, moduli, categorical, frequency_threshold, piece_bytes,
-                           vocab_memory_bytes, progress, log)
+                           vocab_memory_bytes, sub_sample_rate, sub_sample_seed, progress, log)
   finally:
     pool.close()
   return meta
@@ -914,7 +1068,7 @@ def prepare(dataset: str, inputs: Sequence[str], output: str, *, categorical: st
 
 def _prepare_stages(dataset, inputs, output, pieces, records, sources, options, cfg, pool,
                     moduli, categorical, frequency_threshold, piece_bytes, vocab_memory_bytes,
-                    progress, log) -> dict:
+                    sub_sample_rate, sub_sample_seed, progress, log) -> dict:
   """Parsing, the vocabulary (for its modes) and the metadata, on one pool of workers."""
   progress_dir = os.path.join(output, fmt.PROGRESS_DIR)
   _parse_pieces(pieces, cfg, pool, records, progress_dir, progress, log)
@@ -942,6 +1096,19 @@ def _prepare_stages(dataset, inputs, output, pieces, records, sources, options, 
   if total == 0:
     raise InputError("the inputs hold no rows")
   splits = make_splits(dataset, file_rows)
+  sub_sample = None
+  if sub_sample_rate:  # Drop train negatives; the evaluation rows follow the kept ones.
+    train_before = splits["train"][0][1]
+    shards = _sub_sample(output, shards, train_before, sub_sample_rate, sub_sample_seed, pool,
+                         progress)
+    dropped = total - sum(s["rows"] for s in shards)
+    total -= dropped
+    splits = {k: [[max(0, a - dropped) if k != "train" else a,
+                   b - dropped] for a, b in v] for k, v in splits.items()}
+    sub_sample = {"rate": float(sub_sample_rate), "seed": int(sub_sample_seed),
+                  "train_rows_before": int(train_before), "dropped": int(dropped)}
+    log(f"Negative subsampling at rate {sub_sample_rate}: dropped {dropped:,} of "
+        f"{train_before:,} train rows.")
 
   # Stages 2 and 3: vocabulary.
   if categorical == "hash":
@@ -955,7 +1122,7 @@ def _prepare_stages(dataset, inputs, output, pieces, records, sources, options, 
   meta = {
       "format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION, "dataset": dataset,
       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "options": options,
-      "rows": total, "file_rows": file_rows, "splits": splits,
+      "rows": total, "file_rows": file_rows, "splits": splits, "sub_sample": sub_sample,
       "split_rows": {k: sum(b - a for a, b in v) for k, v in splits.items()},
       "num_dense": NUM_DENSE, "num_sparse": NUM_SPARSE, "hotness": [1] * NUM_SPARSE,
       "vocab_sizes": [int(v) for v in vocab_sizes],
@@ -1019,13 +1186,17 @@ def _remove_piece_files(root: str, piece_name: str) -> None:
   for n in os.listdir(d):
     if n.startswith(piece_name + "-"):
       os.remove(os.path.join(d, n))
+  d = os.path.join(root, fmt.PROGRESS_DIR)
+  for n in os.listdir(d):  # Records of the later stages on its shards.
+    if n.startswith(f"sub-{piece_name}-"):
+      os.remove(os.path.join(d, n))
 
 
 def _forget_file(root: str, index: int) -> None:
-  prefix = f"piece-{index:04d}-"
+  prefixes = (f"piece-{index:04d}-", f"sub-{index:04d}-")
   d = os.path.join(root, fmt.PROGRESS_DIR)
   for n in os.listdir(d):
-    if n.startswith(prefix):
+    if n.startswith(prefixes):
       os.remove(os.path.join(d, n))
   sd = os.path.join(root, fmt.SHARD_DIR)
   for n in os.listdir(sd):
@@ -1196,6 +1367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--frequency-threshold", type=int, default=3)
   p.add_argument("--skip-bad-lines", action="store_true",
                  help="skip, count and report malformed lines instead of stopping at the first")
+  p.add_argument("--data-sub-sample-rate", type=float, default=0.0,
+                 help="drop this fraction of the negative train rows (seeded, reproducible), "
+                      "as the reference's --data-sub-sample-rate")
+  p.add_argument("--sub-sample-seed", type=int, default=0)
   p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
   p.add_argument("--shard-rows", type=int, default=1 << 21)
   p.add_argument("--piece-mb", type=int, default=64, help="input bytes per parallel piece")
@@ -1216,7 +1391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               max_ind_range=args.max_ind_range, frequency_threshold=args.frequency_threshold,
               skip_bad_lines=args.skip_bad_lines, workers=args.workers or None,
               shard_rows=args.shard_rows, piece_bytes=args.piece_mb << 20,
-              vocab_memory_bytes=int(args.vocab_memory_gb * 2**30), progress=not args.no_progress)
+              vocab_memory_bytes=int(args.vocab_memory_gb * 2**30),
+              sub_sample_rate=args.data_sub_sample_rate, sub_sample_seed=args.sub_sample_seed,
+              progress=not args.no_progress)
     elif args.command == "multihot":
       make_multi_hot(args.input, args.output, [int(h) for h in args.hotness.split(",")],
                      seed=args.seed)

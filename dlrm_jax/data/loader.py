@@ -31,7 +31,9 @@ process-local batch size (batch_size / process_count).
 
 from __future__ import annotations
 
+import bisect
 import math
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -78,7 +80,13 @@ class CriteoData:
     if self.block_rows < 1:
       raise ValueError(f"block_rows={block_rows} must be >= 1")
     self._check_batch_size(self.batch_size)
-    self._epochs: dict[int, _Epoch] = {}
+    self._epochs: dict[tuple[int, int], _Epoch] = {}
+    # One window's rows in block order, reused from window to window; the lock
+    # keeps a batch's reads whole when several threads ask for train batches.
+    self._lock = threading.Lock()
+    self._buffer: dict[str, np.ndarray] | None = None
+    self._buffer_key: tuple[int, int] | None = None
+    self._buffer_rows: Batch = {}
     hot = self.store.hotness
     self._multi_hot = any(h != 1 for h in hot)
     if self._multi_hot:
@@ -156,7 +164,31 @@ class CriteoData:
     if per_epoch == 0:
       raise ValueError(f"the train split ({self.num_rows('train')} rows) holds no full batch of {b}")
     epoch, k = divmod(index, per_epoch)
-    return self._finish(self._epoch(epoch, b).local_batch(k))
+    with self._lock:
+      rows = self._epoch(epoch, b).local_batch(k)
+    return self._finish(rows)
+
+  def _window_rows(self, epoch: "_Epoch", w: int) -> Batch:
+    """Rows of window w of this process in `epoch`, in block order, in the reused buffer."""
+    key = (epoch.epoch, w)
+    if self._buffer_key == key:
+      return self._buffer_rows
+    self._buffer_key = None  # Valid again only once the window is fully read.
+    first, lengths = epoch._window_blocks(self.process_index, w)
+    n = int(lengths.sum())
+    if self._buffer is None or len(self._buffer["label"]) < n:
+      self._buffer = self.store.empty(max(n, self.window_blocks * self.block_rows))
+    buf = {f: v[:n] for f, v in self._buffer.items()}
+    ranges = self.store.split_ranges("train")
+    if len(ranges) == 1:
+      self.store.read_ranges(ranges[0][0] + first, lengths, buf)
+    else:
+      at = 0
+      for s, m in zip(first.tolist(), lengths.tolist()):
+        self._read_positions("train", s, s + m, buf, at)
+        at += m
+    self._buffer_rows, self._buffer_key = buf, key
+    return buf
 
   def _read_positions(self, split: str, lo: int, hi: int, out=None, offset: int = 0) -> Batch:
     """Rows at positions [lo, hi) of a split (its ranges concatenated)."""
@@ -195,7 +227,13 @@ class CriteoData:
 
 
 class _Epoch:
-  """One epoch's order for one process: its blocks, windows and the pooled leftover rows."""
+  """One epoch's order for one process: its blocks, windows and the pooled leftover rows.
+
+  A window's rows are read once, block by block (contiguous copies), into the
+  loader's window buffer in block order; a batch is then one gather of its
+  rows from that buffer in the window's permuted order. Nothing the size of a
+  window is allocated per window or per batch.
+  """
 
   def __init__(self, data: CriteoData, epoch: int, batch_size: int):
     self.data = data
@@ -214,8 +252,8 @@ class _Epoch:
       own = self.perm[q::P]
       counts.append(len(own) * br - (br - last_len if (nb - 1) in own else 0))
     self.main = (min(counts) // self.b) * self.b
-    self._windows: dict[tuple[int, int], tuple[np.ndarray, Batch | None]] = {}
-    self._starts: dict[int, np.ndarray] = {}
+    self._orders: dict[tuple[int, int], np.ndarray] = {}
+    self._starts: dict[int, list[int]] = {}
     # Leftover rows of every process, pooled and shuffled.
     tail = [self._stream_positions(q, self.main, counts[q]) for q in range(P)]
     tail = np.concatenate(tail) if tail else np.zeros(0, np.int64)
@@ -230,36 +268,27 @@ class _Epoch:
     br = self.data.block_rows
     return np.where(blocks == self.nb - 1, self.R - (self.nb - 1) * br, br)
 
-  def _window(self, q: int, w: int, load: bool) -> tuple[np.ndarray, Batch | None]:
-    """(split positions in shuffled order, rows in that order if `load`) of window w of process q."""
-    key = (q, w)
-    cached = self._windows.get(key)
-    if cached is not None and (cached[1] is not None or not load):
-      return cached
+  def _window_blocks(self, q: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first split position, length) of each block of window w of process q, in order."""
     wb = self.data.window_blocks
     blocks = self._blocks(q)[w * wb:(w + 1) * wb]
-    lengths = self._block_lengths(blocks)
-    br = self.data.block_rows
-    positions = np.concatenate([np.arange(s * br, s * br + n) for s, n in zip(blocks, lengths)]) \
-        if len(blocks) else np.zeros(0, np.int64)
-    order = (np.random.default_rng([self.data.seed, self.epoch, q, w]).permutation(len(positions))
-             if self.data.shuffle else np.arange(len(positions)))
-    rows = None
-    if load:
-      buf = self.data.store.empty(len(positions))
-      at = 0
-      for s, n in zip(blocks, lengths):
-        self.data._read_positions("train", int(s) * br, int(s) * br + int(n), buf, at)
-        at += int(n)
-      rows = {k: v[order] for k, v in buf.items()}
-    entry = (positions[order], rows)
-    if load and q == self.data.process_index:
-      for old in [k for k in self._windows if k[0] == q and k[1] < w - 1]:
-        del self._windows[old]
-    self._windows[key] = entry
-    return entry
+    return blocks.astype(np.int64) * self.data.block_rows, self._block_lengths(blocks)
 
-  def _window_starts(self, q: int) -> np.ndarray:
+  def _window_order(self, q: int, w: int) -> np.ndarray:
+    """The permutation of window w's rows (indices into the window in block order)."""
+    key = (q, w)
+    order = self._orders.get(key)
+    if order is None:
+      n = int(self._window_blocks(q, w)[1].sum())
+      order = (np.random.default_rng([self.data.seed, self.epoch, q, w]).permutation(n)
+               if self.data.shuffle else np.arange(n))
+      if q == self.data.process_index:  # Keep the windows of the batches now being read.
+        for old in [k for k in self._orders if k[0] == q and not w - 1 <= k[1] <= w]:
+          del self._orders[old]
+      self._orders[key] = order
+    return order
+
+  def _window_starts(self, q: int) -> list[int]:
     """Stream position where each window of process q starts (and the stream's end)."""
     cached = self._starts.get(q)
     if cached is not None:
@@ -268,7 +297,7 @@ class _Epoch:
     lengths = self._block_lengths(blocks)
     wb = self.data.window_blocks
     per_window = np.add.reduceat(lengths, np.arange(0, len(blocks), wb)) if len(blocks) else []
-    starts = self._starts[q] = np.concatenate([[0], np.cumsum(per_window)]).astype(np.int64)
+    starts = self._starts[q] = [0] + np.cumsum(per_window).astype(np.int64).tolist()
     return starts
 
   def _stream_positions(self, q: int, lo: int, hi: int) -> np.ndarray:
@@ -277,14 +306,18 @@ class _Epoch:
       return np.zeros(0, np.int64)
     out = []
     for w, a, b in self._overlapping_windows(q, lo, hi):
-      positions, _ = self._window(q, w, load=False)
-      out.append(positions[a:b])
+      first, lengths = self._window_blocks(q, w)
+      # Position of every row of the window in block order, then in shuffled order.
+      ends = np.cumsum(lengths)
+      positions = np.arange(int(ends[-1]), dtype=np.int64) + np.repeat(first - (ends - lengths),
+                                                                        lengths)
+      out.append(positions[self._window_order(q, w)[a:b]])
     return np.concatenate(out)
 
   def _overlapping_windows(self, q: int, lo: int, hi: int):
     """(window, start, stop) within each of process q's windows that [lo, hi) covers."""
     starts = self._window_starts(q)
-    w = int(np.searchsorted(starts, lo, side="right")) - 1
+    w = bisect.bisect_right(starts, lo) - 1
     while w < len(starts) - 1 and starts[w] < hi:
       yield w, max(lo, starts[w]) - starts[w], min(hi, starts[w + 1]) - starts[w]
       w += 1
@@ -294,14 +327,17 @@ class _Epoch:
     b, p = self.b, self.data.process_index
     main_batches = self.main // b
     if k < main_batches:
-      lo, hi = k * b, (k + 1) * b
-      parts = []
-      for w, a, e in self._overlapping_windows(p, lo, hi):
-        _, rows = self._window(p, w, load=True)
-        parts.append({f: v[a:e] for f, v in rows.items()})
-      if len(parts) == 1:
-        return parts[0]
-      return {f: np.concatenate([x[f] for x in parts]) for f in parts[0]}
+      out = self.data.store.empty(b)
+      at = 0
+      for w, a, e in self._overlapping_windows(p, k * b, (k + 1) * b):
+        buf = self.data._window_rows(self, w)
+        index = self._window_order(p, w)[a:e]
+        for f, v in buf.items():
+          # mode="clip": the indices are in range by construction, and numpy
+          # buffers `out` for the default mode="raise" (one more copy).
+          np.take(v, index, axis=0, out=out[f][at:at + e - a], mode="clip")
+        at += e - a
+      return out
     j = k - main_batches
     chunk = self.tail[j * self.B:(j + 1) * self.B]
     mine = np.array_split(chunk, self.data.process_count)[p]
