@@ -4,6 +4,7 @@ With no arguments it trains the default config (a small model on synthetic
 click data) and prints a summary. See README.md for the configs.
 """
 
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -17,13 +18,22 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_HERE, "configs", "default.py"), "Training configuration file.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for metrics.jsonl (default: runs/<config name>).")
+    "workdir", None, "Directory for metrics.jsonl and checkpoints/ (default: runs/<config name>); "
+    "a rerun with the same workdir resumes from its latest checkpoint.")
+
+
+class _QuietOrbax(std_logging.Filter):
+  """Keeps Orbax's per-save progress messages (INFO) off the console; warnings pass."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from dlrm_jax import trainer  # Imported here so that --help stays fast.
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+  from dlrm_jax import checkpoint, trainer  # Imported here so that --help stays fast.
 
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join(
@@ -33,6 +43,8 @@ def main(argv):
     result = trainer.train_and_evaluate(config, workdir, log=lambda s: print(s, flush=True))
   except ConfigError as e:
     raise app.UsageError(str(e)) from None
+  except (trainer.NonFiniteLossError, checkpoint.CheckpointError) as e:
+    raise SystemExit(f"error: {e}") from None
   if _is_lead():
     print(trainer.format_summary(result.summary), flush=True)
 

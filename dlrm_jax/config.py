@@ -184,6 +184,17 @@ def base_config():
   c.target_auc = 0.0  # stop once an evaluation reaches it; 0: never.
   c.seed = 0
   c.progress_bar = True
+  # Checkpoints (Orbax) in WORKDIR/checkpoints; a rerun with the same workdir resumes.
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.enabled = True
+  c.checkpoint.every_steps = 0  # save every N steps; 0: at every evaluation. Always at the end.
+  c.checkpoint.max_to_keep = 2  # the most recent checkpoints kept ...
+  c.checkpoint.keep_best = True  # ... and the one with the best evaluation AUC.
+  c.checkpoint.async_save = True  # write in the background; the loop waits only for a copy.
+  c.checkpoint.resume = True  # continue from the latest complete checkpoint in the workdir.
+  # A checkpoint of another model (table sizes, widths, optimisers) is refused; True
+  # restores the parameters and tables whose shapes match and starts the rest afresh.
+  c.checkpoint.restore_partial = False
   # Devices and sharding (see dlrm_jax/parallel.py and dlrm_jax/embedding/planner.py).
   c.mesh = ml_collections.ConfigDict()
   c.mesh.num_devices = 0  # devices to use; 0: all of them.

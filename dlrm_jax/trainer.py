@@ -133,23 +133,35 @@ class Task:
                                    in_shardings=(self.state_shardings, None),
                                    out_shardings=(self.state_shardings, None))
     self._predict_jit = jax.jit(self._predict)
+    self._train_step_in_step = parallel.CompiledInStep(self._train_step_jit, "train step")
+    self._predict_in_step = parallel.CompiledInStep(self._predict_jit, "predict")
     # One program for all optimiser-state initialisers (eagerly, XLA:CPU would
     # compile each of their ops separately), created where they will live.
     self._init_opt_states = jax.jit(
         lambda p, t: (self.tx.init(p), self.embedding.init_optimizer(self.sparse_opt, t)),
         out_shardings=(self.state_shardings.opt_state, self.state_shardings.emb_opt_state))
 
-  def _state_shardings(self) -> TrainState:
+  def _state_shapes(self) -> TrainState:
     params = nnx.state(nnx.eval_shape(lambda: DLRM(self.spec, rngs=nnx.Rngs(0))))
     tables = jax.eval_shape(self.embedding.init, 0)
     opt_state = jax.eval_shape(self.tx.init, params)
     emb_opt_state = jax.eval_shape(
         lambda t: self.embedding.init_optimizer(self.sparse_opt, t), tables)
+    return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                      opt_state=opt_state, tables=tables, emb_opt_state=emb_opt_state)
+
+  def _state_shardings(self) -> TrainState:
+    shapes = self._state_shapes()
     rep = parallel.replicated(self.mesh)
-    return TrainState(step=rep, params=jax.tree.map(lambda _: rep, params),
-                      opt_state=jax.tree.map(lambda _: rep, opt_state),
+    return TrainState(step=rep, params=jax.tree.map(lambda _: rep, shapes.params),
+                      opt_state=jax.tree.map(lambda _: rep, shapes.opt_state),
                       tables=self.embedding.table_shardings(),
-                      emb_opt_state=self.embedding.state_shardings(emb_opt_state))
+                      emb_opt_state=self.embedding.state_shardings(shapes.emb_opt_state))
+
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the train state (restore targets), nothing allocated."""
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        self._state_shapes(), self.state_shardings)
 
   def init_state(self, seed: int) -> TrainState:
     """Fresh parameters (reference initialisation) and optimiser states.
@@ -171,11 +183,11 @@ class Task:
 
   def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     """One jitted step (`state` is donated); `batch` is a host or device batch."""
-    return self._train_step_jit(state, self.device_batch(batch))
+    return self._train_step_in_step(state, self.device_batch(batch))
 
   def predict(self, params: nnx.State, tables: Tables, batch) -> jax.Array:
     """Click probabilities [B] of a host or device batch."""
-    return self._predict_jit(params, tables, self.device_batch(batch))
+    return self._predict_in_step(params, tables, self.device_batch(batch))
 
   def device_batch(self, batch) -> dict[str, jax.Array]:
     """A host batch (global, or this process's rows of it) as arrays split over the mesh."""
@@ -244,6 +256,11 @@ def evaluate(task: Task, state: TrainState, batches) -> dict[str, float]:
   return metrics_lib.evaluate(np.concatenate(labels), np.concatenate(probs))
 
 
+class NonFiniteLossError(RuntimeError):
+  """The training loss became NaN or infinite; the message names the step and the
+  last good checkpoint."""
+
+
 @dataclasses.dataclass
 class TrainResult:
   """What a training run returns: its summary, final state and evaluation records."""
@@ -293,24 +310,110 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None,
         np.concatenate([b["label"] for b in eval_batches]),
         np.concatenate([data.teacher_probability(b) for b in eval_batches]))
 
-  state = task.init_state(int(config.seed))
+  say = (log if log is not None and lead else (lambda _: None))
+  checkpointer = None
+  if config.get("checkpoint") is not None and bool(config.checkpoint.enabled):
+    from dlrm_jax import checkpoint as checkpoint_lib
+
+    ckpt = config.checkpoint
+    checkpointer = checkpoint_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"), max_to_keep=int(ckpt.max_to_keep),
+        keep_best=bool(ckpt.keep_best), async_save=bool(ckpt.async_save), log=say)
+  restored = None
+  if checkpointer is not None and not bool(config.checkpoint.resume) and checkpointer.steps():
+    say(f"checkpoint.resume=False: deleting the checkpoints of steps {checkpointer.steps()} "
+        f"in {checkpointer.directory}")
+    checkpointer.delete_all()
+  if checkpointer is not None and bool(config.checkpoint.resume):
+    restored = checkpointer.restore(
+        task, config, partial=bool(config.checkpoint.restore_partial),
+        fresh=lambda: task.init_state(int(config.seed)))
+  records, losses, start = [], [], 0
+  data_position = None
+  if restored is not None:
+    state, start = restored.state, restored.step
+    records = [dict(r) for r in restored.meta.get("records", [])]
+    # The unfinished interval's losses, so that its mean is the uninterrupted run's.
+    losses = [np.float32(x) for x in restored.meta.get("interval_losses", [])]
+    data_position = restored.meta.get("data")
+    say(f"resuming from step {start} ({checkpointer.directory}/{start})"
+        + (" with only the parts that match the config" if restored.partial else ""))
+  else:
+    state = task.init_state(int(config.seed))
   metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if lead:  # records up to the restored step; a killed run may have written more
+    with open(metrics_path, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in records)
+
+  train_stream = data.batches(start, "train")
+  if data_position is not None and hasattr(train_stream, "restore"):
+    if "process_index" in data_position:  # process 0 wrote it; the position is common to all
+      data_position = {**data_position, "process_index": jax.process_index()}
+    try:
+      train_stream.restore(data_position)
+    except ValueError as e:
+      raise ConfigError(f"cannot resume the data: {e}") from None
 
   def host_batches():
-    for batch in data.batches(0, "train"):
+    for batch in train_stream:
       task.collection.check_ids(batch["sparse"], batch.get("sparse_mask"))
       yield batch if process_local else parallel.local_rows(batch, task.batch_sharding)
 
-  records = []
+  def data_state(position: int) -> dict:
+    if hasattr(train_stream, "state_at"):
+      return train_stream.state_at(position)
+    return {"position": position}
+
+  checked = len(losses)  # losses[:checked] are known to be finite
+
+  def check_losses(upto: int) -> None:
+    """Stops on a NaN or infinite loss among losses[checked:upto], naming its step."""
+    nonlocal checked
+    if upto <= checked:
+      return
+    values = np.asarray(jax.device_get(losses[checked:upto]), np.float32)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+      bad_step = done - len(losses) + checked + int(bad[0]) + 1
+      kept = None
+      if checkpointer is not None:
+        checkpointer.wait()
+        kept = checkpointer.latest_step()
+      bar.close()
+      raise NonFiniteLossError(
+          f"the training loss is {values[bad[0]]} at step {bad_step}: training stopped. "
+          + (f"The last good checkpoint is step {kept} in {checkpointer.directory}; "
+             if kept is not None else "No checkpoint was saved before it; ")
+          + "lower the learning rate or check the data, then rerun (a rerun resumes from it).")
+    checked = upto
+
+  def save(step_done: int, metrics: dict | None, finished: bool) -> None:
+    check_losses(len(losses))
+    meta = {
+        "config": json.loads(config.to_json()),
+        "plan": checkpoint_lib.plan_to_json(task.plan),
+        "mesh": {"shape": dict(task.mesh.shape), "processes": jax.process_count()},
+        "seed": int(config.seed), "data_seed": int(config.data.seed),
+        "data": data_state(step_done),
+        "interval_losses": [float(x) for x in jax.device_get(losses)],
+        "records": records, "finished": finished,
+    }
+    checkpointer.save(step_done, state, meta, metrics)
+
+  every = int(config.checkpoint.every_steps) if checkpointer is not None else 0
+  finished = restored is not None and bool(restored.meta.get("finished"))
+  if finished or start >= num_steps:
+    say(f"the checkpoint at step {start} is the end of this run: nothing to train")
   batches = prefetch(host_batches(), size=2)
-  losses, interval_start, interval_steps, train_seconds = [], None, 0, 0.0
+  interval_start, interval_steps, train_seconds = None, 0, 0.0
   compile_seconds = 0.0
-  bar = tqdm(total=num_steps, disable=not show, unit="step", dynamic_ncols=True,
+  done = start
+  bar = tqdm(total=num_steps, initial=start, disable=not show, unit="step", dynamic_ncols=True,
              mininterval=0.5, desc="train")
-  with open(metrics_path if lead else os.devnull, "w") as metrics_file:
-    for step in range(num_steps):
+  with open(metrics_path if lead else os.devnull, "a") as metrics_file:
+    for step in range(start, num_steps if not finished else start):
       batch = parallel.global_batch(next(batches), task.batch_sharding)
-      if step == 0:
+      if step == start:
         t = time.perf_counter()
         state, out = task.train_step(state, batch)
         jax.block_until_ready(state)
@@ -322,7 +425,11 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None,
       losses.append(out["loss"])
       bar.update(1)
       done = step + 1
-      if done % test_freq == 0 or done == num_steps:
+      check_losses(len(losses) - 1)  # the previous step's loss: done by now, or nearly
+      evaluated = done % test_freq == 0 or done == num_steps
+      stop = False
+      if evaluated:
+        check_losses(len(losses))
         mean_loss = float(np.mean(jax.device_get(losses)))
         elapsed = time.perf_counter() - interval_start
         train_seconds += elapsed
@@ -337,11 +444,23 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None,
         metrics_file.flush()
         bar.set_postfix(loss=f"{mean_loss:.4f}", auc=f"{result['auc']:.4f}",
                         ex_s=f"{examples_per_sec:,.0f}")
-        losses, interval_steps = [], 0
-        if float(config.target_auc) > 0 and result["auc"] >= float(config.target_auc):
-          break
-        interval_start = time.perf_counter()
+        losses, interval_steps, checked = [], 0, 0
+        stop = float(config.target_auc) > 0 and result["auc"] >= float(config.target_auc)
+      if checkpointer is not None and (
+          done == num_steps or stop or (every > 0 and done % every == 0)
+          or (every <= 0 and evaluated)):
+        save(done, {"auc": records[-1]["auc"]} if evaluated else None,
+             finished=done == num_steps or stop)
+      if stop:
+        break
+      interval_start = time.perf_counter() if evaluated else interval_start
   bar.close()
+  if checkpointer is not None:
+    checkpointer.wait()
+    checkpointer.close()
+  if not records:
+    raise ConfigError(f"no evaluation record: the checkpoint in {workdir} ends at step {start}, "
+                      "before any evaluation")
 
   final = records[-1]
   steps_done = final["step"]
@@ -354,7 +473,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None,
       "teacher_auc": teacher_auc,
       "compile_seconds": compile_seconds,
       "train_seconds": train_seconds,
-      "examples_per_sec": (steps_done - 1) * int(config.mini_batch_size) / max(train_seconds, 1e-9),
+      "examples_per_sec": max(0, steps_done - start - 1) * int(config.mini_batch_size)
+                          / max(train_seconds, 1e-9),
       "target_auc": float(config.target_auc) or None,
       "eval_samples": int(sum(b["label"].size for b in eval_batches)),
       "workdir": workdir,

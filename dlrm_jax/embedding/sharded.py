@@ -318,6 +318,54 @@ class _Replicated(_Group):
     return tables["stacked"], state
 
 
+def plan_groups(collection: EmbeddingCollection, plan: Plan,
+                axes: MeshAxes = MeshAxes()) -> dict[str, _Group]:
+  """The stacked layout of each sharding type of `plan`; needs no mesh (checkpoints
+  re-lay out saved tables of another plan with it, on the host)."""
+  n = plan.num_shards
+  groups: dict[str, _Group] = {}
+  for kind in SHARDING_TYPES:
+    features = [t for t, p in enumerate(plan.placements) if p.kind == kind]
+    if not features:
+      continue
+    if kind == TABLE_WISE:
+      owners = [plan.placements[t].device for t in features]
+      groups[kind] = _TableWise(collection, features, n, axes, owners)
+    else:
+      cls = {ROW_WISE: _RowWise, COLUMN_WISE: _ColumnWise, REPLICATED: _Replicated}[kind]
+      groups[kind] = cls(collection, features, n, axes)
+  return groups
+
+
+def unstack_rows(groups: dict[str, _Group], stored: dict[str, np.ndarray]) -> list[np.ndarray]:
+  """Stacked host arrays (tables, or optimiser slots with the tables' rows on their
+  leading axis) -> one array per table, in table order."""
+  out: list[np.ndarray | None] = [None] * sum(len(g.features) for g in groups.values())
+  for kind, g in groups.items():
+    storage = np.asarray(stored[kind])
+    for t in g.features:
+      a = np.empty((int(g.collection.rows[t]),) + storage.shape[1:], storage.dtype)
+      for start, row, count in g.blocks(t):
+        a[row:row + count] = storage[start:start + count]
+      out[t] = a
+  return out
+
+
+def stack_rows(groups: dict[str, _Group], arrays: Sequence[np.ndarray],
+               shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+  """Per-table host arrays -> the stacked layout of each group (`shapes`: the
+  stacked shape of each group's array; padding rows are zero)."""
+  out = {}
+  for kind, g in groups.items():
+    storage = np.zeros(shapes[kind], np.asarray(arrays[g.features[0]]).dtype)
+    for t in g.features:
+      a = np.asarray(arrays[t])
+      for start, row, count in g.blocks(t):
+        storage[start:start + count] = a[row:row + count]
+    out[kind] = storage
+  return out
+
+
 def _stacked_row_info(group: _Group, local_rows):
   starts = jnp.asarray(group.offset.astype(np.int32))
   g = jnp.clip(jnp.searchsorted(starts, local_rows, side="right") - 1, 0)
@@ -346,17 +394,7 @@ class ShardedEmbedding:
                        f"{axes.shard!r} axis has {n}")
     self.collection, self.plan, self.mesh, self.axes = collection, plan, mesh, axes
     self.specs = collection.specs
-    self.groups: dict[str, _Group] = {}
-    for kind in SHARDING_TYPES:
-      features = [t for t, p in enumerate(plan.placements) if p.kind == kind]
-      if not features:
-        continue
-      if kind == TABLE_WISE:
-        owners = [plan.placements[t].device for t in features]
-        self.groups[kind] = _TableWise(collection, features, n, axes, owners)
-      else:
-        cls = {ROW_WISE: _RowWise, COLUMN_WISE: _ColumnWise, REPLICATED: _Replicated}[kind]
-        self.groups[kind] = cls(collection, features, n, axes)
+    self.groups: dict[str, _Group] = plan_groups(collection, plan, axes)
     order = [t for g in self.groups.values() for t in g.features]
     self._feature_order = np.argsort(np.array(order))  # group-concatenated -> table order
 
@@ -392,30 +430,18 @@ class ShardedEmbedding:
     """Per-table arrays -> the sharded layout (placed on the mesh)."""
     if len(arrays) != self.collection.num_tables:
       raise ValueError(f"expected {self.collection.num_tables} tables, got {len(arrays)}")
-    out = {}
-    for kind, g in self.groups.items():
-      storage = np.zeros(g.shape, np.float32)
-      for t in g.features:
-        a = np.asarray(arrays[t], np.float32)
-        if a.shape != (self.specs[t].rows, self.specs[t].dim):
-          raise ValueError(f"table {self.specs[t].name}: expected shape "
-                           f"{(self.specs[t].rows, self.specs[t].dim)}, got {a.shape}")
-        for start, row, count in g.blocks(t):
-          storage[start:start + count] = a[row:row + count]
-      out[kind] = jax.device_put(storage, NamedSharding(self.mesh, g.spec))
-    return out
+    arrays = [np.asarray(a, np.float32) for a in arrays]
+    for t, a in enumerate(arrays):
+      if a.shape != (self.specs[t].rows, self.specs[t].dim):
+        raise ValueError(f"table {self.specs[t].name}: expected shape "
+                         f"{(self.specs[t].rows, self.specs[t].dim)}, got {a.shape}")
+    stacked = stack_rows(self.groups, arrays, {k: g.shape for k, g in self.groups.items()})
+    return {kind: jax.device_put(stacked[kind], NamedSharding(self.mesh, g.spec))
+            for kind, g in self.groups.items()}
 
   def to_arrays(self, tables: Tables) -> list[np.ndarray]:
     """The sharded layout -> one host array per table."""
-    out: list[np.ndarray | None] = [None] * self.collection.num_tables
-    for kind, g in self.groups.items():
-      storage = fetch(tables[kind])
-      for t in g.features:
-        a = np.empty((self.specs[t].rows, self.specs[t].dim), np.float32)
-        for start, row, count in g.blocks(t):
-          a[row:row + count] = storage[start:start + count]
-        out[t] = a
-    return out
+    return unstack_rows(self.groups, {kind: fetch(tables[kind]) for kind in self.groups})
 
   def init_optimizer(self, opt, tables: Tables):
     """The sparse optimiser's state for each group, created on the tables' devices."""

@@ -1,0 +1,289 @@
+"""Scoring with a trained checkpoint, and an exported inference function.
+
+    python -m dlrm_jax.predict --workdir DIR --input FILE --output FILE
+    python -m dlrm_jax.predict --workdir DIR --export DIR2
+
+`--input` is raw Criteo TSV (with or without the label column; .gz too) or a
+prepared directory (`--split`, default test). Raw values become table rows as
+the prepared directory the model was trained on maps them (its `categorical`
+mode, moduli and vocabulary: `--data`, default the checkpoint's
+`data.path`). The output gets one click probability per input row. It runs
+on every local device (`--devices N` for fewer), in batches of
+`--batch-size` rows, with the sharding plan the planner picks for them: a
+checkpoint restores onto any device count.
+
+`--export` writes the inference function and its parameters: `model.jaxexport`
+(`jax.export` serialisation, batch size symbolic), `params.npz` (dense
+parameters and the tables stacked, with their offsets in `signature.json`).
+`load_exported(DIR)` runs it with jax and numpy alone: no config, no Flax, no
+code of this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import os
+import sys
+from typing import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from dlrm_jax import checkpoint as checkpoint_lib
+from dlrm_jax import parallel
+
+
+@dataclasses.dataclass
+class Model:
+  """A trained model restored for inference: the task, its parameters and tables."""
+
+  task: object  # trainer.Task
+  params: nnx.State
+  tables: dict
+  config: ConfigDict
+  step: int
+
+
+def load_model(workdir: str, *, step: int | None = None, devices: int = 0) -> Model:
+  """The model of WORKDIR's latest (or `step`'s) checkpoint on `devices` devices (0: all).
+
+  The config comes from the checkpoint; the sharding plan is the planner's for
+  the devices at hand (the tables are re-laid out if it differs).
+  """
+  from dlrm_jax import trainer
+
+  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                             log=lambda s: print(s, file=sys.stderr))
+  steps = checkpointer.steps()
+  if not steps:
+    raise checkpoint_lib.CheckpointError(f"{workdir}/checkpoints holds no complete checkpoint")
+  meta = checkpointer.read_meta(step if step is not None else steps[-1])
+  config = ConfigDict(meta["config"])
+  config.mesh.num_devices = int(devices)
+  config.mesh.replicas = 1
+  config.distributed.coordinator_address = ""
+  if meta["plan"]["num_shards"] != (devices or jax.device_count()):
+    config.sharding.overrides = ""  # pinned placements were for the saved device count
+  task = trainer.Task(config)
+  restored = checkpointer.restore(task, config, step=step)
+  checkpointer.close()
+  if restored is None:
+    raise checkpoint_lib.CheckpointError(f"no checkpoint in {workdir}/checkpoints restores")
+  return Model(task=task, params=restored.state.params, tables=restored.state.tables,
+               config=config, step=restored.step)
+
+
+def score(model: Model, batches: Iterator[dict], batch_size: int) -> np.ndarray:
+  """Probabilities for every row of `batches` (host batches of at most `batch_size`
+  rows; each is padded to `batch_size` so that one compiled program serves all)."""
+  out = []
+  for batch in batches:
+    n = len(batch["dense"])
+    if n == 0:
+      continue
+    padded = {k: _pad(np.asarray(v), batch_size) for k, v in batch.items() if k != "label"}
+    model.task.collection.check_ids(padded["sparse"], padded.get("sparse_mask"))
+    probs = model.task.predict(model.params, model.tables, padded)
+    out.append(parallel.fetch(probs)[:n])
+  return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def _pad(x: np.ndarray, rows: int) -> np.ndarray:
+  if len(x) == rows:
+    return x
+  return np.concatenate([x, np.zeros((rows - len(x),) + x.shape[1:], x.dtype)])
+
+
+# Input ---------------------------------------------------------------------------
+
+def prepared_batches(path: str, batch_size: int, split: str = "test") -> Iterator[dict]:
+  """Every row of a split of a prepared Criteo directory, in order, in batches."""
+  from dlrm_jax.data.loader import CriteoData
+
+  data = CriteoData(path, batch_size, shuffle=False)
+  for i in range(data.num_batches(split, batch_size)):
+    yield data.batch(i, split, batch_size)
+
+
+class RawMapper:
+  """Raw categorical values (uint32 hex) -> table rows, as a prepared directory maps them."""
+
+  def __init__(self, data_dir: str):
+    from dlrm_jax.data import format as fmt
+
+    self.meta = fmt.read_metadata(data_dir)
+    options = self.meta["options"]
+    self.mode = options["categorical"]
+    moduli = options.get("max_ind_range")
+    self.moduli = None if moduli is None else np.asarray(moduli, np.uint32)
+    self.vocab = None
+    if self.mode != "hash":
+      vocab_dir = os.path.join(data_dir, fmt.VOCAB_DIR)
+      self.vocab = [(np.load(os.path.join(vocab_dir, f"C{f + 1:02d}.keys.npy")),
+                     np.load(os.path.join(vocab_dir, f"C{f + 1:02d}.ids.npy")))
+                    for f in range(fmt.NUM_SPARSE)]
+    self.unseen = 0  # values missing from a `reference` vocabulary (mapped to row 0)
+
+  def __call__(self, raw: np.ndarray) -> np.ndarray:
+    if self.moduli is not None:
+      raw = raw % self.moduli
+    if self.vocab is None:
+      return raw.astype(np.int32)
+    out = np.empty(raw.shape, np.int32)
+    for f, (keys, ids) in enumerate(self.vocab):
+      col = raw[:, f]
+      pos = np.minimum(np.searchsorted(keys, col), max(len(keys) - 1, 0))
+      found = keys[pos] == col if len(keys) else np.zeros(len(col), bool)
+      self.unseen += int((~found).sum()) if self.mode == "reference" else 0
+      out[:, f] = np.where(found, ids[pos], 0)
+    return out
+
+
+def raw_batches(path: str, mapper: RawMapper, batch_size: int) -> Iterator[dict]:
+  """Batches of a raw Criteo TSV file (40 columns, or 39 without the label).
+
+  A bad line stops with the file, the line and the field.
+  """
+  from dlrm_jax.data.criteo import BadLineError, parse_block
+
+  opener = gzip.open if path.endswith(".gz") else open
+  line_no = 0
+  with opener(path, "rb") as f:
+    while True:
+      lines = [f.readline() for _ in range(batch_size)]
+      lines = [l for l in lines if l]
+      if not lines:
+        return
+      if lines[0].rstrip(b"\r\n").count(b"\t") == 38:  # no label column: add one
+        lines = [b"0\t" + l for l in lines]
+      data = b"".join(l if l.endswith(b"\n") else l + b"\n" for l in lines)
+      block = parse_block(data)
+      if block.bad:
+        local, field, message = block.bad[0]
+        raise BadLineError(path, line_no + local, field, message)
+      line_no += len(lines)
+      yield {"dense": block.dense, "sparse": mapper(block.raw)}
+
+
+# Export --------------------------------------------------------------------------
+
+def export(model: Model, directory: str, *, platforms: Sequence[str] | None = None) -> None:
+  """Writes the inference function (jax.export) and its parameters to `directory`.
+
+  The function takes (dense-parameter leaves, the tables stacked [sum of rows, D],
+  dense [B, 13], sparse [B, F] int32) with a symbolic B and returns
+  probabilities [B] (one-hot ids: one id per feature);
+  `load_exported` wraps it.
+  """
+  task = model.task
+  leaves, treedef = jax.tree.flatten(model.params)
+  leaves = [np.asarray(parallel.fetch(x)) for x in leaves]
+  tables = task.embedding.to_arrays(model.tables)
+  graphdef, collection = task.graphdef, task.collection
+
+  stacked = np.concatenate(tables, axis=0)  # one gather serves every table
+
+  def infer(param_leaves, stacked, dense, sparse):
+    params = jax.tree.unflatten(treedef, param_leaves)
+    emb = collection.lookup({"stacked": stacked}, sparse)
+    return jax.nn.sigmoid(nnx.merge(graphdef, params)(dense, emb))
+
+  b = jax.export.symbolic_shape("b")[0]
+  args = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves],
+          jax.ShapeDtypeStruct(stacked.shape, stacked.dtype),
+          jax.ShapeDtypeStruct((b, task.spec.num_dense), jnp.float32),
+          jax.ShapeDtypeStruct((b, task.spec.num_tables), jnp.int32))
+  exported = jax.export.export(jax.jit(infer), platforms=platforms)(*args)
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "model.jaxexport"), "wb") as f:
+    f.write(exported.serialize())
+  arrays = {f"param_{i:04d}": x for i, x in enumerate(leaves)}
+  arrays["tables"] = stacked
+  np.savez(os.path.join(directory, "params.npz"), **arrays)
+  with open(os.path.join(directory, "signature.json"), "w") as f:
+    json.dump({"num_params": len(leaves), "num_tables": len(tables),
+               "table_offsets": [int(o) for o in collection.offsets],
+               "num_dense": task.spec.num_dense, "table_rows": list(task.spec.table_rows),
+               "step": model.step, "platforms": list(exported.platforms),
+               "inputs": "dense float32 [B, num_dense], sparse int32 [B, num_tables]",
+               "output": "click probability float32 [B]"}, f, indent=1)
+
+
+def load_exported(directory: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+  """The exported model as `f(dense, sparse) -> probabilities`, with jax and numpy only."""
+  with open(os.path.join(directory, "model.jaxexport"), "rb") as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+  with open(os.path.join(directory, "signature.json")) as f:
+    sig = json.load(f)
+  arrays = np.load(os.path.join(directory, "params.npz"))
+  leaves = [arrays[f"param_{i:04d}"] for i in range(sig["num_params"])]
+  tables = arrays["tables"]
+
+  def run(dense, sparse):
+    return np.asarray(exported.call(leaves, tables, np.asarray(dense, np.float32),
+                                    np.asarray(sparse, np.int32)))
+
+  return run
+
+
+# Command line --------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m dlrm_jax.predict", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True, help="the training run's directory")
+  p.add_argument("--input", help="raw Criteo TSV (.gz too) or a prepared directory")
+  p.add_argument("--output", help="file for the probabilities, one per input row")
+  p.add_argument("--export", help="directory for the exported inference function")
+  p.add_argument("--data", help="prepared directory whose vocabulary maps raw values "
+                 "(default: the checkpoint's data.path)")
+  p.add_argument("--split", default="test", help="split of a prepared --input (default test)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  p.add_argument("--batch-size", type=int, default=4096)
+  p.add_argument("--devices", type=int, default=0, help="devices to use (0: all)")
+  p.add_argument("--platforms", default="", help="export for these platforms, e.g. cpu,cuda "
+                 "(default: this machine's)")
+  args = p.parse_args(argv)
+  if not args.export and not (args.input and args.output):
+    p.error("give --input and --output, or --export")
+  try:
+    model = load_model(args.workdir, step=args.step, devices=args.devices)
+  except (checkpoint_lib.CheckpointError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"model of step {model.step} from {args.workdir} on {model.task.mesh.size} device(s)",
+        file=sys.stderr)
+  if args.export:
+    export(model, args.export,
+           platforms=[s for s in args.platforms.split(",") if s] or None)
+    print(f"exported to {args.export}", file=sys.stderr)
+  if args.input:
+    batch_size = -(-args.batch_size // model.task.mesh.size) * model.task.mesh.size
+    mapper = None
+    if os.path.isdir(args.input):
+      batches = prepared_batches(args.input, batch_size, args.split)
+    else:
+      data_dir = args.data or str(model.config.data.get("path", ""))
+      if not data_dir or not os.path.isdir(data_dir):
+        print(f"error: raw input needs the prepared directory the model was trained on "
+              f"(--data; the checkpoint names {data_dir!r})", file=sys.stderr)
+        return 1
+      mapper = RawMapper(data_dir)
+      batches = raw_batches(args.input, mapper, batch_size)
+    probs = score(model, batches, batch_size)
+    with open(args.output, "w") as f:
+      f.writelines(f"{x:.9g}\n" for x in probs)
+    print(f"{len(probs):,} rows scored into {args.output}"
+          + (f" ({mapper.unseen:,} values unseen in training mapped to row 0)"
+             if mapper is not None and mapper.unseen else ""), file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
