@@ -2,7 +2,8 @@
 """Sharded train step on 1, 2, 4, 8 devices: step time and bytes per collective.
 
 The reference's Kaggle-shaped model (D=16, bottom 13-512-256-64-16, top
-512-256-1, dot, 26 tables of ROWS rows, one id each, SGD), global batch 2048,
+512-256-1, dot, 26 tables of ROWS rows, or with `--rows kaggle` the 33.8M
+rows of the Kaggle set's tables, one id each, SGD), global batch 2048,
 random data, with the planner's plan for each device count (or
 `--overrides`). Each device count runs in its own process; on a CPU host the
 devices are simulated (XLA_FLAGS=--xla_force_host_platform_device_count=N),
@@ -15,6 +16,7 @@ the optimised HLO: the size of every all-to-all, all-gather, reduce-scatter
 and all-reduce result).
 
   python benchmarks/sharding_scaling.py --devices 1,2,4,8 --rows 100000
+  python benchmarks/sharding_scaling.py --devices 1,2,4,8 --rows kaggle
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def collective_bytes(hlo: str) -> dict[str, int]:
   return out
 
 
-def run_one(devices: int, rows: int, batch: int, warmup: int, steps: int, overrides: str) -> dict:
+def run_one(devices: int, rows: str, batch: int, warmup: int, steps: int, overrides: str) -> dict:
   import jax
 
   sys.path.insert(0, HERE)
@@ -59,7 +61,13 @@ def run_one(devices: int, rows: int, batch: int, warmup: int, steps: int, overri
 
   from dlrm_jax import trainer
 
-  config = kaggle_config(rows, batch, 0.01, "sgd", devices=devices)
+  every = 1 if rows == "kaggle" else int(rows)
+  config = kaggle_config(every, batch, 0.01, "sgd", devices=devices)
+  if rows == "kaggle":
+    sys.path.insert(0, os.path.join(REPO, "configs"))
+    from criteo_kaggle import KAGGLE_TABLE_ROWS
+
+    config.arch_embedding_size = "-".join(str(r) for r in KAGGLE_TABLE_ROWS)
   config.sharding.overrides = overrides
   task = trainer.Task(config)
   state = task.init_state(0)
@@ -91,7 +99,7 @@ def run_one(devices: int, rows: int, batch: int, warmup: int, steps: int, overri
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--devices", default="1,2,4,8")
-  ap.add_argument("--rows", type=int, default=100_000)
+  ap.add_argument("--rows", default="100000", help="rows of every table, or 'kaggle'")
   ap.add_argument("--batch", type=int, default=2048)
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--steps", type=int, default=20)
@@ -105,7 +113,7 @@ def main():
     print("RESULT " + json.dumps(r), flush=True)
     return
   print(f"# {platform.node()} {platform.machine()} cores={os.cpu_count()} "
-        f"{time.strftime('%Y-%m-%d %H:%M')} rows=26x{a.rows:,} batch={a.batch}", flush=True)
+        f"{time.strftime('%Y-%m-%d %H:%M')} rows={a.rows} batch={a.batch}", flush=True)
   for n in [int(x) for x in a.devices.split(",")]:
     env = dict(os.environ)
     if not a.real:
