@@ -865,12 +865,7 @@ def _sub_sample(root, shards, train_rows, rate, seed, pool, progress) -> list[di
       new[s["name"]] = s["rows"]  # Evaluation rows only: untouched.
     start += s["rows"]
   bar = _progress(sum(t[2] for t in tasks), "subsample negatives", "rows", progress)
-  last = [0]
-
-  def tick():
-    v = pool.counters[0].value
-    bar.update(v - last[0])
-    last[0] = v
+  tick = _rows_ticker(pool, bar)
 
   def done(task, kept):
     name = task[1]
@@ -950,6 +945,18 @@ def _plan_pieces(index: int, path: str, piece_bytes: int) -> list[Piece]:
   n = max(1, math.ceil(size / piece_bytes))
   bounds = [size * k // n for k in range(n + 1)]
   return [Piece(index, k, path, bounds[k], bounds[k + 1], False) for k in range(n)]
+
+
+def _rows_ticker(pool, bar) -> Callable[[], None]:
+  """A callback that moves `bar` on by the rows the pool's workers have counted since."""
+  last = [0]
+
+  def tick():
+    v = pool.counters[0].value
+    bar.update(v - last[0])
+    last[0] = v
+
+  return tick
 
 
 def _progress(total: int | None, desc: str, unit: str, enabled: bool):
@@ -1229,12 +1236,7 @@ def _build_vocabulary(root, shards, mode, splits, threshold, pool, memory_bytes,
     deferred: list[int] = []
     bar = _progress(sum(t[2] - t[1] for t in tasks_all), f"vocabulary pass {pass_number}",
                     "rows", progress)
-    last = [0]
-
-    def tick():
-      v = pool.counters[0].value
-      bar.update(v - last[0])
-      last[0] = v
+    tick = _rows_ticker(pool, bar)
 
     def done(task, stats):
       for f, (keys, vals) in stats.items():
@@ -1268,12 +1270,7 @@ def _apply_vocabulary(root, shards, mode, pool, progress) -> None:
   paths = [fmt.shard_path(root, s["name"], "sparse") for s in shards]
   pool.reset()
   bar = _progress(sum(s["rows"] for s in shards), "apply vocabulary", "rows", progress)
-  last = [0]
-
-  def tick():
-    v = pool.counters[0].value
-    bar.update(v - last[0])
-    last[0] = v
+  tick = _rows_ticker(pool, bar)
 
   pool.run(_apply_task, [(p, root, mode) for p in paths], lambda t, r: None, tick)
   tick()
