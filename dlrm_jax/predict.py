@@ -37,6 +37,8 @@ from ml_collections import ConfigDict
 
 from dlrm_jax import checkpoint as checkpoint_lib
 from dlrm_jax import parallel
+from dlrm_jax.data import criteo
+from dlrm_jax.data import format as fmt
 
 
 @dataclasses.dataclass
@@ -115,19 +117,12 @@ class RawMapper:
   """Raw categorical values (uint32 hex) -> table rows, as a prepared directory maps them."""
 
   def __init__(self, data_dir: str):
-    from dlrm_jax.data import format as fmt
-
     self.meta = fmt.read_metadata(data_dir)
     options = self.meta["options"]
     self.mode = options["categorical"]
     moduli = options.get("max_ind_range")
     self.moduli = None if moduli is None else np.asarray(moduli, np.uint32)
-    self.vocab = None
-    if self.mode != "hash":
-      vocab_dir = os.path.join(data_dir, fmt.VOCAB_DIR)
-      self.vocab = [(np.load(os.path.join(vocab_dir, f"C{f + 1:02d}.keys.npy")),
-                     np.load(os.path.join(vocab_dir, f"C{f + 1:02d}.ids.npy")))
-                    for f in range(fmt.NUM_SPARSE)]
+    self.vocab = None if self.mode == "hash" else criteo.load_vocabulary(data_dir)
     self.unseen = 0  # values missing from a `reference` vocabulary (mapped to row 0)
 
   def __call__(self, raw: np.ndarray) -> np.ndarray:
@@ -137,11 +132,8 @@ class RawMapper:
       return raw.astype(np.int32)
     out = np.empty(raw.shape, np.int32)
     for f, (keys, ids) in enumerate(self.vocab):
-      col = raw[:, f]
-      pos = np.minimum(np.searchsorted(keys, col), max(len(keys) - 1, 0))
-      found = keys[pos] == col if len(keys) else np.zeros(len(col), bool)
+      out[:, f], found = criteo.vocab_rows(keys, ids, raw[:, f])
       self.unseen += int((~found).sum()) if self.mode == "reference" else 0
-      out[:, f] = np.where(found, ids[pos], 0)
     return out
 
 
@@ -150,8 +142,6 @@ def raw_batches(path: str, mapper: RawMapper, batch_size: int) -> Iterator[dict]
 
   A bad line stops with the file, the line and the field.
   """
-  from dlrm_jax.data.criteo import BadLineError, parse_block
-
   opener = gzip.open if path.endswith(".gz") else open
   line_no = 0
   with opener(path, "rb") as f:
@@ -163,10 +153,10 @@ def raw_batches(path: str, mapper: RawMapper, batch_size: int) -> Iterator[dict]
       if lines[0].rstrip(b"\r\n").count(b"\t") == 38:  # no label column: add one
         lines = [b"0\t" + l for l in lines]
       data = b"".join(l if l.endswith(b"\n") else l + b"\n" for l in lines)
-      block = parse_block(data)
+      block = criteo.parse_block(data)
       if block.bad:
         local, field, message = block.bad[0]
-        raise BadLineError(path, line_no + local, field, message)
+        raise criteo.BadLineError(path, line_no + local, field, message)
       line_no += len(lines)
       yield {"dense": block.dense, "sparse": mapper(block.raw)}
 

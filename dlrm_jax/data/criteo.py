@@ -743,6 +743,20 @@ def _vocab_paths(root: str, f: int) -> tuple[str, str]:
   return os.path.join(d, f"C{f + 1:02d}.keys.npy"), os.path.join(d, f"C{f + 1:02d}.ids.npy")
 
 
+def load_vocabulary(root: str) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(sorted raw values, their table rows) of each feature of a prepared directory."""
+  return [tuple(np.load(p, mmap_mode="r") for p in _vocab_paths(root, f))
+          for f in range(NUM_SPARSE)]
+
+
+def vocab_rows(keys: np.ndarray, ids: np.ndarray, col: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """Table rows of raw values `col` (row 0 for values not in `keys`) and which were found."""
+  pos = np.minimum(np.searchsorted(keys, col), max(len(keys) - 1, 0))
+  found = (keys[pos] == col) if len(keys) else np.zeros(len(col), bool)
+  return np.where(found, ids[pos], 0).astype(np.int32), found
+
+
 def _save_npy(path: str, array: np.ndarray) -> None:
   with open(path + ".tmp", "wb") as f:
     np.save(f, array)
@@ -770,7 +784,7 @@ def _apply_task(path: str, root: str, mode: str) -> int:
   sparse = np.load(path, mmap_mode="r")
   if sparse.dtype == np.int32:
     return 0  # Done in an earlier run.
-  vocab = [tuple(np.load(p, mmap_mode="r") for p in _vocab_paths(root, f)) for f in range(NUM_SPARSE)]
+  vocab = load_vocabulary(root)
   writer = fmt.NpyAppender(path + ".ids", np.int32, (NUM_SPARSE,))
   try:
     step = 1 << 18
@@ -778,14 +792,10 @@ def _apply_task(path: str, root: str, mode: str) -> int:
       raw = np.asarray(sparse[lo:lo + step])
       out = np.empty(raw.shape, np.int32)
       for f, (keys, ids) in enumerate(vocab):
-        col = raw[:, f]
-        pos = np.searchsorted(keys, col)
-        pos_c = np.minimum(pos, max(len(keys) - 1, 0))
-        found = (keys[pos_c] == col) if len(keys) else np.zeros(len(col), bool)
+        out[:, f], found = vocab_rows(keys, ids, raw[:, f])
         if mode == "reference" and not found.all():
-          raise RuntimeError(f"{path}: value {int(col[~found][0])} of C{f + 1} is missing from "
-                             "the vocabulary: the prepared directory is damaged; prepare again.")
-        out[:, f] = np.where(found, ids[pos_c], 0)
+          raise RuntimeError(f"{path}: value {int(raw[:, f][~found][0])} of C{f + 1} is missing "
+                             "from the vocabulary: the prepared directory is damaged; prepare again.")
       writer.append(out)
       _add(0, len(raw))
     writer.close()
