@@ -93,9 +93,14 @@ def main() -> None:
     write = time.perf_counter() - t
     saves.append({"step": step, "blocked_s": blocked, "write_s": write,
                   "step_during_write_s": statistics.median(during)})
+    print(f"save at step {step}: blocked the loop {blocked:.3f} s, committed after "
+          f"{write:.1f} s, median step {statistics.median(during):.3f} s while writing "
+          f"({statistics.median(quiet):.3f} s before the first save)", flush=True)
     step += args.steps_between
   last = ckpt.steps()[-1]
   size = dir_bytes(os.path.join(ckpt.directory, str(last)))
+  print(f"checkpoint {size / 2**20:,.1f} MiB on disk for {raw / 2**20:,.1f} MiB of state "
+        f"({size / raw:.2f}x); restoring it", flush=True)
   t = time.perf_counter()
   restored = ckpt.restore(task, config)
   jax.block_until_ready(restored.state)

@@ -13,9 +13,12 @@ Paths:
           tables through the gather, then optax.sgd over every parameter.
 
 Each (rows, path) runs in its own subprocess so that its peak RSS
-(ru_maxrss) is its own. Prints one line per run and, with --markdown, a table.
+(ru_maxrss) is its own; it prints one line per run. With --interleave they
+all run in one process instead, taking turns step by step, for step times
+that a shared machine's swings do not skew (no per-run peak memory then).
 
   python benchmarks/embedding_scaling.py --rows 100000,1000000,4000000 --paths sparse,dense
+  python benchmarks/embedding_scaling.py --rows 100000,1000000,4000000 --paths sparse --interleave
 
 `--dim`, `--bottom` and `--top` change the model's shape (e.g. the MLPerf-shaped
 config c of torchrec_side_by_side.py).
@@ -63,9 +66,9 @@ def random_batches(task, batch: int, pool: int, seed: int = 1):
   return [task.device_batch(b) for b in batches]
 
 
-def run_one(rows: int, path: str, batch: int, warmup: int, steps: int, pool: int, lr: float,
-            optimizer: str, dim: int = 16, bottom: str = "13-512-256-64-16",
-            top: str = "512-256-1") -> dict:
+def make_step(rows: int, path: str, batch: int, pool: int, lr: float, optimizer: str,
+              dim: int = 16, bottom: str = "13-512-256-64-16", top: str = "512-256-1"):
+  """(step_fn, state, batches, task, init_s) of one (rows, path) run."""
   import jax
   import optax
 
@@ -98,7 +101,16 @@ def run_one(rows: int, path: str, batch: int, warmup: int, steps: int, pool: int
     step_fn = jax.jit(dense_step, donate_argnums=(0,))
   else:
     raise ValueError(path)
+  return step_fn, state, batches, task, init_s
 
+
+def run_one(rows: int, path: str, batch: int, warmup: int, steps: int, pool: int, lr: float,
+            optimizer: str, dim: int = 16, bottom: str = "13-512-256-64-16",
+            top: str = "512-256-1") -> dict:
+  import jax
+
+  step_fn, state, batches, task, init_s = make_step(rows, path, batch, pool, lr, optimizer,
+                                                    dim, bottom, top)
   t = time.perf_counter()
   for i in range(warmup):
     state, out = step_fn(state, batches[i % pool])
@@ -127,6 +139,43 @@ def run_one(rows: int, path: str, batch: int, warmup: int, steps: int, pool: int
   }
 
 
+def run_interleaved(a) -> None:
+  """Every (rows, path) in this one process, taking turns step by step.
+
+  Round r runs one step of each run, in an order rotated every round, so
+  that the machine's swings (10x within seconds on a shared VM) fall on all
+  of them alike; each run's time is also divided by the first run's in the
+  same round (median over rounds). Peak memory is not per run here.
+  """
+  import jax
+
+  runs = {}
+  for rows in [int(r) for r in a.rows.split(",")]:
+    for path in a.paths.split(","):
+      step_fn, state, batches, _, _ = make_step(rows, path, a.batch, a.pool, a.lr, a.optimizer,
+                                                a.dim, a.bottom, a.top)
+      runs[(rows, path)] = [step_fn, state, batches]
+  keys = list(runs)
+  times = {k: [] for k in keys}
+  for r in range(a.warmup + a.steps):
+    for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+      step_fn, state, batches = runs[key]
+      t = time.perf_counter()
+      state, _ = step_fn(state, batches[r % len(batches)])
+      jax.block_until_ready(state)
+      runs[key][1] = state
+      if r >= a.warmup:
+        times[key].append(time.perf_counter() - t)
+  first = times[keys[0]]
+  print(f"\n| rows | path | median step | p10 step | time / {keys[0][0]:,} rows {keys[0][1]} "
+        "(median over rounds) |\n|---|---|---|---|---|")
+  for (rows, path), ts in times.items():
+    ratio = statistics.median(x / y for x, y in zip(ts, first))
+    ordered = sorted(ts)
+    print(f"| 26 x {rows:,} | {path} | {statistics.median(ts) * 1e3:,.1f} ms | "
+          f"{ordered[len(ordered) // 10] * 1e3:,.1f} ms | {ratio:.2f} |", flush=True)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--rows", default="100000,1000000,4000000")
@@ -142,6 +191,8 @@ def main():
   ap.add_argument("--top", default="512-256-1", help="top MLP")
   ap.add_argument("--repeats", type=int, default=1, help="runs of each (rows, path), alternated")
   ap.add_argument("--json", default="", help="append one JSON line per run here")
+  ap.add_argument("--interleave", action="store_true",
+                  help="run all in one process, step by step in turn (see run_interleaved)")
   ap.add_argument("--_child", nargs=2, metavar=("ROWS", "PATH"), help=argparse.SUPPRESS)
   a = ap.parse_args()
 
@@ -153,6 +204,9 @@ def main():
 
   print(f"# {platform.node()} {platform.machine()} cores={os.cpu_count()} "
         f"{time.strftime('%Y-%m-%d %H:%M')} batch={a.batch} steps={a.steps}", flush=True)
+  if a.interleave:
+    run_interleaved(a)
+    return
   results = []
   for rep in range(a.repeats):
     for rows in [int(r) for r in a.rows.split(",")]:

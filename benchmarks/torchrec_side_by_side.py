@@ -79,6 +79,7 @@ def main():
         f"{time.strftime('%Y-%m-%d %H:%M %Z')} steps={a.steps} repeats={a.repeats}", flush=True)
   names = a.configs.split(",")
   rates = {(n, side): [] for n in names for side in ("dlrm_jax", "torchrec")}
+  best = {key: [] for key in rates}  # samples/s at each run's fastest-decile step time
   for rep in range(a.repeats):
     for n in names:
       for side, fn in (("dlrm_jax", run_jax), ("torchrec", run_torchrec)):
@@ -86,19 +87,25 @@ def main():
         if r is None:
           continue
         rates[(n, side)].append(r["samples_per_s"])
+        best[(n, side)].append(r["batch"] / r["p10_step_ms"] * 1e3)
         print(f"repeat {rep} config {n} {side:8s} {r['samples_per_s']:>9,.0f} samples/s  "
-              f"median step {r['median_step_ms']:7.1f} ms  peak RSS {r['peak_rss_mb']:7,.0f} MB",
-              flush=True)
+              f"median step {r['median_step_ms']:7.1f} ms  p10 {r['p10_step_ms']:7.1f} ms  "
+              f"peak RSS {r['peak_rss_mb']:7,.0f} MB", flush=True)
         if a.json:
           with open(a.json, "a") as f:
             f.write(json.dumps({"config": n, "side": side, "repeat": rep, **r}) + "\n")
-  print("\n| config | dlrm_jax samples/s | TorchRec samples/s | ratio |\n|---|---|---|---|")
-  for n in names:
-    j, t = rates[(n, "dlrm_jax")], rates[(n, "torchrec")]
-    if j and t:
-      mj, mt = statistics.median(j), statistics.median(t)
-      print(f"| {n} | {mj:,.0f} ({', '.join(f'{x:,.0f}' for x in j)}) | "
-            f"{mt:,.0f} ({', '.join(f'{x:,.0f}' for x in t)}) | {mj / mt:.2f} |")
+  # Interference on a shared machine only ever slows a step down, so besides
+  # the median step, each run's fastest decile (p10) estimates what the code
+  # does when the machine lets it run.
+  for title, table in (("median step", rates), ("fastest-decile step (p10)", best)):
+    print(f"\nsamples/s at the {title}, median over runs (each run in brackets)\n"
+          "| config | dlrm_jax | TorchRec | ratio |\n|---|---|---|---|")
+    for n in names:
+      j, t = table[(n, "dlrm_jax")], table[(n, "torchrec")]
+      if j and t:
+        mj, mt = statistics.median(j), statistics.median(t)
+        print(f"| {n} | {mj:,.0f} ({', '.join(f'{x:,.0f}' for x in j)}) | "
+              f"{mt:,.0f} ({', '.join(f'{x:,.0f}' for x in t)}) | {mj / mt:.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""XLA:CPU compiler options for the train step, compared step by step in one process.
+
+On a shared machine the time of one step swings by 10x within seconds, so
+runs of one variant after another compare the machine's moods, not the
+variants. Here every variant is compiled from the same lowered train step
+(`Compiled = lowered.compile(compiler_options=...)`, no XLA_FLAGS), each
+with its own copy of the train state, and the variants take turns: round r
+runs one step of each, in an order rotated every round. Each variant's
+median and fastest-decile (p10) step time are reported, and its time divided
+by the default's in the same round (median over rounds), which cancels what
+the rounds share.
+
+The model is the reference's Kaggle-shaped one (`embedding_scaling.py`;
+`--dim/--bottom/--top` for another shape), one device, random data, SGD.
+
+  python benchmarks/xla_cpu_options.py --rows 100000 --rounds 40
+  python benchmarks/xla_cpu_options.py --variants default,fast_compile --rounds 10
+
+A variant whose option this jaxlib does not know is reported and skipped.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+# Debug options of XLA:CPU (xla/xla.proto) that may change the train step's speed.
+VARIANTS = {
+    "default": {},
+    "fast_runtime": {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_RUNTIME"},
+    "fast_compile": {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"},
+    "onednn": {"xla_cpu_use_onednn": True},
+    "xnnpack": {"xla_cpu_use_xnnpack": True},
+    "xnn_graph_greedy": {"xla_cpu_experimental_xnn_graph_fusion_mode":
+                         "XNN_GRAPH_FUSION_MODE_GREEDY"},
+    "fast_math": {"xla_cpu_enable_fast_math": True},
+    "no_eigen_threads": {"xla_cpu_multi_thread_eigen": False},
+}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--variants", default=",".join(VARIANTS))
+  ap.add_argument("--rows", type=int, default=100_000, help="rows of each of the 26 tables")
+  ap.add_argument("--batch", type=int, default=2048)
+  ap.add_argument("--rounds", type=int, default=40)
+  ap.add_argument("--warmup", type=int, default=2, help="rounds not counted")
+  ap.add_argument("--dim", type=int, default=16)
+  ap.add_argument("--bottom", default="13-512-256-64-16")
+  ap.add_argument("--top", default="512-256-1")
+  a = ap.parse_args()
+
+  import jax
+
+  from dlrm_jax import trainer
+  from embedding_scaling import kaggle_config, random_batches
+
+  task = trainer.Task(kaggle_config(a.rows, a.batch, 0.01, "sgd", a.dim, a.bottom, a.top))
+  batches = random_batches(task, a.batch, pool=4)
+  lowered = task._train_step_jit.lower(task.init_state(0), batches[0])
+  print(f"# {os.uname().machine} cores={os.cpu_count()} {time.strftime('%Y-%m-%d %H:%M %Z')} "
+        f"jax {jax.__version__} rows=26x{a.rows:,} dim={a.dim} bottom={a.bottom} top={a.top} "
+        f"batch={a.batch} rounds={a.rounds}", flush=True)
+  compiled, states = {}, {}
+  for name in a.variants.split(","):
+    t = time.perf_counter()
+    try:
+      compiled[name] = lowered.compile(compiler_options=VARIANTS[name])
+    except Exception as e:  # an option this jaxlib lacks: say so, go on
+      print(f"{name:18s} skipped: {str(e).splitlines()[0][:150]}", flush=True)
+      continue
+    print(f"{name:18s} compiled in {time.perf_counter() - t:6.1f} s  {VARIANTS[name]}",
+          flush=True)
+    states[name] = task.init_state(0)
+  names = list(compiled)
+  times = {n: [] for n in names}
+  losses = {n: [] for n in names}
+  for r in range(a.warmup + a.rounds):
+    k = r % len(names)
+    for name in names[k:] + names[:k]:
+      t = time.perf_counter()
+      states[name], out = compiled[name](states[name], batches[r % len(batches)])
+      jax.block_until_ready(states[name])
+      if r >= a.warmup:
+        times[name].append(time.perf_counter() - t)
+      losses[name].append(float(out["loss"]))
+  base = times.get("default")
+  print("\n| variant | median step | p10 step | time / default (median over rounds) | "
+        "max loss difference |\n|---|---|---|---|---|")
+  for name in names:
+    ts = sorted(times[name])
+    ratio = (statistics.median(x / y for x, y in zip(times[name], base)) if base else float("nan"))
+    diff = (max(abs(x - y) for x, y in zip(losses[name], losses["default"]))
+            if "default" in losses else float("nan"))
+    print(f"| {name} | {statistics.median(ts) * 1e3:,.1f} ms | {ts[len(ts) // 10] * 1e3:,.1f} ms "
+          f"| {ratio:.2f} | {diff:.1e} |")
+
+
+if __name__ == "__main__":
+  main()
