@@ -24,6 +24,7 @@ def resume_config():
   c = load_config("tiny")
   c.num_batches = 20
   c.test_freq = 10
+  c.checkpoint.enabled = True
   c.checkpoint.every_steps = 5
   c.checkpoint.max_to_keep = 2
   c.embedding_optimizer = "rowwise_adagrad"

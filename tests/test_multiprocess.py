@@ -22,6 +22,7 @@ def make_config():
   c.sharding.min_column_width = 1
   c.sharding.overrides = "t0:table_wise:3,t1:row_wise,t2:column_wise,t3:replicated"
   c.num_batches, c.test_freq = 6, 3
+  c.checkpoint.enabled = True  # each process writes its own shards
   return c
 
 
