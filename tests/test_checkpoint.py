@@ -33,7 +33,6 @@ def _without_speed(records):
   return [{k: v for k, v in r.items() if k != "examples_per_sec"} for r in records]
 
 
-@pytest.mark.slow  # two training subprocesses and a third run: minutes on 2 cores
 def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):
   """Killed with SIGKILL mid-run, then rerun: the same records, parameters and tables
   as a run that was never interrupted, bit for bit."""
@@ -118,11 +117,11 @@ def _save_and_restore_elsewhere(tmp_path, saved_on, restore_on):
   _assert_states_equal(same.state, state)
 
 
+@pytest.mark.slow  # a smaller case of the next test
 def test_restore_onto_one_device_and_another_plan(tmp_path):
   _save_and_restore_elsewhere(tmp_path, 2, (1,))
 
 
-@pytest.mark.slow
 def test_restore_from_8_devices_onto_1_2_and_4(tmp_path):
   _save_and_restore_elsewhere(tmp_path, 8, (1, 2, 4))
 
@@ -219,7 +218,6 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
   assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).steps() == [5, 10]
 
 
-@pytest.mark.slow  # prepares data, trains, predicts and exports in subprocesses: minutes
 def test_predict_raw_and_prepared_data_and_export_round_trip(tmp_path):
   """Scores raw TSV and the prepared rows alike; an exported model in a process
   that imports only jax and numpy gives the same probabilities."""
