@@ -139,41 +139,56 @@ def run_one(rows: int, path: str, batch: int, warmup: int, steps: int, pool: int
   }
 
 
-def run_interleaved(a) -> None:
-  """Every (rows, path) in this one process, taking turns step by step.
+def take_turns(runs: dict, rounds: int, warmup: int, batches: list) -> dict:
+  """Times one step of every run per round, in an order rotated every round.
 
-  Round r runs one step of each run, in an order rotated every round, so
-  that the machine's swings (10x within seconds on a shared VM) fall on all
-  of them alike; each run's time is also divided by the first run's in the
-  same round (median over rounds). Peak memory is not per run here.
+  `runs[name] = [step_fn, state]`; each state is replaced by its step's
+  output. Returns {name: [seconds per counted round]} and, under the key
+  `"losses"`, {name: [loss per round]}. Taking turns step by step makes the
+  machine's swings (10x within seconds on a shared VM) fall on every run alike.
   """
   import jax
 
-  runs = {}
+  names = list(runs)
+  times = {n: [] for n in names}
+  losses = {n: [] for n in names}
+  for r in range(warmup + rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      step_fn, state = runs[name]
+      t = time.perf_counter()
+      state, out = step_fn(state, batches[r % len(batches)])
+      jax.block_until_ready(state)
+      runs[name][1] = state
+      if r >= warmup:
+        times[name].append(time.perf_counter() - t)
+      losses[name].append(float(out["loss"]))
+  return {"times": times, "losses": losses}
+
+
+def turn_row(times: list, base: list) -> str:
+  """'median | p10 | time / base (median over rounds)' cells of a results table."""
+  ordered = sorted(times)
+  ratio = statistics.median(x / y for x, y in zip(times, base))
+  return (f"{statistics.median(times) * 1e3:,.1f} ms | {ordered[len(ordered) // 10] * 1e3:,.1f} ms"
+          f" | {ratio:.2f}")
+
+
+def run_interleaved(a) -> None:
+  """Every (rows, path) in this one process, taking turns step by step (`take_turns`);
+  each run's time is also divided by the first run's in the same round. Peak
+  memory is not per run here."""
+  runs, batches = {}, None
   for rows in [int(r) for r in a.rows.split(",")]:
     for path in a.paths.split(","):
       step_fn, state, batches, _, _ = make_step(rows, path, a.batch, a.pool, a.lr, a.optimizer,
                                                 a.dim, a.bottom, a.top)
-      runs[(rows, path)] = [step_fn, state, batches]
-  keys = list(runs)
-  times = {k: [] for k in keys}
-  for r in range(a.warmup + a.steps):
-    for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-      step_fn, state, batches = runs[key]
-      t = time.perf_counter()
-      state, _ = step_fn(state, batches[r % len(batches)])
-      jax.block_until_ready(state)
-      runs[key][1] = state
-      if r >= a.warmup:
-        times[key].append(time.perf_counter() - t)
-  first = times[keys[0]]
-  print(f"\n| rows | path | median step | p10 step | time / {keys[0][0]:,} rows {keys[0][1]} "
+      runs[(rows, path)] = [step_fn, state]
+  times = take_turns(runs, a.steps, a.warmup, batches)["times"]
+  first = next(iter(runs))
+  print(f"\n| rows | path | median step | p10 step | time / {first[0]:,} rows {first[1]} "
         "(median over rounds) |\n|---|---|---|---|---|")
   for (rows, path), ts in times.items():
-    ratio = statistics.median(x / y for x, y in zip(ts, first))
-    ordered = sorted(ts)
-    print(f"| 26 x {rows:,} | {path} | {statistics.median(ts) * 1e3:,.1f} ms | "
-          f"{ordered[len(ordered) // 10] * 1e3:,.1f} ms | {ratio:.2f} |", flush=True)
+    print(f"| 26 x {rows:,} | {path} | {turn_row(ts, times[first])} |", flush=True)
 
 
 def main():

@@ -22,7 +22,6 @@ A variant whose option this jaxlib does not know is reported and skipped.
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -59,7 +58,7 @@ def main():
   import jax
 
   from dlrm_jax import trainer
-  from embedding_scaling import kaggle_config, random_batches
+  from embedding_scaling import kaggle_config, random_batches, take_turns, turn_row
 
   task = trainer.Task(kaggle_config(a.rows, a.batch, 0.01, "sgd", a.dim, a.bottom, a.top))
   batches = random_batches(task, a.batch, pool=4)
@@ -67,40 +66,26 @@ def main():
   print(f"# {os.uname().machine} cores={os.cpu_count()} {time.strftime('%Y-%m-%d %H:%M %Z')} "
         f"jax {jax.__version__} rows=26x{a.rows:,} dim={a.dim} bottom={a.bottom} top={a.top} "
         f"batch={a.batch} rounds={a.rounds}", flush=True)
-  compiled, states = {}, {}
+  runs = {}
   for name in a.variants.split(","):
     t = time.perf_counter()
     try:
-      compiled[name] = lowered.compile(compiler_options=VARIANTS[name])
+      compiled = lowered.compile(compiler_options=VARIANTS[name])
     except Exception as e:  # an option this jaxlib lacks: say so, go on
       print(f"{name:18s} skipped: {str(e).splitlines()[0][:150]}", flush=True)
       continue
     print(f"{name:18s} compiled in {time.perf_counter() - t:6.1f} s  {VARIANTS[name]}",
           flush=True)
-    states[name] = task.init_state(0)
-  names = list(compiled)
-  times = {n: [] for n in names}
-  losses = {n: [] for n in names}
-  for r in range(a.warmup + a.rounds):
-    k = r % len(names)
-    for name in names[k:] + names[:k]:
-      t = time.perf_counter()
-      states[name], out = compiled[name](states[name], batches[r % len(batches)])
-      jax.block_until_ready(states[name])
-      if r >= a.warmup:
-        times[name].append(time.perf_counter() - t)
-      losses[name].append(float(out["loss"]))
-  base = times.get("default")
+    runs[name] = [compiled, task.init_state(0)]
+  if "default" not in runs:
+    sys.exit("the default variant is the yardstick: include it in --variants")
+  result = take_turns(runs, a.rounds, a.warmup, batches)
+  times, losses = result["times"], result["losses"]
   print("\n| variant | median step | p10 step | time / default (median over rounds) | "
         "max loss difference |\n|---|---|---|---|---|")
-  for name in names:
-    ts = sorted(times[name])
-    ratio = (statistics.median(x / y for x, y in zip(times[name], base)) if base else float("nan"))
-    diff = (max(abs(x - y) for x, y in zip(losses[name], losses["default"]))
-            if "default" in losses else float("nan"))
-    print(f"| {name} | {statistics.median(ts) * 1e3:,.1f} ms | {ts[len(ts) // 10] * 1e3:,.1f} ms "
-          f"| {ratio:.2f} | {diff:.1e} |")
-
+  for name in runs:
+    diff = max(abs(x - y) for x, y in zip(losses[name], losses["default"]))
+    print(f"| {name} | {turn_row(times[name], times['default'])} | {diff:.1e} |")
 
 if __name__ == "__main__":
   main()
