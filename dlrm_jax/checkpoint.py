@@ -115,6 +115,25 @@ def _as_dict(state) -> dict:
   return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
 
 
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+  """Orbax's array handling, except that each replicated array is written whole
+  by its first replica.
+
+  Orbax's default on CPU splits a replicated array's write between its
+  replicas, which slices every array on every device with a freshly compiled
+  program: on 4 simulated CPU devices that took 95 s (24 compiles) for six
+  small arrays on a 2-core machine, against 0.04 s written whole. The arrays
+  replicated here are the dense parameters and the small replicated tables.
+  """
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (int, ocp.type_handlers.ScalarHandler()),
+      (float, ocp.type_handlers.ScalarHandler()),
+      (np.number, ocp.type_handlers.ScalarHandler()),
+      (np.ndarray, ocp.type_handlers.NumpyHandler()),
+      (jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False)))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
 class Checkpointer:
   """An Orbax CheckpointManager for train states: keeps the last `max_to_keep`
   checkpoints and, with `keep_best`, the one with the best evaluation AUC."""
@@ -133,7 +152,7 @@ class Checkpointer:
         preservation_policy=cm.AnyPreservationPolicy(policies))
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(),
+        item_handlers={"state": _state_handler(),
                        "meta": ocp.JsonCheckpointHandler()})
     self.last_save_blocked = 0.0
 
@@ -149,7 +168,7 @@ class Checkpointer:
     t = time.perf_counter()
     meta = {**meta, "format_version": FORMAT_VERSION, "step": int(step)}
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_as_dict(state)), meta=ocp.args.JsonSave(meta)),
+        state=ocp.args.PyTreeSave(_as_dict(state)), meta=ocp.args.JsonSave(meta)),
         metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
         force=True)
     self.last_save_blocked = time.perf_counter() - t
@@ -288,7 +307,8 @@ class Checkpointer:
 
   def _read(self, step: int, target: dict) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target))).state
+        state=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))).state
 
 
 def _key(path) -> str:
