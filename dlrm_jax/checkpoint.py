@@ -6,7 +6,8 @@ WORKDIR/checkpoints with two items:
   state  the `TrainState` arrays as they are laid out (dense parameters and
          their optax state, the stacked embedding tables of each sharding type
          and their sparse optimiser slots, the step); each process writes only
-         the shards it holds, nothing is gathered.
+         the shards it holds, nothing is gathered; a replicated array is
+         written whole by its first replica (see `_state_handler`).
   meta   JSON: the config, the sharding plan, the mesh, the data position, the
          seeds, the losses of the unfinished evaluation interval and the
          evaluation records so far; enough to resume bit for bit.
