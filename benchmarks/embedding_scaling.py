@@ -162,6 +162,9 @@ def take_turns(runs: dict, rounds: int, warmup: int, batches: list) -> dict:
       if r >= warmup:
         times[name].append(time.perf_counter() - t)
       losses[name].append(float(out["loss"]))
+    if r >= warmup:  # as it goes: a run stopped by a time limit still leaves its rounds
+      print(f"round {r - warmup + 1}/{rounds}: "
+            + "  ".join(f"{n}={times[n][-1] * 1e3:,.1f} ms" for n in names), flush=True)
   return {"times": times, "losses": losses}
 
 
@@ -183,6 +186,7 @@ def run_interleaved(a) -> None:
       step_fn, state, batches, _, _ = make_step(rows, path, a.batch, a.pool, a.lr, a.optimizer,
                                                 a.dim, a.bottom, a.top)
       runs[(rows, path)] = [step_fn, state]
+      print(f"26 x {rows:,} {path}: set up", flush=True)
   times = take_turns(runs, a.steps, a.warmup, batches)["times"]
   first = next(iter(runs))
   print(f"\n| rows | path | median step | p10 step | time / {first[0]:,} rows {first[1]} "
