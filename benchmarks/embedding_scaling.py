@@ -143,8 +143,8 @@ def take_turns(runs: dict, rounds: int, warmup: int, batches: list) -> dict:
   """Times one step of every run per round, in an order rotated every round.
 
   `runs[name] = [step_fn, state]`; each state is replaced by its step's
-  output. Returns {name: [seconds per counted round]} and, under the key
-  `"losses"`, {name: [loss per round]}. Taking turns step by step makes the
+  output. Returns {"times": {name: [seconds per counted round]}, "losses":
+  {name: [loss per round]}}. Taking turns step by step makes the
   machine's swings (10x within seconds on a shared VM) fall on every run alike.
   """
   import jax
