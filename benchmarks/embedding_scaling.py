@@ -21,12 +21,16 @@ that a shared machine's swings do not skew (no per-run peak memory then).
   python benchmarks/embedding_scaling.py --rows 100000,1000000,4000000 --paths sparse --interleave
 
 `--dim`, `--bottom` and `--top` change the model's shape (e.g. the MLPerf-shaped
-config c of torchrec_side_by_side.py).
+config c of torchrec_side_by_side.py). `--huge-pages on` backs the tables with
+2 MiB transparent huge pages after initialisation (Linux; `both` with
+--interleave runs each size with and without), as
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 does for every allocation from the start.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -66,8 +70,33 @@ def random_batches(task, batch: int, pool: int, seed: int = 1):
   return [task.device_batch(b) for b in batches]
 
 
+def advise_huge_pages(tree) -> int:
+  """Moves the CPU buffers of `tree`'s arrays onto 2 MiB transparent huge pages.
+
+  madvise(MADV_HUGEPAGE) then madvise(MADV_COLLAPSE) (Linux 6.1+) over each
+  buffer's 2 MiB-aligned interior; returns the bytes advised. The buffers keep
+  their addresses, and a donated state's tables stay in them step after step.
+  """
+  import jax
+
+  libc = ctypes.CDLL(None, use_errno=True)
+  libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+  huge, advised = 2 ** 21, 0
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      start = shard.data.unsafe_buffer_pointer()
+      lo, hi = -(-start // huge) * huge, (start + shard.data.nbytes) // huge * huge
+      for advice in (14, 25):  # MADV_HUGEPAGE, MADV_COLLAPSE
+        if hi > lo and libc.madvise(lo, hi - lo, advice) != 0:
+          raise OSError(ctypes.get_errno(), f"madvise({advice}) failed: "
+                        f"{os.strerror(ctypes.get_errno())}")
+      advised += max(hi - lo, 0)
+  return advised
+
+
 def make_step(rows: int, path: str, batch: int, pool: int, lr: float, optimizer: str,
-              dim: int = 16, bottom: str = "13-512-256-64-16", top: str = "512-256-1"):
+              dim: int = 16, bottom: str = "13-512-256-64-16", top: str = "512-256-1",
+              huge_pages: bool = False):
   """(step_fn, state, batches, task, init_s) of one (rows, path) run."""
   import jax
   import optax
@@ -79,6 +108,11 @@ def make_step(rows: int, path: str, batch: int, pool: int, lr: float, optimizer:
   state = task.init_state(0)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t
+  if huge_pages:
+    t = time.perf_counter()
+    mb = advise_huge_pages(state.tables) / 2**20
+    print(f"26 x {rows:,}: {mb:,.0f} MB of tables on huge pages "
+          f"({time.perf_counter() - t:.1f} s)", flush=True)
   batches = random_batches(task, batch, pool)
 
   if path == "sparse":
@@ -106,11 +140,11 @@ def make_step(rows: int, path: str, batch: int, pool: int, lr: float, optimizer:
 
 def run_one(rows: int, path: str, batch: int, warmup: int, steps: int, pool: int, lr: float,
             optimizer: str, dim: int = 16, bottom: str = "13-512-256-64-16",
-            top: str = "512-256-1") -> dict:
+            top: str = "512-256-1", huge_pages: bool = False) -> dict:
   import jax
 
   step_fn, state, batches, task, init_s = make_step(rows, path, batch, pool, lr, optimizer,
-                                                    dim, bottom, top)
+                                                    dim, bottom, top, huge_pages)
   t = time.perf_counter()
   for i in range(warmup):
     state, out = step_fn(state, batches[i % pool])
@@ -128,7 +162,7 @@ def run_one(rows: int, path: str, batch: int, warmup: int, steps: int, pool: int
   emb_state = state.emb_opt_state if path == "sparse" else {}
   state_mb = sum(x.nbytes for x in jax.tree.leaves(emb_state)) / 2**20
   return {
-      "rows": rows, "path": path, "optimizer": optimizer if path == "sparse" else "optax.sgd",
+      "rows": rows, "path": path, "huge_pages": huge_pages, "optimizer": optimizer if path == "sparse" else "optax.sgd",
       "batch": batch, "samples_per_s": batch / med, "median_step_ms": med * 1e3,
       "p10_step_ms": sorted(times)[len(times) // 10] * 1e3,
       "p90_step_ms": sorted(times)[(9 * len(times)) // 10] * 1e3,
@@ -139,33 +173,39 @@ def run_one(rows: int, path: str, batch: int, warmup: int, steps: int, pool: int
   }
 
 
-def take_turns(runs: dict, rounds: int, warmup: int, batches: list) -> dict:
+def take_turns(runs: dict, rounds: int, warmup: int) -> dict:
   """Times one step of every run per round, in an order rotated every round.
 
-  `runs[name] = [step_fn, state]`; each state is replaced by its step's
-  output. Returns {"times": {name: [seconds per counted round]}, "losses":
-  {name: [loss per round]}}. Taking turns step by step makes the
-  machine's swings (10x within seconds on a shared VM) fall on every run alike.
+  `runs[name] = [step_fn, state, batches]`; each state is replaced by its
+  step's output and round r feeds batches[r % len(batches)]. Returns
+  {"times": {name: [seconds per counted round]}, "losses": {name: [loss per
+  round]}, "cpu": {name: [user + system CPU seconds per counted round]},
+  "faults": {name: [minor page faults per counted round]}}. Taking turns step by
+  step makes the machine's swings (10x within seconds on a shared VM) fall on
+  every run alike; CPU time and page faults tell work from waiting.
   """
   import jax
 
   names = list(runs)
-  times = {n: [] for n in names}
-  losses = {n: [] for n in names}
+  times, losses, cpu, faults = ({n: [] for n in names} for _ in range(4))
   for r in range(warmup + rounds):
     for name in names[r % len(names):] + names[:r % len(names)]:
-      step_fn, state = runs[name]
-      t = time.perf_counter()
+      step_fn, state, batches = runs[name]
+      u0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
       state, out = step_fn(state, batches[r % len(batches)])
       jax.block_until_ready(state)
+      dt, u1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
       runs[name][1] = state
       if r >= warmup:
-        times[name].append(time.perf_counter() - t)
+        times[name].append(dt)
+        cpu[name].append(u1.ru_utime + u1.ru_stime - u0.ru_utime - u0.ru_stime)
+        faults[name].append(u1.ru_minflt - u0.ru_minflt)
       losses[name].append(float(out["loss"]))
     if r >= warmup:  # as it goes: a run stopped by a time limit still leaves its rounds
-      print(f"round {r - warmup + 1}/{rounds}: "
-            + "  ".join(f"{n}={times[n][-1] * 1e3:,.1f} ms" for n in names), flush=True)
-  return {"times": times, "losses": losses}
+      print(f"round {r - warmup + 1}/{rounds}: " + "  ".join(
+          f"{n}={times[n][-1] * 1e3:,.1f} ms (cpu {cpu[n][-1] * 1e3:,.0f} ms, "
+          f"{faults[n][-1]:,} faults)" for n in names), flush=True)
+  return {"times": times, "losses": losses, "cpu": cpu, "faults": faults}
 
 
 def turn_row(times: list, base: list) -> str:
@@ -177,22 +217,30 @@ def turn_row(times: list, base: list) -> str:
 
 
 def run_interleaved(a) -> None:
-  """Every (rows, path) in this one process, taking turns step by step (`take_turns`);
-  each run's time is also divided by the first run's in the same round. Peak
-  memory is not per run here."""
-  runs, batches = {}, None
+  """Every (rows, path, huge pages) in this one process, taking turns step by
+  step (`take_turns`); each run's time is also divided by the first run's in
+  the same round. Peak memory is not per run here."""
+  runs = {}
   for rows in [int(r) for r in a.rows.split(",")]:
     for path in a.paths.split(","):
-      step_fn, state, batches, _, _ = make_step(rows, path, a.batch, a.pool, a.lr, a.optimizer,
-                                                a.dim, a.bottom, a.top)
-      runs[(rows, path)] = [step_fn, state]
-      print(f"26 x {rows:,} {path}: set up", flush=True)
-  times = take_turns(runs, a.steps, a.warmup, batches)["times"]
+      for huge in {"off": [False], "on": [True], "both": [False, True]}[a.huge_pages]:
+        name = f"26 x {rows:,} | {path}" + (" | 2 MiB" if huge else " | 4 KiB") * (
+            a.huge_pages == "both")
+        step_fn, state, batches, _, _ = make_step(rows, path, a.batch, a.pool, a.lr,
+                                                  a.optimizer, a.dim, a.bottom, a.top, huge)
+        runs[name] = [step_fn, state, batches]  # each run its own ids: in its tables' range
+        print(f"{name}: set up", flush=True)
+  result = take_turns(runs, a.steps, a.warmup)
+  times = result["times"]
   first = next(iter(runs))
-  print(f"\n| rows | path | median step | p10 step | time / {first[0]:,} rows {first[1]} "
-        "(median over rounds) |\n|---|---|---|---|---|")
-  for (rows, path), ts in times.items():
-    print(f"| 26 x {rows:,} | {path} | {turn_row(ts, times[first])} |", flush=True)
+  pages = " | pages" if a.huge_pages == "both" else ""
+  print(f"\n| rows | path{pages} | median step | p10 step | time / first row's "
+        "(median over rounds) | CPU / step (median) | minor faults / step (median) |\n"
+        f"|---|---|---|---|---|---|---{'|---' * bool(pages)}|")
+  for name, ts in times.items():
+    print(f"| {name} | {turn_row(ts, times[first])} | "
+          f"{statistics.median(result['cpu'][name]) * 1e3:,.0f} ms | "
+          f"{statistics.median(result['faults'][name]):,.0f} |", flush=True)
 
 
 def main():
@@ -208,6 +256,8 @@ def main():
   ap.add_argument("--dim", type=int, default=16, help="embedding dimension")
   ap.add_argument("--bottom", default="13-512-256-64-16", help="bottom MLP (ends at --dim)")
   ap.add_argument("--top", default="512-256-1", help="top MLP")
+  ap.add_argument("--huge-pages", choices=("off", "on", "both"), default="off",
+                  help="tables on 2 MiB pages (advise_huge_pages); both: with --interleave")
   ap.add_argument("--repeats", type=int, default=1, help="runs of each (rows, path), alternated")
   ap.add_argument("--json", default="", help="append one JSON line per run here")
   ap.add_argument("--interleave", action="store_true",
@@ -217,7 +267,7 @@ def main():
 
   if a._child:
     r = run_one(int(a._child[0]), a._child[1], a.batch, a.warmup, a.steps, a.pool, a.lr,
-                a.optimizer, a.dim, a.bottom, a.top)
+                a.optimizer, a.dim, a.bottom, a.top, a.huge_pages == "on")
     print("RESULT " + json.dumps(r), flush=True)
     return
 
@@ -226,6 +276,8 @@ def main():
   if a.interleave:
     run_interleaved(a)
     return
+  if a.huge_pages == "both":
+    sys.exit("--huge-pages both needs --interleave")
   results = []
   for rep in range(a.repeats):
     for rows in [int(r) for r in a.rows.split(",")]:
@@ -233,7 +285,8 @@ def main():
         cmd = [sys.executable, os.path.abspath(__file__), "--_child", str(rows), path,
                "--batch", str(a.batch), "--warmup", str(a.warmup), "--steps", str(a.steps),
                "--pool", str(a.pool), "--lr", str(a.lr), "--optimizer", a.optimizer,
-               "--dim", str(a.dim), "--bottom", a.bottom, "--top", a.top]
+               "--dim", str(a.dim), "--bottom", a.bottom, "--top", a.top,
+               "--huge-pages", a.huge_pages]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:

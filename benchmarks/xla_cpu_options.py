@@ -76,10 +76,10 @@ def main():
       continue
     print(f"{name:18s} compiled in {time.perf_counter() - t:6.1f} s  {VARIANTS[name]}",
           flush=True)
-    runs[name] = [compiled, task.init_state(0)]
+    runs[name] = [compiled, task.init_state(0), batches]
   if "default" not in runs:
     sys.exit("the default variant is the yardstick: include it in --variants")
-  result = take_turns(runs, a.rounds, a.warmup, batches)
+  result = take_turns(runs, a.rounds, a.warmup)
   times, losses = result["times"], result["losses"]
   print("\n| variant | median step | p10 step | time / default (median over rounds) | "
         "max loss difference |\n|---|---|---|---|---|")
