@@ -162,7 +162,8 @@ def run_one(rows: int, path: str, batch: int, warmup: int, steps: int, pool: int
   emb_state = state.emb_opt_state if path == "sparse" else {}
   state_mb = sum(x.nbytes for x in jax.tree.leaves(emb_state)) / 2**20
   return {
-      "rows": rows, "path": path, "huge_pages": huge_pages, "optimizer": optimizer if path == "sparse" else "optax.sgd",
+      "rows": rows, "path": path, "huge_pages": huge_pages,
+      "optimizer": optimizer if path == "sparse" else "optax.sgd",
       "batch": batch, "samples_per_s": batch / med, "median_step_ms": med * 1e3,
       "p10_step_ms": sorted(times)[len(times) // 10] * 1e3,
       "p90_step_ms": sorted(times)[(9 * len(times)) // 10] * 1e3,
