@@ -225,8 +225,9 @@ def run_interleaved(a) -> None:
   for rows in [int(r) for r in a.rows.split(",")]:
     for path in a.paths.split(","):
       for huge in {"off": [False], "on": [True], "both": [False, True]}[a.huge_pages]:
-        name = f"26 x {rows:,} | {path}" + (" | 2 MiB" if huge else " | 4 KiB") * (
-            a.huge_pages == "both")
+        name = f"26 x {rows:,} | {path}"
+        if a.huge_pages == "both":
+          name += " | 2 MiB" if huge else " | 4 KiB"
         step_fn, state, batches, _, _ = make_step(rows, path, a.batch, a.pool, a.lr,
                                                   a.optimizer, a.dim, a.bottom, a.top, huge)
         runs[name] = [step_fn, state, batches]  # each run its own ids: in its tables' range
@@ -234,10 +235,10 @@ def run_interleaved(a) -> None:
   result = take_turns(runs, a.steps, a.warmup)
   times = result["times"]
   first = next(iter(runs))
-  pages = " | pages" if a.huge_pages == "both" else ""
-  print(f"\n| rows | path{pages} | median step | p10 step | time / first row's "
-        "(median over rounds) | CPU / step (median) | minor faults / step (median) |\n"
-        f"|---|---|---|---|---|---|---{'|---' * bool(pages)}|")
+  columns = ["rows", "path"] + ["pages"] * (a.huge_pages == "both") + [
+      "median step", "p10 step", "time / first row's (median over rounds)",
+      "CPU / step (median)", "minor faults / step (median)"]
+  print("\n| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
   for name, ts in times.items():
     print(f"| {name} | {turn_row(ts, times[first])} | "
           f"{statistics.median(result['cpu'][name]) * 1e3:,.0f} ms | "
