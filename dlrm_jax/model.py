@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from dlrm_jax.config import ModelSpec
+from dlrm_jax.ops import take_static
 
 
 def reference_kernel_init(key, shape, dtype=jnp.float32):
@@ -97,7 +98,7 @@ def dot_interaction(x: jax.Array, emb: jax.Array, itself: bool = False) -> jax.A
   t = jnp.concatenate([x[:, None, :], emb], axis=1)  # [B, F+1, D]
   n = t.shape[1]
   gram = jnp.einsum("bid,bjd->bij", t, t).reshape(t.shape[0], n * n)
-  pairs = jnp.take(gram, dot_pair_indices(n, itself), axis=1)
+  pairs = take_static(gram, dot_pair_indices(n, itself), axis=1)
   return jnp.concatenate([x, pairs], axis=1)
 
 

@@ -140,6 +140,33 @@ def test_init_bounds_and_determinism():
   assert not np.array_equal(a[1], coll.to_arrays(coll.init(8))[1])
 
 
+def test_blocked_init_equals_whole_table_init(monkeypatch):
+  """Tables are initialised a block of rows at a time (the last block overlapping the one
+  before it); the values are those of the whole-table computation, on one device and on a
+  mixed plan over 8 devices."""
+  from dlrm_jax.embedding import collection as collection_lib
+
+  coll = EmbeddingCollection([TableSpec("a", 37, 8), TableSpec("b", 5, 8), TableSpec("c", 61, 8)])
+  whole = np.asarray(coll.init_rows(3, jnp.arange(coll.total_rows, dtype=jnp.int32),
+                                    jnp.arange(8, dtype=jnp.uint32)))
+  monkeypatch.setattr(collection_lib, "INIT_BLOCK_ROWS", 16)  # 103 rows: 7 blocks
+  np.testing.assert_array_equal(np.asarray(jax.jit(coll.init)(3)["stacked"]), whole)
+  c = load_config("tiny", devices=8)
+  c.arch_sparse_feature_size = 8
+  c.arch_mlp_bot = "13-8-8"
+  c.arch_embedding_size = "-".join(str(r) for r in (500, 300, 200, 120, 500, 64, 40, 250))
+  c.sharding.min_column_width = 1
+  c.sharding.overrides = "t0:table_wise:3,t1:row_wise,t2:column_wise,t3:replicated,t4:row_wise"
+  task = trainer.Task(c)
+  tables = jax.jit(task.embedding.init, out_shardings=task.state_shardings.tables)(
+      jnp.uint32(3))
+  coll = task.collection
+  whole = np.asarray(coll.init_rows(3, jnp.arange(coll.total_rows, dtype=jnp.int32),
+                                    jnp.arange(8, dtype=jnp.uint32)))
+  for got, o, r in zip(task.embedding.to_arrays(tables), coll.offsets, coll.rows):
+    np.testing.assert_array_equal(got, whole[o:o + r])
+
+
 def test_check_ids_bags_ignore_padding():
   coll = _bag_collection()
   ids = np.zeros((2, 3, 4), np.int32)

@@ -8,6 +8,7 @@ from flax import nnx
 
 from dlrm_jax.config import ModelSpec
 from dlrm_jax.model import DLRM, cat_interaction, dot_interaction, init_params
+from dlrm_jax.ops import take_static
 
 
 def _np_dot_interaction(x, emb, itself):
@@ -29,6 +30,21 @@ def test_dot_interaction_matches_numpy(itself):
   np.testing.assert_allclose(got, _np_dot_interaction(x, emb, itself), rtol=1e-5, atol=1e-5)
   n = 4
   assert got.shape == (5, 4 + (n * (n + 1) // 2 if itself else n * (n - 1) // 2))
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_take_static_value_and_gradient_equal_jnp_take(axis):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(6, 7, 5)), jnp.float32)
+  index = [4, 0, 3]  # a subset in another order: untaken positions get zero gradient
+  w = jnp.asarray(rng.normal(size=jnp.take(x, jnp.asarray(index), axis=axis).shape), jnp.float32)
+  want = jax.value_and_grad(lambda x: (jnp.take(x, jnp.asarray(index), axis=axis) * w).sum())(x)
+  got = jax.jit(jax.value_and_grad(lambda x: (take_static(x, index, axis) * w).sum()))(x)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)  # summation order (jit vs eager)
+  np.testing.assert_array_equal(got[1], want[1])
+  assert take_static(x, range(x.shape[axis]), axis) is x
+  with pytest.raises(ValueError, match="distinct"):
+    take_static(x, [1, 1], axis)
 
 
 def test_dot_interaction_pair_order():

@@ -16,7 +16,7 @@ feature, the sample and the value. Inside the jitted step ids are trusted.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,7 @@ class IdOutOfRangeError(ValueError):
 
 
 POOLINGS = ("sum", "mean")
+INIT_BLOCK_ROWS = 1 << 18  # rows initialised at a time (EmbeddingCollection.init_blocked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +113,38 @@ class EmbeddingCollection:
     (jax.random's threefry takes XLA:CPU seconds to compile per call and
     would give layout-dependent values under some partitionings.)
     """
-    rows = jnp.arange(self.total_rows, dtype=jnp.int32)
-    return {"stacked": self.init_rows(seed, rows, jnp.arange(self.dim, dtype=jnp.uint32))}
+    cols = jnp.arange(self.dim, dtype=jnp.uint32)
+    return {"stacked": self.init_blocked(seed, self.total_rows, lambda rows: (rows, None), cols)}
+
+  def init_blocked(self, seed: int | jax.Array, num_rows: int,
+                   row_info: Callable[[jax.Array], tuple[jax.Array, jax.Array | None]],
+                   cols: jax.Array, block_rows: int | None = None) -> jax.Array:
+    """`init_rows` of rows 0..num_rows-1, `block_rows` at a time, into one [num_rows, C] array.
+
+    `row_info(local_rows)` gives (stacked rows, valid) as `init_rows` takes
+    them; `block_rows` defaults to INIT_BLOCK_ROWS. Computing block by block keeps the per-row temporaries (row numbers,
+    table indices, bounds) at one block's size instead of the whole table's.
+    """
+    block = max(1, min(block_rows or INIT_BLOCK_ROWS, num_rows))
+
+    def values(start):
+      rows, valid = row_info(start + jnp.arange(block, dtype=jnp.int32))
+      return self.init_rows(seed, rows, cols, valid)
+
+    first = values(0)
+    if block == num_rows:
+      return first
+
+    def body(i, out):  # The last block is shifted back to end at num_rows: its
+      start = jnp.minimum(i * block, num_rows - block)  # overlap gets the same values.
+      return jax.lax.dynamic_update_slice(out, values(start), (start, 0))
+
+    out = jnp.zeros((num_rows, cols.shape[0]), jnp.float32)
+    varying = tuple(getattr(jax.typeof(first), "vma", ()))  # inside shard_map: per device
+    if varying:
+      out = jax.lax.pcast(out, varying, to="varying")
+    out = jax.lax.dynamic_update_slice(out, first, (0, 0))
+    return jax.lax.fori_loop(1, -(-num_rows // block), body, out)
 
   def init_rows(self, seed: int | jax.Array, rows: jax.Array, cols: jax.Array,
                 valid: jax.Array | None = None) -> jax.Array:

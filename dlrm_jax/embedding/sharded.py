@@ -47,6 +47,7 @@ from dlrm_jax.embedding.collection import EmbeddingCollection, Tables
 from dlrm_jax.embedding.planner import (COLUMN_WISE, REPLICATED, ROW_WISE, SHARDING_TYPES,
                                         TABLE_WISE, Plan)
 from dlrm_jax.parallel import MeshAxes, fetch
+from dlrm_jax.ops import take_static
 
 Lookups = dict[str, dict[str, jax.Array]]
 
@@ -79,9 +80,8 @@ class _Group:
 
   def init_local(self, seed: jax.Array) -> jax.Array:
     """This device's shard of the initial table, equal to `EmbeddingCollection.init`."""
-    local_rows = _local_shape(self)[0]
-    row, valid = self.local_row_info(jnp.arange(local_rows, dtype=jnp.int32))
-    return self.collection.init_rows(seed, row, self.local_cols(), valid)
+    return self.collection.init_blocked(seed, _local_shape(self)[0], self.local_row_info,
+                                        self.local_cols())
 
   # Per-device programs --------------------------------------------------------
   def route(self, table, ids, scale) -> dict[str, jax.Array]:
@@ -187,7 +187,7 @@ class _TableWise(_Group):
     back = jax.lax.all_to_all(pooled, self.axes.shard, 0, 0, tiled=True)  # [owner, b, slot, D]
     b = back.shape[1]
     flat = back.transpose(1, 0, 2, 3).reshape(b, self.n * self.slots_per_device, self.dim)
-    return jnp.take(flat, jnp.asarray(self.receive_index), axis=1)
+    return take_static(flat, self.receive_index, axis=1)
 
 
 class _RowWise(_Group):
@@ -490,9 +490,7 @@ class ShardedEmbedding:
     def exchange(lookups):
       parts = [g.exchange(lookups[kind]) for kind, g in self.groups.items()]
       emb = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-      if len(parts) == 1 and np.array_equal(self._feature_order, np.arange(emb.shape[1])):
-        return emb
-      return jnp.take(emb, jnp.asarray(self._feature_order.astype(np.int32)), axis=1)
+      return take_static(emb, self._feature_order, axis=1)
 
     return jax.shard_map(exchange, mesh=self.mesh, in_specs=self.batch_spec,
                          out_specs=self.batch_spec)(lookups)
