@@ -9,9 +9,10 @@ The three configs of ../shared/bench/torchrec_dlrm_cpu.py (random data, batch
   c: dim 128, 26 x 100,000 rows, bottom 13-512-256-128, top 1024-1024-512-256-1
 
 Each repeat runs, for every config, dlrm_jax's train step
-(embedding_scaling.py, sparse path) and then TorchRec's fused FBGEMM path,
-each in its own process, so the two sides see the same machine state within
-a minute of each other. Prints every run, then the median samples/s of each
+(embedding_scaling.py, sparse path) and then TorchRec's fused FBGEMM path
+(with --torchrec-malloc, also under the malloc settings dlrm_jax makes for
+itself, see dlrm_jax/host.py), each in its own process, so the sides see the
+same machine state within a minute of each other. Prints every run, then the median samples/s of each
 side and their ratio per config. TorchRec needs its own virtual environment:
 
   bash ../shared/bench/setup_torchrec_venv.sh /tmp/torchrec-venv
@@ -40,8 +41,9 @@ CONFIGS = {
 }
 
 
-def _result(cmd: list[str]) -> dict | None:
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+def _result(cmd: list[str], env: dict | None = None) -> dict | None:
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
+                        env=None if env is None else {**os.environ, **env})
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
   if proc.returncode != 0 or not lines:
     print(f"FAILED (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}", flush=True)
@@ -57,9 +59,22 @@ def run_jax(name: str, a) -> dict | None:
                   "--top", c["top"]])
 
 
-def run_torchrec(name: str, a) -> dict | None:
+def run_torchrec(name: str, a, env: dict | None = None) -> dict | None:
   return _result([a.torchrec_python, a.torchrec_script, "--_child", name, "fused",
-                  "--steps", str(a.steps), "--warmup", str(a.warmup)])
+                  "--steps", str(a.steps), "--warmup", str(a.warmup)], env)
+
+
+def malloc_env() -> dict:
+  """glibc's environment variables for the malloc settings dlrm_jax makes (dlrm_jax/host.py)."""
+  from dlrm_jax import host
+
+  names = {host._M_MMAP_THRESHOLD: "MALLOC_MMAP_THRESHOLD_",
+           host._M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_", host._M_TOP_PAD: "MALLOC_TOP_PAD_"}
+  return {names[k]: str(v) for k, v in host.MALLOC_SETTINGS.items()}
+
+
+def run_torchrec_malloc(name: str, a) -> dict | None:
+  return run_torchrec(name, a, malloc_env())
 
 
 def main():
@@ -71,6 +86,9 @@ def main():
   ap.add_argument("--torchrec-python", default="/tmp/torchrec-venv/bin/python")
   ap.add_argument("--torchrec-script", default=TORCHREC_SCRIPT)
   ap.add_argument("--json", default="", help="append one JSON line per run here")
+  ap.add_argument("--torchrec-malloc", action="store_true",
+                  help="also run TorchRec with the malloc settings dlrm_jax makes for itself "
+                       "(dlrm_jax/host.py), given to it as glibc's MALLOC_* variables")
   a = ap.parse_args()
   if not os.path.exists(a.torchrec_python):
     sys.exit(f"{a.torchrec_python} not found: set up TorchRec's environment first "
@@ -78,17 +96,21 @@ def main():
   print(f"# {platform.node()} {platform.machine()} cores={os.cpu_count()} "
         f"{time.strftime('%Y-%m-%d %H:%M %Z')} steps={a.steps} repeats={a.repeats}", flush=True)
   names = a.configs.split(",")
-  rates = {(n, side): [] for n in names for side in ("dlrm_jax", "torchrec")}
+  sides = [("dlrm_jax", run_jax), ("torchrec", run_torchrec)]
+  if a.torchrec_malloc:
+    print(f"# torchrec+malloc: {' '.join(f'{k}={v}' for k, v in malloc_env().items())}")
+    sides.append(("torchrec+malloc", run_torchrec_malloc))
+  rates = {(n, side): [] for n in names for side, _ in sides}
   best = {key: [] for key in rates}  # samples/s at each run's fastest-decile step time
   for rep in range(a.repeats):
     for n in names:
-      for side, fn in (("dlrm_jax", run_jax), ("torchrec", run_torchrec)):
+      for side, fn in sides:
         r = fn(n, a)
         if r is None:
           continue
         rates[(n, side)].append(r["samples_per_s"])
         best[(n, side)].append(r["batch"] / r["p10_step_ms"] * 1e3)
-        print(f"repeat {rep} config {n} {side:8s} {r['samples_per_s']:>9,.0f} samples/s  "
+        print(f"repeat {rep} config {n} {side:15s} {r['samples_per_s']:>9,.0f} samples/s  "
               f"median step {r['median_step_ms']:7.1f} ms  p10 {r['p10_step_ms']:7.1f} ms  "
               f"peak RSS {r['peak_rss_mb']:7,.0f} MB", flush=True)
         if a.json:
@@ -98,14 +120,19 @@ def main():
   # the median step, each run's fastest decile (p10) estimates what the code
   # does when the machine lets it run.
   for title, table in (("median step", rates), ("fastest-decile step (p10)", best)):
+    others = [side for side, _ in sides[1:]]
     print(f"\nsamples/s at the {title}, median over runs (each run in brackets)\n"
-          "| config | dlrm_jax | TorchRec | ratio |\n|---|---|---|---|")
+          f"| config | dlrm_jax | {' | '.join(others)} | "
+          f"{' | '.join(f'dlrm_jax / {o}' for o in others)} |\n" + "|---" * (2 + 2 * len(others))
+          + "|")
     for n in names:
-      j, t = table[(n, "dlrm_jax")], table[(n, "torchrec")]
-      if j and t:
-        mj, mt = statistics.median(j), statistics.median(t)
-        print(f"| {n} | {mj:,.0f} ({', '.join(f'{x:,.0f}' for x in j)}) | "
-              f"{mt:,.0f} ({', '.join(f'{x:,.0f}' for x in t)}) | {mj / mt:.2f} |")
+      runs = {side: table[(n, side)] for side, _ in sides}
+      if not all(runs.values()):
+        continue
+      med = {side: statistics.median(v) for side, v in runs.items()}
+      cells = [f"{med[side]:,.0f} ({', '.join(f'{x:,.0f}' for x in v)})" for side, v in runs.items()]
+      ratios = [f"{med['dlrm_jax'] / med[o]:.2f}" for o in others]
+      print(f"| {n} | {' | '.join(cells)} | {' | '.join(ratios)} |")
 
 
 if __name__ == "__main__":
