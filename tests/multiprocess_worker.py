@@ -1,7 +1,9 @@
 """One process of a multi-process training run on localhost (see test_multiprocess.py).
 
-Usage: python multiprocess_worker.py PORT NUM_PROCESSES PROCESS_ID WORKDIR
+Usage: python multiprocess_worker.py PORT NUM_PROCESSES PROCESS_ID WORKDIR [STEPS]
 Set XLA_FLAGS=--xla_force_host_platform_device_count=N for N devices per process.
+A WORKDIR with checkpoints resumes from the latest; STEPS (default: the
+config's) is where the run ends.
 """
 
 import os
@@ -14,7 +16,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def main(port: str, num_processes: str, process_id: str, workdir: str):
+def main(port: str, num_processes: str, process_id: str, workdir: str, steps: str = ""):
   from dlrm_jax import trainer
   from test_multiprocess import make_config
 
@@ -22,7 +24,9 @@ def main(port: str, num_processes: str, process_id: str, workdir: str):
   c.distributed.coordinator_address = f"127.0.0.1:{port}"
   c.distributed.num_processes = int(num_processes)
   c.distributed.process_id = int(process_id)
-  result = trainer.train_and_evaluate(c, workdir)
+  if steps:
+    c.num_batches = int(steps)
+  result = trainer.train_and_evaluate(c, workdir, log=lambda s: print(s, flush=True))
   tables = result.task.embedding.to_arrays(result.state.tables)  # a collective: every process
   if int(process_id) == 0:
     np.savez(os.path.join(workdir, "tables.npz"), *tables)

@@ -1,7 +1,9 @@
-"""Two processes x 2 CPU devices on localhost (gloo) train like one process x 4 devices."""
+"""Two processes x 2 CPU devices on localhost (gloo) train like one process x 4 devices,
+across a restore from a checkpoint that each process wrote its shards of."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -32,30 +34,51 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.slow  # gloo rendezvous timeouts on a loaded 2-core machine; see README
-def test_two_processes_match_one_process(tmp_path):
+def _run_processes(workdir, steps: int) -> list[str]:
+  """2 processes x 2 devices training in `workdir` until `steps`; their outputs."""
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(HERE, "multiprocess_worker.py"), str(port), "2", str(i),
-       str(tmp_path / "multi")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+       str(workdir), str(steps)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=900)[0] for p in procs]
+  outputs = [p.communicate(timeout=1500)[0] for p in procs]
   failed = [i for i, p in enumerate(procs) if p.returncode != 0]
   assert not failed, "\n".join(f"process {i} (exit {procs[i].returncode}):\n{outputs[i][-3000:]}"
                                 for i in range(2))
+  return outputs
+
+
+def test_two_processes_match_one_process_across_a_resume(tmp_path):
+  """2 processes train 6 steps, checkpointing at 3 and 6; with the step-6 checkpoint
+  removed (a run that died after step 3's), 2 new processes resume from step 3, each
+  reading its own shards, and train to 6 again. Both times metrics and tables equal a
+  1-process 4-device run's."""
+  multi = tmp_path / "multi"
+  _run_processes(multi, 6)
+  first = _results(multi)
+  shutil.rmtree(multi / "checkpoints" / "6")
+  resumed = _run_processes(multi, 6)
+  assert "resuming from step 3" in resumed[0], resumed[0][-3000:]
   # Then (not meanwhile: gloo gives processes 30 s to meet at their first
   # collective, which a loaded machine can miss) the same run in this process
   # on 4 of its 8 devices.
   c = make_config()
   c.mesh.num_devices = 4
   single = trainer.train_and_evaluate(c, str(tmp_path / "single"))
-  records = [json.loads(l) for l in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in records] == [3, 6]
-  for got, want in zip(records, single.records):
-    for key in ("auc", "logloss", "train_loss"):
-      assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
-  multi_tables = np.load(tmp_path / "multi" / "tables.npz")
-  for k, want in enumerate(single.task.embedding.to_arrays(single.state.tables)):
-    np.testing.assert_allclose(multi_tables[f"arr_{k}"], want, rtol=1e-5, atol=1e-6)
+  want_tables = single.task.embedding.to_arrays(single.state.tables)
+  for records, tables in (first, _results(multi)):
+    assert [r["step"] for r in records] == [3, 6]
+    for got, want in zip(records, single.records):
+      for key in ("auc", "logloss", "train_loss"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    for got, want in zip(tables, want_tables):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _results(workdir):
+  """The metrics records and final tables a multi-process run left in `workdir`."""
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  with np.load(workdir / "tables.npz") as f:
+    return records, [f[f"arr_{k}"] for k in range(len(f.files))]

@@ -134,7 +134,6 @@ def test_mixed_plan_matches_single_device_and_moves_only_what_it_plans():
 
 
 # The single types alone: each is also part of the mixed plan above.
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", [TABLE_WISE, ROW_WISE, COLUMN_WISE, REPLICATED])
 def test_each_sharding_type_alone_matches_single_device_sgd(kind):
   got = _train(_config(8, _all(kind)))
