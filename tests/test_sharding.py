@@ -141,7 +141,7 @@ def test_each_sharding_type_alone_matches_single_device_sgd(kind):
   _assert_same(got, _reference("sgd", 1))
 
 
-@pytest.mark.parametrize("replicas", [pytest.param(1, marks=pytest.mark.slow), 2])
+@pytest.mark.parametrize("replicas", [1, 2])
 def test_mixed_plan_bags_rowwise_adagrad_match_single_device(replicas):
   """Weighted multi-hot bags and row-wise Adagrad, on a 1-D and on a 2 x 4 mesh.
 
@@ -166,7 +166,6 @@ def test_mixed_plan_bags_rowwise_adagrad_match_single_device(replicas):
                                rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.slow
 def test_explicit_and_auto_mesh_axes_give_the_same_step():
   c = _config(8, MIXED)
   c.mesh.axis_types = "auto"
@@ -246,7 +245,6 @@ def test_planner_counts_optimizer_state():
       "all_to_all": 0, "all_gather": 0, "reduce_scatter": 0, "all_reduce": 0}
 
 
-@pytest.mark.slow
 def test_train_and_evaluate_on_1_and_8_devices_agree(tmp_path):
   """The whole loop (data, steps, evaluation) gives the same metrics on 1 and 8 devices."""
   results = []
