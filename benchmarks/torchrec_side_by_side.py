@@ -12,8 +12,9 @@ Each repeat runs, for every config, dlrm_jax's train step
 (embedding_scaling.py, sparse path) and then TorchRec's fused FBGEMM path
 (with --torchrec-malloc, also under the malloc settings dlrm_jax makes for
 itself, see dlrm_jax/host.py), each in its own process, so the sides see the
-same machine state within a minute of each other. Prints every run, then the median samples/s of each
-side and their ratio per config. TorchRec needs its own virtual environment:
+same machine state within a minute of each other. Prints every run, then the
+median samples/s of each side and their ratios per config. TorchRec needs
+its own virtual environment:
 
   bash ../shared/bench/setup_torchrec_venv.sh /tmp/torchrec-venv
   python benchmarks/torchrec_side_by_side.py --torchrec-python /tmp/torchrec-venv/bin/python
@@ -130,7 +131,8 @@ def main():
       if not all(runs.values()):
         continue
       med = {side: statistics.median(v) for side, v in runs.items()}
-      cells = [f"{med[side]:,.0f} ({', '.join(f'{x:,.0f}' for x in v)})" for side, v in runs.items()]
+      cells = [f"{med[side]:,.0f} ({', '.join(f'{x:,.0f}' for x in v)})"
+               for side, v in runs.items()]
       ratios = [f"{med['dlrm_jax'] / med[o]:.2f}" for o in others]
       print(f"| {n} | {' | '.join(cells)} | {' | '.join(ratios)} |")
 

@@ -122,8 +122,9 @@ class EmbeddingCollection:
     """`init_rows` of rows 0..num_rows-1, `block_rows` at a time, into one [num_rows, C] array.
 
     `row_info(local_rows)` gives (stacked rows, valid) as `init_rows` takes
-    them; `block_rows` defaults to INIT_BLOCK_ROWS. Computing block by block keeps the per-row temporaries (row numbers,
-    table indices, bounds) at one block's size instead of the whole table's.
+    them; `block_rows` defaults to INIT_BLOCK_ROWS. Computing block by block
+    keeps the per-row temporaries (row numbers, table indices, bounds) at one
+    block's size instead of the whole table's.
     """
     block = max(1, min(block_rows or INIT_BLOCK_ROWS, num_rows))
 
