@@ -7,10 +7,14 @@ click data) and prints a summary. See README.md for the configs.
 import logging as std_logging
 import os
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from dlrm_jax import host
 
-from dlrm_jax.config import ConfigError
+host.use_huge_pages()  # re-executes with glibc's malloc on huge pages (dlrm_jax/host.py)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from dlrm_jax.config import ConfigError  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

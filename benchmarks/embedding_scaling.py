@@ -246,6 +246,9 @@ def run_interleaved(a) -> None:
 
 
 def main():
+  from dlrm_jax import host
+
+  host.use_huge_pages()  # as train.py runs (dlrm_jax/host.py); DLRM_JAX_HUGE_PAGES=0: without
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--rows", default="100000,1000000,4000000")
   ap.add_argument("--paths", default="sparse,dense")
@@ -274,7 +277,8 @@ def main():
     return
 
   print(f"# {platform.node()} {platform.machine()} cores={os.cpu_count()} "
-        f"{time.strftime('%Y-%m-%d %H:%M')} batch={a.batch} steps={a.steps}", flush=True)
+        f"{time.strftime('%Y-%m-%d %H:%M')} batch={a.batch} steps={a.steps} "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}", flush=True)
   if a.interleave:
     run_interleaved(a)
     return

@@ -97,6 +97,9 @@ def run_one(devices: int, rows: str, batch: int, warmup: int, steps: int, overri
 
 
 def main():
+  from dlrm_jax import host
+
+  host.use_huge_pages()  # as train.py runs (dlrm_jax/host.py); DLRM_JAX_HUGE_PAGES=0: without
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--devices", default="1,2,4,8")
   ap.add_argument("--rows", default="100000", help="rows of every table, or 'kaggle'")

@@ -9,10 +9,11 @@ The three configs of ../shared/bench/torchrec_dlrm_cpu.py (random data, batch
   c: dim 128, 26 x 100,000 rows, bottom 13-512-256-128, top 1024-1024-512-256-1
 
 Each repeat runs, for every config, dlrm_jax's train step
-(embedding_scaling.py, sparse path) and then TorchRec's fused FBGEMM path
-(with --torchrec-malloc, also under the malloc settings dlrm_jax makes for
-itself, see dlrm_jax/host.py), each in its own process, so the sides see the
-same machine state within a minute of each other. Prints every run, then the
+(embedding_scaling.py, sparse path, on huge pages as train.py runs it: see
+dlrm_jax/host.py) and then TorchRec's fused FBGEMM path (with
+--torchrec-huge-pages, also with glibc's malloc on huge pages, as dlrm_jax
+runs), each in its own process, so the sides see the same machine state
+within a minute of each other. Prints every run, then the
 median samples/s of each side and their ratios per config. TorchRec needs
 its own virtual environment:
 
@@ -65,20 +66,16 @@ def run_torchrec(name: str, a, env: dict | None = None) -> dict | None:
                   "--steps", str(a.steps), "--warmup", str(a.warmup)], env)
 
 
-def malloc_env() -> dict:
-  """glibc's environment variables for the malloc settings dlrm_jax makes (dlrm_jax/host.py)."""
-  from dlrm_jax import host
+def run_torchrec_huge_pages(name: str, a) -> dict | None:
+  from dlrm_jax.host import HUGE_PAGE_TUNABLE
 
-  names = {host._M_MMAP_THRESHOLD: "MALLOC_MMAP_THRESHOLD_",
-           host._M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_", host._M_TOP_PAD: "MALLOC_TOP_PAD_"}
-  return {names[k]: str(v) for k, v in host.MALLOC_SETTINGS.items()}
-
-
-def run_torchrec_malloc(name: str, a) -> dict | None:
-  return run_torchrec(name, a, malloc_env())
+  return run_torchrec(name, a, {"GLIBC_TUNABLES": HUGE_PAGE_TUNABLE})
 
 
 def main():
+  from dlrm_jax import host
+
+  host.use_huge_pages()  # dlrm_jax's runs inherit it, as train.py's do
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--configs", default="a,b,c")
   ap.add_argument("--repeats", type=int, default=3)
@@ -87,20 +84,20 @@ def main():
   ap.add_argument("--torchrec-python", default="/tmp/torchrec-venv/bin/python")
   ap.add_argument("--torchrec-script", default=TORCHREC_SCRIPT)
   ap.add_argument("--json", default="", help="append one JSON line per run here")
-  ap.add_argument("--torchrec-malloc", action="store_true",
-                  help="also run TorchRec with the malloc settings dlrm_jax makes for itself "
-                       "(dlrm_jax/host.py), given to it as glibc's MALLOC_* variables")
+  ap.add_argument("--torchrec-huge-pages", action="store_true",
+                  help="also run TorchRec with glibc's malloc on huge pages, as dlrm_jax runs "
+                       "(GLIBC_TUNABLES=glibc.malloc.hugetlb=1, see dlrm_jax/host.py)")
   a = ap.parse_args()
   if not os.path.exists(a.torchrec_python):
     sys.exit(f"{a.torchrec_python} not found: set up TorchRec's environment first "
              "(see this script's docstring)")
   print(f"# {platform.node()} {platform.machine()} cores={os.cpu_count()} "
-        f"{time.strftime('%Y-%m-%d %H:%M %Z')} steps={a.steps} repeats={a.repeats}", flush=True)
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')} steps={a.steps} repeats={a.repeats} "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}", flush=True)
   names = a.configs.split(",")
   sides = [("dlrm_jax", run_jax), ("torchrec", run_torchrec)]
-  if a.torchrec_malloc:
-    print(f"# torchrec+malloc: {' '.join(f'{k}={v}' for k, v in malloc_env().items())}")
-    sides.append(("torchrec+malloc", run_torchrec_malloc))
+  if a.torchrec_huge_pages:
+    sides.append(("torchrec+huge", run_torchrec_huge_pages))
   rates = {(n, side): [] for n in names for side, _ in sides}
   best = {key: [] for key in rates}  # samples/s at each run's fastest-decile step time
   for rep in range(a.repeats):

@@ -44,6 +44,9 @@ VARIANTS = {
 
 
 def main():
+  from dlrm_jax import host
+
+  host.use_huge_pages()  # as train.py runs (dlrm_jax/host.py); DLRM_JAX_HUGE_PAGES=0: without
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--variants", default=",".join(VARIANTS))
   ap.add_argument("--rows", type=int, default=100_000, help="rows of each of the 26 tables")

@@ -1,51 +1,55 @@
-"""Settings of the host process that the speed of a CPU train step depends on.
+"""The host process's memory pages, which the speed of a CPU train step depends on.
 
-XLA:CPU allocates each step's temporaries afresh, a few MB each. With glibc's
-defaults, blocks that large are mapped with mmap and unmapped when freed, and
-freed heap memory is handed back to the kernel, so every step faults in its
-temporaries' pages again: about 11,000 minor page faults (45 MB) per step of
-the Kaggle-shaped model at batch 2048, a quarter of its time on a 2-core VM
-(see benchmarks/RESULTS.md). `keep_freed_memory` makes malloc keep freed
-memory for the next step instead. `dlrm_jax.trainer` calls it when imported;
-it must run before XLA's CPU client starts (at the first device query or
-array), or the step still faults: measured here, the same settings made after
-`jax.devices()` left the faults as they were. DLRM_JAX_KEEP_FREED_MEMORY=0
-turns it off.
+XLA:CPU allocates each step's temporary buffer afresh: one block of 33 MB for
+the Kaggle-shaped model at batch 2048, above any mmap threshold glibc's malloc
+allows (32 MiB at most), so glibc maps it with mmap and unmaps it after the
+step, and every step faulted its pages in again: about 9,300 minor page
+faults per step, an eighth to a quarter of its time on a 2-core VM (see
+benchmarks/RESULTS.md). With the glibc tunable `glibc.malloc.hugetlb=1`
+(glibc 2.35+) malloc asks for transparent huge pages for such mappings and
+its heaps, so the same block takes a handful of 2 MiB faults instead (a few
+hundred faults per step in all, measured); the embedding tables, allocated
+the same way, get huge pages too, which cuts the cost of their random rows'
+page-table walks.
+
+The tunable is read when the process starts, so an entry point that wants it
+re-executes itself with it (`use_huge_pages`); `train.py` does. Library users
+set it themselves: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python ...`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
+import platform
 import sys
 
-# mallopt(3) parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-
-# Blocks up to 32 MiB (glibc's largest mmap threshold) come from the heaps;
-# heaps keep up to 1 GiB free at their top and grow 64 MiB at a time, which
-# also keeps glibc from shrinking or unmapping its per-thread heaps (64 MiB each).
-MALLOC_SETTINGS = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 1 << 30, _M_TOP_PAD: 64 << 20}
-
-_applied: bool | None = None
+HUGE_PAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
-def keep_freed_memory() -> bool:
-  """Tells glibc's malloc to keep freed memory for reuse; True if it took the settings.
+def _glibc_has_the_tunable() -> bool:
+  name, version = platform.libc_ver()
+  if name != "glibc" or not sys.platform.startswith("linux"):
+    return False
+  try:
+    return tuple(int(x) for x in version.split(".")[:2]) >= (2, 35)
+  except ValueError:
+    return False
 
-  Process-wide and idempotent; a no-op (False) where the C library is not
-  glibc or DLRM_JAX_KEEP_FREED_MEMORY=0. The resident memory is then the
-  largest working set so far rather than the current one: freed temporaries
-  stay mapped, up to 1 GiB per heap.
+
+def use_huge_pages() -> None:
+  """Re-executes this process with glibc's malloc on transparent huge pages, once.
+
+  Does nothing where glibc is older than 2.35 or absent, when GLIBC_TUNABLES
+  already sets `glibc.malloc.hugetlb`, or when DLRM_JAX_HUGE_PAGES=0. The
+  process keeps its id, arguments and interpreter options (`sys.orig_argv`).
+  Call it first thing in a program's main module, before any work is done.
   """
-  global _applied
-  if _applied is None:
-    _applied = False
-    if sys.platform.startswith("linux") and os.environ.get("DLRM_JAX_KEEP_FREED_MEMORY") != "0":
-      try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library the process runs on
-      except (OSError, AttributeError):
-        return False
-      mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-      _applied = all(mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS.items())
-  return _applied
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
+  if (os.environ.get("DLRM_JAX_HUGE_PAGES") == "0" or "glibc.malloc.hugetlb" in tunables
+      or not _glibc_has_the_tunable()):
+    return
+  os.environ["GLIBC_TUNABLES"] = (f"{tunables}:{HUGE_PAGE_TUNABLE}" if tunables
+                                  else HUGE_PAGE_TUNABLE)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execv(sys.executable, sys.orig_argv)

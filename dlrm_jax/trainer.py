@@ -25,7 +25,6 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
-from dlrm_jax import host
 from dlrm_jax import metrics as metrics_lib
 from dlrm_jax import parallel
 from dlrm_jax.config import ConfigError, ModelSpec, parse_floats, validate_training
@@ -35,10 +34,6 @@ from dlrm_jax.embedding import EmbeddingCollection, Tables, make_sparse_optimize
 from dlrm_jax.embedding.planner import Plan, PlanError, parse_overrides, plan_tables
 from dlrm_jax.embedding.sharded import ShardedEmbedding
 from dlrm_jax.model import DLRM, init_params
-
-# Before XLA's CPU client starts (it starts at the first device query), or it
-# has no effect on the train step: see dlrm_jax/host.py.
-host.keep_freed_memory()
 
 
 @flax.struct.dataclass

@@ -1,4 +1,4 @@
-"""The host-process malloc settings (dlrm_jax/host.py)."""
+"""The host process on huge pages (dlrm_jax/host.py)."""
 
 import os
 import platform
@@ -7,30 +7,39 @@ import sys
 
 import pytest
 
-SCRIPT = "from dlrm_jax import host; print(host.keep_freed_memory(), host.keep_freed_memory())"
+# Prints GLIBC_TUNABLES and the process id before and after use_huge_pages().
+SCRIPT = ("import os; print('before', os.getpid(), os.environ.get('GLIBC_TUNABLES', ''), "
+          "flush=True); from dlrm_jax import host; host.use_huge_pages(); "
+          "print('after', os.getpid(), os.environ.get('GLIBC_TUNABLES', ''))")
 
 
-def _run(env_value):
-  env = dict(os.environ)
-  env.pop("DLRM_JAX_KEEP_FREED_MEMORY", None)
-  if env_value is not None:
-    env["DLRM_JAX_KEEP_FREED_MEMORY"] = env_value
-  return subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                        text=True, check=True).stdout.split()
+def _run(**env_changes):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("GLIBC_TUNABLES", "DLRM_JAX_HUGE_PAGES")}
+  env.update(env_changes)
+  out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                       check=True).stdout
+  return [line.split(" ", 2) for line in out.splitlines()]
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt settings are glibc's")
-def test_keep_freed_memory_applies_on_glibc_and_can_be_turned_off():
-  assert _run(None) == ["True", "True"]  # applied, and the second call is a no-op
-  assert _run("0") == ["False", "False"]
+def _has_tunable() -> bool:
+  name, version = platform.libc_ver()
+  return name == "glibc" and tuple(int(x) for x in version.split(".")[:2]) >= (2, 35)
 
 
-def test_importing_the_trainer_applies_the_settings():
-  """The settings must be made before JAX's CPU backend starts: importing the trainer
-  does it, and nothing in that import starts the backend first."""
-  out = subprocess.run(
-      [sys.executable, "-c", "import dlrm_jax.trainer, jax._src.xla_bridge as xb; "
-       "from dlrm_jax import host; "
-       "print(host._applied is not None, xb.backends_are_initialized())"],
-      capture_output=True, text=True, check=True).stdout.split()
-  assert out == ["True", "False"]
+@pytest.mark.skipif(not _has_tunable(), reason="glibc.malloc.hugetlb needs glibc 2.35+")
+def test_use_huge_pages_reexecutes_once_with_the_tunable():
+  lines = _run()
+  # The first run re-executes (same process id) with the tunable; the second goes on.
+  assert [l[0] for l in lines] == ["before", "before", "after"]
+  assert len({l[1] for l in lines}) == 1
+  assert lines[0][2] == "" and lines[1][2] == lines[2][2] == "glibc.malloc.hugetlb=1"
+  kept = _run(GLIBC_TUNABLES="glibc.malloc.arena_max=2")  # other tunables are kept
+  assert kept[-1][2] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+
+
+def test_use_huge_pages_leaves_the_process_alone_when_told_or_already_set():
+  assert [l[0] for l in _run(DLRM_JAX_HUGE_PAGES="0")] == ["before", "after"]
+  lines = _run(GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
+  assert [l[0] for l in lines] == ["before", "after"]
+  assert lines[-1][2] == "glibc.malloc.hugetlb=0"
