@@ -42,7 +42,8 @@ def use_huge_pages() -> None:
   Does nothing where glibc is older than 2.35 or absent, when GLIBC_TUNABLES
   already sets `glibc.malloc.hugetlb`, or when DLRM_JAX_HUGE_PAGES=0. The
   process keeps its id, arguments and interpreter options (`sys.orig_argv`).
-  Call it first thing in a program's main module, before any work is done.
+  Call it first thing in a program's main module, before any work is done;
+  not in an interactive kernel (a notebook), which it would re-execute.
   """
   tunables = os.environ.get("GLIBC_TUNABLES", "")
   if (os.environ.get("DLRM_JAX_HUGE_PAGES") == "0" or "glibc.malloc.hugetlb" in tunables

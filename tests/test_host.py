@@ -1,11 +1,12 @@
 """The host process on huge pages (dlrm_jax/host.py)."""
 
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
+
+from dlrm_jax import host
 
 # Prints GLIBC_TUNABLES and the process id before and after use_huge_pages().
 SCRIPT = ("import os; print('before', os.getpid(), os.environ.get('GLIBC_TUNABLES', ''), "
@@ -22,12 +23,7 @@ def _run(**env_changes):
   return [line.split(" ", 2) for line in out.splitlines()]
 
 
-def _has_tunable() -> bool:
-  name, version = platform.libc_ver()
-  return name == "glibc" and tuple(int(x) for x in version.split(".")[:2]) >= (2, 35)
-
-
-@pytest.mark.skipif(not _has_tunable(), reason="glibc.malloc.hugetlb needs glibc 2.35+")
+@pytest.mark.skipif(not host._glibc_has_the_tunable(), reason="glibc.malloc.hugetlb: glibc 2.35+")
 def test_use_huge_pages_reexecutes_once_with_the_tunable():
   lines = _run()
   # The first run re-executes (same process id) with the tunable; the second goes on.

@@ -46,8 +46,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dlrm_jax.embedding.collection import EmbeddingCollection, Tables
 from dlrm_jax.embedding.planner import (COLUMN_WISE, REPLICATED, ROW_WISE, SHARDING_TYPES,
                                         TABLE_WISE, Plan)
-from dlrm_jax.parallel import MeshAxes, fetch
 from dlrm_jax.ops import take_static
+from dlrm_jax.parallel import MeshAxes, fetch
 
 Lookups = dict[str, dict[str, jax.Array]]
 
