@@ -7,14 +7,11 @@ click data) and prints a summary. See README.md for the configs.
 import logging as std_logging
 import os
 
+from absl import app, flags, logging
+from ml_collections import config_flags
+
 from dlrm_jax import host
-
-host.use_huge_pages()  # re-executes with glibc's malloc on huge pages (dlrm_jax/host.py)
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from dlrm_jax.config import ConfigError  # noqa: E402
+from dlrm_jax.config import ConfigError
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,4 +58,5 @@ def _is_lead() -> bool:
 
 
 if __name__ == "__main__":
+  host.use_huge_pages()  # re-executes with glibc's malloc on huge pages (dlrm_jax/host.py)
   app.run(main)
