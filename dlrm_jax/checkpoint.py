@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from typing import Any, Callable
@@ -44,7 +45,7 @@ from dlrm_jax.embedding import EmbeddingCollection
 from dlrm_jax.embedding.planner import Placement, Plan
 from dlrm_jax.embedding.sharded import plan_groups, stack_rows, unstack_rows
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the dense optimiser's state holds no schedule count
 
 # Config fields that define the saved arrays: a checkpoint restores only into
 # a config that agrees on all of them (unless a partial restore is asked for).
@@ -136,6 +137,17 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
+class _SavesWithoutMetrics(logging.Filter):
+  """Drops Orbax's warning for a save without metrics: saves between evaluations
+  (`checkpoint.every_steps`) have none by design."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_SavesWithoutMetrics())
+
+
 class Checkpointer:
   """An Orbax CheckpointManager for train states: keeps the last `max_to_keep`
   checkpoints and, with `keep_best`, the one with the best evaluation AUC."""
@@ -149,9 +161,12 @@ class Checkpointer:
     if keep_best:
       policies.append(cm.BestN(get_metric_fn=lambda m: m["auc"], n=1,
                                keep_checkpoints_without_metrics=False))
+    # Orbax writes a step's metrics to disk only with a best_fn; without them a
+    # reopened directory (a resumed run) would have forgotten which step was best.
+    best = {"best_fn": lambda m: m["auc"], "best_mode": "max"} if keep_best else {}
     options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True,
-        preservation_policy=cm.AnyPreservationPolicy(policies))
+        preservation_policy=cm.AnyPreservationPolicy(policies), **best)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": _state_handler(),
@@ -186,7 +201,14 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for the saves in flight and stops Orbax's background threads."""
     self.manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   # Reading --------------------------------------------------------------------
   def steps(self) -> list[int]:

@@ -146,6 +146,12 @@ def validate_training(config) -> None:
   for name in ("lr_num_warmup_steps", "lr_decay_start_step", "lr_num_decay_steps"):
     if int(config[name]) < 0:
       raise ConfigError(f"{name}={config[name]} must be >= 0")
+  if int(config.lr_num_decay_steps) > 0 and (
+      int(config.lr_decay_start_step) < int(config.lr_num_warmup_steps)):
+    raise ConfigError(
+        f"lr_decay_start_step={config.lr_decay_start_step} is before the end of the warmup "
+        f"(lr_num_warmup_steps={config.lr_num_warmup_steps}): the warmup must finish before "
+        "the decay starts")
 
 
 def base_config():
@@ -222,6 +228,7 @@ def base_config():
   c.data.sparse_missing_rate = 0.1
   c.data.teacher_num_pairs = 8  # feature pairs whose ids interact in the teacher.
   c.data.teacher_pair_scale = 1.0
+  c.data.teacher_dense_scale = 0.5  # 0: the labels depend on the ids alone.
   c.data.hotness = 1  # ids per feature; > 1 makes multi-hot bags (random data).
   c.data.variable_hotness = False  # bags of 1..hotness ids, padded, with a mask.
   c.data.path = ""  # prepared Criteo directory (python -m dlrm_jax.data.criteo prepare).

@@ -42,8 +42,34 @@ class Injected:
     return getattr(self._data, name)
 
   def batches(self, start=0, split="train", batch_size=None):
-    for i, batch in enumerate(self._data.batches(start, split, batch_size), start):
-      yield self._hook(i, batch)
+    return _InjectedStream(self._data.batches(start, split, batch_size), start, self._hook)
+
+
+class _InjectedStream:
+  """A stream of batches through `hook`; keeps the wrapped stream's `restore` and
+  `state_at` (the Criteo loader's data position) visible to the trainer."""
+
+  def __init__(self, stream, start, hook):
+    self._stream, self._index, self._hook = stream, start, hook
+
+  def __getattr__(self, name):  # AttributeError where the wrapped stream lacks it
+    attr = getattr(self._stream, name)
+    if name != "restore":
+      return attr
+
+    def restore(state):
+      attr(state)
+      self._index = int(state["position"])
+
+    return restore
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._stream)
+    self._index += 1
+    return self._hook(self._index - 1, batch)
 
 
 def inject(hook):

@@ -42,3 +42,15 @@ def load_config(name: str, devices: int = 1):
 @pytest.fixture
 def tiny_config():
   return load_config("tiny")
+
+
+def small_criteo_config(data_path, devices: int = 1):
+  """A tiny model (D=4, bottom 13-8-4, top 8-1) on a prepared Criteo directory: 6 steps
+  of 32, one evaluation at the end over every full batch of 16 of the test split."""
+  c = load_config("criteo_kaggle", devices=devices)
+  c.data.path = str(data_path)
+  c.arch_sparse_feature_size, c.arch_mlp_bot, c.arch_mlp_top = 4, "13-8-4", "8-1"
+  c.mini_batch_size, c.num_batches, c.test_freq = 32, 6, 0
+  c.test_mini_batch_size, c.test_num_batches = 16, 0
+  c.progress_bar = False
+  return c

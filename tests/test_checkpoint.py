@@ -1,5 +1,6 @@
-"""Checkpoints: exact resume after SIGKILL, restore onto other meshes, damaged and
-incomplete checkpoints, NaN guard, config mismatch, predict and export."""
+"""Checkpoints: exact resume after SIGKILL and of a shuffled Criteo run, resume=False,
+keep_best, restore onto other meshes, damaged and incomplete checkpoints, NaN guard,
+config mismatch and partial restores, predict and export."""
 
 import json
 import os
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 
 from checkpoint_worker import inject, resume_config
-from conftest import REPO, load_config
+from conftest import REPO, load_config, small_criteo_config
 from dlrm_jax import checkpoint, predict, trainer
+from dlrm_jax.config import ConfigError
 from dlrm_jax.data import RandomData
 from dlrm_jax.embedding.sharded import unstack_rows
 
@@ -29,6 +31,11 @@ def _assert_states_equal(a, b):
     np.testing.assert_array_equal(x, y)
 
 
+def _steps(directory) -> list[int]:
+  with checkpoint.Checkpointer(str(directory)) as ckpt:
+    return ckpt.steps()
+
+
 def _without_speed(records):
   return [{k: v for k, v in r.items() if k != "examples_per_sec"} for r in records]
 
@@ -40,7 +47,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):
   proc = subprocess.run([sys.executable, WORKER, str(killed), "14"], cwd=REPO,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL
-  steps = checkpoint.Checkpointer(str(killed / "checkpoints")).steps()
+  steps = _steps(str(killed / "checkpoints"))
   assert steps and max(steps) < 20, steps  # it died mid-run, after saving
 
   messages = []
@@ -53,6 +60,112 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):
   _assert_states_equal(resumed.state, whole.state)
   lines = (killed / "metrics.jsonl").read_text().splitlines()
   assert _without_speed([json.loads(l) for l in lines]) == _without_speed(whole.records)
+
+
+def test_resume_false_deletes_the_checkpoints_and_starts_afresh(tmp_path, monkeypatch):
+  """checkpoint.resume=False in a used workdir: the old checkpoints are deleted (and that
+  is logged), training starts at step 0 and ends as the first run did."""
+  c = resume_config()
+  c.num_batches, c.test_freq, c.checkpoint.every_steps = 10, 5, 5
+  first = trainer.train_and_evaluate(c, str(tmp_path))
+  directory = tmp_path / "checkpoints"
+  assert _steps(str(directory)) == [5, 10]
+  # Gone only if step 10 is deleted: a save onto an existing step is skipped.
+  (directory / "10" / "stale").write_text("")
+  seen = []
+  monkeypatch.setattr(trainer, "make_data", trainer.make_data)  # undone after the test
+  inject(lambda i, batch: seen.append(i) or batch)
+  c.checkpoint.resume = False
+  messages = []
+  again = trainer.train_and_evaluate(c, str(tmp_path), log=messages.append)
+  assert (f"checkpoint.resume=False: deleting the checkpoints of steps [5, 10] in {directory}"
+          in messages), messages
+  assert not any(m.startswith("resuming") for m in messages), messages
+  assert seen[:10] == list(range(10))  # from step 0 (and the prefetcher's read-ahead)
+  assert not (directory / "10" / "stale").exists()
+  assert _steps(str(directory)) == [5, 10]
+  assert [r["step"] for r in again.records] == [5, 10]
+  assert _without_speed(again.records) == _without_speed(first.records)
+  _assert_states_equal(again.state, first.state)
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert _without_speed([json.loads(l) for l in lines]) == _without_speed(first.records)
+
+
+def _criteo_config(data_path):
+  """A tiny model on a prepared Criteo directory: shuffled blocks of 16 rows in windows of
+  64, 10 batches of 32 an epoch, 16 steps, checkpoints every 4, evaluations every 8."""
+  c = small_criteo_config(data_path)
+  c.data.shuffle, c.data.block_rows, c.data.shuffle_buffer = True, 16, 64
+  c.embedding_optimizer, c.dense_optimizer = "rowwise_adagrad", "adagrad"
+  c.num_batches, c.test_freq = 16, 8
+  c.checkpoint.enabled, c.checkpoint.every_steps, c.checkpoint.max_to_keep = True, 4, 2
+  return c
+
+
+class _Interrupted(Exception):
+  """Raised by a data hook to stop a run mid-way, as a crash would."""
+
+
+def test_interrupted_criteo_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+  """A shuffled Criteo run stopped by an error at train batch 11 (past the step-8
+  checkpoint), then rerun, crossing into epoch 1: the same records, parameters and
+  tables as an uninterrupted run, bit for bit, with the loader's position restored."""
+  from dlrm_jax.data import criteo
+  from dlrm_jax.data.criteo_synth import write_raw
+
+  raw = tmp_path / "train.txt"
+  write_raw(str(raw), 400, seed=0)
+  data = tmp_path / "prepared"
+  meta = criteo.prepare("kaggle", [str(raw)], str(data), categorical="reference", workers=1,
+                        progress=False, log=lambda m: None)
+  assert meta["splits"]["train"] == [[0, 343]]  # 10 batches of 32 an epoch
+  whole = trainer.train_and_evaluate(_criteo_config(data), str(tmp_path / "whole"))
+
+  opened = []
+
+  class Tracked(checkpoint.Checkpointer):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      opened.append(self)
+
+  monkeypatch.setattr(checkpoint, "Checkpointer", Tracked)
+  seen, stop_at = [], [11]
+
+  def hook(i, batch):
+    if i == stop_at[0]:
+      raise _Interrupted(f"train batch {i}")
+    seen.append(i)
+    return batch
+
+  monkeypatch.setattr(trainer, "make_data", trainer.make_data)  # undone after the test
+  inject(hook)
+  run = tmp_path / "run"
+  with pytest.raises(_Interrupted):  # the prefetcher hands the error to the loop
+    trainer.train_and_evaluate(_criteo_config(data), str(run))
+  for c in opened:  # the saves still in flight, as the end of a crashed process would
+    c.wait()
+    c.close()
+  ckpt = checkpoint.Checkpointer(str(run / "checkpoints"))
+  assert ckpt.steps() == [4, 8]
+  position = ckpt.read_meta(8)["data"]
+  assert position["position"] == 8 and position["shuffle"] == 1  # the loader's own state
+  ckpt.close()
+  stop_at[0], seen[:] = None, []
+  messages = []
+  resumed = trainer.train_and_evaluate(_criteo_config(data), str(run), log=messages.append)
+  assert any(m.startswith("resuming from step 8") for m in messages), messages
+  assert seen[0] == 8
+
+  assert [r["step"] for r in resumed.records] == [8, 16]
+  assert _without_speed(resumed.records) == _without_speed(whole.records)
+  _assert_states_equal(resumed.state, whole.state)
+  lines = (run / "metrics.jsonl").read_text().splitlines()
+  assert _without_speed([json.loads(l) for l in lines]) == _without_speed(whole.records)
+  # The saved position belongs to one data order: another shuffle seed is refused.
+  reseeded = _criteo_config(data)
+  reseeded.data.seed = int(reseeded.data.seed) + 1
+  with pytest.raises(ConfigError, match="cannot resume the data: .*another data order.*seed"):
+    trainer.train_and_evaluate(reseeded, str(run))
 
 
 def _mesh_config(devices, overrides=""):
@@ -103,9 +216,10 @@ def _save_and_restore_elsewhere(tmp_path, saved_on, restore_on):
     assert not checkpoint.same_layout(other.plan, task.plan)
     restored = ckpt.restore(other, other.config)
     assert restored.step == 7
-    for got, expected in zip(other.embedding.to_arrays(restored.state.tables), tables):
+    for got, expected in zip(other.embedding.to_arrays(restored.state.tables), tables,
+                             strict=True):
       np.testing.assert_array_equal(got, expected)
-    for got, expected in zip(_slots(other, restored.state), slots):
+    for got, expected in zip(_slots(other, restored.state), slots, strict=True):
       np.testing.assert_array_equal(got, expected)
     for name in ("step", "params", "opt_state"):
       for got, expected in zip(_leaves(getattr(restored.state, name)),
@@ -166,6 +280,7 @@ def test_damaged_and_incomplete_checkpoints_are_skipped(tmp_path, saved_tiny):
   _assert_states_equal(restored.state, states[1])
   assert len(messages) == 1 and "/2 is damaged" in messages[0], messages
   assert (directory / "2.damaged").is_dir() and ckpt.steps() == [1]
+  ckpt.close()
 
 
 def test_config_mismatch_is_refused_unless_partial(saved_tiny):
@@ -184,6 +299,7 @@ def test_config_mismatch_is_refused_unless_partial(saved_tiny):
   assert "arch_mlp_bot" not in message and "restore_partial" in message
   fresh = other_task.init_state(5)
   restored = ckpt.restore(other_task, other, partial=True, fresh=lambda: fresh)
+  ckpt.close()
   assert restored.partial and restored.step == 2
   got = other_task.embedding.to_arrays(restored.state.tables)
   saved = task.embedding.to_arrays(states[2].tables)
@@ -196,6 +312,96 @@ def test_config_mismatch_is_refused_unless_partial(saved_tiny):
   top = restored.state.params["top"]["layers"][0]["kernel"]
   np.testing.assert_array_equal(np.asarray(top[...]),
                                 np.asarray(fresh.params["top"]["layers"][0]["kernel"][...]))
+
+
+def test_partial_restore_takes_the_dense_slots_that_match_and_fresh_sparse_slots(tmp_path):
+  """A partial restore takes the dense optimiser state of each parameter whose path and
+  shape match from the checkpoint, the rest and every sparse slot (of the restored tables
+  too) from `fresh`."""
+  config = _mesh_config(1)
+  task = trainer.Task(config)
+  data = RandomData(task.spec.table_rows, 13, 64, seed=3)
+  state = task.init_state(0)
+  for i in range(3):
+    state, _ = task.train_step(state, data.batch(i))
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+  ckpt.save(3, state, {"config": json.loads(config.to_json()),
+                       "plan": checkpoint.plan_to_json(task.plan)})
+  ckpt.wait()
+  other = _mesh_config(1)
+  other.arch_embedding_size = "500-300-200-120-500-64-40-999"
+  other.arch_mlp_top = "16-1"  # top layer 0: other shapes; layer 1: another kernel
+  other_task = trainer.Task(other)
+  fresh = _random_state(other_task, seed=9)  # unlike the saved slots and a new state's zeros
+  restored = ckpt.restore(other_task, other, partial=True, fresh=lambda: fresh)
+  assert restored.partial and int(restored.state.step) == 3  # the schedule's step: restored
+
+  def rss(s, *path):
+    tree = s.opt_state[0].sum_of_squares
+    for k in path:
+      tree = tree[k]
+    return _leaves(tree)
+
+  assert not np.array_equal(rss(state, "bottom")[0], rss(fresh, "bottom")[0])
+  for got, want in zip(rss(restored.state, "bottom"), rss(state, "bottom"), strict=True):
+    np.testing.assert_array_equal(got, want)  # matching parameters: their slots restored
+  for layer, name, source in ((0, "kernel", fresh), (0, "bias", fresh), (1, "kernel", fresh),
+                              (1, "bias", state)):  # (1,) in both configs: it matches
+    got, = rss(restored.state, "top", "layers", layer, name)
+    want, = rss(source, "top", "layers", layer, name)
+    np.testing.assert_array_equal(got, want, err_msg=f"top layer {layer} {name}")
+  saved_slots, fresh_slots = _slots(task, state), _slots(other_task, fresh)
+  assert saved_slots[0].any() and not np.array_equal(saved_slots[0], fresh_slots[0])
+  for got, want in zip(_slots(other_task, restored.state), fresh_slots, strict=True):
+    np.testing.assert_array_equal(got, want)
+  got = other_task.embedding.to_arrays(restored.state.tables)
+  for t, want in enumerate(task.embedding.to_arrays(state.tables)[:7]):
+    np.testing.assert_array_equal(got[t], want)  # the tables themselves are restored
+
+
+def _small_state(value: float):
+  """A train state of a few tiny arrays, all `value` (what Checkpointer saves is any such)."""
+  import jax.numpy as jnp
+
+  def full(*shape):
+    return jnp.full(shape, value, jnp.float32)
+
+  return trainer.TrainState(step=jnp.zeros((), jnp.int32), params={"w": full(3)},
+                            opt_state={"s": full(3)}, tables={"t": full(4, 2)},
+                            emb_opt_state={"t": {"accumulator": full(4)}})
+
+
+def _save_aucs(directory, keep_best, *aucs_by_step):
+  """Saves a tiny state at each (step, AUC or None) with max_to_keep=2; the steps kept."""
+  ckpt = checkpoint.Checkpointer(str(directory), max_to_keep=2, keep_best=keep_best)
+  for step, auc in aucs_by_step:
+    assert ckpt.save(step, _small_state(step), {"auc": auc},
+                     None if auc is None else {"auc": auc})
+  ckpt.wait()
+  steps = ckpt.steps()
+  ckpt.close()
+  return steps
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_keep_best_keeps_the_best_auc_besides_the_latest(tmp_path, keep_best):
+  """max_to_keep=2 keeps the 2 latest steps; keep_best also the step of the best AUC
+  (the highest), until a better one comes; a step without an AUC is never the best."""
+  best = [2] if keep_best else []
+  assert _save_aucs(tmp_path / "a", keep_best, (1, 0.6), (2, 0.9), (3, 0.7), (4, 0.65),
+                    (5, None)) == best + [4, 5]
+  if keep_best:
+    with checkpoint.Checkpointer(str(tmp_path / "a")) as ckpt:
+      assert ckpt.read_meta(2)["auc"] == 0.9
+  assert _save_aucs(tmp_path / "b", keep_best, (1, 0.6), (2, 0.9), (3, 0.95),
+                    (4, None), (5, None)) == ([3] if keep_best else []) + [4, 5]
+
+
+def test_keep_best_keeps_the_best_auc_of_a_reopened_directory(tmp_path):
+  """A resumed run (a new Checkpointer on the directory) still keeps the best AUC's step."""
+  assert _save_aucs(tmp_path, True, (1, 0.6), (2, 0.9), (3, 0.7), (4, 0.65)) == [2, 3, 4]
+  assert _save_aucs(tmp_path, True, (5, None)) == [2, 4, 5]
+  assert _save_aucs(tmp_path, True, (6, 0.95), (7, None)) == [6, 7]
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -215,7 +421,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
       trainer.train_and_evaluate(c, str(tmp_path))
   finally:
     trainer_module.make_data = make_data
-  assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).steps() == [5, 10]
+  assert _steps(str(tmp_path / "checkpoints")) == [5, 10]
 
 
 def test_predict_raw_and_prepared_data_and_export_round_trip(tmp_path):
@@ -229,12 +435,7 @@ def test_predict_raw_and_prepared_data_and_export_round_trip(tmp_path):
   data = tmp_path / "prepared"
   meta = criteo.prepare("kaggle", [str(raw)], str(data), categorical="reference", workers=1,
                         progress=False, log=lambda m: None)
-  c = load_config("criteo_kaggle", devices=1)
-  c.data.path = str(data)
-  c.arch_sparse_feature_size, c.arch_mlp_bot, c.arch_mlp_top = 4, "13-8-4", "8-1"
-  c.mini_batch_size, c.num_batches, c.test_freq = 32, 6, 0
-  c.test_mini_batch_size, c.test_num_batches = 16, 0
-  c.progress_bar = False
+  c = small_criteo_config(data)
   workdir = tmp_path / "run"
   trainer.train_and_evaluate(c, str(workdir))
 

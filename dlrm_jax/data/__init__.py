@@ -70,6 +70,7 @@ def make_data(config, spec: ModelSpec):
         sparse_missing_rate=float(data.sparse_missing_rate),
         teacher_num_pairs=int(data.teacher_num_pairs),
         teacher_pair_scale=float(data.teacher_pair_scale),
+        teacher_dense_scale=float(data.teacher_dense_scale),
     )
   if kind in CRITEO_KINDS:
     return _make_criteo(config, spec)

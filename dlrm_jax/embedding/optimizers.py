@@ -16,11 +16,12 @@ gather would hold for that row:
                       w -= lr * g / (sqrt(a) + eps)            (FBGEMM, TorchRec, MLPerf DLRM-DCNv2)
 - `adagrad`:          a += g^2 (per element); w -= lr * g / (sqrt(a) + eps)   (torch.optim.Adagrad)
 - `adam` (lazy):      m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
-                      w -= lr * m_hat / (sqrt(v_hat) + eps), with bias corrections
-                      by the global step count t (torch.optim.SparseAdam). Rows that a
-                      step does not touch keep their moments unchanged (they do not
-                      decay), which is what makes it lazy: it differs from dense Adam,
-                      where every row's moments decay every step.
+                      w -= lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t),
+                      v_hat = v / (1 - b2^t), t the 1-based global step (FBGEMM's
+                      `EmbOptimType.ADAM`, TorchRec's fused Adam). Rows that a step
+                      does not touch keep their moments unchanged (they do not decay):
+                      that is what makes it lazy, unlike dense Adam. torch.optim.SparseAdam
+                      differs in where eps goes: lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ class SparseLazyAdam:
   """Adam on touched rows only; untouched rows keep their moments (lazy Adam).
 
   `step` is the 0-based global step, so bias corrections use t = step + 1 for
-  every row, as torch.optim.SparseAdam does.
+  every row, as FBGEMM's ADAM does with its iteration count.
   """
 
   b1: float = 0.9
