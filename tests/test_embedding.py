@@ -132,7 +132,7 @@ def test_init_bounds_and_determinism():
                               TableSpec("fixed", 10, 8, init_scale=0.5)])
   a = coll.to_arrays(jax.jit(coll.init)(7))
   b = coll.to_arrays(coll.init(7))
-  for x, y in zip(a, b):
+  for x, y in zip(a, b, strict=True):
     np.testing.assert_array_equal(x, y)
   assert np.abs(a[0]).max() <= 0.5 and np.abs(a[1]).max() <= 0.01
   assert np.abs(a[1]).max() > 0.0099 and abs(a[1].mean()) < 1e-3
@@ -163,7 +163,7 @@ def test_blocked_init_equals_whole_table_init(monkeypatch):
   coll = task.collection
   whole = np.asarray(coll.init_rows(3, jnp.arange(coll.total_rows, dtype=jnp.int32),
                                     jnp.arange(8, dtype=jnp.uint32)))
-  for got, o, r in zip(task.embedding.to_arrays(tables), coll.offsets, coll.rows):
+  for got, o, r in zip(task.embedding.to_arrays(tables), coll.offsets, coll.rows, strict=True):
     np.testing.assert_array_equal(got, whole[o:o + r])
 
 
@@ -200,12 +200,8 @@ def _bag_batch(task, rng, hot=3, batch=32):
           "label": (rng.random(batch) < 0.5).astype(np.float32)}
 
 
-# Each case compiles a train step; the update rules of all four optimisers are
-# covered cheaply above, so two of these cases run only with `-m slow`.
 @pytest.mark.parametrize("name,pooling", [
-    ("sgd", "mean"), ("rowwise_adagrad", "sum"),
-    pytest.param("adagrad", "mean", marks=pytest.mark.slow),
-    pytest.param("adam", "sum", marks=pytest.mark.slow)])
+    ("sgd", "mean"), ("rowwise_adagrad", "sum"), ("adagrad", "mean"), ("adam", "sum")])
 def test_train_step_with_bags_matches_dense_reference(name, pooling):
   """Through the whole train step: per-row gradients of weighted, masked bags."""
   c = load_config("tiny")
@@ -260,5 +256,6 @@ def test_bag_sgd_step_equals_dense_optax_sgd():
   new_state, _ = task.train_step(state, batch)
   np.testing.assert_allclose(_stacked(task, new_state.tables), _stacked(task, ref_tables),
                              rtol=1e-6, atol=1e-7)
-  for got, want in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(ref_params)):
+  for got, want in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(ref_params),
+                       strict=True):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)

@@ -70,10 +70,10 @@ def test_two_processes_match_one_process_across_a_resume(tmp_path):
   want_tables = single.task.embedding.to_arrays(single.state.tables)
   for records, tables in (first, _results(multi)):
     assert [r["step"] for r in records] == [3, 6]
-    for got, want in zip(records, single.records):
+    for got, want in zip(records, single.records, strict=True):
       for key in ("auc", "logloss", "train_loss"):
         assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
-    for got, want in zip(tables, want_tables):
+    for got, want in zip(tables, want_tables, strict=True):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 

@@ -54,10 +54,10 @@ def _batches(task, hotness, n=3):
   return out
 
 
-def _train(config, steps=2):
+def _train(config, steps=2, make_batches=None):
   task = trainer.Task(config)
   state = task.init_state(0)
-  batches = _batches(task, int(config.data.hotness))
+  batches = (make_batches or (lambda t: _batches(t, int(config.data.hotness))))(task)
   for batch in batches[:steps]:
     state, _ = task.train_step(state, batch)
   return {
@@ -81,10 +81,29 @@ def _reference(optimizer, hotness):
 
 def _assert_same(got, want, rtol=1e-5, atol=1e-6):
   np.testing.assert_allclose(got["predictions"], want["predictions"], rtol=rtol, atol=atol)
-  for a, b in zip(got["tables"], want["tables"]):
+  for a, b in zip(got["tables"], want["tables"], strict=True):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
-  for a, b in zip(got["params"], want["params"]):
+  for a, b in zip(got["params"], want["params"], strict=True):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
+def _assert_same_slots(got, want, rtol=1e-5, atol=1e-9):
+  """Every sparse optimiser slot of every table row, through the layouts, against a
+  one-device run (whose single table-wise group is the plain stacked layout)."""
+  emb = got["task"].embedding
+  offsets = want["task"].collection.offsets
+  want_state = want["state"].emb_opt_state[TABLE_WISE]
+  assert all(set(v) == set(want_state) for v in got["state"].emb_opt_state.values())
+  for name, want_leaf in want_state.items():
+    leaf = {k: np.asarray(v[name]) for k, v in got["state"].emb_opt_state.items()}
+    want_leaf = np.asarray(want_leaf)
+    for t, spec in enumerate(emb.specs):
+      g = emb.groups[emb.plan.placements[t].kind]
+      mine = np.empty((spec.rows,) + leaf[g.kind].shape[1:], np.float32)
+      for start, row, count in g.blocks(t):
+        mine[row:row + count] = leaf[g.kind][start:start + count]
+      np.testing.assert_allclose(mine, want_leaf[offsets[t]:offsets[t] + spec.rows],
+                                 rtol=rtol, atol=atol, err_msg=f"{name} of table {t}")
 
 
 def _all(kind):
@@ -152,18 +171,34 @@ def test_mixed_plan_bags_rowwise_adagrad_match_single_device(replicas):
   got = _train(_config(8, MIXED, optimizer="rowwise_adagrad", replicas=replicas, hotness=3))
   want = _reference("rowwise_adagrad", 3)
   _assert_same(got, want, rtol=1e-4, atol=1e-4)
-  # Optimiser slots too: the accumulator of every table row, through the layouts.
-  emb = got["task"].embedding
-  acc = {k: np.asarray(v["accumulator"]) for k, v in got["state"].emb_opt_state.items()}
-  want_acc = np.asarray(want["state"].emb_opt_state[TABLE_WISE]["accumulator"])
-  offsets = want["task"].collection.offsets
-  for t, spec in enumerate(emb.specs):
-    g = emb.groups[emb.plan.placements[t].kind]
-    mine = np.empty(spec.rows, np.float32)
-    for start, row, count in g.blocks(t):
-      mine[row:row + count] = acc[g.kind][start:start + count]
-    np.testing.assert_allclose(mine, want_acc[offsets[t]:offsets[t] + spec.rows],
-                               rtol=1e-5, atol=1e-9)
+  _assert_same_slots(got, want)
+
+
+def _repeated_id_batches(task, n=3):
+  """Each table's ids take 4 values (its first, last and two middle rows), each value on
+  every device's slice of the batch: rows that all 8 devices update in the same step."""
+  rows = np.asarray(task.spec.table_rows)
+  values = np.stack([0 * rows, rows - 1, rows // 2, rows // 3]).astype(np.int32)  # [4, F]
+  rng = np.random.default_rng(11)
+  out = []
+  for i in range(n):
+    sparse = values[(np.arange(BATCH) + i) % 4]
+    assert all(len(np.unique(s)) == 4 for s in sparse.reshape(8, BATCH // 8, -1)[..., 1])
+    out.append({"dense": rng.random((BATCH, 13), dtype=np.float32), "sparse": sparse,
+                "label": rng.integers(0, 2, BATCH).astype(np.float32)})
+  return out
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "adam"])
+def test_ids_repeated_across_devices_match_single_device(optimizer):
+  """Element-wise Adagrad and lazy Adam on every sharding type (row-wise included), with
+  the same rows looked up from every device's slice of the batch: updates of a row from
+  several devices must add up before the optimiser sees them."""
+  got = _train(_config(8, MIXED, optimizer=optimizer), make_batches=_repeated_id_batches)
+  want = _train(_config(1, optimizer=optimizer), make_batches=_repeated_id_batches)
+  assert ROW_WISE in got["task"].embedding.groups
+  _assert_same(got, want, rtol=1e-4, atol=1e-4)
+  _assert_same_slots(got, want, rtol=1e-4, atol=1e-8)
 
 
 def test_explicit_and_auto_mesh_axes_give_the_same_step():
@@ -200,7 +235,7 @@ def test_planner_replicates_small_tables_and_balances_the_rest():
   assert kinds[2] == ROW_WISE
   assert kinds[3:] == [TABLE_WISE] * 5
   per_device = {0: 0, 1: 0}
-  for r, p in zip(rows[3:], plan.placements[3:]):
+  for r, p in zip(rows[3:], plan.placements[3:], strict=True):
     per_device[p.device] += r
   assert sorted(per_device.values()) == [110_000, 120_000]  # 90k+20k | 50k+40k+30k
   text = plan.describe()
@@ -256,6 +291,6 @@ def test_train_and_evaluate_on_1_and_8_devices_agree(tmp_path):
     results.append(trainer.train_and_evaluate(c, str(tmp_path / str(devices))))
   one, eight = (r.records for r in results)
   assert [r["step"] for r in one] == [r["step"] for r in eight]
-  for a, b in zip(one, eight):
+  for a, b in zip(one, eight, strict=True):
     for key in ("auc", "logloss", "accuracy", "train_loss"):
       assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key

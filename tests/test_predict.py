@@ -1,0 +1,228 @@
+"""Scoring with `dlrm_jax.predict`: unseen values, 39-column and .gz input, device counts,
+the three categorical modes, and the exported function.
+
+One small model per categorical mode is trained once for the module (the same
+tiny architecture as test_checkpoint's predict test), so that the XLA compiles
+are shared by every test.
+"""
+
+import dataclasses
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from conftest import small_criteo_config
+from dlrm_jax import predict, trainer
+from dlrm_jax.data import criteo
+from dlrm_jax.data.criteo_synth import write_raw
+
+ROWS = 400
+BATCH = 64
+MODES = {"reference": {}, "hash": {"max_ind_range": 997},
+         "frequency": {"max_ind_range": 4093, "frequency_threshold": 3}}
+
+
+@dataclasses.dataclass
+class Run:
+  """A prepared directory, the run trained on it and that run's model on one device."""
+
+  mode: str
+  data: str
+  workdir: str
+  meta: dict
+  model: predict.Model
+
+
+@pytest.fixture(scope="module")
+def raw_file(tmp_path_factory):
+  """The raw training file every mode is prepared from (and scored as raw input)."""
+  path = tmp_path_factory.mktemp("raw") / "train.txt"
+  write_raw(str(path), ROWS, seed=0)
+  return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, raw_file):
+  """`runs(mode)`: that mode's Run, prepared and trained on first use only."""
+  done = {}
+
+  def get(mode):
+    if mode not in done:
+      root = tmp_path_factory.mktemp(mode)
+      data = root / "prepared"
+      meta = criteo.prepare("kaggle", [str(raw_file)], str(data), categorical=mode, workers=1,
+                            progress=False, log=lambda m: None, **MODES[mode])
+      c = small_criteo_config(data)
+      c.checkpoint.enabled = True
+      workdir = root / "run"
+      trainer.train_and_evaluate(c, str(workdir))
+      model = predict.load_model(str(workdir), devices=1)
+      done[mode] = Run(mode, str(data), str(workdir), meta, model)
+    return done[mode]
+
+  return get
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+  return runs("reference")
+
+
+@pytest.fixture(scope="module")
+def reference_probs(reference, raw_file, tmp_path_factory):
+  """Probabilities of the raw training file on one device: what other inputs must match."""
+  probs = _score(reference, tmp_path_factory.mktemp("base"), "--input", str(raw_file))
+  assert probs.shape == (ROWS,) and 0 < probs.min() and probs.max() < 1
+  return probs
+
+
+def _score(run, tmp, *args):
+  """`predict.main` on RUN's checkpoint (one device, batches of 64 unless ARGS say
+  otherwise): the probabilities it writes."""
+  out = tmp / "probs.txt"
+  assert predict.main(["--workdir", run.workdir, "--batch-size", str(BATCH), "--devices", "1",
+                       *args, "--output", str(out)]) == 0
+  return np.loadtxt(out, dtype=np.float32, ndmin=1)
+
+
+def _raw_ids(path, data):
+  """(dense, table rows, mapper) of a raw file as predict maps it with DATA's vocabulary."""
+  mapper = predict.RawMapper(data)
+  batches = list(predict.raw_batches(str(path), mapper, BATCH))
+  return (np.concatenate([b["dense"] for b in batches]),
+          np.concatenate([b["sparse"] for b in batches]), mapper)
+
+
+def _lines(path):
+  with open(path, "rb") as f:
+    return f.read().splitlines(keepends=True)
+
+
+def test_unseen_values_map_to_row_0_are_counted_and_scored_as_row_0(reference, raw_file,
+                                                                    tmp_path, capsys):
+  """Values absent from a `reference` vocabulary become row 0, exactly those, are counted,
+  reported on stderr, and score as the same rows with id 0 given directly."""
+  lines = _lines(raw_file)[:48]
+  original = tmp_path / "original.txt"
+  original.write_bytes(b"".join(lines))
+  dense, ids, mapper = _raw_ids(original, reference.data)
+  assert mapper.unseen == 0
+  vocab = criteo.load_vocabulary(reference.data)
+
+  # Unseen values at cells whose seen value has a row other than 0 (so that the
+  # scores must change; line 0 is all row 0, `reference` numbers values by first
+  # appearance), one row with several of them; 0xffffffff sorts after every key.
+  rng = np.random.default_rng(1)
+  cells = [(7, int(f)) for f in np.flatnonzero(ids[7])[[0, 5, -1]]]
+  for r in (5, 11, 20, 33, 47):
+    nonzero = np.flatnonzero(ids[r])
+    cells.append((r, int(nonzero[r % len(nonzero)])))
+  fields = [l.rstrip(b"\n").split(b"\t") for l in lines]
+  for r, f in cells:
+    value = 0xffffffff if r == 5 else int(rng.integers(0, 2**32))
+    assert value not in vocab[f][0]
+    fields[r][1 + criteo.NUM_DENSE + f] = b"%08x" % value
+  unseen = tmp_path / "unseen.txt"
+  unseen.write_bytes(b"".join(b"\t".join(x) + b"\n" for x in fields))
+
+  dense_u, ids_u, mapper_u = _raw_ids(unseen, reference.data)
+  mask = np.zeros(ids.shape, bool)
+  mask[tuple(np.transpose(cells))] = True
+  assert mask.sum() == len(cells)
+  np.testing.assert_array_equal(ids_u[mask], 0)
+  np.testing.assert_array_equal(ids_u[~mask], ids[~mask])
+  np.testing.assert_array_equal(dense_u, dense)
+  assert mapper_u.unseen == len(cells)
+
+  capsys.readouterr()
+  probs_original = _score(reference, tmp_path, "--input", str(original))
+  assert "values unseen" not in capsys.readouterr().err
+  probs = _score(reference, tmp_path, "--input", str(unseen))
+  err = capsys.readouterr().err
+  assert f"48 rows scored into {tmp_path / 'probs.txt'} ({len(cells)} values unseen in " \
+         "training mapped to row 0)" in err, err
+
+  direct = predict.score(reference.model,
+                         iter([{"dense": dense, "sparse": np.where(mask, 0, ids)}]), BATCH)
+  np.testing.assert_array_equal(probs, direct)
+  changed = sorted({r for r, _ in cells})
+  others = np.setdiff1d(np.arange(len(lines)), changed)
+  np.testing.assert_array_equal(probs[others], probs_original[others])
+  assert np.all(probs[changed] != probs_original[changed])
+
+
+def test_input_without_label_column_scores_as_with_it(reference, reference_probs, raw_file,
+                                                      tmp_path):
+  """A 39-column file (no label) gives the probabilities of the 40-column one."""
+  path = tmp_path / "nolabel.txt"
+  path.write_bytes(b"".join(l.split(b"\t", 1)[1] for l in _lines(raw_file)))
+  assert _lines(path)[0].count(b"\t") == 38
+  np.testing.assert_array_equal(_score(reference, tmp_path, "--input", str(path)),
+                                reference_probs)
+
+
+def test_gzip_input_scores_as_plain(reference, reference_probs, raw_file, tmp_path):
+  """A .gz copy of the raw file gives the probabilities of the plain file."""
+  path = tmp_path / "train.txt.gz"
+  with gzip.open(path, "wb") as f:
+    f.write(raw_file.read_bytes())
+  np.testing.assert_array_equal(_score(reference, tmp_path, "--input", str(path)),
+                                reference_probs)
+
+
+@pytest.mark.parametrize("devices", [2, 8])
+def test_several_devices_score_as_one(reference, reference_probs, raw_file, tmp_path, capsys,
+                                      devices):
+  """The checkpoint restored onto several devices (batch size rounded up to a multiple
+  of them, a padded last batch) gives the probabilities of one device."""
+  capsys.readouterr()
+  probs = _score(reference, tmp_path, "--input", str(raw_file), "--devices", str(devices),
+                 "--batch-size", "50")
+  assert f"on {devices} device(s)" in capsys.readouterr().err
+  np.testing.assert_allclose(probs, reference_probs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_raw_input_scores_as_prepared_rows(runs, raw_file, tmp_path, mode):
+  """In each categorical mode, raw rows map to the prepared directory's ids and score
+  as its test and val rows do."""
+  run = runs(mode)
+  assert run.meta["options"]["categorical"] == mode
+  from_raw = _score(run, tmp_path, "--input", str(raw_file))
+  assert from_raw.shape == (ROWS,)
+  _, ids, mapper = _raw_ids(raw_file, run.data)
+  assert mapper.unseen == 0  # every value of the file is in its own vocabulary (or none)
+  for split in ("test", "val"):
+    (lo, hi), = run.meta["splits"][split]
+    prepared = list(predict.prepared_batches(run.data, BATCH, split))
+    np.testing.assert_array_equal(ids[lo:hi], np.concatenate([b["sparse"] for b in prepared]))
+    from_prepared = _score(run, tmp_path, "--input", run.data, "--split", split)
+    assert from_prepared.shape == (hi - lo,)
+    np.testing.assert_array_equal(from_raw[lo:hi], from_prepared)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_exported_function_scores_as_the_model(reference, tmp_path, devices):
+  """`load_exported` after `--export` (from a model on 1 or 8 devices) gives the model's
+  probabilities, for prepared rows, ids at each table's ends, and any batch size."""
+  out = tmp_path / "exported"
+  assert predict.main(["--workdir", reference.workdir, "--devices", str(devices),
+                       "--export", str(out)]) == 0
+  model = reference.model
+  rows = np.asarray(model.task.spec.table_rows)
+  sig = json.loads((out / "signature.json").read_text())
+  assert sig["table_rows"] == rows.tolist() and sig["step"] == model.step
+
+  prepared = list(predict.prepared_batches(reference.data, BATCH, "test"))
+  rng = np.random.default_rng(2)
+  dense = np.concatenate([b["dense"] for b in prepared]
+                         + [rng.exponential(2.0, (3, 13)).astype(np.float32)])
+  sparse = np.concatenate([b["sparse"] for b in prepared]
+                          + [np.zeros((1, len(rows)), np.int32), (rows - 1)[None],
+                             rng.integers(0, rows, (1, len(rows)), dtype=np.int32)])
+  expected = predict.score(model, iter([{"dense": dense, "sparse": sparse}]), BATCH)
+  f = predict.load_exported(str(out))
+  np.testing.assert_allclose(f(dense, sparse), expected, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(f(dense[-5:], sparse[-5:]), expected[-5:], rtol=1e-6, atol=1e-7)
