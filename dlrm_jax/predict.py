@@ -37,7 +37,8 @@ from ml_collections import ConfigDict
 
 from dlrm_jax import checkpoint as checkpoint_lib
 from dlrm_jax import parallel
-from dlrm_jax.data import criteo
+from dlrm_jax.data.criteo.parse import BadLineError, parse_block
+from dlrm_jax.data.criteo.vocabulary import load_vocabulary, vocab_rows
 from dlrm_jax.data import format as fmt
 
 
@@ -122,7 +123,7 @@ class RawMapper:
     self.mode = options["categorical"]
     moduli = options.get("max_ind_range")
     self.moduli = None if moduli is None else np.asarray(moduli, np.uint32)
-    self.vocab = None if self.mode == "hash" else criteo.load_vocabulary(data_dir)
+    self.vocab = None if self.mode == "hash" else load_vocabulary(data_dir)
     self.unseen = 0  # values missing from a `reference` vocabulary (mapped to row 0)
 
   def __call__(self, raw: np.ndarray) -> np.ndarray:
@@ -132,7 +133,7 @@ class RawMapper:
       return raw.astype(np.int32)
     out = np.empty(raw.shape, np.int32)
     for f, (keys, ids) in enumerate(self.vocab):
-      out[:, f], found = criteo.vocab_rows(keys, ids, raw[:, f])
+      out[:, f], found = vocab_rows(keys, ids, raw[:, f])
       self.unseen += int((~found).sum()) if self.mode == "reference" else 0
     return out
 
@@ -153,10 +154,10 @@ def raw_batches(path: str, mapper: RawMapper, batch_size: int) -> Iterator[dict]
       if lines[0].rstrip(b"\r\n").count(b"\t") == 38:  # no label column: add one
         lines = [b"0\t" + l for l in lines]
       data = b"".join(l if l.endswith(b"\n") else l + b"\n" for l in lines)
-      block = criteo.parse_block(data)
+      block = parse_block(data)
       if block.bad:
         local, field, message = block.bad[0]
-        raise criteo.BadLineError(path, line_no + local, field, message)
+        raise BadLineError(path, line_no + local, field, message)
       line_no += len(lines)
       yield {"dense": block.dense, "sparse": mapper(block.raw)}
 

@@ -111,7 +111,8 @@ def test_gzip_input_and_parallel_workers(raw_file, tmp_path):
   for k, v in prepared(tmp_path / "a")[1].items():
     np.testing.assert_array_equal(v, prepared(tmp_path / "b")[1][k])
   # A process without JAX forks its workers (this one, holding JAX, spawns them): the same rows.
-  code = ("import sys; from dlrm_jax.data import criteo; assert criteo._start_method() == 'fork'; "
+  code = ("import sys; from dlrm_jax.data import criteo, workers; "
+          "assert workers.start_method() == 'fork'; "
           "criteo.prepare('kaggle', [sys.argv[1]], sys.argv[2], categorical='reference', "
           "workers=2, piece_bytes=50_000, progress=False)")
   subprocess.run([sys.executable, "-c", code, str(raw_file), str(tmp_path / "c")], check=True,

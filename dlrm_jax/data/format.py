@@ -107,6 +107,15 @@ def write_json_atomic(path: str, obj: Any) -> None:
   os.replace(path + ".tmp", path)
 
 
+def read_json(path: str) -> Any:
+  """The JSON at PATH (written by `write_json_atomic`), or None where there is no file."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+
+
 def read_metadata(root: str) -> dict:
   """The metadata of a complete prepared directory of this format version, checked.
 

@@ -1,0 +1,79 @@
+"""The command line, `python -m dlrm_jax.data.criteo {prepare,multihot,info}` (see `main`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from dlrm_jax.data import format as fmt
+from dlrm_jax.data.criteo.multihot import make_multi_hot
+from dlrm_jax.data.criteo.parse import BadLineError, InputError
+from dlrm_jax.data.criteo.preparation import CATEGORICAL_MODES, DATASETS, prepare
+from dlrm_jax.data.format import FormatError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs one command; returns the exit status (1, with the message, for bad input)."""
+  args = _parser().parse_args(argv)
+  try:
+    if args.command == "prepare":
+      prepare(args.dataset, args.input, args.output, categorical=args.categorical,
+              max_ind_range=args.max_ind_range, frequency_threshold=args.frequency_threshold,
+              skip_bad_lines=args.skip_bad_lines, workers=args.workers or None,
+              shard_rows=args.shard_rows, piece_bytes=args.piece_mb << 20,
+              vocab_memory_bytes=int(args.vocab_memory_gb * 2**30),
+              sub_sample_rate=args.data_sub_sample_rate, sub_sample_seed=args.sub_sample_seed,
+              progress=not args.no_progress)
+    elif args.command == "multihot":
+      make_multi_hot(args.input, args.output, [int(h) for h in args.hotness.split(",")],
+                     seed=args.seed)
+    else:
+      meta = fmt.read_metadata(args.path)
+      summary = {k: meta[k] for k in ("dataset", "rows", "split_rows", "vocab_sizes", "hotness",
+                                      "bad_lines", "options")}
+      print(json.dumps(summary, indent=1))
+  except (BadLineError, InputError, FormatError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="python -m dlrm_jax.data.criteo",
+                                   description="Criteo click logs -> prepared shards for "
+                                               "dlrm_jax.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("prepare", help="parse raw TSV/.gz files into a prepared directory")
+  p.add_argument("--dataset", choices=DATASETS, required=True)
+  p.add_argument("--input", nargs="+", required=True,
+                 help="raw files (train.txt; day_0 .. day_23[.gz])")
+  p.add_argument("--output", required=True, help="the prepared directory (new or unfinished)")
+  p.add_argument("--categorical", choices=CATEGORICAL_MODES, default="reference",
+                 help="hash: value mod --max-ind-range; reference: the reference's renumbering "
+                      "in order of first appearance; frequency: vocabulary of values seen "
+                      ">= --frequency-threshold times in train, others -> row 0")
+  p.add_argument("--max-ind-range", default=None,
+                 help="modulus for the values: one int, or 26 comma-separated ints")
+  p.add_argument("--frequency-threshold", type=int, default=3)
+  p.add_argument("--skip-bad-lines", action="store_true",
+                 help="skip, count and report malformed lines instead of stopping at the first")
+  p.add_argument("--data-sub-sample-rate", type=float, default=0.0,
+                 help="drop this fraction of the negative train rows (seeded, reproducible), "
+                      "as the reference's --data-sub-sample-rate")
+  p.add_argument("--sub-sample-seed", type=int, default=0)
+  p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+  p.add_argument("--shard-rows", type=int, default=1 << 21)
+  p.add_argument("--piece-mb", type=int, default=64, help="input bytes per parallel piece")
+  p.add_argument("--vocab-memory-gb", type=float, default=1.0,
+                 help="bound for vocabulary counting; features beyond it wait for another pass")
+  p.add_argument("--no-progress", action="store_true")
+  m = sub.add_parser("multihot", help="derive a multi-hot directory (fixed hotness per feature)")
+  m.add_argument("--input", required=True, help="a prepared one-hot directory")
+  m.add_argument("--output", required=True)
+  m.add_argument("--hotness", required=True, help="one int or 26 comma-separated ints")
+  m.add_argument("--seed", type=int, default=0)
+  i = sub.add_parser("info", help="print a prepared directory's metadata summary")
+  i.add_argument("path")
+  return parser
