@@ -53,11 +53,12 @@ def main() -> None:
   args = p.parse_args()
 
   import jax
-  from dlrm_jax import checkpoint, trainer
+  from dlrm_jax import checkpoint
+  from dlrm_jax.task import Task
   from embedding_scaling import kaggle_config, random_batches
 
   config = kaggle_config(args.rows, args.batch, 0.1, args.optimizer)
-  task = trainer.Task(config)
+  task = Task(config)
   state = task.init_state(0)
   batches = random_batches(task, args.batch, 4)
   state, _ = task.train_step(state, batches[0])  # compile
@@ -69,7 +70,7 @@ def main() -> None:
   shutil.rmtree(os.path.join(directory, "checkpoints"), ignore_errors=True)
   ckpt = checkpoint.Checkpointer(os.path.join(directory, "checkpoints"),
                                  max_to_keep=args.saves, keep_best=False)
-  meta = {"config": json.loads(config.to_json()), "plan": checkpoint.plan_to_json(task.plan)}
+  contents = checkpoint.Contents(config=json.loads(config.to_json()), plan=task.plan)
 
   def timed_steps(n, start):
     times = []
@@ -86,7 +87,7 @@ def main() -> None:
   step = 1 + args.steps_between
   for _ in range(args.saves):
     t = time.perf_counter()
-    ckpt.save(step, nonlocal_state[0], meta)
+    ckpt.save(step, nonlocal_state[0], contents)
     blocked = time.perf_counter() - t
     during = timed_steps(args.steps_between, step)
     ckpt.wait()

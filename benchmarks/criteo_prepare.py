@@ -336,7 +336,7 @@ def bench_train_step(path: str, batch: int, steps: int) -> float:
   import jax
 
   from configs.criteo_kaggle import get_config
-  from dlrm_jax import trainer
+  from dlrm_jax.task import Task
   from dlrm_jax.data import configure_data
   from dlrm_jax.data.loader import CriteoData
 
@@ -344,7 +344,7 @@ def bench_train_step(path: str, batch: int, steps: int) -> float:
   c.data.path = path
   c.mini_batch_size = batch
   c = configure_data(c)
-  task = trainer.Task(c)
+  task = Task(c)
   state = task.init_state(0)
   data = CriteoData(path, batch, seed=0)
   place = getattr(task, "device_batch", lambda b: b)

@@ -101,9 +101,9 @@ def make_step(rows: int, path: str, batch: int, pool: int, lr: float, optimizer:
   import jax
   import optax
 
-  from dlrm_jax import trainer
+  from dlrm_jax.task import Task
 
-  task = trainer.Task(kaggle_config(rows, batch, lr, optimizer, dim, bottom, top))
+  task = Task(kaggle_config(rows, batch, lr, optimizer, dim, bottom, top))
   t = time.perf_counter()
   state = task.init_state(0)
   jax.block_until_ready(state)

@@ -59,7 +59,7 @@ def run_one(devices: int, rows: str, batch: int, warmup: int, steps: int, overri
   sys.path.insert(0, HERE)
   from embedding_scaling import kaggle_config, random_batches
 
-  from dlrm_jax import trainer
+  from dlrm_jax.task import Task
 
   every = 1 if rows == "kaggle" else int(rows)
   config = kaggle_config(every, batch, 0.01, "sgd", devices=devices)
@@ -69,11 +69,11 @@ def run_one(devices: int, rows: str, batch: int, warmup: int, steps: int, overri
 
     config.arch_embedding_size = "-".join(str(r) for r in KAGGLE_TABLE_ROWS)
   config.sharding.overrides = overrides
-  task = trainer.Task(config)
+  task = Task(config)
   state = task.init_state(0)
   batches = random_batches(task, batch, 4)
   t = time.perf_counter()
-  step = task._train_step_jit.lower(state, batches[0]).compile()
+  step = task.lower_train_step(state, batches[0]).compile()
   compile_s = time.perf_counter() - t
   hlo = step.as_text()
   for i in range(warmup):

@@ -60,12 +60,12 @@ def main():
 
   import jax
 
-  from dlrm_jax import trainer
+  from dlrm_jax.task import Task
   from embedding_scaling import kaggle_config, random_batches, take_turns, turn_row
 
-  task = trainer.Task(kaggle_config(a.rows, a.batch, 0.01, "sgd", a.dim, a.bottom, a.top))
+  task = Task(kaggle_config(a.rows, a.batch, 0.01, "sgd", a.dim, a.bottom, a.top))
   batches = random_batches(task, a.batch, pool=4)
-  lowered = task._train_step_jit.lower(task.init_state(0), batches[0])
+  lowered = task.lower_train_step(task.init_state(0), batches[0])
   print(f"# {os.uname().machine} cores={os.cpu_count()} {time.strftime('%Y-%m-%d %H:%M %Z')} "
         f"jax {jax.__version__} rows=26x{a.rows:,} dim={a.dim} bottom={a.bottom} top={a.top} "
         f"batch={a.batch} rounds={a.rounds}", flush=True)

@@ -1,16 +1,22 @@
 """Orbax checkpoints of a training run: save, resume exactly, restore onto another mesh.
 
 A checkpoint is one step directory of an Orbax `CheckpointManager` under
-WORKDIR/checkpoints with two items:
+WORKDIR/checkpoints; `Contents` is its schema, one Orbax item per part:
 
-  state  the `TrainState` arrays as they are laid out (dense parameters and
-         their optax state, the stacked embedding tables of each sharding type
-         and their sparse optimiser slots, the step); each process writes only
-         the shards it holds, nothing is gathered; a replicated array is
-         written whole by its first replica (see `_state_handler`).
-  meta   JSON: the config, the sharding plan, the mesh, the data position, the
-         seeds, the losses of the unfinished evaluation interval and the
-         evaluation records so far; enough to resume bit for bit.
+  state   the `TrainState` arrays as they are laid out (dense parameters and
+          their optax state, the stacked embedding tables of each sharding type
+          and their sparse optimiser slots, the step); each process writes only
+          the shards it holds, nothing is gathered; a replicated array is
+          written whole by its first replica (see `_state_handler`).
+  config  JSON: the format version, the run's config, the sharding plan the
+          tables are laid out by, the mesh.
+  data    JSON: the data position (the loader's state), as MaxText keeps its
+          iterator's state in an item of its own.
+  run     JSON: the evaluation records so far, the losses of the unfinished
+          evaluation interval, whether the run had finished; with the state,
+          enough to resume bit for bit.
+
+Checkpoints of format 2 (one `meta` item holding the same JSON) are read too.
 
 Saves are asynchronous (the loop waits only for the copy of the state to
 host memory). Orbax writes each step into a temporary directory and renames
@@ -32,8 +38,7 @@ import dataclasses
 import json
 import logging
 import os
-import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import numpy as np
@@ -42,10 +47,12 @@ from jax.sharding import SingleDeviceSharding
 
 from dlrm_jax.config import ConfigError
 from dlrm_jax.embedding import EmbeddingCollection
-from dlrm_jax.embedding.planner import Placement, Plan
-from dlrm_jax.embedding.sharded import plan_groups, stack_rows, unstack_rows
+from dlrm_jax.embedding.planner import Plan
+from dlrm_jax.embedding.sharded import plan_groups, unstack_rows
+from dlrm_jax.state import TrainState
 
-FORMAT_VERSION = 2  # 2: the dense optimiser's state holds no schedule count
+FORMAT_VERSION = 3  # 3: items state, config, data, run; 2: state and one "meta" item
+READABLE_VERSIONS = (2, 3)
 
 # Config fields that define the saved arrays: a checkpoint restores only into
 # a config that agrees on all of them (unless a partial restore is asked for).
@@ -60,28 +67,6 @@ class CheckpointError(RuntimeError):
 
 class CheckpointMismatchError(ConfigError):
   """The config does not match the checkpoint's; the message lists the differences."""
-
-
-def plan_to_json(plan: Plan) -> dict:
-  """A sharding plan as JSON-friendly values."""
-  d = dataclasses.asdict(plan)
-  d["placements"] = [[p.kind, p.device] for p in plan.placements]
-  return d
-
-
-def plan_from_json(d: dict) -> Plan:
-  """The inverse of `plan_to_json`."""
-  d = dict(d)
-  d["placements"] = tuple(Placement(kind, int(device)) for kind, device in d["placements"])
-  for k in ("table_bytes", "lookups", "dims", "rows", "names"):
-    d[k] = tuple(d[k])
-  return Plan(**d)
-
-
-def same_layout(a: Plan, b: Plan) -> bool:
-  """Whether two plans store the tables in identical stacked arrays."""
-  return (a.num_shards == b.num_shards and tuple(a.placements) == tuple(b.placements)
-          and tuple(a.rows) == tuple(b.rows) and tuple(a.dims) == tuple(b.dims))
 
 
 def _get(config: dict, key: str):
@@ -104,17 +89,49 @@ def config_differences(saved: dict, config) -> list[str]:
 
 
 @dataclasses.dataclass
-class Restored:
-  """A restored training state with its JSON metadata."""
+class Contents:
+  """What a checkpoint holds besides the arrays (see the module docstring)."""
 
-  state: Any  # trainer.TrainState
-  meta: dict
+  config: dict  # the run's config, as JSON
+  plan: Plan  # the layout of the saved tables
+  mesh: dict = dataclasses.field(default_factory=dict)  # {"shape": ..., "processes": ...}
+  data: dict = dataclasses.field(default_factory=dict)  # the data position
+  records: list[dict] = dataclasses.field(default_factory=list)
+  interval_losses: list[float] = dataclasses.field(default_factory=list)
+  finished: bool = False
+
+  def items(self) -> dict[str, dict]:
+    """The JSON items to save."""
+    return {"config": {"format_version": FORMAT_VERSION, "config": self.config,
+                       "plan": self.plan.to_json(), "mesh": self.mesh},
+            "data": self.data,
+            "run": {"records": self.records, "interval_losses": self.interval_losses,
+                    "finished": self.finished}}
+
+  @classmethod
+  def from_items(cls, config: dict, data: dict, run: dict) -> "Contents":
+    return cls(config=config["config"], plan=Plan.from_json(config["plan"]),
+               mesh=config.get("mesh", {}), data=data, records=run["records"],
+               interval_losses=run["interval_losses"], finished=run["finished"])
+
+  @classmethod
+  def from_meta(cls, meta: dict) -> "Contents":
+    """A format-2 checkpoint's single `meta` item."""
+    return cls(config=meta["config"], plan=Plan.from_json(meta["plan"]),
+               mesh=meta.get("mesh", {}), data=meta.get("data", {}),
+               records=meta.get("records", []),
+               interval_losses=meta.get("interval_losses", []),
+               finished=bool(meta.get("finished", False)))
+
+
+@dataclasses.dataclass
+class Restored:
+  """A restored training state with the rest of its checkpoint."""
+
+  state: TrainState
+  contents: Contents
   step: int
   partial: bool = False  # parts that did not match the config were left fresh
-
-
-def _as_dict(state) -> dict:
-  return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
@@ -169,26 +186,25 @@ class Checkpointer:
         preservation_policy=cm.AnyPreservationPolicy(policies), **best)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={"state": _state_handler(),
-                       "meta": ocp.JsonCheckpointHandler()})
-    self.last_save_blocked = 0.0
+        item_handlers={"state": _state_handler(), "config": ocp.JsonCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler(), "run": ocp.JsonCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})  # meta: format 2, read only
 
   # Saving ---------------------------------------------------------------------
-  def save(self, step: int, state, meta: dict, metrics: dict | None = None) -> bool:
-    """Starts an asynchronous save of `state` and `meta` as `step`; False if it exists.
+  def save(self, step: int, state: TrainState, contents: Contents,
+           metrics: dict | None = None) -> bool:
+    """Starts an asynchronous save of `state` and `contents` as `step`; False if it exists.
 
-    Returns once the state has been copied to host memory (the time that took
-    is `last_save_blocked`); the write goes on in the background.
+    Returns once the state has been copied to host memory; the write goes on
+    in the background.
     """
     if step in self.manager.all_steps():
       return False
-    t = time.perf_counter()
-    meta = {**meta, "format_version": FORMAT_VERSION, "step": int(step)}
+    items = {k: ocp.args.JsonSave(v) for k, v in contents.items().items()}
     self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(_as_dict(state)), meta=ocp.args.JsonSave(meta)),
+        state=ocp.args.PyTreeSave(state.as_dict()), **items),
         metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
         force=True)
-    self.last_save_blocked = time.perf_counter() - t
     return True
 
   def delete_all(self) -> None:
@@ -218,11 +234,27 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def read_meta(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  def read_contents(self, step: int) -> Contents:
+    """A checkpoint's contents besides the arrays; CheckpointError for another format."""
+    if os.path.isdir(os.path.join(self.directory, str(step), "meta")):  # format 2
+      meta = self._read_json(step, "meta")["meta"]
+      version = meta.get("format_version")
+      parts = None if version != 2 else Contents.from_meta(meta)
+    else:
+      parts = self._read_json(step, "config", "data", "run")
+      version = parts["config"].get("format_version")
+      parts = Contents.from_items(**parts) if version == FORMAT_VERSION else None
+    if parts is None:
+      raise CheckpointError(f"{self.directory}/{step}: checkpoint format version "
+                            f"{version!r}, this code reads {list(READABLE_VERSIONS)}")
+    return parts
+
+  def _read_json(self, step: int, *names: str) -> dict:
+    return self.manager.restore(step, args=ocp.args.Composite(
+        **{n: ocp.args.JsonRestore() for n in names}))
 
   def restore(self, task, config, *, partial: bool = False, step: int | None = None,
-              fresh: Callable[[], Any] | None = None) -> Restored | None:
+              fresh: Callable[[], TrainState] | None = None) -> Restored | None:
     """The newest checkpoint that restores into `task` (None when there is none).
 
     A checkpoint that cannot be read is reported through `log`, moved aside
@@ -235,14 +267,13 @@ class Checkpointer:
     failures = []
     for s in steps:
       try:
-        meta = self.read_meta(s)
+        contents = self.read_contents(s)
+      except CheckpointError:
+        raise
       except Exception as e:  # a damaged or foreign step directory
         failures.append(self._damaged(s, e))
         continue
-      if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{self.directory}/{s}: checkpoint format version "
-                              f"{meta.get('format_version')!r}, this code reads {FORMAT_VERSION}")
-      diffs = config_differences(meta["config"], config)
+      diffs = config_differences(contents.config, config)
       if diffs and not partial:
         raise CheckpointMismatchError(
             f"the config does not match the checkpoint {self.directory}/{s}:\n  "
@@ -253,15 +284,15 @@ class Checkpointer:
         if diffs:
           saved = self._read(s, self._host_targets(s, None))
         else:
-          saved = self._read(s, self._targets(s, task, meta))
+          saved = self._read(s, self._targets(s, task, contents.plan))
       except Exception as e:
         failures.append(self._damaged(s, e))
         continue
       if diffs:
-        state = self._partial_state(saved, task, meta, fresh())
+        state = self._partial_state(saved, task, contents, fresh())
       else:
-        state = self._state(saved, task, meta)
-      return Restored(state=state, meta=meta, step=s, partial=bool(diffs))
+        state = self._state(saved, task, contents)
+      return Restored(state=state, contents=contents, step=s, partial=bool(diffs))
     if failures and step is not None:
       raise CheckpointError("; ".join(failures))
     return None
@@ -278,28 +309,24 @@ class Checkpointer:
     self.manager.reload()
     return message
 
-  def _targets(self, step: int, task, meta: dict) -> dict:
+  def _targets(self, step: int, task, saved_plan: Plan) -> dict:
     """Restore targets: `task`'s shardings, or for tables of another layout, the host."""
-    target = _as_dict(task.abstract_state())
-    if same_layout(plan_from_json(meta["plan"]), task.plan):
+    target = task.abstract_state().as_dict()
+    if saved_plan.same_layout(task.plan):
       return target
     return {**target, **self._host_targets(step, ("tables", "emb_opt_state"))}
 
-  def _state(self, saved: dict, task, meta: dict):
+  def _state(self, saved: dict, task, contents: Contents) -> TrainState:
     """The train state from arrays read with `_targets` (re-laying out tables if needed)."""
-    from dlrm_jax.trainer import TrainState
-
-    saved_plan = plan_from_json(meta["plan"])
-    if not same_layout(saved_plan, task.plan):
-      saved["tables"], saved["emb_opt_state"] = relayout(
-          _collection(meta), saved_plan, task, saved["tables"], saved["emb_opt_state"])
+    if not contents.plan.same_layout(task.plan):
+      saved["tables"], saved["emb_opt_state"] = task.embedding.relayout(
+          _collection(contents.config), contents.plan, saved["tables"],
+          saved["emb_opt_state"], task.state_shapes.emb_opt_state)
     return TrainState(**saved)
 
-  def _partial_state(self, saved: dict, task, meta: dict, fresh):
+  def _partial_state(self, saved: dict, task, contents: Contents, fresh) -> TrainState:
     """Dense arrays whose path and shape match `fresh`'s and tables whose shape
     matches; everything else (and the sparse optimiser slots) as in `fresh`."""
-    from dlrm_jax.trainer import TrainState
-
     out = {"step": jax.device_put(np.asarray(saved["step"], np.int32), fresh.step.sharding),
            "emb_opt_state": fresh.emb_opt_state}
     for name in ("params", "opt_state"):
@@ -312,7 +339,7 @@ class Checkpointer:
         return jax.device_put(np.asarray(v, leaf.dtype), leaf.sharding)
 
       out[name] = jax.tree_util.tree_map_with_path(pick, getattr(fresh, name))
-    old = plan_groups(_collection(meta), plan_from_json(meta["plan"]))
+    old = plan_groups(_collection(contents.config), contents.plan)
     new_tables = task.embedding.to_arrays(fresh.tables)
     for t, a in enumerate(unstack_rows(old, saved["tables"])):
       if t < len(new_tables) and a.shape == new_tables[t].shape:
@@ -345,31 +372,8 @@ def _key(path) -> str:
   return "/".join(parts)
 
 
-def _collection(meta: dict) -> EmbeddingCollection:
-  config = meta["config"]
+def _collection(config: dict) -> EmbeddingCollection:
+  """The tables of a saved config."""
   rows = [int(r) for r in str(config["arch_embedding_size"]).split("-")]
   return EmbeddingCollection.uniform(rows, int(config["arch_sparse_feature_size"]),
                                      config.get("embedding_pooling", "sum"))
-
-
-def relayout(collection: EmbeddingCollection, saved_plan: Plan, task, tables: dict,
-             slots: dict) -> tuple[dict, dict]:
-  """Tables and sparse optimiser slots stored by `saved_plan` -> `task`'s layout, placed."""
-  old = plan_groups(collection, saved_plan)
-  new = task.embedding.groups
-  target = task.abstract_state()
-  per_table = unstack_rows(old, {k: np.asarray(v) for k, v in tables.items()})
-  new_tables = stack_rows(new, per_table, {k: v.shape for k, v in target.tables.items()})
-  placed_tables = {k: jax.device_put(v, target.tables[k].sharding) for k, v in new_tables.items()}
-  placed_slots = {}
-  any_group = next(iter(slots.values())) if slots else {}
-  for leaf_name in (any_group or {}):
-    per_table = unstack_rows(old, {k: np.asarray(v[leaf_name]) for k, v in slots.items()})
-    stacked = stack_rows(new, per_table,
-                         {k: v[leaf_name].shape for k, v in target.emb_opt_state.items()})
-    for k, v in stacked.items():
-      placed_slots.setdefault(k, {})[leaf_name] = jax.device_put(
-          v, target.emb_opt_state[k][leaf_name].sharding)
-  if not placed_slots:
-    placed_slots = {k: {} for k in new}
-  return placed_tables, placed_slots

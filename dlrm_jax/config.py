@@ -163,6 +163,15 @@ def base_config():
   import ml_collections
 
   c = ml_collections.ConfigDict()
+  _model_and_training_fields(c)
+  c.checkpoint = _checkpoint_fields(ml_collections.ConfigDict())
+  c.mesh, c.sharding, c.distributed = _device_fields(ml_collections.ConfigDict)
+  c.data = _data_fields(ml_collections.ConfigDict())
+  return c
+
+
+def _model_and_training_fields(c) -> None:
+  """The architecture, loss, optimisation, steps and evaluation."""
   # Architecture.
   c.arch_sparse_feature_size = 16
   c.arch_mlp_bot = "13-512-256-64-16"
@@ -190,51 +199,58 @@ def base_config():
   c.target_auc = 0.0  # stop once an evaluation reaches it; 0: never.
   c.seed = 0
   c.progress_bar = True
-  # Checkpoints (Orbax) in WORKDIR/checkpoints; a rerun with the same workdir resumes.
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.enabled = True
-  c.checkpoint.every_steps = 0  # save every N steps; 0: at every evaluation. Always at the end.
-  c.checkpoint.max_to_keep = 2  # the most recent checkpoints kept ...
-  c.checkpoint.keep_best = True  # ... and the one with the best evaluation AUC.
-  c.checkpoint.async_save = True  # write in the background; the loop waits only for a copy.
-  c.checkpoint.resume = True  # continue from the latest complete checkpoint in the workdir.
+
+
+def _checkpoint_fields(c):
+  """Checkpoints (Orbax) in WORKDIR/checkpoints; a rerun with the same workdir resumes."""
+  c.enabled = True
+  c.every_steps = 0  # save every N steps; 0: at every evaluation. Always at the end.
+  c.max_to_keep = 2  # the most recent checkpoints kept ...
+  c.keep_best = True  # ... and the one with the best evaluation AUC.
+  c.async_save = True  # write in the background; the loop waits only for a copy.
+  c.resume = True  # continue from the latest complete checkpoint in the workdir.
   # A checkpoint of another model (table sizes, widths, optimisers) is refused; True
   # restores the parameters and tables whose shapes match and starts the rest afresh.
-  c.checkpoint.restore_partial = False
-  # Devices and sharding (see dlrm_jax/parallel.py and dlrm_jax/embedding/planner.py).
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.num_devices = 0  # devices to use; 0: all of them.
-  c.mesh.replicas = 1  # > 1: a 2-D mesh, tables sharded within each of this many groups.
-  c.mesh.axis_types = "explicit"  # explicit | auto: JAX's sharding mode for the mesh axes.
-  c.sharding = ml_collections.ConfigDict()
+  c.restore_partial = False
+  return c
+
+
+def _device_fields(config_dict):
+  """Devices, sharding (dlrm_jax/parallel.py, dlrm_jax/embedding/planner.py), processes."""
+  mesh, sharding, distributed = config_dict(), config_dict(), config_dict()
+  mesh.num_devices = 0  # devices to use; 0: all of them.
+  mesh.replicas = 1  # > 1: a 2-D mesh, tables sharded within each of this many groups.
+  mesh.axis_types = "explicit"  # explicit | auto: JAX's sharding mode for the mesh axes.
   # Per-table sharding types, overriding the planner: "t3:row_wise,t7:table_wise:2".
-  c.sharding.overrides = ""
-  c.sharding.memory_budget_mb = 0.0  # per device, tables + optimiser state; 0: 90% of a
+  sharding.overrides = ""
+  sharding.memory_budget_mb = 0.0  # per device, tables + optimiser state; 0: 90% of a
   # GPU's or TPU's memory, no limit on CPU.
-  c.sharding.min_column_width = 32  # narrowest column slice the planner makes.
+  sharding.min_column_width = 32  # narrowest column slice the planner makes.
   # Multi-process runs: jax.distributed.initialize (or set JAX_COORDINATOR_ADDRESS etc.).
-  c.distributed = ml_collections.ConfigDict()
-  c.distributed.coordinator_address = ""  # "host:port"; "" and no env: single process.
-  c.distributed.num_processes = 0  # 0: from the environment or the cluster.
-  c.distributed.process_id = -1  # -1: from the environment or the cluster.
-  c.distributed.cpu_collectives = "gloo"  # CPU collectives across processes.
-  # Data.
-  c.data = ml_collections.ConfigDict()
-  c.data.kind = "synthetic_ctr"  # synthetic_ctr | random | criteo_kaggle | criteo_terabyte
-  c.data.num_dense_features = 13
-  c.data.seed = 1
-  c.data.zipf_exponent = 1.1
-  c.data.dense_missing_rate = 0.3
-  c.data.sparse_missing_rate = 0.1
-  c.data.teacher_num_pairs = 8  # feature pairs whose ids interact in the teacher.
-  c.data.teacher_pair_scale = 1.0
-  c.data.teacher_dense_scale = 0.5  # 0: the labels depend on the ids alone.
-  c.data.hotness = 1  # ids per feature; > 1 makes multi-hot bags (random data).
-  c.data.variable_hotness = False  # bags of 1..hotness ids, padded, with a mask.
-  c.data.path = ""  # prepared Criteo directory (python -m dlrm_jax.data.criteo prepare).
-  c.data.max_ind_range = -1  # Criteo: the modulus the directory must be prepared with; -1: any.
-  c.data.eval_split = "test"  # Criteo: the split evaluated ("test", as the reference, or "val").
-  c.data.shuffle = True  # Criteo: block shuffle + shuffle buffer of the train rows.
-  c.data.block_rows = 1024  # Criteo: rows per shuffled block.
-  c.data.shuffle_buffer = 262144  # Criteo: rows shuffled together (whole blocks).
+  distributed.coordinator_address = ""  # "host:port"; "" and no env: single process.
+  distributed.num_processes = 0  # 0: from the environment or the cluster.
+  distributed.process_id = -1  # -1: from the environment or the cluster.
+  distributed.cpu_collectives = "gloo"  # CPU collectives across processes.
+  return mesh, sharding, distributed
+
+
+def _data_fields(c):
+  """The data source and its knobs."""
+  c.kind = "synthetic_ctr"  # synthetic_ctr | random | criteo_kaggle | criteo_terabyte
+  c.num_dense_features = 13
+  c.seed = 1
+  c.zipf_exponent = 1.1
+  c.dense_missing_rate = 0.3
+  c.sparse_missing_rate = 0.1
+  c.teacher_num_pairs = 8  # feature pairs whose ids interact in the teacher.
+  c.teacher_pair_scale = 1.0
+  c.teacher_dense_scale = 0.5  # 0: the labels depend on the ids alone.
+  c.hotness = 1  # ids per feature; > 1 makes multi-hot bags (random data).
+  c.variable_hotness = False  # bags of 1..hotness ids, padded, with a mask.
+  c.path = ""  # prepared Criteo directory (python -m dlrm_jax.data.criteo prepare).
+  c.max_ind_range = -1  # Criteo: the modulus the directory must be prepared with; -1: any.
+  c.eval_split = "test"  # Criteo: the split evaluated ("test", as the reference, or "val").
+  c.shuffle = True  # Criteo: block shuffle + shuffle buffer of the train rows.
+  c.block_rows = 1024  # Criteo: rows per shuffled block.
+  c.shuffle_buffer = 262144  # Criteo: rows shuffled together (whole blocks).
   return c

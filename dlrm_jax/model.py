@@ -34,6 +34,12 @@ def reference_bias_init(key, shape, dtype=jnp.float32):
   return jax.random.normal(key, shape, dtype) * np.sqrt(1.0 / shape[-1]).astype(dtype)
 
 
+def abstract_model(spec: ModelSpec) -> "DLRM":
+  """`DLRM(spec)` with shapes and dtypes only (for its graph definition and state
+  structure), nothing allocated."""
+  return nnx.eval_shape(lambda: DLRM(spec, rngs=nnx.Rngs(0)))
+
+
 def init_params(spec: ModelSpec, seed: int) -> nnx.State:
   """Reference-initialised parameters of `DLRM(spec)`, drawn on the host.
 
@@ -41,7 +47,7 @@ def init_params(spec: ModelSpec, seed: int) -> nnx.State:
   (as the reference does): XLA:CPU takes seconds to compile each random
   normal op, far longer than drawing a few MB of weights here.
   """
-  _, state = nnx.split(nnx.eval_shape(lambda: DLRM(spec, rngs=nnx.Rngs(0))))
+  _, state = nnx.split(abstract_model(spec))
   rng = np.random.default_rng(seed)
   values = nnx.to_pure_dict(state)
   for mlp in ("bottom", "top"):

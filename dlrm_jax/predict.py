@@ -40,13 +40,14 @@ from dlrm_jax import parallel
 from dlrm_jax.data.criteo.parse import BadLineError, parse_block
 from dlrm_jax.data.criteo.vocabulary import load_vocabulary, vocab_rows
 from dlrm_jax.data import format as fmt
+from dlrm_jax.task import Task
 
 
 @dataclasses.dataclass
 class Model:
   """A trained model restored for inference: the task, its parameters and tables."""
 
-  task: object  # trainer.Task
+  task: Task
   params: nnx.State
   tables: dict
   config: ConfigDict
@@ -59,21 +60,19 @@ def load_model(workdir: str, *, step: int | None = None, devices: int = 0) -> Mo
   The config comes from the checkpoint; the sharding plan is the planner's for
   the devices at hand (the tables are re-laid out if it differs).
   """
-  from dlrm_jax import trainer
-
   checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                              log=lambda s: print(s, file=sys.stderr))
   steps = checkpointer.steps()
   if not steps:
     raise checkpoint_lib.CheckpointError(f"{workdir}/checkpoints holds no complete checkpoint")
-  meta = checkpointer.read_meta(step if step is not None else steps[-1])
-  config = ConfigDict(meta["config"])
+  contents = checkpointer.read_contents(step if step is not None else steps[-1])
+  config = ConfigDict(contents.config)
   config.mesh.num_devices = int(devices)
   config.mesh.replicas = 1
   config.distributed.coordinator_address = ""
-  if meta["plan"]["num_shards"] != (devices or jax.device_count()):
+  if contents.plan.num_shards != (devices or jax.device_count()):
     config.sharding.overrides = ""  # pinned placements were for the saved device count
-  task = trainer.Task(config)
+  task = Task(config)
   restored = checkpointer.restore(task, config, step=step)
   checkpointer.close()
   if restored is None:

@@ -18,7 +18,7 @@ from flax import nnx
 
 from dlrm_jax.config import ModelSpec
 from dlrm_jax.embedding import EmbeddingCollection, Tables
-from dlrm_jax.model import DLRM
+from dlrm_jax.model import abstract_model
 
 _MLPS = (("bottom", "bot_l"), ("top", "top_l"))
 
@@ -29,7 +29,7 @@ def from_reference(spec: ModelSpec, collection: EmbeddingCollection,
 
   Raises KeyError naming the missing entry and ValueError on a shape mismatch.
   """
-  _, state = nnx.split(nnx.eval_shape(lambda: DLRM(spec, rngs=nnx.Rngs(0))))
+  _, state = nnx.split(abstract_model(spec))
   values = nnx.to_pure_dict(state)
   for ours, theirs in _MLPS:
     for i in sorted(values[ours]["layers"]):

@@ -53,7 +53,7 @@ MUTATIONS = (
          "tests/test_criteo_train.py::test_training_on_real_kaggle_rows_learns")),
     Mutation(
         "lr_schedule_ignored", "the train step trains at the base rate at every step",
-        "dlrm_jax/trainer.py",
+        "dlrm_jax/task.py",
         "    lr = self.schedule(state.step)\n",
         "    lr = jnp.float32(self.config.learning_rate)\n",
         ("tests/test_train.py::test_sparse_sgd_step_equals_dense_optax_sgd",
@@ -75,8 +75,8 @@ MUTATIONS = (
     Mutation(
         "ids_unchecked_in_loop", "the training loop does not check the ids of its batches",
         "dlrm_jax/trainer.py",
-        '      task.collection.check_ids(batch["sparse"], batch.get("sparse_mask"))\n',
-        "      pass\n",
+        '    task.collection.check_ids(batch["sparse"], batch.get("sparse_mask"))\n',
+        "    pass\n",
         ("tests/test_train.py::test_the_training_loop_checks_ids",)),
     Mutation(
         "row_wise_exchange_transposed",
@@ -110,7 +110,7 @@ MUTATIONS = (
         "resume_ignores_data_position",
         "a resumed run does not hand the saved data position to the loader",
         "dlrm_jax/trainer.py",
-        "      train_stream.restore(data_position)\n",
+        "      stream.restore(position)\n",
         "      pass\n",
         ("tests/test_checkpoint.py::"
          "test_interrupted_criteo_run_resumes_to_the_uninterrupted_result",)),

@@ -16,7 +16,11 @@ from conftest import REPO, load_config, small_criteo_config
 from dlrm_jax import checkpoint, predict, trainer
 from dlrm_jax.config import ConfigError
 from dlrm_jax.data import RandomData
+from dlrm_jax.embedding import EmbeddingCollection
+from dlrm_jax.embedding.planner import plan_tables
 from dlrm_jax.embedding.sharded import unstack_rows
+from dlrm_jax.state import TrainState
+from dlrm_jax.task import Task
 
 WORKER = os.path.join(REPO, "tests", "checkpoint_worker.py")
 
@@ -34,6 +38,10 @@ def _assert_states_equal(a, b):
 def _steps(directory) -> list[int]:
   with checkpoint.Checkpointer(str(directory)) as ckpt:
     return ckpt.steps()
+
+
+def _contents(config, task) -> checkpoint.Contents:
+  return checkpoint.Contents(config=json.loads(config.to_json()), plan=task.plan)
 
 
 def _without_speed(records):
@@ -147,7 +155,7 @@ def test_interrupted_criteo_run_resumes_to_the_uninterrupted_result(tmp_path, mo
     c.close()
   ckpt = checkpoint.Checkpointer(str(run / "checkpoints"))
   assert ckpt.steps() == [4, 8]
-  position = ckpt.read_meta(8)["data"]
+  position = ckpt.read_contents(8).data
   assert position["position"] == 8 and position["shuffle"] == 1  # the loader's own state
   ckpt.close()
   stop_at[0], seen[:] = None, []
@@ -200,20 +208,19 @@ def _slots(task, state):
 
 def _save_and_restore_elsewhere(tmp_path, saved_on, restore_on):
   config = _mesh_config(saved_on, _mixed(saved_on))
-  task = trainer.Task(config)
+  task = Task(config)
   assert {p.kind for p in task.plan.placements} == {"row_wise", "column_wise", "table_wise",
                                                     "replicated"}
   state = _random_state(task)
   batch = RandomData(task.spec.table_rows, 13, 64, seed=3).batch(0)
   want = np.asarray(task.predict(state.params, state.tables, batch))
   ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
-  ckpt.save(7, state, {"config": json.loads(config.to_json()),
-                       "plan": checkpoint.plan_to_json(task.plan)})
+  ckpt.save(7, state, _contents(config, task))
   ckpt.wait()
   tables, slots = task.embedding.to_arrays(state.tables), _slots(task, state)
   for devices in restore_on:
-    other = trainer.Task(_mesh_config(devices))
-    assert not checkpoint.same_layout(other.plan, task.plan)
+    other = Task(_mesh_config(devices))
+    assert not other.plan.same_layout(task.plan)
     restored = ckpt.restore(other, other.config)
     assert restored.step == 7
     for got, expected in zip(other.embedding.to_arrays(restored.state.tables), tables,
@@ -245,13 +252,12 @@ def saved_tiny(tmp_path_factory):
   """Two checkpoints (steps 1 and 2) of the tiny model on one device."""
   directory = tmp_path_factory.mktemp("tiny") / "ckpt"
   config = _mesh_config(1)
-  task = trainer.Task(config)
+  task = Task(config)
   states = {}
   ckpt = checkpoint.Checkpointer(str(directory), max_to_keep=5)
   for step in (1, 2):
     states[step] = _random_state(task, seed=step)
-    ckpt.save(step, states[step], {"config": json.loads(config.to_json()),
-                                   "plan": checkpoint.plan_to_json(task.plan)})
+    ckpt.save(step, states[step], _contents(config, task))
   ckpt.wait()
   ckpt.close()
   return directory, config, task, states
@@ -289,7 +295,7 @@ def test_config_mismatch_is_refused_unless_partial(saved_tiny):
   other = _mesh_config(1)
   other.arch_embedding_size = "500-300-200-120-500-64-40-999"
   other.arch_mlp_top = "16-1"
-  other_task = trainer.Task(other)
+  other_task = Task(other)
   with pytest.raises(checkpoint.CheckpointMismatchError) as e:
     ckpt.restore(other_task, other)
   message = str(e.value)
@@ -319,19 +325,18 @@ def test_partial_restore_takes_the_dense_slots_that_match_and_fresh_sparse_slots
   shape match from the checkpoint, the rest and every sparse slot (of the restored tables
   too) from `fresh`."""
   config = _mesh_config(1)
-  task = trainer.Task(config)
+  task = Task(config)
   data = RandomData(task.spec.table_rows, 13, 64, seed=3)
   state = task.init_state(0)
   for i in range(3):
     state, _ = task.train_step(state, data.batch(i))
   ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
-  ckpt.save(3, state, {"config": json.loads(config.to_json()),
-                       "plan": checkpoint.plan_to_json(task.plan)})
+  ckpt.save(3, state, _contents(config, task))
   ckpt.wait()
   other = _mesh_config(1)
   other.arch_embedding_size = "500-300-200-120-500-64-40-999"
   other.arch_mlp_top = "16-1"  # top layer 0: other shapes; layer 1: another kernel
-  other_task = trainer.Task(other)
+  other_task = Task(other)
   fresh = _random_state(other_task, seed=9)  # unlike the saved slots and a new state's zeros
   restored = ckpt.restore(other_task, other, partial=True, fresh=lambda: fresh)
   assert restored.partial and int(restored.state.step) == 3  # the schedule's step: restored
@@ -366,17 +371,21 @@ def _small_state(value: float):
   def full(*shape):
     return jnp.full(shape, value, jnp.float32)
 
-  return trainer.TrainState(step=jnp.zeros((), jnp.int32), params={"w": full(3)},
+  return TrainState(step=jnp.zeros((), jnp.int32), params={"w": full(3)},
                             opt_state={"s": full(3)}, tables={"t": full(4, 2)},
                             emb_opt_state={"t": {"accumulator": full(4)}})
+
+
+_SMALL_PLAN = plan_tables(EmbeddingCollection.uniform([4], 2).specs, 1, batch_size=8)
 
 
 def _save_aucs(directory, keep_best, *aucs_by_step):
   """Saves a tiny state at each (step, AUC or None) with max_to_keep=2; the steps kept."""
   ckpt = checkpoint.Checkpointer(str(directory), max_to_keep=2, keep_best=keep_best)
   for step, auc in aucs_by_step:
-    assert ckpt.save(step, _small_state(step), {"auc": auc},
-                     None if auc is None else {"auc": auc})
+    records = [] if auc is None else [{"step": step, "auc": auc}]
+    assert ckpt.save(step, _small_state(step), checkpoint.Contents(
+        config={}, plan=_SMALL_PLAN, records=records), None if auc is None else {"auc": auc})
   ckpt.wait()
   steps = ckpt.steps()
   ckpt.close()
@@ -392,7 +401,7 @@ def test_keep_best_keeps_the_best_auc_besides_the_latest(tmp_path, keep_best):
                     (5, None)) == best + [4, 5]
   if keep_best:
     with checkpoint.Checkpointer(str(tmp_path / "a")) as ckpt:
-      assert ckpt.read_meta(2)["auc"] == 0.9
+      assert ckpt.read_contents(2).records == [{"step": 2, "auc": 0.9}]
   assert _save_aucs(tmp_path / "b", keep_best, (1, 0.6), (2, 0.9), (3, 0.95),
                     (4, None), (5, None)) == ([3] if keep_best else []) + [4, 5]
 

@@ -6,8 +6,9 @@ import os
 import numpy as np
 import pytest
 
+from dlrm_jax import parallel
 from dlrm_jax.data import format as fmt
-from dlrm_jax.data.loader import CriteoData, iterate_epoch, to_global_batch
+from dlrm_jax.data.loader import CriteoData, iterate_epoch
 
 
 def write_prepared(root, shard_sizes, *, train_rows=None, hotness=None, vocab=1 << 20):
@@ -178,7 +179,7 @@ def test_refuses_incomplete_and_incompatible_directories(tmp_path):
     CriteoData(str(tmp_path / "ok"), 10, process_count=3)
 
 
-def test_to_global_batch_places_process_local_rows():
+def test_global_batch_places_process_local_rows():
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -187,7 +188,7 @@ def test_to_global_batch_places_process_local_rows():
   batch = {"dense": np.arange(n * 13, dtype=np.float32).reshape(n, 13),
            "sparse": np.arange(n * 26, dtype=np.int32).reshape(n, 26),
            "label": np.arange(n, dtype=np.float32)}
-  out = to_global_batch(batch, NamedSharding(mesh, P("data")))
+  out = parallel.global_batch(batch, NamedSharding(mesh, P("data")))
   for k, v in batch.items():
     assert out[k].shape == v.shape
     assert len(out[k].sharding.device_set) == len(jax.devices())

@@ -12,9 +12,9 @@ import optax
 import pytest
 
 from conftest import load_config
-from dlrm_jax import trainer
 from dlrm_jax.embedding import (EmbeddingCollection, IdOutOfRangeError, TableSpec,
                                 make_sparse_optimizer, sum_duplicates)
+from dlrm_jax.task import Task
 
 LR = 0.3
 
@@ -157,7 +157,7 @@ def test_blocked_init_equals_whole_table_init(monkeypatch):
   c.arch_embedding_size = "-".join(str(r) for r in (500, 300, 200, 120, 500, 64, 40, 250))
   c.sharding.min_column_width = 1
   c.sharding.overrides = "t0:table_wise:3,t1:row_wise,t2:column_wise,t3:replicated,t4:row_wise"
-  task = trainer.Task(c)
+  task = Task(c)
   tables = jax.jit(task.embedding.init, out_shardings=task.state_shardings.tables)(
       jnp.uint32(3))
   coll = task.collection
@@ -208,7 +208,7 @@ def test_train_step_with_bags_matches_dense_reference(name, pooling):
   c.embedding_optimizer = name
   c.embedding_pooling = pooling
   c.learning_rate = LR
-  task = trainer.Task(c)
+  task = Task(c)
   assert set(task.embedding.groups) == {"table_wise"}  # one device: the plain stacked layout
   state = task.init_state(0)
   rng = np.random.default_rng(1)
@@ -240,7 +240,7 @@ def _stacked(task, tables):
 def test_bag_sgd_step_equals_dense_optax_sgd():
   c = load_config("tiny")
   c.learning_rate = LR
-  task = trainer.Task(c)
+  task = Task(c)
   state = task.init_state(0)
   host_batch = _bag_batch(task, np.random.default_rng(2))
   batch = task.device_batch(host_batch)

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from dlrm_jax.config import ModelSpec
-from dlrm_jax.model import DLRM, cat_interaction, dot_interaction, init_params
+from dlrm_jax.model import abstract_model, cat_interaction, dot_interaction, init_params
 from dlrm_jax.ops import take_static
 
 
@@ -93,7 +93,7 @@ def test_forward_matches_numpy(op, itself):
   rng = np.random.default_rng(1)
   dense = rng.random((7, 13)).astype(np.float32)
   emb = rng.normal(size=(7, 3, 8)).astype(np.float32)
-  logits = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: DLRM(spec, rngs=nnx.Rngs(0)))), params)(
+  logits = nnx.merge(nnx.graphdef(abstract_model(spec)), params)(
       jnp.asarray(dense), jnp.asarray(emb))
   assert logits.shape == (7,) and logits.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(logits), _np_forward(params, spec, dense, emb),
@@ -120,7 +120,7 @@ def test_parameter_shapes_and_reference_init_statistics():
 def test_jit_forward_dtype_and_shape():
   spec = ModelSpec(num_dense=13, embedding_dim=4, bottom=(13, 4), top=(3, 1),
                    table_rows=(5, 5))
-  model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: DLRM(spec, rngs=nnx.Rngs(0)))),
+  model = nnx.merge(nnx.graphdef(abstract_model(spec)),
                     init_params(spec, 0))
   out = jax.jit(lambda d, e: model(d, e))(jnp.ones((2, 13)), jnp.ones((2, 2, 4)))
   assert out.shape == (2,) and out.dtype == jnp.float32

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import load_config
 from dlrm_jax import trainer
+from dlrm_jax.task import Task
 from dlrm_jax.config import ConfigError
 from dlrm_jax.data import RandomData
 from dlrm_jax.embedding import EmbeddingCollection
@@ -55,7 +56,7 @@ def _batches(task, hotness, n=3):
 
 
 def _train(config, steps=2, make_batches=None):
-  task = trainer.Task(config)
+  task = Task(config)
   state = task.init_state(0)
   batches = (make_batches or (lambda t: _batches(t, int(config.data.hotness))))(task)
   for batch in batches[:steps]:
@@ -135,7 +136,7 @@ def test_mixed_plan_matches_single_device_and_moves_only_what_it_plans():
   # gathers a whole sharded table, never all-reduces global-batch activations
   # (only dense-parameter gradients and the replicated tables' gradient).
   batch = task.device_batch(_batches(task, 1)[0])
-  hlo = task._train_step_jit.lower(state, batch).compile().as_text()
+  hlo = task.lower_train_step(state, batch).compile().as_text()
   ops = {}
   for line in hlo.splitlines():
     m = re.search(r"= (.*?) (all-to-all|all-gather|reduce-scatter|all-reduce)(-start)?\(", line)
@@ -211,7 +212,7 @@ def test_mesh_and_batch_errors(tmp_path):
   c = _config(8)
   c.mesh.replicas = 3
   with pytest.raises(ConfigError, match="replicas=3"):
-    trainer.Task(c)
+    Task(c)
   c = _config(8)
   c.mini_batch_size = 100
   with pytest.raises(ConfigError, match="multiple of the number of devices"):

@@ -12,10 +12,11 @@ import optax
 import pytest
 
 from conftest import REPO, load_config
-from dlrm_jax import trainer
+from dlrm_jax import optim, trainer
 from dlrm_jax.config import parse_widths
 from dlrm_jax.data import SyntheticCTR
 from dlrm_jax.embedding import IdOutOfRangeError
+from dlrm_jax.task import Task
 
 
 @pytest.mark.parametrize("step", [0, 5])
@@ -25,7 +26,7 @@ def test_sparse_sgd_step_equals_dense_optax_sgd(tiny_config, step):
   c = tiny_config
   c.learning_rate, c.lr_num_warmup_steps = 0.5, 8
   lr = ReferenceLRPolicy(0.5, 8, 8, 0).rates(step + 1)[step]
-  task = trainer.Task(c)
+  task = Task(c)
   state = task.init_state(0)
   state = state.replace(step=jax.device_put(jnp.int32(step), task.state_shardings.step))
   batch = SyntheticCTR(task.spec.table_rows, 13, 64, seed=0, zipf_exponent=2.0).batch(0)
@@ -82,7 +83,7 @@ def test_dense_optimizers_match_their_definitions(tiny_config, name):
   applied to jax.grad of the loss."""
   c = tiny_config
   c.dense_optimizer, c.learning_rate = name, 0.05
-  task = trainer.Task(c)
+  task = Task(c)
   state = task.init_state(0)
   data = SyntheticCTR(task.spec.table_rows, 13, 64, seed=3)
   grad_fn = jax.jit(jax.grad(
@@ -144,7 +145,7 @@ def test_lr_schedule_matches_reference_policy(tiny_config, warmup, decay_start, 
   c.learning_rate, c.lr_num_warmup_steps = 2.0, warmup
   c.lr_decay_start_step, c.lr_num_decay_steps = decay_start, decay_steps
   want = ReferenceLRPolicy(2.0, warmup, decay_start, decay_steps).rates(80)
-  got = jax.jit(jax.vmap(trainer.lr_schedule(c)))(np.arange(80))
+  got = jax.jit(jax.vmap(optim.lr_schedule(c)))(np.arange(80))
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
 
 
@@ -156,7 +157,7 @@ def test_lr_schedule_where_the_reference_has_no_rate_to_hold(tiny_config):
   c.lr_decay_start_step, c.lr_num_decay_steps = 5, 4
   with pytest.raises(AttributeError):
     ReferenceLRPolicy(2.0, 0, 5, 4).rates(1)
-  got = np.asarray(jax.vmap(trainer.lr_schedule(c))(np.arange(12)))
+  got = np.asarray(jax.vmap(optim.lr_schedule(c))(np.arange(12)))
   np.testing.assert_allclose(got[:4], 2.0)
   reference_after = ReferenceLRPolicy(2.0, 0, 5, 4)
   reference_after.last_lr = 2.0  # what this schedule holds before the decay
@@ -168,7 +169,7 @@ def test_losses(tiny_config, loss):
   c = tiny_config
   c.loss_function = loss
   c.loss_weights = "1.0-3.0"
-  fn = trainer.make_loss(c)
+  fn = optim.make_loss(c)
   logits = jnp.array([-2.0, 0.5, 3.0])
   labels = jnp.array([0.0, 1.0, 1.0])
   p = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
@@ -180,7 +181,7 @@ def test_losses(tiny_config, loss):
 
 
 def test_out_of_range_ids_are_an_error_at_the_boundary(tiny_config):
-  task = trainer.Task(tiny_config)
+  task = Task(tiny_config)
   ids = np.zeros((4, task.spec.num_tables), np.int32)
   task.collection.check_ids(ids)
   ids[2, 3] = task.spec.table_rows[3]
@@ -246,7 +247,7 @@ def test_evaluate_covers_every_batch(tiny_config):
   predictions of each batch, so that no batch (the last one included) is left out."""
   from sklearn.metrics import log_loss, roc_auc_score
 
-  task = trainer.Task(tiny_config)
+  task = Task(tiny_config)
   state = task.init_state(0)
   data = SyntheticCTR(task.spec.table_rows, 13, 64, seed=4)
   state, _ = task.train_step(state, data.batch(0))

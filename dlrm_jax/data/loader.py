@@ -103,9 +103,10 @@ class CriteoData:
   def table_rows(self) -> tuple[int, ...]:
     return self.store.vocab_sizes
 
-  @property
-  def metadata(self) -> dict:
-    return self.store.meta
+  def teacher_probability(self, batch: Batch) -> None:
+    """None: the best achievable model of real clicks is unknown."""
+    del batch
+    return None
 
   def split_name(self, split: str) -> str:
     return self.eval_split if split == "eval" else split
@@ -393,11 +394,6 @@ class BatchIterator:
   def prefetched(self, size: int = 2) -> "PrefetchIterator":
     return PrefetchIterator(self, size)
 
-  @property
-  def epoch(self) -> int:
-    n = self.data.num_batches(self.split, self.batch_size)
-    return self.position // n if n else 0
-
 
 class PrefetchIterator:
   """A BatchIterator read `size` batches ahead by a background thread (dlrm_jax.data.prefetch)."""
@@ -421,23 +417,6 @@ class PrefetchIterator:
     return self._iterator.state_at(self._start + self._consumed)
 
 
-def to_global_batch(batch: Batch, sharding) -> dict:
-  """A process-local host batch -> global jax.Arrays, each field placed by `sharding`.
-
-  `sharding` is one jax.sharding.Sharding for every field (e.g.
-  NamedSharding(mesh, P("data")): leading axis split over the data axis), or a
-  dict of them by field name. Every process passes its own rows; the global
-  batch is their concatenation in process order.
-  """
-  import jax
-
-  out = {}
-  for name, value in batch.items():
-    s = sharding[name] if isinstance(sharding, dict) else sharding
-    out[name] = jax.make_array_from_process_local_data(s, value)
-  return out
-
-
 def iterate_epoch(data: CriteoData, epoch: int = 0, batch_size: int | None = None
                   ) -> Iterator[Batch]:
   """The training batches of one epoch (for inspection and tests)."""
@@ -447,5 +426,4 @@ def iterate_epoch(data: CriteoData, epoch: int = 0, batch_size: int | None = Non
     yield data.batch(epoch * n + k, "train", b)
 
 
-__all__ = ["BatchIterator", "CriteoData", "PrefetchIterator", "iterate_epoch", "to_global_batch",
-           "NUM_SPARSE"]
+__all__ = ["BatchIterator", "CriteoData", "PrefetchIterator", "iterate_epoch", "NUM_SPARSE"]

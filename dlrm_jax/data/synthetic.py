@@ -70,7 +70,9 @@ def hashed_uniform(seed: int, table: int | np.ndarray, ids: np.ndarray,
 
 
 class _Generator:
-  """Shared plumbing: per-batch RNG streams and iteration."""
+  """Shared plumbing: per-batch RNG streams and iteration (a `DataSource`)."""
+
+  process_local = False  # every batch is the whole global batch
 
   def __init__(self, table_rows: Sequence[int], num_dense: int, batch_size: int, seed: int):
     self.table_rows = np.asarray(table_rows, dtype=np.int64)
@@ -91,15 +93,40 @@ class _Generator:
     return self._make(self._rng(split, index, b), b)
 
   def batches(self, start: int = 0, split: str = "train",
-              batch_size: int | None = None) -> Iterator[Batch]:
+              batch_size: int | None = None) -> "GeneratedStream":
     """Endless stream of batches from `start` on."""
-    index = start
-    while True:
-      yield self.batch(index, split, batch_size)
-      index += 1
+    return GeneratedStream(self, split, start, batch_size)
+
+  def teacher_probability(self, batch: Batch) -> np.ndarray | None:
+    """None: no model is known to be the best on this data."""
+    del batch
+    return None
 
   def _make(self, rng: np.random.Generator, b: int) -> Batch:
     raise NotImplementedError
+
+
+class GeneratedStream:
+  """A generator's batches from a position on; the position is all a checkpoint needs
+  (each batch is a function of its number)."""
+
+  def __init__(self, source: _Generator, split: str, start: int, batch_size: int | None):
+    self.source, self.split, self.batch_size = source, split, batch_size
+    self.position = int(start)
+
+  def __iter__(self) -> "GeneratedStream":
+    return self
+
+  def __next__(self) -> Batch:
+    batch = self.source.batch(self.position, self.split, self.batch_size)
+    self.position += 1
+    return batch
+
+  def state_at(self, position: int) -> dict:
+    return {"position": int(position)}
+
+  def restore(self, state: dict) -> None:
+    self.position = int(state["position"])
 
 
 class RandomData(_Generator):
@@ -225,6 +252,7 @@ class SyntheticCTR(_Generator):
     return logit.astype(np.float64)
 
   def teacher_probability(self, batch: Batch) -> np.ndarray:
+    """The hidden teacher's click probability: the best achievable."""
     return 1.0 / (1.0 + np.exp(-self.teacher_logit(batch["dense"], batch["sparse"])))
 
   def _make(self, rng: np.random.Generator, b: int) -> Batch:

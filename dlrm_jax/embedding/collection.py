@@ -245,11 +245,6 @@ class EmbeddingCollection:
       return vectors
     return self.pool(vectors, weights, mask)
 
-  def lookup_from_batch(self, tables: Tables, batch) -> jax.Array:
-    """`lookup` of a batch dict: 'sparse', and for bags 'sparse_weights', 'sparse_mask'."""
-    return self.lookup(tables, batch["sparse"], batch.get("sparse_weights"),
-                       batch.get("sparse_mask"))
-
 
 def gather_rows(table: jax.Array, rows: jax.Array) -> jax.Array:
   """table[rows] for valid rows (checked at the data boundary)."""

@@ -73,6 +73,11 @@ class SparseSGD:
   Needs no de-duplication: the scatter-add accumulates repeated rows.
   """
 
+  def slot_values_per_row(self, dim: int) -> int:
+    """float32 values of optimiser state per table row of width `dim` (for the planner)."""
+    del dim
+    return 0
+
   def init(self, tables: Tables) -> dict:
     del tables
     return {}
@@ -103,6 +108,10 @@ class SparseRowWiseAdagrad:
   eps: float = 1e-8
   initial_accumulator_value: float = 0.0
 
+  def slot_values_per_row(self, dim: int) -> int:
+    del dim
+    return 1
+
   def init(self, tables: Tables) -> dict:
     t = tables["stacked"]
     return {"accumulator": jnp.full(t.shape[:1], self.initial_accumulator_value, jnp.float32)}
@@ -125,6 +134,9 @@ class SparseAdagrad:
 
   eps: float = 1e-10
   initial_accumulator_value: float = 0.0
+
+  def slot_values_per_row(self, dim: int) -> int:
+    return dim
 
   def init(self, tables: Tables) -> dict:
     t = tables["stacked"]
@@ -150,6 +162,9 @@ class SparseLazyAdam:
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
+
+  def slot_values_per_row(self, dim: int) -> int:
+    return 2 * dim
 
   def init(self, tables: Tables) -> dict:
     t = tables["stacked"]

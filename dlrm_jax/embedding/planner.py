@@ -36,21 +36,13 @@ import dataclasses
 from typing import Mapping, Sequence
 
 from dlrm_jax.embedding.collection import TableSpec
+from dlrm_jax.embedding.optimizers import SPARSE_OPTIMIZERS
 
 TABLE_WISE = "table_wise"
 ROW_WISE = "row_wise"
 COLUMN_WISE = "column_wise"
 REPLICATED = "replicated"
 SHARDING_TYPES = (TABLE_WISE, ROW_WISE, COLUMN_WISE, REPLICATED)
-
-# Optimiser state per table row, in float32 values, for a width-D table.
-_STATE_VALUES_PER_ROW = {
-    "sgd": lambda d: 0,
-    "rowwise_adagrad": lambda d: 1,
-    "adagrad": lambda d: d,
-    "adam": lambda d: 2 * d,
-}
-
 
 class PlanError(ValueError):
   """The tables cannot be placed on the devices; the message gives the numbers."""
@@ -80,6 +72,27 @@ class Plan:
   dims: tuple[int, ...]
   rows: tuple[int, ...]
   names: tuple[str, ...]
+
+  def to_json(self) -> dict:
+    """The plan as JSON values (checkpoints keep the plan their tables were laid out by)."""
+    d = dataclasses.asdict(self)
+    d["placements"] = [[p.kind, p.device] for p in self.placements]
+    return d
+
+  @classmethod
+  def from_json(cls, d: dict) -> "Plan":
+    """The inverse of `to_json`."""
+    d = dict(d)
+    d["placements"] = tuple(Placement(kind, int(device)) for kind, device in d["placements"])
+    for k in ("table_bytes", "lookups", "dims", "rows", "names"):
+      d[k] = tuple(d[k])
+    return cls(**d)
+
+  def same_layout(self, other: "Plan") -> bool:
+    """Whether two plans store the tables in identical stacked arrays."""
+    return (self.num_shards == other.num_shards
+            and tuple(self.placements) == tuple(other.placements)
+            and tuple(self.rows) == tuple(other.rows) and tuple(self.dims) == tuple(other.dims))
 
   def device_bytes(self) -> list[int]:
     """Bytes of tables and optimiser state that each device holds.
@@ -204,13 +217,13 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
   """
   if num_shards < 1:
     raise PlanError(f"num_shards={num_shards} must be >= 1")
-  if optimizer not in _STATE_VALUES_PER_ROW:
+  if optimizer not in SPARSE_OPTIMIZERS:
     raise PlanError(f"unknown embedding optimizer {optimizer!r}")
-  n = num_shards
   hot = [float(lookups)] * len(specs) if isinstance(lookups, (int, float)) else list(lookups)
   if len(hot) != len(specs):
     raise PlanError(f"got {len(hot)} lookup counts for {len(specs)} tables")
-  sizes = [s.rows * (s.dim + _STATE_VALUES_PER_ROW[optimizer](s.dim)) * 4 for s in specs]
+  slots = SPARSE_OPTIMIZERS[optimizer]().slot_values_per_row
+  sizes = [s.rows * (s.dim + slots(s.dim)) * 4 for s in specs]
   names = [s.name for s in specs]
   overrides = dict(overrides or {})
   unknown = sorted(set(overrides) - set(names))
@@ -218,84 +231,101 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
     raise PlanError(f"sharding overrides name unknown tables {unknown}; tables are "
                     f"{names[:6]}{' ...' if len(names) > 6 else ''}")
   budget = float("inf") if memory_budget is None else int(memory_budget)
-
-  def replicable(k: int) -> bool:  # all-reducing its gradient moves less than its lookups
-    allreduce_bytes = 2 * specs[k].rows * (specs[k].dim + 1) * 4
-    return n > 1 and allreduce_bytes < batch_size * hot[k] * (4 + 2 * specs[k].dim * 4)
-
-  # A table bigger than half an even share of the sharded bytes would pad
-  # every device's table-wise storage up towards its size: such tables are split.
-  fair_share = sum(sizes[k] for k in range(len(specs)) if not replicable(k)) / n / 2
-  total_bytes = max(1, sum(sizes))
-  total_load = max(1.0, sum(batch_size * h * s.dim for h, s in zip(hot, specs)))
-  placements: list[Placement | None] = [None] * len(specs)
-  table_wise = [0] * n  # table-wise bytes per device
-  other = [0] * n  # bytes of split and replicated tables per device
-  load = [0.0] * n  # lookup bytes served per device
-
-  def add(k: int, p: Placement):
-    placements[k] = p
-    _account(p, sizes[k], n, table_wise, other)
-    if p.kind == TABLE_WISE:
-      load[p.device] += batch_size * hot[k] * specs[k].dim
-    else:
-      for d in range(n):
-        load[d] += batch_size * hot[k] * specs[k].dim / n
-
-  def fits_table_wise(k: int, d: int) -> bool:
-    return max(max(table_wise), table_wise[d] + sizes[k]) + max(other) <= budget
-
-  pinned_table_wise = set()  # overridden to table_wise with no device named
-  for k, spec in enumerate(specs):
-    if spec.name not in overrides:
-      continue
-    p = _parse_placement(spec.name, overrides[spec.name], n)
-    if p.kind == COLUMN_WISE and spec.dim % n:
-      raise PlanError(f"table {spec.name}: column_wise needs its dim ({spec.dim}) to be a "
-                      f"multiple of the number of devices ({n})")
-    if p.kind == TABLE_WISE and p.device < 0:
-      pinned_table_wise.add(k)
-    else:
-      add(k, p)
-
+  placer = _Placer(specs, num_shards, batch_size, hot, sizes, budget)
+  pinned_table_wise = placer.place_overrides(overrides)
   for k in sorted(range(len(specs)), key=lambda k: -sizes[k]):
-    spec = specs[k]
-    if placements[k] is not None:
-      continue
-    if n == 1:
-      add(k, Placement(TABLE_WISE, 0))
-      continue
-    if (k not in pinned_table_wise and replicable(k)
-        and max(table_wise) + max(other) + sizes[k] <= budget):
-      add(k, Placement(REPLICATED))
-      continue
-    room = [d for d in range(n) if fits_table_wise(k, d)]
-    if room and (sizes[k] <= fair_share or k in pinned_table_wise):
-      # The device holding the least memory and lookup traffic, each as a share of all.
-      add(k, Placement(TABLE_WISE, min(room, key=lambda d: (
-          table_wise[d] / total_bytes + load[d] / total_load, d))))
-    elif k in pinned_table_wise:
-      free = budget - max(other) - min(table_wise)
-      raise PlanError(f"table {spec.name} ({spec.rows:,} rows x {spec.dim}) needs "
-                      f"{_fmt_bytes(sizes[k])} for a whole copy on one device, but the most "
-                      f"any device has left is {_fmt_bytes(free)} of its "
-                      f"{_fmt_bytes(budget)} budget")
-    elif spec.dim % n == 0 and spec.dim // n >= min_column_width:
-      add(k, Placement(COLUMN_WISE))
-    else:
-      add(k, Placement(ROW_WISE))
-  plan = Plan(placements=tuple(placements), num_shards=n, table_bytes=tuple(sizes),
-              lookups=tuple(hot), batch_size=int(batch_size), dims=tuple(s.dim for s in specs),
-              rows=tuple(s.rows for s in specs), names=tuple(names))
+    if placer.placements[k] is None:
+      placer.place(k, k in pinned_table_wise, min_column_width)
+  plan = Plan(placements=tuple(placer.placements), num_shards=num_shards,
+              table_bytes=tuple(sizes), lookups=tuple(hot), batch_size=int(batch_size),
+              dims=tuple(s.dim for s in specs), rows=tuple(s.rows for s in specs),
+              names=tuple(names))
   per = plan.device_bytes()
   if max(per) > budget:
-    worst = max(range(n), key=lambda d: per[d])
+    worst = max(range(num_shards), key=lambda d: per[d])
     raise PlanError(
         f"the embedding tables need {_fmt_bytes(per[worst])} on device {worst}, over the "
         f"per-device budget of {_fmt_bytes(budget)} ({_fmt_bytes(sum(sizes))} of tables and "
-        f"optimiser state in all, over {n} device(s)); use more devices, a smaller model, "
-        f"or a larger embedding memory budget\n{plan.describe()}")
+        f"optimiser state in all, over {num_shards} device(s)); use more devices, a smaller "
+        f"model, or a larger embedding memory budget\n{plan.describe()}")
   return plan
+
+
+class _Placer:
+  """The planner's running account: each device's bytes and lookup traffic so far."""
+
+  def __init__(self, specs, n: int, batch_size: int, hot: list[float], sizes: list[int],
+               budget: float):
+    self.specs, self.n, self.batch_size, self.hot = specs, n, batch_size, hot
+    self.sizes, self.budget = sizes, budget
+    self.placements: list[Placement | None] = [None] * len(specs)
+    self.table_wise = [0] * n  # table-wise bytes per device
+    self.other = [0] * n  # bytes of split and replicated tables per device
+    self.load = [0.0] * n  # lookup bytes served per device
+    # A table bigger than half an even share of the sharded bytes would pad
+    # every device's table-wise storage up towards its size: such tables are split.
+    self.fair_share = sum(sizes[k] for k in range(len(specs)) if not self.replicable(k)) / n / 2
+    self.total_bytes = max(1, sum(sizes))
+    self.total_load = max(1.0, sum(batch_size * h * s.dim for h, s in zip(hot, specs)))
+
+  def replicable(self, k: int) -> bool:
+    """Whether all-reducing the table's gradient moves less than serving its lookups."""
+    spec = self.specs[k]
+    allreduce_bytes = 2 * spec.rows * (spec.dim + 1) * 4
+    return self.n > 1 and allreduce_bytes < self.batch_size * self.hot[k] * (4 + 2 * spec.dim * 4)
+
+  def add(self, k: int, p: Placement) -> None:
+    self.placements[k] = p
+    _account(p, self.sizes[k], self.n, self.table_wise, self.other)
+    traffic = self.batch_size * self.hot[k] * self.specs[k].dim
+    if p.kind == TABLE_WISE:
+      self.load[p.device] += traffic
+    else:
+      for d in range(self.n):
+        self.load[d] += traffic / self.n
+
+  def fits_table_wise(self, k: int, d: int) -> bool:
+    return (max(max(self.table_wise), self.table_wise[d] + self.sizes[k]) + max(self.other)
+            <= self.budget)
+
+  def place_overrides(self, overrides: Mapping[str, str]) -> set[int]:
+    """Places the overridden tables; returns those pinned table-wise with no device named."""
+    pinned = set()
+    for k, spec in enumerate(self.specs):
+      if spec.name not in overrides:
+        continue
+      p = _parse_placement(spec.name, overrides[spec.name], self.n)
+      if p.kind == COLUMN_WISE and spec.dim % self.n:
+        raise PlanError(f"table {spec.name}: column_wise needs its dim ({spec.dim}) to be a "
+                        f"multiple of the number of devices ({self.n})")
+      if p.kind == TABLE_WISE and p.device < 0:
+        pinned.add(k)
+      else:
+        self.add(k, p)
+    return pinned
+
+  def place(self, k: int, pinned_table_wise: bool, min_column_width: int) -> None:
+    """Rules 2-5 of the module docstring for table k."""
+    spec, n = self.specs[k], self.n
+    if n == 1:
+      return self.add(k, Placement(TABLE_WISE, 0))
+    if (not pinned_table_wise and self.replicable(k)
+        and max(self.table_wise) + max(self.other) + self.sizes[k] <= self.budget):
+      return self.add(k, Placement(REPLICATED))
+    room = [d for d in range(n) if self.fits_table_wise(k, d)]
+    if room and (self.sizes[k] <= self.fair_share or pinned_table_wise):
+      # The device holding the least memory and lookup traffic, each as a share of all.
+      return self.add(k, Placement(TABLE_WISE, min(room, key=lambda d: (
+          self.table_wise[d] / self.total_bytes + self.load[d] / self.total_load, d))))
+    if pinned_table_wise:
+      free = self.budget - max(self.other) - min(self.table_wise)
+      raise PlanError(f"table {spec.name} ({spec.rows:,} rows x {spec.dim}) needs "
+                      f"{_fmt_bytes(self.sizes[k])} for a whole copy on one device, but the "
+                      f"most any device has left is {_fmt_bytes(free)} of its "
+                      f"{_fmt_bytes(self.budget)} budget")
+    if spec.dim % n == 0 and spec.dim // n >= min_column_width:
+      return self.add(k, Placement(COLUMN_WISE))
+    return self.add(k, Placement(ROW_WISE))
 
 
 def _account(p: Placement, size: int, n: int, table_wise: list[int], other: list[int]):

@@ -52,8 +52,9 @@ from dlrm_jax.parallel import MeshAxes, fetch
 Lookups = dict[str, dict[str, jax.Array]]
 
 
-class _Group:
-  """The tables of one sharding type, stacked into one array."""
+class _Layout:
+  """The tables of one sharding type, stacked into one array: their layout and per-device
+  programs."""
 
   kind: str
 
@@ -115,7 +116,7 @@ def _pool(vectors: jax.Array, scale: jax.Array | None) -> jax.Array:
   return jnp.einsum("...h,...hd->...d", scale, vectors)
 
 
-class _TableWise(_Group):
+class _TableWise(_Layout):
   """Whole tables on single devices; ids and vectors move with all-to-alls."""
 
   kind = TABLE_WISE
@@ -190,7 +191,7 @@ class _TableWise(_Group):
     return take_static(flat, self.receive_index, axis=1)
 
 
-class _RowWise(_Group):
+class _RowWise(_Layout):
   """Each table's rows split into equal contiguous blocks, block d on device d."""
 
   kind = ROW_WISE
@@ -236,7 +237,30 @@ class _RowWise(_Group):
     return jax.lax.psum_scatter(partial, self.axes.shard, scatter_dimension=0, tiled=True)
 
 
-class _ColumnWise(_Group):
+class _WholeTables(_Layout):
+  """Tables stacked whole, one after another (split on columns, or replicated)."""
+
+  def __init__(self, collection, features, n, axes):
+    super().__init__(collection, features, n, axes)
+    self.offset = np.concatenate([[0], np.cumsum(self.rows)[:-1]])
+    self.shape = (int(self.rows.sum()), self.dim)
+
+  def blocks(self, t):
+    g = self.features.index(t)
+    return [(int(self.offset[g]), 0, int(self.rows[g]))]
+
+  def local_row_info(self, local_rows):
+    starts = jnp.asarray(self.offset.astype(np.int32))
+    g = jnp.clip(jnp.searchsorted(starts, local_rows, side="right") - 1, 0)
+    offsets = jnp.asarray(self.collection.offsets[list(self.features)].astype(np.int32))
+    return offsets[g] + local_rows - starts[g], jnp.ones(local_rows.shape, bool)
+
+  def _rows(self, ids):
+    """Stacked rows of [b, F_g, H] ids (padding -1 -> one past the end)."""
+    return jnp.where(ids >= 0, ids + self._feature_const(self.offset), self.shape[0])
+
+
+class _ColumnWise(_WholeTables):
   """Whole tables split on the embedding dimension, slice d on device d."""
 
   kind = COLUMN_WISE
@@ -245,16 +269,7 @@ class _ColumnWise(_Group):
     super().__init__(collection, features, n, axes)
     if self.dim % n:
       raise ValueError(f"column_wise needs the dim ({self.dim}) to be a multiple of {n}")
-    self.offset = np.concatenate([[0], np.cumsum(self.rows)[:-1]])
-    self.shape = (int(self.rows.sum()), self.dim)
     self.spec = P(None, axes.shard)
-
-  def blocks(self, t):
-    g = self.features.index(t)
-    return [(int(self.offset[g]), 0, int(self.rows[g]))]
-
-  def local_row_info(self, local_rows):
-    return _stacked_row_info(self, local_rows)
 
   def local_cols(self):
     width = self.dim // self.n
@@ -262,8 +277,7 @@ class _ColumnWise(_Group):
     return d * width + jnp.arange(width, dtype=jnp.uint32)
 
   def route(self, table, ids, scale):
-    ids = jax.lax.all_gather(ids, self.axes.shard, tiled=True)
-    rows = jnp.where(ids >= 0, ids + self._feature_const(self.offset), table.shape[0])
+    rows = self._rows(jax.lax.all_gather(ids, self.axes.shard, tiled=True))
     out = {"vectors": jnp.take(table, rows, axis=0, mode="clip"), "rows": rows}
     if scale is not None:
       out["scale"] = jax.lax.all_gather(scale, self.axes.shard, tiled=True)
@@ -277,26 +291,17 @@ class _ColumnWise(_Group):
     return {"column_axis": self.axes.shard}
 
 
-class _Replicated(_Group):
+class _Replicated(_WholeTables):
   """Small tables copied to every device; a dense all-reduced gradient keeps copies equal."""
 
   kind = REPLICATED
 
   def __init__(self, collection, features, n, axes):
     super().__init__(collection, features, n, axes)
-    self.offset = np.concatenate([[0], np.cumsum(self.rows)[:-1]])
-    self.shape = (int(self.rows.sum()), self.dim)
     self.spec = P(None, None)
 
-  def blocks(self, t):
-    g = self.features.index(t)
-    return [(int(self.offset[g]), 0, int(self.rows[g]))]
-
-  def local_row_info(self, local_rows):
-    return _stacked_row_info(self, local_rows)
-
   def route(self, table, ids, scale):
-    rows = jnp.where(ids >= 0, ids + self._feature_const(self.offset), table.shape[0])
+    rows = self._rows(ids)
     out = {"vectors": jnp.take(table, rows, axis=0, mode="clip"), "rows": rows}
     if scale is not None:
       out["scale"] = scale
@@ -319,11 +324,11 @@ class _Replicated(_Group):
 
 
 def plan_groups(collection: EmbeddingCollection, plan: Plan,
-                axes: MeshAxes = MeshAxes()) -> dict[str, _Group]:
+                axes: MeshAxes = MeshAxes()) -> dict[str, _Layout]:
   """The stacked layout of each sharding type of `plan`; needs no mesh (checkpoints
   re-lay out saved tables of another plan with it, on the host)."""
   n = plan.num_shards
-  groups: dict[str, _Group] = {}
+  groups: dict[str, _Layout] = {}
   for kind in SHARDING_TYPES:
     features = [t for t, p in enumerate(plan.placements) if p.kind == kind]
     if not features:
@@ -337,7 +342,7 @@ def plan_groups(collection: EmbeddingCollection, plan: Plan,
   return groups
 
 
-def unstack_rows(groups: dict[str, _Group], stored: dict[str, np.ndarray]) -> list[np.ndarray]:
+def unstack_rows(groups: dict[str, _Layout], stored: dict[str, np.ndarray]) -> list[np.ndarray]:
   """Stacked host arrays (tables, or optimiser slots with the tables' rows on their
   leading axis) -> one array per table, in table order."""
   out: list[np.ndarray | None] = [None] * sum(len(g.features) for g in groups.values())
@@ -351,7 +356,7 @@ def unstack_rows(groups: dict[str, _Group], stored: dict[str, np.ndarray]) -> li
   return out
 
 
-def stack_rows(groups: dict[str, _Group], arrays: Sequence[np.ndarray],
+def stack_rows(groups: dict[str, _Layout], arrays: Sequence[np.ndarray],
                shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
   """Per-table host arrays -> the stacked layout of each group (`shapes`: the
   stacked shape of each group's array; padding rows are zero)."""
@@ -364,13 +369,6 @@ def stack_rows(groups: dict[str, _Group], arrays: Sequence[np.ndarray],
         storage[start:start + count] = a[row:row + count]
     out[kind] = storage
   return out
-
-
-def _stacked_row_info(group: _Group, local_rows):
-  starts = jnp.asarray(group.offset.astype(np.int32))
-  g = jnp.clip(jnp.searchsorted(starts, local_rows, side="right") - 1, 0)
-  offsets = jnp.asarray(group.collection.offsets[list(group.features)].astype(np.int32))
-  return offsets[g] + local_rows - starts[g], jnp.ones(local_rows.shape, bool)
 
 
 class ShardedEmbedding:
@@ -394,7 +392,7 @@ class ShardedEmbedding:
                        f"{axes.shard!r} axis has {n}")
     self.collection, self.plan, self.mesh, self.axes = collection, plan, mesh, axes
     self.specs = collection.specs
-    self.groups: dict[str, _Group] = plan_groups(collection, plan, axes)
+    self.groups: dict[str, _Layout] = plan_groups(collection, plan, axes)
     order = [t for g in self.groups.values() for t in g.features]
     self._feature_order = np.argsort(np.array(order))  # group-concatenated -> table order
 
@@ -442,6 +440,24 @@ class ShardedEmbedding:
   def to_arrays(self, tables: Tables) -> list[np.ndarray]:
     """The sharded layout -> one host array per table."""
     return unstack_rows(self.groups, {kind: fetch(tables[kind]) for kind in self.groups})
+
+  def relayout(self, collection: EmbeddingCollection, plan: Plan, tables: dict,
+               slots: dict, target_slots: dict) -> tuple[Tables, dict]:
+    """Tables and sparse optimiser slots stored by another `plan` (host arrays of
+    `collection`'s tables) -> this layout, placed on the mesh. `target_slots`: the
+    abstract slots of this layout (their shapes)."""
+    old, new = plan_groups(collection, plan), self.groups
+    shardings = self.state_shardings(target_slots)
+    per_table = unstack_rows(old, {k: np.asarray(v) for k, v in tables.items()})
+    placed_tables = self.from_arrays(per_table)
+    placed_slots = {k: {} for k in new}
+    leaf_names = next(iter(slots.values()), {}).keys()
+    for name in leaf_names:
+      per_table = unstack_rows(old, {k: np.asarray(v[name]) for k, v in slots.items()})
+      stacked = stack_rows(new, per_table, {k: v[name].shape for k, v in target_slots.items()})
+      for k, v in stacked.items():
+        placed_slots[k][name] = jax.device_put(v, shardings[k][name])
+    return placed_tables, placed_slots
 
   def init_optimizer(self, opt, tables: Tables):
     """The sparse optimiser's state for each group, created on the tables' devices."""
@@ -534,7 +550,7 @@ class ShardedEmbedding:
     return {k: g.spec for k, g in self.groups.items()}
 
 
-def _local_shape(g: _Group) -> tuple[int, int]:
+def _local_shape(g: _Layout) -> tuple[int, int]:
   rows, cols = g.shape
   if g.spec[0] is not None:
     rows //= g.n

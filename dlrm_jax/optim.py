@@ -1,0 +1,103 @@
+"""The learning-rate schedule, the MLPs' optimisers and the losses.
+
+The schedule is a function of the step count alone, so that the MLPs' optax
+update and the tables' sparse update (`dlrm_jax.embedding.optimizers`) train
+at one rate on one step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dlrm_jax.config import parse_floats
+
+
+def lr_schedule(config) -> Callable[[jax.Array], jax.Array]:
+  """The reference's (MLPerf) policy, `LRPolicyScheduler` of `dlrm_s_pytorch.py`.
+
+  Step s (0-based) trains with the rate for t = s + 1 (the scheduler's
+  `_step_count`, 1 when it is created): t < W (warmup steps) gives lr * t / W;
+  S <= t < S + N (decay start, decay steps) gives lr * ((N - (t - S)) / N)^2,
+  floored at 1e-7. With a decay configured, the other steps hold the last rate
+  set: lr * (W - 1) / W between warmup and decay, the last decayed rate after
+  it (and lr itself before a decay that follows no warmup, where the reference
+  has no rate to hold); without one, they train at lr.
+  """
+  base = float(config.learning_rate)
+  warmup = int(config.lr_num_warmup_steps)
+  decay_start = int(config.lr_decay_start_step)
+  decay_steps = int(config.lr_num_decay_steps)
+  held = base * (warmup - 1) / warmup if warmup > 1 else base
+
+  def schedule(step):
+    t = jnp.asarray(step, jnp.float32) + 1.0
+    lr = jnp.asarray(base, jnp.float32)
+    if decay_steps > 0:
+      done = jnp.clip(t - decay_start, 0.0, decay_steps - 1)  # held at the last decayed rate
+      decayed = jnp.maximum(base * ((decay_steps - done) / decay_steps) ** 2, 1e-7)
+      lr = jnp.where(t >= decay_start, decayed, held)
+    if warmup > 0:
+      lr = jnp.where(t < warmup, base * t / warmup, lr)
+    return lr
+
+  return schedule
+
+
+class AdagradState(NamedTuple):
+  sum_of_squares: optax.Updates
+
+
+def scale_by_adagrad(eps: float = 1e-10) -> optax.GradientTransformation:
+  """torch.optim.Adagrad's scaling (the reference's `--optimizer adagrad`): a += g^2,
+  g / (sqrt(a) + eps). optax.adagrad puts eps inside the root, which changes the
+  first steps of parameters whose gradients are near sqrt(eps)."""
+
+  def init(params):
+    return AdagradState(jax.tree.map(jnp.zeros_like, params))
+
+  def update(updates, state, params=None):
+    del params
+    acc = jax.tree.map(lambda a, g: a + jnp.square(g), state.sum_of_squares, updates)
+    updates = jax.tree.map(lambda g, a: g / (jnp.sqrt(a) + eps), updates, acc)
+    return updates, AdagradState(acc)
+
+  return optax.GradientTransformation(init, update)
+
+
+def make_dense_optimizer(config) -> optax.GradientTransformation:
+  """The optax optimiser for the MLPs, at a learning rate of 1.
+
+  The train step scales its updates by the schedule's rate for `TrainState.step`
+  (each optimiser's update is linear in the rate), so the MLPs and the tables
+  follow one schedule on one step count.
+  """
+  name = config.dense_optimizer
+  if name == "sgd":
+    return optax.sgd(1.0)
+  if name == "adagrad":
+    return optax.chain(scale_by_adagrad(eps=1e-10), optax.scale(-1.0))
+  if name == "adam":
+    return optax.adam(1.0)
+  raise ValueError(f"dense_optimizer={name!r} is not one of ['adagrad', 'adam', 'sgd']")
+
+
+def make_loss(config) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """Mean loss of logits against 0/1 labels: bce, mse (on probabilities) or wbce."""
+  name = config.loss_function
+  if name == "bce":
+    return lambda logits, labels: optax.sigmoid_binary_cross_entropy(logits, labels).mean()
+  if name == "mse":
+    return lambda logits, labels: jnp.mean((jax.nn.sigmoid(logits) - labels) ** 2)
+  if name == "wbce":
+    w0, w1 = parse_floats("loss_weights", config.loss_weights)
+
+    def wbce(logits, labels):
+      weights = jnp.where(labels > 0.5, w1, w0)
+      return jnp.mean(weights * optax.sigmoid_binary_cross_entropy(logits, labels))
+
+    return wbce
+  raise ValueError(f"loss_function={name!r} is not one of ['bce', 'mse', 'wbce']")

@@ -1,0 +1,153 @@
+"""A model with its sharded tables and optimisers, and its jitted, pure steps.
+
+`Task` holds only static things; all state lives in `TrainState`. The dense
+network is differentiated with respect to its parameters and to the looked-up
+embedding vectors, never the tables: the tables get a sparse update of the
+rows the batch touched.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from dlrm_jax import parallel
+from dlrm_jax import state as state_lib
+from dlrm_jax.config import ConfigError, ModelSpec, validate_training
+from dlrm_jax.embedding import EmbeddingCollection, Tables, make_sparse_optimizer
+from dlrm_jax.embedding.planner import Plan, PlanError, parse_overrides, plan_tables
+from dlrm_jax.embedding.sharded import ShardedEmbedding
+from dlrm_jax.model import abstract_model, init_params
+from dlrm_jax.optim import lr_schedule, make_dense_optimizer, make_loss
+from dlrm_jax.state import TrainState
+
+
+class Task:
+  """A model, its sharded embedding tables and optimisers, with jitted steps.
+
+  Holds only static things (architecture, mesh, sharding plan, graph
+  definition, optimiser definitions); all state lives in `TrainState`.
+  """
+
+  def __init__(self, config, spec: ModelSpec | None = None):
+    validate_training(config)
+    self.config = config
+    self.spec = spec or ModelSpec.from_config(config)
+    self.collection = EmbeddingCollection.uniform(
+        self.spec.table_rows, self.spec.embedding_dim, config.embedding_pooling)
+    self.mesh, self.axes = parallel.make_mesh(config)
+    self.plan = make_plan(config, self.collection, self.mesh.shape[self.axes.shard])
+    self.embedding = ShardedEmbedding(self.collection, self.plan, self.mesh, self.axes)
+    self.schedule = lr_schedule(config)
+    self.tx = make_dense_optimizer(config)
+    self.sparse_opt = make_sparse_optimizer(config.embedding_optimizer)
+    self.loss = make_loss(config)
+    self.graphdef, abstract_params = nnx.split(abstract_model(self.spec))
+    self.batch_sharding = NamedSharding(self.mesh, self.embedding.batch_spec)
+    self.state_shapes = state_lib.state_shapes(abstract_params, self.embedding, self.tx,
+                                               self.sparse_opt)
+    self.state_shardings = state_lib.state_shardings(self.state_shapes, self.embedding)
+    self._train_step_jit = jax.jit(self._train_step, donate_argnums=(0,),
+                                   in_shardings=(self.state_shardings, None),
+                                   out_shardings=(self.state_shardings, None))
+    self._predict_jit = jax.jit(self._predict)
+    self._train_step_in_step = parallel.CompiledInStep(self._train_step_jit, "train step")
+    self._predict_in_step = parallel.CompiledInStep(self._predict_jit, "predict")
+    # One program for all optimiser-state initialisers (eagerly, XLA:CPU would
+    # compile each of their ops separately), created where they will live.
+    self._init_opt_states = jax.jit(
+        lambda p, t: (self.tx.init(p), self.embedding.init_optimizer(self.sparse_opt, t)),
+        out_shardings=(self.state_shardings.opt_state, self.state_shardings.emb_opt_state))
+
+  def lower_train_step(self, state: TrainState, batch) -> jax.stages.Lowered:
+    """The train step lowered for `state` and a device batch (to compile it, read its HLO)."""
+    return self._train_step_jit.lower(state, batch)
+
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the train state (restore targets), nothing allocated."""
+    return state_lib.abstract_state(self.state_shapes, self.state_shardings)
+
+  def init_state(self, seed: int) -> TrainState:
+    """Fresh parameters (reference initialisation) and optimiser states.
+
+    Tables are created shard by shard on their devices, never whole on one.
+    """
+    params = init_params(self.spec, seed)
+    tables = jax.jit(self.embedding.init, out_shardings=self.state_shardings.tables)(
+        jnp.uint32(seed))
+    return self.state_from(params, tables)
+
+  def state_from(self, params: nnx.State, tables: Tables) -> TrainState:
+    """A step-0 train state around given dense parameters and (sharded) tables."""
+    params = jax.device_put(params, self.state_shardings.params)
+    opt_state, emb_opt_state = self._init_opt_states(params, tables)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), self.state_shardings.step),
+                      params=params, opt_state=opt_state, tables=tables,
+                      emb_opt_state=emb_opt_state)
+
+  def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    """One jitted step (`state` is donated); `batch` is a host or device batch."""
+    return self._train_step_in_step(state, self.device_batch(batch))
+
+  def predict(self, params: nnx.State, tables: Tables, batch) -> jax.Array:
+    """Click probabilities [B] of a host or device batch."""
+    return self._predict_in_step(params, tables, self.device_batch(batch))
+
+  def device_batch(self, batch) -> dict[str, jax.Array]:
+    """A host batch (global, or this process's rows of it) as arrays split over the mesh."""
+    return parallel.global_batch(parallel.local_rows(batch, self.batch_sharding),
+                                 self.batch_sharding)
+
+  def logits(self, params: nnx.State, tables: Tables, batch) -> jax.Array:
+    emb = self.embedding.embed(tables, batch)
+    return nnx.merge(self.graphdef, params)(batch["dense"], emb)
+
+  def _predict(self, params: nnx.State, tables: Tables, batch) -> jax.Array:
+    return jax.nn.sigmoid(self.logits(params, tables, batch))
+
+  def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
+    # Each device gathers the rows it owns; the loss is differentiated with
+    # respect to those looked-up vectors (where they live), never the tables.
+    lookups = self.embedding.lookup(state.tables, batch)
+
+    def loss_fn(params, vectors):
+      emb = self.embedding.exchange(self.embedding.with_vectors(lookups, vectors))
+      logits = nnx.merge(self.graphdef, params)(batch["dense"], emb)
+      return self.loss(logits, batch["label"])
+
+    loss, (g_params, g_vectors) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
+        state.params, self.embedding.differentiable_part(lookups))
+    lr = self.schedule(state.step)
+    updates, opt_state = self.tx.update(g_params, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
+    tables, emb_opt_state = self.embedding.update(
+        self.sparse_opt, state.tables, state.emb_opt_state, lookups, g_vectors, lr, state.step)
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           tables=tables, emb_opt_state=emb_opt_state)
+    return new_state, {"loss": loss, "lr": lr}
+
+
+def make_plan(config, collection: EmbeddingCollection, num_shards: int) -> Plan:
+  """The sharding plan for the config's tables over `num_shards` devices."""
+  sharding = config.get("sharding")
+  budget_mb = float(sharding.memory_budget_mb) if sharding else 0.0
+  budget = int(budget_mb * 2**20) if budget_mb > 0 else device_memory_budget()
+  hotness = int(config.data.get("hotness", 1))
+  try:
+    return plan_tables(
+        collection.specs, num_shards, batch_size=int(config.mini_batch_size),
+        lookups=hotness, optimizer=config.embedding_optimizer, memory_budget=budget,
+        min_column_width=int(sharding.min_column_width) if sharding else 32,
+        overrides=parse_overrides(sharding.overrides if sharding else ""))
+  except PlanError as e:
+    raise ConfigError(str(e)) from None
+
+
+def device_memory_budget() -> int | None:
+  """90% of a device's memory when the backend reports it (GPU, TPU); None on CPU."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  return int(0.9 * limit) if limit else None
