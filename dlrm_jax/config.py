@@ -2,16 +2,15 @@
 
 Configs are `ml_collections.ConfigDict`s (see `configs/`). Their architecture
 fields keep the names of the reference implementation's command-line flags
-(`--arch-mlp-bot` becomes `arch_mlp_bot`), and this module turns them into a
-validated, immutable `ModelSpec` with errors that name the offending value.
+(`--arch-mlp-bot` becomes `arch_mlp_bot`); `dlrm_jax.model.ModelSpec` turns them
+into a validated, immutable spec. Errors name the offending value. This module
+imports no JAX (the Criteo preprocessing workers import it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
-INTERACTION_OPS = ("dot", "cat")
 LOSS_FUNCTIONS = ("bce", "mse", "wbce")
 
 
@@ -48,85 +47,6 @@ def parse_floats(name: str, value: str | Sequence[float]) -> tuple[float, ...]:
     except ValueError:
       raise ConfigError(f"{name}={value!r} is not a dash-separated list of numbers") from None
   return tuple(float(p) for p in value)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  """The DLRM architecture, validated.
-
-  Attributes:
-    num_dense: number of dense input features (13 for Criteo).
-    embedding_dim: D, the width of every embedding vector.
-    bottom: bottom-MLP widths, input first (first == num_dense, last == D).
-    top: top-MLP output widths (last == 1); its input width is derived.
-    table_rows: rows of each embedding table, one table per categorical feature.
-    interaction: "dot" or "cat".
-    interaction_itself: for "dot", keep the diagonal (self dot products) too.
-  """
-
-  num_dense: int
-  embedding_dim: int
-  bottom: tuple[int, ...]
-  top: tuple[int, ...]
-  table_rows: tuple[int, ...]
-  interaction: str = "dot"
-  interaction_itself: bool = False
-
-  def __post_init__(self):
-    if self.embedding_dim <= 0:
-      raise ConfigError(f"arch_sparse_feature_size={self.embedding_dim} must be >= 1")
-    if len(self.bottom) < 2:
-      raise ConfigError(
-          f"arch_mlp_bot={_dash(self.bottom)} needs at least an input and an output width")
-    if self.bottom[0] != self.num_dense:
-      raise ConfigError(
-          f"arch_mlp_bot={_dash(self.bottom)} starts with {self.bottom[0]}, but there are "
-          f"{self.num_dense} dense features: its first width must be the number of dense features")
-    if self.bottom[-1] != self.embedding_dim:
-      raise ConfigError(
-          f"arch_mlp_bot={_dash(self.bottom)} ends with {self.bottom[-1]}, but "
-          f"arch_sparse_feature_size={self.embedding_dim}: the bottom MLP's output is interacted "
-          "with the embedding vectors, so its last width must equal the embedding dim")
-    if self.top[-1] != 1:
-      raise ConfigError(
-          f"arch_mlp_top={_dash(self.top)} ends with {self.top[-1]}: the top MLP outputs one "
-          "click logit, so its last width must be 1")
-    if not self.table_rows:
-      raise ConfigError("arch_embedding_size is empty: give at least one table size")
-    if self.interaction not in INTERACTION_OPS:
-      raise ConfigError(
-          f"arch_interaction_op={self.interaction!r} is not one of {INTERACTION_OPS}")
-
-  @property
-  def num_tables(self) -> int:
-    return len(self.table_rows)
-
-  @property
-  def interaction_width(self) -> int:
-    """Width of the interaction output, i.e. the top MLP's input width."""
-    d, f = self.embedding_dim, self.num_tables
-    if self.interaction == "cat":
-      return (f + 1) * d
-    n = f + 1
-    pairs = n * (n + 1) // 2 if self.interaction_itself else n * (n - 1) // 2
-    return d + pairs
-
-  @classmethod
-  def from_config(cls, config) -> "ModelSpec":
-    """Builds the spec from a config with the reference's `arch_*` knobs."""
-    return cls(
-        num_dense=int(config.data.num_dense_features),
-        embedding_dim=int(config.arch_sparse_feature_size),
-        bottom=parse_widths("arch_mlp_bot", config.arch_mlp_bot),
-        top=parse_widths("arch_mlp_top", config.arch_mlp_top),
-        table_rows=parse_widths("arch_embedding_size", config.arch_embedding_size),
-        interaction=str(config.arch_interaction_op),
-        interaction_itself=bool(config.arch_interaction_itself),
-    )
-
-
-def _dash(widths: Sequence[int]) -> str:
-  return "-".join(str(w) for w in widths)
 
 
 def validate_training(config) -> None:
@@ -187,6 +107,9 @@ def _model_and_training_fields(c) -> None:
   c.dense_optimizer = "sgd"  # sgd | adagrad | adam (optax).
   # Sparse update of the touched rows only: sgd | rowwise_adagrad | adagrad | adam (lazy).
   c.embedding_optimizer = "sgd"
+  # Its hyper-parameters, e.g. "eps=1e-8,initial_accumulator_value=0.1" or "b1=0.9,b2=0.999"
+  # (the fields of its class in dlrm_jax/embedding/optimizers.py); "": its defaults.
+  c.embedding_optimizer_args = ""
   c.lr_num_warmup_steps = 0
   c.lr_decay_start_step = 0
   c.lr_num_decay_steps = 0  # 0: no decay.

@@ -12,14 +12,16 @@ trained there load here and give the same predictions.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dlrm_jax.config import ModelSpec
+from dlrm_jax.config import ConfigError, parse_widths
 from dlrm_jax.ops import take_static
 
 
@@ -113,19 +115,131 @@ def cat_interaction(x: jax.Array, emb: jax.Array) -> jax.Array:
   return jnp.concatenate([x, emb.reshape(emb.shape[0], -1)], axis=1)
 
 
+class DotInteraction(nnx.Module):
+  """`dot_interaction` as a module (no parameters)."""
+
+  def __init__(self, itself: bool):
+    self.itself = itself
+
+  def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+    return dot_interaction(x, emb, self.itself)
+
+
+class CatInteraction(nnx.Module):
+  """`cat_interaction` as a module (no parameters)."""
+
+  def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+    return cat_interaction(x, emb)
+
+
+def _dot_width(spec: "ModelSpec") -> int:
+  n = spec.num_tables + 1
+  pairs = n * (n + 1) // 2 if spec.interaction_itself else n * (n - 1) // 2
+  return spec.embedding_dim + pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class Interaction:
+  """An interaction of the bottom MLP's output x [B, D] with the embedding vectors
+  emb [B, F, D]: `make(spec, rngs)` builds its module (called as module(x, emb)),
+  `width(spec)` is its output width (the top MLP's input width)."""
+
+  make: Callable[["ModelSpec", nnx.Rngs], nnx.Module]
+  width: Callable[["ModelSpec"], int]
+
+
+# arch_interaction_op -> its interaction. A new one is an entry here (and its test).
+INTERACTIONS: dict[str, Interaction] = {
+    "dot": Interaction(make=lambda spec, rngs: DotInteraction(spec.interaction_itself),
+                       width=_dot_width),
+    "cat": Interaction(make=lambda spec, rngs: CatInteraction(),
+                       width=lambda spec: (spec.num_tables + 1) * spec.embedding_dim),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """The DLRM architecture, validated.
+
+  Attributes:
+    num_dense: number of dense input features (13 for Criteo).
+    embedding_dim: D, the width of every embedding vector.
+    bottom: bottom-MLP widths, input first (first == num_dense, last == D).
+    top: top-MLP output widths (last == 1); its input width is derived.
+    table_rows: rows of each embedding table, one table per categorical feature.
+    interaction: a name in INTERACTIONS ("dot", "cat").
+    interaction_itself: for "dot", keep the diagonal (self dot products) too.
+  """
+
+  num_dense: int
+  embedding_dim: int
+  bottom: tuple[int, ...]
+  top: tuple[int, ...]
+  table_rows: tuple[int, ...]
+  interaction: str = "dot"
+  interaction_itself: bool = False
+
+  def __post_init__(self):
+    if self.embedding_dim <= 0:
+      raise ConfigError(f"arch_sparse_feature_size={self.embedding_dim} must be >= 1")
+    if len(self.bottom) < 2:
+      raise ConfigError(
+          f"arch_mlp_bot={_dash(self.bottom)} needs at least an input and an output width")
+    if self.bottom[0] != self.num_dense:
+      raise ConfigError(
+          f"arch_mlp_bot={_dash(self.bottom)} starts with {self.bottom[0]}, but there are "
+          f"{self.num_dense} dense features: its first width must be the number of dense features")
+    if self.bottom[-1] != self.embedding_dim:
+      raise ConfigError(
+          f"arch_mlp_bot={_dash(self.bottom)} ends with {self.bottom[-1]}, but "
+          f"arch_sparse_feature_size={self.embedding_dim}: the bottom MLP's output is interacted "
+          "with the embedding vectors, so its last width must equal the embedding dim")
+    if self.top[-1] != 1:
+      raise ConfigError(
+          f"arch_mlp_top={_dash(self.top)} ends with {self.top[-1]}: the top MLP outputs one "
+          "click logit, so its last width must be 1")
+    if not self.table_rows:
+      raise ConfigError("arch_embedding_size is empty: give at least one table size")
+    if self.interaction not in INTERACTIONS:
+      raise ConfigError(
+          f"arch_interaction_op={self.interaction!r} is not one of {tuple(INTERACTIONS)}")
+
+  @property
+  def num_tables(self) -> int:
+    return len(self.table_rows)
+
+  @property
+  def interaction_width(self) -> int:
+    """Width of the interaction output, i.e. the top MLP's input width."""
+    return INTERACTIONS[self.interaction].width(self)
+
+  @classmethod
+  def from_config(cls, config) -> "ModelSpec":
+    """Builds the spec from a config with the reference's `arch_*` knobs."""
+    return cls(
+        num_dense=int(config.data.num_dense_features),
+        embedding_dim=int(config.arch_sparse_feature_size),
+        bottom=parse_widths("arch_mlp_bot", config.arch_mlp_bot),
+        top=parse_widths("arch_mlp_top", config.arch_mlp_top),
+        table_rows=parse_widths("arch_embedding_size", config.arch_embedding_size),
+        interaction=str(config.arch_interaction_op),
+        interaction_itself=bool(config.arch_interaction_itself),
+    )
+
+
+def _dash(widths: Sequence[int]) -> str:
+  return "-".join(str(w) for w in widths)
+
+
 class DLRM(nnx.Module):
   """Bottom MLP, interaction with the embedding vectors, top MLP; returns logits."""
 
   def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
     self.spec = spec
     self.bottom = MLP(spec.bottom, relu_last=True, rngs=rngs)
+    self.interaction = INTERACTIONS[spec.interaction].make(spec, rngs)
     self.top = MLP((spec.interaction_width,) + spec.top, relu_last=False, rngs=rngs)
 
   def __call__(self, dense: jax.Array, emb: jax.Array) -> jax.Array:
     """dense [B, num_dense], emb [B, F, D] -> click logits [B]."""
-    x = self.bottom(dense)
-    if self.spec.interaction == "dot":
-      z = dot_interaction(x, emb, self.spec.interaction_itself)
-    else:
-      z = cat_interaction(x, emb)
-    return self.top(z)[:, 0]
+    return self.top(self.interaction(self.bottom(dense), emb))[:, 0]

@@ -16,9 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dlrm_jax.config import ModelSpec
 from dlrm_jax.embedding import EmbeddingCollection, Tables
-from dlrm_jax.model import abstract_model
+from dlrm_jax.model import ModelSpec, abstract_model
 
 _MLPS = (("bottom", "bot_l"), ("top", "top_l"))
 

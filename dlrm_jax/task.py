@@ -16,11 +16,11 @@ from jax.sharding import NamedSharding
 
 from dlrm_jax import parallel
 from dlrm_jax import state as state_lib
-from dlrm_jax.config import ConfigError, ModelSpec, validate_training
+from dlrm_jax.config import ConfigError, validate_training
 from dlrm_jax.embedding import EmbeddingCollection, Tables, make_sparse_optimizer
 from dlrm_jax.embedding.planner import Plan, PlanError, parse_overrides, plan_tables
 from dlrm_jax.embedding.sharded import ShardedEmbedding
-from dlrm_jax.model import abstract_model, init_params
+from dlrm_jax.model import ModelSpec, abstract_model, init_params
 from dlrm_jax.optim import lr_schedule, make_dense_optimizer, make_loss
 from dlrm_jax.state import TrainState
 
@@ -43,7 +43,8 @@ class Task:
     self.embedding = ShardedEmbedding(self.collection, self.plan, self.mesh, self.axes)
     self.schedule = lr_schedule(config)
     self.tx = make_dense_optimizer(config)
-    self.sparse_opt = make_sparse_optimizer(config.embedding_optimizer)
+    self.sparse_opt = make_sparse_optimizer(config.embedding_optimizer,
+                                            config.get("embedding_optimizer_args", ""))
     self.loss = make_loss(config)
     self.graphdef, abstract_params = nnx.split(abstract_model(self.spec))
     self.batch_sharding = NamedSharding(self.mesh, self.embedding.batch_spec)
@@ -111,20 +112,22 @@ class Task:
   def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     # Each device gathers the rows it owns; the loss is differentiated with
     # respect to those looked-up vectors (where they live), never the tables.
-    lookups = self.embedding.lookup(state.tables, batch)
+    forward = self.embedding.forward(state.tables, batch)
 
     def loss_fn(params, vectors):
-      emb = self.embedding.exchange(self.embedding.with_vectors(lookups, vectors))
-      logits = nnx.merge(self.graphdef, params)(batch["dense"], emb)
-      return self.loss(logits, batch["label"])
+      emb = forward.embed(vectors)
+      with jax.named_scope("dense"):
+        logits = nnx.merge(self.graphdef, params)(batch["dense"], emb)
+        return self.loss(logits, batch["label"])
 
     loss, (g_params, g_vectors) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
-        state.params, self.embedding.differentiable_part(lookups))
+        state.params, forward.vectors)
     lr = self.schedule(state.step)
-    updates, opt_state = self.tx.update(g_params, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
-    tables, emb_opt_state = self.embedding.update(
-        self.sparse_opt, state.tables, state.emb_opt_state, lookups, g_vectors, lr, state.step)
+    with jax.named_scope("dense update"):
+      updates, opt_state = self.tx.update(g_params, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
+    tables, emb_opt_state = forward.apply_gradients(
+        self.sparse_opt, state.tables, state.emb_opt_state, g_vectors, lr, state.step)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            tables=tables, emb_opt_state=emb_opt_state)
     return new_state, {"loss": loss, "lr": lr}

@@ -3,7 +3,8 @@
 import pytest
 
 from conftest import load_config
-from dlrm_jax.config import ConfigError, ModelSpec, parse_widths, validate_training
+from dlrm_jax.config import ConfigError, parse_widths, validate_training
+from dlrm_jax.model import ModelSpec
 
 
 def _spec(**overrides):

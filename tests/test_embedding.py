@@ -259,3 +259,23 @@ def test_bag_sgd_step_equals_dense_optax_sgd():
   for got, want in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(ref_params),
                        strict=True):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+
+
+def test_optimizer_hyper_parameters_come_from_the_config():
+  from dlrm_jax.config import ConfigError
+  from dlrm_jax.embedding import SparseLazyAdam, SparseRowWiseAdagrad
+
+  opt = make_sparse_optimizer("rowwise_adagrad", "eps=0.001, initial_accumulator_value=0.5")
+  assert opt == SparseRowWiseAdagrad(eps=1e-3, initial_accumulator_value=0.5)
+  assert make_sparse_optimizer("adam", {"b1": 0.8}) == SparseLazyAdam(b1=0.8)
+  with pytest.raises(ConfigError, match=r"adam has no \['eps2'\]; .*'b1', 'b2', 'eps'"):
+    make_sparse_optimizer("adam", "eps2=1")
+  with pytest.raises(ConfigError, match="'b1' is not NAME=NUMBER"):
+    make_sparse_optimizer("adam", "b1")
+  with pytest.raises(ConfigError, match="embedding_optimizer='foo' is not one of"):
+    make_sparse_optimizer("foo")
+  c = load_config("tiny")
+  c.embedding_optimizer = "rowwise_adagrad"
+  c.embedding_optimizer_args = "initial_accumulator_value=0.25"
+  state = Task(c).init_state(0)
+  np.testing.assert_array_equal(np.asarray(state.emb_opt_state["table_wise"]["accumulator"]), 0.25)

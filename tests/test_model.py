@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dlrm_jax.config import ModelSpec
-from dlrm_jax.model import abstract_model, cat_interaction, dot_interaction, init_params
+from dlrm_jax.model import (ModelSpec, abstract_model, cat_interaction, dot_interaction,
+                            init_params)
 from dlrm_jax.ops import take_static
 
 

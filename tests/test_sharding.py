@@ -295,3 +295,35 @@ def test_train_and_evaluate_on_1_and_8_devices_agree(tmp_path):
   for a, b in zip(one, eight, strict=True):
     for key in ("auc", "logloss", "accuracy", "train_loss"):
       assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+
+
+def test_the_backend_kernel_serves_every_layout(monkeypatch):
+  """The local lookup registered for the backend (`kernels.KERNELS`) does every gather,
+  pooling and sparse update of all four layouts, and a kernel that computes as the
+  portable one gives the portable result."""
+  from dlrm_jax.embedding import kernels
+
+  calls = []
+
+  class Recording(kernels.PortableLookup):
+    def gather(self, table, rows):
+      calls.append("gather")
+      return super().gather(table, rows)
+
+    def pool(self, vectors, scale):
+      calls.append("pool")
+      return super().pool(vectors, scale)
+
+    def update(self, *args, **kwargs):
+      calls.append("update")
+      return super().update(*args, **kwargs)
+
+  assert isinstance(kernels.local_lookup("cpu"), kernels.PortableLookup)
+  assert isinstance(kernels.local_lookup("a_backend_without_one"), kernels.PortableLookup)
+  monkeypatch.setitem(kernels.KERNELS, "cpu", Recording())
+  got = _train(_config(8, MIXED))
+  assert len(got["task"].embedding.groups) == 4
+  assert all(isinstance(g.kernel, Recording) for g in got["task"].embedding.groups.values())
+  # Each layout traced once per program: gathers and pools (train step, predict), updates.
+  assert calls.count("update") == 4 and calls.count("gather") >= 8 and calls.count("pool") >= 8
+  _assert_same(got, _reference("sgd", 1))

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from dlrm_jax.config import ConfigError, ModelSpec
+from typing import TYPE_CHECKING
+
+from dlrm_jax.config import ConfigError
 from dlrm_jax.data.synthetic import Batch, RandomData, SyntheticCTR, hashed_uniform
+
+if TYPE_CHECKING:
+  from dlrm_jax.model import ModelSpec
 
 DATA_KINDS = ("synthetic_ctr", "random", "criteo_kaggle", "criteo_terabyte")
 CRITEO_KINDS = {"criteo_kaggle": "kaggle", "criteo_terabyte": "terabyte"}
@@ -49,7 +54,7 @@ def configure_data(config):
   return new
 
 
-def make_data(config, spec: ModelSpec):
+def make_data(config, spec: "ModelSpec"):
   """The batch generator that `config.data.kind` names, sized for `spec`."""
   data = config.data
   kind = data.kind
@@ -77,7 +82,7 @@ def make_data(config, spec: ModelSpec):
   raise ConfigError(f"data.kind={kind!r} is not one of {DATA_KINDS}")
 
 
-def _make_criteo(config, spec: ModelSpec):
+def _make_criteo(config, spec: "ModelSpec"):
   from dlrm_jax.data.format import FormatError, read_metadata
   from dlrm_jax.data.loader import CriteoData
 

@@ -27,10 +27,12 @@ gather would hold for that row:
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 
+from dlrm_jax.config import ConfigError
 from dlrm_jax.embedding.collection import Tables
 
 
@@ -192,8 +194,31 @@ SPARSE_OPTIMIZERS = {
 }
 
 
-def make_sparse_optimizer(name: str):
-  """The sparse optimiser called `name` in configs (`embedding_optimizer`)."""
+def make_sparse_optimizer(name: str, args: str | Mapping[str, float] = ""):
+  """The sparse optimiser called `name` in configs (`embedding_optimizer`), with its
+  hyper-parameters from `args` ("eps=1e-7,initial_accumulator_value=0.1": the fields
+  its dataclass declares; the others keep their defaults)."""
   if name not in SPARSE_OPTIMIZERS:
-    raise ValueError(f"embedding_optimizer={name!r} is not one of {sorted(SPARSE_OPTIMIZERS)}")
-  return SPARSE_OPTIMIZERS[name]()
+    raise ConfigError(f"embedding_optimizer={name!r} is not one of {sorted(SPARSE_OPTIMIZERS)}")
+  cls = SPARSE_OPTIMIZERS[name]
+  fields = [f.name for f in dataclasses.fields(cls)]
+  values = parse_args("embedding_optimizer_args", args) if isinstance(args, str) else dict(args)
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise ConfigError(f"embedding_optimizer_args={args!r}: {name} has no {unknown}; its "
+                      f"hyper-parameters are {fields or 'none'}")
+  return cls(**{k: float(v) for k, v in values.items()})
+
+
+def parse_args(field: str, text: str) -> dict[str, float]:
+  """"a=1,b=2e-3" -> {"a": 1.0, "b": 0.002}; a ConfigError naming `field` otherwise."""
+  out = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    key, sep, value = part.partition("=")
+    try:
+      out[key.strip()] = float(value)
+    except ValueError:
+      sep = ""
+    if not sep or not key.strip():
+      raise ConfigError(f"{field}={text!r}: {part!r} is not NAME=NUMBER") from None
+  return out

@@ -44,6 +44,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dlrm_jax.embedding.collection import EmbeddingCollection, Tables
+from dlrm_jax.embedding.kernels import LocalLookup, PortableLookup, local_lookup
 from dlrm_jax.embedding.planner import (COLUMN_WISE, REPLICATED, ROW_WISE, SHARDING_TYPES,
                                         TABLE_WISE, Plan)
 from dlrm_jax.ops import take_static
@@ -59,8 +60,9 @@ class _Layout:
   kind: str
 
   def __init__(self, collection: EmbeddingCollection, features: Sequence[int], n: int,
-               axes: MeshAxes):
+               axes: MeshAxes, kernel: LocalLookup | None = None):
     self.collection, self.features, self.n, self.axes = collection, tuple(features), n, axes
+    self.kernel = kernel or PortableLookup()
     self.dim = collection.dim
     self.rows = np.array([collection.rows[t] for t in self.features], np.int64)
 
@@ -97,9 +99,7 @@ class _Layout:
     if self.axes.replica is not None:  # every replica group applies every group's updates
       rows = jax.lax.all_gather(rows, self.axes.replica, tiled=True)
       grads = jax.lax.all_gather(grads, self.axes.replica, tiled=True)
-    tables, state = opt.update({"stacked": table}, state, rows, grads, lr, step,
-                               **self._update_kwargs())
-    return tables["stacked"], state
+    return self.kernel.update(opt, table, state, rows, grads, lr, step, **self._update_kwargs())
 
   def _update_kwargs(self) -> dict:
     return {}
@@ -109,20 +109,13 @@ class _Layout:
     return jnp.asarray(np.asarray(values, np.int32))[None, :, None]
 
 
-def _pool(vectors: jax.Array, scale: jax.Array | None) -> jax.Array:
-  """[..., H, D] vectors with [..., H] scales (None: one id, weight 1) -> [..., D]."""
-  if scale is None:
-    return vectors[..., 0, :]
-  return jnp.einsum("...h,...hd->...d", scale, vectors)
-
-
 class _TableWise(_Layout):
   """Whole tables on single devices; ids and vectors move with all-to-alls."""
 
   kind = TABLE_WISE
 
-  def __init__(self, collection, features, n, axes, owners: Sequence[int]):
-    super().__init__(collection, features, n, axes)
+  def __init__(self, collection, features, n, axes, owners: Sequence[int], kernel=None):
+    super().__init__(collection, features, n, axes, kernel)
     slots = [[g for g, o in enumerate(owners) if o == d] for d in range(n)]
     self.slots_per_device = max(1, max(len(s) for s in slots))
     fmax = self.slots_per_device
@@ -178,13 +171,13 @@ class _TableWise(_Layout):
     d = jax.lax.axis_index(self.axes.shard)
     offset = jnp.asarray(self.local_offset.astype(np.int32))[d][None, None, :, None]
     rows = jnp.where(received >= 0, received + offset, table.shape[0])
-    out = {"vectors": jnp.take(table, rows, axis=0, mode="clip"), "rows": rows}
+    out = {"vectors": self.kernel.gather(table, rows), "rows": rows}
     if scale is not None:
       out["scale"] = self._to_owners(scale, 0.0)
     return out
 
   def exchange(self, lookup):
-    pooled = _pool(lookup["vectors"], lookup.get("scale"))  # [source, b, slot, D]
+    pooled = self.kernel.pool(lookup["vectors"], lookup.get("scale"))  # [source, b, slot, D]
     back = jax.lax.all_to_all(pooled, self.axes.shard, 0, 0, tiled=True)  # [owner, b, slot, D]
     b = back.shape[1]
     flat = back.transpose(1, 0, 2, 3).reshape(b, self.n * self.slots_per_device, self.dim)
@@ -196,8 +189,8 @@ class _RowWise(_Layout):
 
   kind = ROW_WISE
 
-  def __init__(self, collection, features, n, axes):
-    super().__init__(collection, features, n, axes)
+  def __init__(self, collection, features, n, axes, kernel=None):
+    super().__init__(collection, features, n, axes, kernel)
     self.block = -(-self.rows // n)  # rows of each table per device
     self.local_offset = np.concatenate([[0], np.cumsum(self.block)[:-1]])
     self.rows_per_device = int(self.block.sum())
@@ -230,18 +223,18 @@ class _RowWise(_Layout):
       scale = mine.astype(table.dtype)
     else:
       scale = jnp.where(mine, jax.lax.all_gather(scale, self.axes.shard, tiled=True), 0.0)
-    return {"vectors": jnp.take(table, rows, axis=0, mode="clip"), "rows": rows, "scale": scale}
+    return {"vectors": self.kernel.gather(table, rows), "rows": rows, "scale": scale}
 
   def exchange(self, lookup):
-    partial = _pool(lookup["vectors"], lookup["scale"])  # my rows' share, [B_group, F_g, D]
+    partial = self.kernel.pool(lookup["vectors"], lookup["scale"])  # [B_group, F_g, D], mine
     return jax.lax.psum_scatter(partial, self.axes.shard, scatter_dimension=0, tiled=True)
 
 
 class _WholeTables(_Layout):
   """Tables stacked whole, one after another (split on columns, or replicated)."""
 
-  def __init__(self, collection, features, n, axes):
-    super().__init__(collection, features, n, axes)
+  def __init__(self, collection, features, n, axes, kernel=None):
+    super().__init__(collection, features, n, axes, kernel)
     self.offset = np.concatenate([[0], np.cumsum(self.rows)[:-1]])
     self.shape = (int(self.rows.sum()), self.dim)
 
@@ -265,8 +258,8 @@ class _ColumnWise(_WholeTables):
 
   kind = COLUMN_WISE
 
-  def __init__(self, collection, features, n, axes):
-    super().__init__(collection, features, n, axes)
+  def __init__(self, collection, features, n, axes, kernel=None):
+    super().__init__(collection, features, n, axes, kernel)
     if self.dim % n:
       raise ValueError(f"column_wise needs the dim ({self.dim}) to be a multiple of {n}")
     self.spec = P(None, axes.shard)
@@ -278,13 +271,13 @@ class _ColumnWise(_WholeTables):
 
   def route(self, table, ids, scale):
     rows = self._rows(jax.lax.all_gather(ids, self.axes.shard, tiled=True))
-    out = {"vectors": jnp.take(table, rows, axis=0, mode="clip"), "rows": rows}
+    out = {"vectors": self.kernel.gather(table, rows), "rows": rows}
     if scale is not None:
       out["scale"] = jax.lax.all_gather(scale, self.axes.shard, tiled=True)
     return out
 
   def exchange(self, lookup):
-    pooled = _pool(lookup["vectors"], lookup.get("scale"))  # [B_group, F_g, D / n]
+    pooled = self.kernel.pool(lookup["vectors"], lookup.get("scale"))  # [B_group, F_g, D / n]
     return jax.lax.all_to_all(pooled, self.axes.shard, 0, 2, tiled=True)  # [b, F_g, D]
 
   def _update_kwargs(self):
@@ -296,19 +289,19 @@ class _Replicated(_WholeTables):
 
   kind = REPLICATED
 
-  def __init__(self, collection, features, n, axes):
-    super().__init__(collection, features, n, axes)
+  def __init__(self, collection, features, n, axes, kernel=None):
+    super().__init__(collection, features, n, axes, kernel)
     self.spec = P(None, None)
 
   def route(self, table, ids, scale):
     rows = self._rows(ids)
-    out = {"vectors": jnp.take(table, rows, axis=0, mode="clip"), "rows": rows}
+    out = {"vectors": self.kernel.gather(table, rows), "rows": rows}
     if scale is not None:
       out["scale"] = scale
     return out
 
   def exchange(self, lookup):
-    return _pool(lookup["vectors"], lookup.get("scale"))
+    return self.kernel.pool(lookup["vectors"], lookup.get("scale"))
 
   def update(self, opt, table, state, lookup, grads, lr, step):
     n_rows = table.shape[0]
@@ -319,12 +312,11 @@ class _Replicated(_WholeTables):
     dense = jax.lax.psum(dense, self.axes.batch)
     touched = jax.lax.psum(touched, self.axes.batch)
     all_rows = jnp.where(touched > 0, jnp.arange(n_rows, dtype=rows.dtype), n_rows)
-    tables, state = opt.update({"stacked": table}, state, all_rows, dense, lr, step)
-    return tables["stacked"], state
+    return self.kernel.update(opt, table, state, all_rows, dense, lr, step)
 
 
-def plan_groups(collection: EmbeddingCollection, plan: Plan,
-                axes: MeshAxes = MeshAxes()) -> dict[str, _Layout]:
+def plan_groups(collection: EmbeddingCollection, plan: Plan, axes: MeshAxes = MeshAxes(),
+                kernel: LocalLookup | None = None) -> dict[str, _Layout]:
   """The stacked layout of each sharding type of `plan`; needs no mesh (checkpoints
   re-lay out saved tables of another plan with it, on the host)."""
   n = plan.num_shards
@@ -335,10 +327,10 @@ def plan_groups(collection: EmbeddingCollection, plan: Plan,
       continue
     if kind == TABLE_WISE:
       owners = [plan.placements[t].device for t in features]
-      groups[kind] = _TableWise(collection, features, n, axes, owners)
+      groups[kind] = _TableWise(collection, features, n, axes, owners, kernel)
     else:
       cls = {ROW_WISE: _RowWise, COLUMN_WISE: _ColumnWise, REPLICATED: _Replicated}[kind]
-      groups[kind] = cls(collection, features, n, axes)
+      groups[kind] = cls(collection, features, n, axes, kernel)
   return groups
 
 
@@ -375,14 +367,16 @@ class ShardedEmbedding:
   """A collection's tables laid out over a mesh by a plan, with sharded lookups and updates.
 
   The tables pytree maps sharding type -> stacked array; `init`, `from_arrays`
-  and `to_arrays` convert between it and per-table arrays, and the three
-  per-step programs are `lookup` (route), `exchange` and `update` (see the
-  module docstring). With one device and an all-table-wise plan the layout
-  is exactly `EmbeddingCollection`'s stacked array.
+  and `to_arrays` convert between it and per-table arrays. A train step calls
+  `forward` once: its `Forward` holds the looked-up vectors to differentiate
+  with respect to, `embed` (the exchange, differentiable) and `apply_gradients`
+  (the sparse update). The per-device gathers, pooling and updates are the
+  `kernel`'s (`dlrm_jax.embedding.kernels`). With one device and an
+  all-table-wise plan the layout is exactly `EmbeddingCollection`'s stacked array.
   """
 
   def __init__(self, collection: EmbeddingCollection, plan: Plan, mesh: Mesh,
-               axes: MeshAxes = MeshAxes()):
+               axes: MeshAxes = MeshAxes(), kernel: LocalLookup | None = None):
     if len(plan.placements) != collection.num_tables:
       raise ValueError(f"the plan places {len(plan.placements)} tables, the collection has "
                        f"{collection.num_tables}")
@@ -392,7 +386,8 @@ class ShardedEmbedding:
                        f"{axes.shard!r} axis has {n}")
     self.collection, self.plan, self.mesh, self.axes = collection, plan, mesh, axes
     self.specs = collection.specs
-    self.groups: dict[str, _Layout] = plan_groups(collection, plan, axes)
+    self.kernel = kernel or local_lookup(mesh.devices.flat[0].platform)
+    self.groups: dict[str, _Layout] = plan_groups(collection, plan, axes, self.kernel)
     order = [t for g in self.groups.values() for t in g.features]
     self._feature_order = np.argsort(np.array(order))  # group-concatenated -> table order
 
@@ -515,12 +510,11 @@ class ShardedEmbedding:
     """Lookup and exchange: the pooled embedding of every feature, [B, F, D]."""
     return self.exchange(self.lookup(tables, batch))
 
-  def differentiable_part(self, lookups: Lookups) -> dict[str, jax.Array]:
-    """The leaves of `lookups` that `exchange` is differentiated with respect to."""
-    return {k: v["vectors"] for k, v in lookups.items()}
-
-  def with_vectors(self, lookups: Lookups, vectors: dict[str, jax.Array]) -> Lookups:
-    return {k: {**v, "vectors": vectors[k]} for k, v in lookups.items()}
+  def forward(self, tables: Tables, batch) -> "Forward":
+    """Step 1 now (each device gathers the rows it owns), steps 2 and 3 as functions."""
+    with jax.named_scope("lookup"):
+      lookups = self.lookup(tables, batch)
+    return Forward(self, lookups)
 
   def update(self, opt, tables: Tables, state, lookups: Lookups,
              grads: dict[str, jax.Array], lr, step) -> tuple[Tables, dict]:
@@ -548,6 +542,27 @@ class ShardedEmbedding:
 
   def _table_specs(self) -> dict[str, P]:
     return {k: g.spec for k, g in self.groups.items()}
+
+
+class Forward:
+  """A batch's lookup: the vectors the loss is differentiated with respect to (where
+  they live, on their rows' devices), and the two steps that follow."""
+
+  def __init__(self, embedding: ShardedEmbedding, lookups: Lookups):
+    self._embedding, self._lookups = embedding, lookups
+    self.vectors: dict[str, jax.Array] = {k: v["vectors"] for k, v in lookups.items()}
+
+  def embed(self, vectors: dict[str, jax.Array]) -> jax.Array:
+    """Step 2 (differentiable): `vectors` pooled and sent to their samples -> [B, F, D]."""
+    with jax.named_scope("exchange"):
+      return self._embedding.exchange(
+          {k: {**v, "vectors": vectors[k]} for k, v in self._lookups.items()})
+
+  def apply_gradients(self, opt, tables: Tables, state, grads: dict[str, jax.Array], lr,
+                      step) -> tuple[Tables, dict]:
+    """Step 3: `opt` applied to the touched rows with the gradients of `vectors`."""
+    with jax.named_scope("sparse update"):
+      return self._embedding.update(opt, tables, state, self._lookups, grads, lr, step)
 
 
 def _local_shape(g: _Layout) -> tuple[int, int]:
