@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dlrm_jax.config import parse_floats
+from dlrm_jax.config import ConfigError, parse_floats
 
 
 def lr_schedule(config) -> Callable[[jax.Array], jax.Array]:
@@ -82,7 +82,7 @@ def make_dense_optimizer(config) -> optax.GradientTransformation:
     return optax.chain(scale_by_adagrad(eps=1e-10), optax.scale(-1.0))
   if name == "adam":
     return optax.adam(1.0)
-  raise ValueError(f"dense_optimizer={name!r} is not one of ['adagrad', 'adam', 'sgd']")
+  raise ConfigError(f"dense_optimizer={name!r} is not one of ('sgd', 'adagrad', 'adam')")
 
 
 def make_loss(config) -> Callable[[jax.Array, jax.Array], jax.Array]:
@@ -100,4 +100,4 @@ def make_loss(config) -> Callable[[jax.Array, jax.Array], jax.Array]:
       return jnp.mean(weights * optax.sigmoid_binary_cross_entropy(logits, labels))
 
     return wbce
-  raise ValueError(f"loss_function={name!r} is not one of ['bce', 'mse', 'wbce']")
+  raise ConfigError(f"loss_function={name!r} is not one of ('bce', 'mse', 'wbce')")

@@ -27,6 +27,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from dlrm_jax.config import ConfigError
 
+CPU_COLLECTIVES = ("gloo", "mpi")  # distributed.cpu_collectives: JAX's CPU implementations
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshAxes:
@@ -60,8 +62,11 @@ def initialize_distributed(config) -> None:
     kwargs["process_id"] = int(dist.process_id)
   # Collectives between processes' CPU devices (a setting of the CPU backend only;
   # asking which backend is the default would start it too early).
-  jax.config.update("jax_cpu_collectives_implementation",
-                    (dist.cpu_collectives if dist else "") or "gloo")
+  collectives = (dist.cpu_collectives if dist else "") or "gloo"
+  if collectives not in CPU_COLLECTIVES:
+    raise ConfigError(f"distributed.cpu_collectives={collectives!r} is not one of "
+                      f"{CPU_COLLECTIVES}")
+  jax.config.update("jax_cpu_collectives_implementation", collectives)
   jax.distributed.initialize(**kwargs)
   # Gloo gives processes 30 s to meet when a group of devices first
   # communicates; set up the groups used most (all devices, and one device per

@@ -18,6 +18,7 @@ from dlrm_jax import parallel
 from dlrm_jax import state as state_lib
 from dlrm_jax.config import ConfigError, validate_training
 from dlrm_jax.embedding import EmbeddingCollection, Tables, make_sparse_optimizer
+from dlrm_jax.embedding.collection import POOLINGS
 from dlrm_jax.embedding.planner import Plan, PlanError, parse_overrides, plan_tables
 from dlrm_jax.embedding.sharded import ShardedEmbedding
 from dlrm_jax.model import ModelSpec, abstract_model, init_params
@@ -34,6 +35,8 @@ class Task:
 
   def __init__(self, config, spec: ModelSpec | None = None):
     validate_training(config)
+    if config.embedding_pooling not in POOLINGS:
+      raise ConfigError(f"embedding_pooling={config.embedding_pooling!r} is not one of {POOLINGS}")
     self.config = config
     self.spec = spec or ModelSpec.from_config(config)
     self.collection = EmbeddingCollection.uniform(

@@ -84,3 +84,62 @@ def test_criteo_configs_say_how_to_get_data(tmp_path):
     configure_data(c)
   with pytest.raises(ConfigError, match="python -m dlrm_jax.data.criteo prepare"):
     make_data(c, ModelSpec.from_config(c))
+
+
+# Every field with a fixed set of choices, a bad value for it, and the choices the error
+# must list. Each is refused with a ConfigError before anything is compiled or trained.
+CHOICE_FIELDS = [
+    ("arch_interaction_op", ("dot", "cat")),
+    ("loss_function", ("bce", "mse", "wbce")),
+    ("dense_optimizer", ("sgd", "adagrad", "adam")),
+    ("embedding_optimizer", ("sgd", "rowwise_adagrad", "adagrad", "adam")),
+    ("embedding_pooling", ("sum", "mean")),
+    ("mesh.axis_types", ("explicit", "auto")),
+    ("data.kind", ("synthetic_ctr", "random", "criteo_kaggle", "criteo_terabyte")),
+]
+
+
+def _set(config, field, value):
+  *parents, name = field.split(".")
+  for p in parents:
+    config = config[p]
+  setattr(config, name, value)
+
+
+@pytest.mark.parametrize("field,choices", CHOICE_FIELDS, ids=[f for f, _ in CHOICE_FIELDS])
+def test_every_choice_field_refuses_a_bad_value(field, choices, tmp_path):
+  from dlrm_jax import trainer
+
+  c = load_config("tiny")
+  _set(c, field, "foo")
+  with pytest.raises(ConfigError) as e:
+    trainer.train_and_evaluate(c, str(tmp_path))
+  message = str(e.value)
+  assert f"{field.split('.')[-1]}='foo'" in message, message
+  assert all(repr(choice) in message for choice in choices), message
+
+
+def test_the_cpu_collectives_of_a_multi_process_run_are_checked():
+  from dlrm_jax import parallel
+
+  c = load_config("tiny")
+  c.distributed.coordinator_address = "localhost:1"
+  c.distributed.cpu_collectives = "foo"
+  with pytest.raises(ConfigError, match=r"distributed.cpu_collectives='foo' is not one of "
+                                        r"\('gloo', 'mpi'\)"):
+    parallel.initialize_distributed(c)
+
+
+def test_the_command_line_reports_a_bad_choice_without_a_traceback(tmp_path):
+  import subprocess
+  import sys
+
+  from conftest import REPO
+
+  proc = subprocess.run(
+      [sys.executable, f"{REPO}/train.py", f"--config={REPO}/configs/tiny.py",
+       f"--workdir={tmp_path}", "--config.dense_optimizer=foo"],
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode != 0
+  assert "dense_optimizer='foo' is not one of" in proc.stderr
+  assert "Traceback" not in proc.stderr

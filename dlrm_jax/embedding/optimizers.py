@@ -199,7 +199,7 @@ def make_sparse_optimizer(name: str, args: str | Mapping[str, float] = ""):
   hyper-parameters from `args` ("eps=1e-7,initial_accumulator_value=0.1": the fields
   its dataclass declares; the others keep their defaults)."""
   if name not in SPARSE_OPTIMIZERS:
-    raise ConfigError(f"embedding_optimizer={name!r} is not one of {sorted(SPARSE_OPTIMIZERS)}")
+    raise ConfigError(f"embedding_optimizer={name!r} is not one of {tuple(SPARSE_OPTIMIZERS)}")
   cls = SPARSE_OPTIMIZERS[name]
   fields = [f.name for f in dataclasses.fields(cls)]
   values = parse_args("embedding_optimizer_args", args) if isinstance(args, str) else dict(args)

@@ -218,7 +218,7 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
   if num_shards < 1:
     raise PlanError(f"num_shards={num_shards} must be >= 1")
   if optimizer not in SPARSE_OPTIMIZERS:
-    raise PlanError(f"unknown embedding optimizer {optimizer!r}")
+    raise PlanError(f"embedding_optimizer={optimizer!r} is not one of {tuple(SPARSE_OPTIMIZERS)}")
   hot = [float(lookups)] * len(specs) if isinstance(lookups, (int, float)) else list(lookups)
   if len(hot) != len(specs):
     raise PlanError(f"got {len(hot)} lookup counts for {len(specs)} tables")
