@@ -168,7 +168,7 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
   multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_s * 1000)
 
 
-class CompiledInStep:
+class CompileThenMeet:
   """A jitted function whose processes start each new program together.
 
   In a multi-process run, each process compiles a program on its own, and a
@@ -193,7 +193,7 @@ class CompiledInStep:
     return self.jitted(*args)
 
 
-def fetch(x: jax.Array) -> np.ndarray:
+def gather_to_host(x: jax.Array) -> np.ndarray:
   """The whole value of a (possibly multi-process) global array, on every process."""
   if x.is_fully_addressable:
     return np.asarray(jax.device_get(x))

@@ -92,7 +92,7 @@ def score(model: Model, batches: Iterator[dict], batch_size: int) -> np.ndarray:
     padded = {k: _pad(np.asarray(v), batch_size) for k, v in batch.items() if k != "label"}
     model.task.collection.check_ids(padded["sparse"], padded.get("sparse_mask"))
     probs = model.task.predict(model.params, model.tables, padded)
-    out.append(parallel.fetch(probs)[:n])
+    out.append(parallel.gather_to_host(probs)[:n])
   return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
@@ -173,7 +173,7 @@ def export(model: Model, directory: str, *, platforms: Sequence[str] | None = No
   """
   task = model.task
   leaves, treedef = jax.tree.flatten(model.params)
-  leaves = [np.asarray(parallel.fetch(x)) for x in leaves]
+  leaves = [np.asarray(parallel.gather_to_host(x)) for x in leaves]
   tables = task.embedding.to_arrays(model.tables)
   graphdef, collection = task.graphdef, task.collection
 

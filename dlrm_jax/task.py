@@ -58,8 +58,8 @@ class Task:
                                    in_shardings=(self.state_shardings, None),
                                    out_shardings=(self.state_shardings, None))
     self._predict_jit = jax.jit(self._predict)
-    self._train_step_in_step = parallel.CompiledInStep(self._train_step_jit, "train step")
-    self._predict_in_step = parallel.CompiledInStep(self._predict_jit, "predict")
+    self._train_step_met = parallel.CompileThenMeet(self._train_step_jit, "train step")
+    self._predict_met = parallel.CompileThenMeet(self._predict_jit, "predict")
     # One program for all optimiser-state initialisers (eagerly, XLA:CPU would
     # compile each of their ops separately), created where they will live.
     self._init_opt_states = jax.jit(
@@ -94,11 +94,11 @@ class Task:
 
   def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     """One jitted step (`state` is donated); `batch` is a host or device batch."""
-    return self._train_step_in_step(state, self.device_batch(batch))
+    return self._train_step_met(state, self.device_batch(batch))
 
   def predict(self, params: nnx.State, tables: Tables, batch) -> jax.Array:
     """Click probabilities [B] of a host or device batch."""
-    return self._predict_in_step(params, tables, self.device_batch(batch))
+    return self._predict_met(params, tables, self.device_batch(batch))
 
   def device_batch(self, batch) -> dict[str, jax.Array]:
     """A host batch (global, or this process's rows of it) as arrays split over the mesh."""

@@ -34,9 +34,10 @@ def evaluate(task: Task, state: TrainState, batches) -> dict[str, float]:
   """AUC, log loss and accuracy over an iterable of batches."""
   labels, probs = [], []
   for batch in batches:
-    probs.append(parallel.fetch(task.predict(state.params, state.tables, batch)))
+    probs.append(parallel.gather_to_host(task.predict(state.params, state.tables, batch)))
     label = batch["label"]  # a host batch, or global arrays already placed
-    labels.append(parallel.fetch(label) if isinstance(label, jax.Array) else np.asarray(label))
+    labels.append(parallel.gather_to_host(label) if isinstance(label, jax.Array)
+                  else np.asarray(label))
   return metrics_lib.evaluate(np.concatenate(labels), np.concatenate(probs))
 
 
@@ -65,9 +66,9 @@ class Run:
   data: DataSource
   eval_batches: list
   teacher_auc: float | None
-  lead: bool  # process 0: logs, metrics and the progress bar
+  is_lead: bool  # process 0: logs, metrics and the progress bar
   show_progress: bool
-  say: Callable[[str], None]
+  log: Callable[[str], None]  # process 0's messages; a no-op elsewhere
   checkpointer: checkpoint_lib.Checkpointer | None
   num_steps: int
   test_freq: int
@@ -84,10 +85,10 @@ class Progress:
 
   state: TrainState
   start: int  # the step this run started from (a restored checkpoint's, or 0)
-  done: int  # steps done
+  steps_done: int
   records: list[dict]
   losses: list  # the unfinished evaluation interval's losses (device scalars)
-  checked: int = 0  # losses[:checked] are known to be finite
+  losses_checked: int = 0  # losses[:losses_checked] are known to be finite
   finished: bool = False  # the restored checkpoint ended its run
   data_position: dict | None = None
   compile_seconds: float = 0.0
@@ -130,18 +131,18 @@ def set_up(config, workdir: str, progress: bool | None,
       raise ConfigError(f"{name}={config[name]} must be a multiple of the number of devices "
                         f"in the mesh ({devices}): each device takes an equal slice")
   data = make_data(config, task.spec)
-  lead = jax.process_index() == 0
-  say = log if log is not None and lead else (lambda _: None)
-  say(task.plan.describe())
+  is_lead = jax.process_index() == 0
+  log = log if log is not None and is_lead else (lambda _: None)
+  log(task.plan.describe())
   os.makedirs(workdir, exist_ok=True)
   eval_batches, teacher_auc = evaluation_set(config, task, data)
-  checkpointer = make_checkpointer(config, workdir, say)
+  checkpointer = make_checkpointer(config, workdir, log)
   num_steps = int(config.num_batches)
   return Run(
       config=config, workdir=workdir, task=task, data=data, eval_batches=eval_batches,
-      teacher_auc=teacher_auc, lead=lead,
-      show_progress=(progress if progress is not None else bool(config.progress_bar)) and lead,
-      say=say, checkpointer=checkpointer, num_steps=num_steps,
+      teacher_auc=teacher_auc, is_lead=is_lead,
+      show_progress=is_lead and (progress if progress is not None else bool(config.progress_bar)),
+      log=log, checkpointer=checkpointer, num_steps=num_steps,
       test_freq=int(config.test_freq) or num_steps,
       save_every=int(config.checkpoint.every_steps) if checkpointer is not None else 0)
 
@@ -161,13 +162,13 @@ def evaluation_set(config, task: Task, data: DataSource) -> tuple[list, float | 
 
 
 def make_checkpointer(config, workdir: str,
-                      say: Callable[[str], None]) -> checkpoint_lib.Checkpointer | None:
+                      log: Callable[[str], None]) -> checkpoint_lib.Checkpointer | None:
   ckpt = config.get("checkpoint")
   if ckpt is None or not bool(ckpt.enabled):
     return None
   return checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=int(ckpt.max_to_keep),
-      keep_best=bool(ckpt.keep_best), async_save=bool(ckpt.async_save), log=say)
+      keep_best=bool(ckpt.keep_best), async_save=bool(ckpt.async_save), log=log)
 
 
 def resume_or_start(run: Run) -> Progress:
@@ -177,26 +178,28 @@ def resume_or_start(run: Run) -> Progress:
   seed = int(config.seed)
   restored = None
   if ckpt is not None and not bool(config.checkpoint.resume) and ckpt.steps():
-    run.say(f"checkpoint.resume=False: deleting the checkpoints of steps {ckpt.steps()} "
+    run.log(f"checkpoint.resume=False: deleting the checkpoints of steps {ckpt.steps()} "
             f"in {ckpt.directory}")
     ckpt.delete_all()
   if ckpt is not None and bool(config.checkpoint.resume):
     restored = ckpt.restore(run.task, config, partial=bool(config.checkpoint.restore_partial),
                             fresh=lambda: run.task.init_state(seed))
   if restored is None:
-    prog = Progress(state=run.task.init_state(seed), start=0, done=0, records=[], losses=[])
+    prog = Progress(state=run.task.init_state(seed), start=0, steps_done=0, records=[], losses=[])
   else:
     c = restored.contents
     # The unfinished interval's losses, so that its mean is the uninterrupted run's.
     losses = [np.float32(x) for x in c.interval_losses]
-    prog = Progress(state=restored.state, start=restored.step, done=restored.step,
-                    records=[dict(r) for r in c.records], losses=losses, checked=len(losses),
+    prog = Progress(state=restored.state, start=restored.step,
+                    steps_done=restored.step,
+                    records=[dict(r) for r in c.records], losses=losses,
+                    losses_checked=len(losses),
                     finished=c.finished, data_position=c.data or None)
-    run.say(f"resuming from step {prog.start} ({ckpt.directory}/{prog.start})"
+    run.log(f"resuming from step {prog.start} ({ckpt.directory}/{prog.start})"
             + (" with only the parts that match the config" if restored.partial else ""))
   if prog.finished or prog.start >= run.num_steps:
-    run.say(f"the checkpoint at step {prog.start} is the end of this run: nothing to train")
-  if run.lead:
+    run.log(f"the checkpoint at step {prog.start} is the end of this run: nothing to train")
+  if run.is_lead:
     with open(run.metrics_path, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in prog.records)
   return prog
@@ -223,14 +226,14 @@ def train_loop(run: Run, prog: Progress, stream: BatchStream) -> None:
   batches = prefetch(host_batches(run, stream), size=2)
   bar = tqdm(total=run.num_steps, initial=prog.start, disable=not run.show_progress,
              unit="step", dynamic_ncols=True, mininterval=0.5, desc="train")
-  last = prog.done if prog.finished else run.num_steps
+  last = prog.steps_done if prog.finished else run.num_steps
   try:
-    with open(run.metrics_path if run.lead else os.devnull, "a") as metrics_file:
-      while prog.done < last:
+    with open(run.metrics_path if run.is_lead else os.devnull, "a") as metrics_file:
+      while prog.steps_done < last:
         out = take_step(run, prog, next(batches))
         bar.update(1)
         check_losses(run, prog, len(prog.losses) - 1)  # the previous step's: done by now
-        evaluated, stop, record = is_eval_step(run, prog.done), False, None
+        evaluated, stop, record = is_eval_step(run, prog.steps_done), False, None
         if evaluated:
           record = evaluate_interval(run, prog, out["lr"])
           metrics_file.write(json.dumps(record) + "\n")
@@ -238,9 +241,9 @@ def train_loop(run: Run, prog: Progress, stream: BatchStream) -> None:
           bar.set_postfix(loss=f"{record['train_loss']:.4f}", auc=f"{record['auc']:.4f}",
                           ex_s=f"{record['examples_per_sec']:,.0f}")
           stop = 0 < float(run.config.target_auc) <= record["auc"]
-        if run.checkpointer is not None and is_save_step(run, prog.done, evaluated, stop):
+        if run.checkpointer is not None and is_save_step(run, prog.steps_done, evaluated, stop):
           save(run, prog, stream, None if record is None else {"auc": record["auc"]},
-               finished=prog.done == run.num_steps or stop)
+               finished=prog.steps_done == run.num_steps or stop)
         if stop:
           break
         if evaluated:
@@ -260,7 +263,7 @@ def host_batches(run: Run, stream: BatchStream) -> Iterator[Batch]:
 def take_step(run: Run, prog: Progress, host_batch: Batch) -> dict:
   """One train step; the first of a run is timed as the compile."""
   batch = parallel.global_batch(host_batch, run.task.batch_sharding)
-  first = prog.done == prog.start
+  first = prog.steps_done == prog.start
   t = time.perf_counter()
   prog.state, out = run.task.train_step(prog.state, batch)
   if first:
@@ -270,18 +273,18 @@ def take_step(run: Run, prog: Progress, host_batch: Batch) -> dict:
   else:
     prog.interval_steps += 1
   prog.losses.append(out["loss"])
-  prog.done += 1
+  prog.steps_done += 1
   return out
 
 
-def is_eval_step(run: Run, done: int) -> bool:
-  return done % run.test_freq == 0 or done == run.num_steps
+def is_eval_step(run: Run, steps_done: int) -> bool:
+  return steps_done % run.test_freq == 0 or steps_done == run.num_steps
 
 
-def is_save_step(run: Run, done: int, evaluated: bool, stop: bool) -> bool:
+def is_save_step(run: Run, steps_done: int, evaluated: bool, stop: bool) -> bool:
   """At the end, at a stop, and every `save_every` steps (0: at every evaluation)."""
   every = run.save_every
-  return (done == run.num_steps or stop or (every > 0 and done % every == 0)
+  return (steps_done == run.num_steps or stop or (every > 0 and steps_done % every == 0)
           or (every <= 0 and evaluated))
 
 
@@ -293,45 +296,45 @@ def evaluate_interval(run: Run, prog: Progress, lr: jax.Array) -> dict:
   prog.train_seconds += elapsed
   examples_per_sec = prog.interval_steps * int(run.config.mini_batch_size) / max(elapsed, 1e-9)
   result = evaluate(run.task, prog.state, run.eval_batches)
-  record = {"step": prog.done, **result, "train_loss": mean_loss,
+  record = {"step": prog.steps_done, **result, "train_loss": mean_loss,
             "examples_per_sec": examples_per_sec, "lr": float(lr)}
   if run.teacher_auc is not None:
     record["teacher_auc"] = run.teacher_auc
   prog.records.append(record)
-  prog.losses, prog.interval_steps, prog.checked = [], 0, 0
+  prog.losses, prog.interval_steps, prog.losses_checked = [], 0, 0
   return record
 
 
 def check_losses(run: Run, prog: Progress, upto: int) -> None:
-  """Stops on a NaN or infinite loss among losses[checked:upto], naming its step."""
-  if upto <= prog.checked:
+  """Stops on a NaN or infinite loss among losses[losses_checked:upto], naming its step."""
+  if upto <= prog.losses_checked:
     return
-  values = np.asarray(jax.device_get(prog.losses[prog.checked:upto]), np.float32)
+  values = np.asarray(jax.device_get(prog.losses[prog.losses_checked:upto]), np.float32)
   bad = np.flatnonzero(~np.isfinite(values))
   if bad.size:
-    bad_step = prog.done - len(prog.losses) + prog.checked + int(bad[0]) + 1
-    kept = None
+    bad_step = prog.steps_done - len(prog.losses) + prog.losses_checked + int(bad[0]) + 1
+    last_good = None
     if run.checkpointer is not None:
       run.checkpointer.wait()
-      kept = run.checkpointer.latest_step()
+      last_good = run.checkpointer.latest_step()
     raise NonFiniteLossError(
         f"the training loss is {values[bad[0]]} at step {bad_step}: training stopped. "
-        + (f"The last good checkpoint is step {kept} in {run.checkpointer.directory}; "
-           if kept is not None else "No checkpoint was saved before it; ")
+        + (f"The last good checkpoint is step {last_good} in {run.checkpointer.directory}; "
+           if last_good is not None else "No checkpoint was saved before it; ")
         + "lower the learning rate or check the data, then rerun (a rerun resumes from it).")
-  prog.checked = upto
+  prog.losses_checked = upto
 
 
 def save(run: Run, prog: Progress, stream: BatchStream, metrics: dict | None,
          finished: bool) -> None:
-  """Checkpoints the state after `prog.done` steps (asynchronously)."""
+  """Checkpoints the state after `prog.steps_done` steps (asynchronously)."""
   check_losses(run, prog, len(prog.losses))
   contents = checkpoint_lib.Contents(
       config=json.loads(run.config.to_json()), plan=run.task.plan,
       mesh={"shape": dict(run.task.mesh.shape), "processes": jax.process_count()},
-      data=stream.state_at(prog.done), records=prog.records,
+      data=stream.state_at(prog.steps_done), records=prog.records,
       interval_losses=[float(x) for x in jax.device_get(prog.losses)], finished=finished)
-  run.checkpointer.save(prog.done, prog.state, contents, metrics)
+  run.checkpointer.save(prog.steps_done, prog.state, contents, metrics)
 
 
 # The summary --------------------------------------------------------------------------

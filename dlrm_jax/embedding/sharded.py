@@ -48,7 +48,7 @@ from dlrm_jax.embedding.kernels import LocalLookup, PortableLookup, local_lookup
 from dlrm_jax.embedding.planner import (COLUMN_WISE, REPLICATED, ROW_WISE, SHARDING_TYPES,
                                         TABLE_WISE, Plan)
 from dlrm_jax.ops import take_static
-from dlrm_jax.parallel import MeshAxes, fetch
+from dlrm_jax.parallel import MeshAxes, gather_to_host
 
 Lookups = dict[str, dict[str, jax.Array]]
 
@@ -434,7 +434,7 @@ class ShardedEmbedding:
 
   def to_arrays(self, tables: Tables) -> list[np.ndarray]:
     """The sharded layout -> one host array per table."""
-    return unstack_rows(self.groups, {kind: fetch(tables[kind]) for kind in self.groups})
+    return unstack_rows(self.groups, {kind: gather_to_host(tables[kind]) for kind in self.groups})
 
   def relayout(self, collection: EmbeddingCollection, plan: Plan, tables: dict,
                slots: dict, target_slots: dict) -> tuple[Tables, dict]:
