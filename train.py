@@ -10,7 +10,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dlrm_jax import host
+from dlrm_jax import hugepages
 from dlrm_jax.config import ConfigError
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -76,5 +76,5 @@ def _is_lead() -> bool:
 
 
 if __name__ == "__main__":
-  host.use_huge_pages()  # re-executes with glibc's malloc on huge pages (dlrm_jax/host.py)
+  hugepages.use_huge_pages()  # re-executes with glibc's malloc on huge pages
   app.run(main)

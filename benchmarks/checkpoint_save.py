@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """How long a checkpoint save blocks the training loop, and its size on disk.
 
-The reference's Kaggle-shaped model (D=16, bottom 13-512-256-64-16, top
-512-256-1, dot interaction) at 26 x ROWS rows, batch 2048, random data, on
-one device. It trains a few steps, then saves the train state
-(`dlrm_jax.checkpoint.Checkpointer`, asynchronous Orbax) every few steps
-while training goes on, and reports per save:
+The model of configs/criteo_kaggle.py (the reference's Kaggle shape) at
+26 x ROWS rows, batch 2048, random data, on one device. It trains a few
+steps, then saves the train state (`dlrm_jax.checkpoint.Checkpointer`,
+asynchronous Orbax) every few steps while training goes on, and reports per
+save:
 
   blocked   time the save call held the loop (the copy of the state to host
             memory; the write goes on in a background thread)
@@ -28,13 +28,10 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from common import random_batches, random_data_config
 
 
 def dir_bytes(path: str) -> int:
@@ -55,9 +52,8 @@ def main() -> None:
   import jax
   from dlrm_jax import checkpoint
   from dlrm_jax.task import Task
-  from embedding_scaling import kaggle_config, random_batches
 
-  config = kaggle_config(args.rows, args.batch, 0.1, args.optimizer)
+  config = random_data_config(args.rows, args.batch, 0.1, args.optimizer)
   task = Task(config)
   state = task.init_state(0)
   batches = random_batches(task, args.batch, 4)

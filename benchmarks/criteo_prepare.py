@@ -60,6 +60,8 @@ import time
 
 import numpy as np
 
+from common import load_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE_SCRIPT = os.path.join(ROOT, "benchmarks", "criteo_reference.py")
 # Context only, never divided into this run's rates: another day, and the reference's own code.
@@ -331,19 +333,14 @@ def bench_loader(path: str, batch: int, epochs: int) -> dict:
 
 
 def bench_train_step(path: str, batch: int, steps: int) -> float:
-  """Rows/s of the Kaggle-shaped model's train step on batches from the prepared directory."""
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  """Rows/s of configs/criteo_kaggle.py's train step on batches from the prepared directory."""
   import jax
 
-  from configs.criteo_kaggle import get_config
   from dlrm_jax.task import Task
   from dlrm_jax.data import configure_data
   from dlrm_jax.data.loader import CriteoData
 
-  c = get_config()
-  c.data.path = path
-  c.mini_batch_size = batch
-  c = configure_data(c)
+  c = configure_data(load_config("criteo_kaggle", mini_batch_size=batch, data={"path": path}))
   task = Task(c)
   state = task.init_state(0)
   data = CriteoData(path, batch, seed=0)

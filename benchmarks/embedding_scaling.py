@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Train-step time and peak memory against table size: sparse vs dense gradients.
 
-The reference's Kaggle-shaped model (D=16, bottom 13-512-256-64-16, top
-512-256-1, dot interaction, 26 tables, one id per feature, SGD), batch 2048,
-random data (uniform ids, as the TorchRec baseline in
-../shared/bench/torchrec_dlrm_cpu.py uses), at 26 x ROWS rows for each ROWS.
+The model of configs/criteo_kaggle.py (the reference's Kaggle shape: 26
+tables, one id per feature, SGD), batch 2048, random data (uniform ids, as
+the TorchRec baseline in ../shared/bench/torchrec_dlrm_cpu.py uses), at
+26 x ROWS rows for each ROWS.
 
 Paths:
   sparse: dlrm_jax's train step (gradients with respect to the looked-up
@@ -20,11 +20,12 @@ that a shared machine's swings do not skew (no per-run peak memory then).
   python benchmarks/embedding_scaling.py --rows 100000,1000000,4000000 --paths sparse,dense
   python benchmarks/embedding_scaling.py --rows 100000,1000000,4000000 --paths sparse --interleave
 
-`--dim`, `--bottom` and `--top` change the model's shape (e.g. the MLPerf-shaped
-config c of torchrec_side_by_side.py). `--huge-pages on` backs the tables with
-2 MiB transparent huge pages after initialisation (Linux; `both` with
---interleave runs each size with and without), as
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1 does for every allocation from the start.
+`--dim`, `--bottom` and `--top` change the model's shape (e.g. to that of
+configs/criteo_terabyte.py, as config c of torchrec_side_by_side.py does).
+`--huge-pages on` backs the tables with 2 MiB transparent huge pages after
+initialisation (Linux; `both` with --interleave runs each size with and
+without), as GLIBC_TUNABLES=glibc.malloc.hugetlb=1 does for every allocation
+from the start.
 """
 
 from __future__ import annotations
@@ -40,34 +41,8 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def kaggle_config(rows: int, batch: int, lr: float, optimizer: str, dim: int = 16,
-                  bottom: str = "13-512-256-64-16", top: str = "512-256-1", devices: int = 1):
-  from dlrm_jax.config import base_config
-
-  c = base_config()
-  c.arch_sparse_feature_size = dim
-  c.arch_mlp_bot = bottom
-  c.arch_mlp_top = top
-  c.arch_embedding_size = "-".join([str(rows)] * 26)
-  c.mini_batch_size = batch
-  c.learning_rate = lr
-  c.embedding_optimizer = optimizer
-  c.data.kind = "random"
-  c.mesh.num_devices = devices
-  return c
-
-
-def random_batches(task, batch: int, pool: int, seed: int = 1):
-  from dlrm_jax.data import RandomData
-
-  gen = RandomData(task.spec.table_rows, task.spec.num_dense, batch, seed)
-  batches = [gen.batch(i) for i in range(pool)]
-  for b in batches:
-    task.collection.check_ids(b["sparse"])
-  return [task.device_batch(b) for b in batches]
+from common import (REPO, add_shape_arguments, random_batches, random_data_config, take_turns,
+                    turn_row)
 
 
 def advise_huge_pages(tree) -> int:
@@ -95,15 +70,15 @@ def advise_huge_pages(tree) -> int:
 
 
 def make_step(rows: int, path: str, batch: int, pool: int, lr: float, optimizer: str,
-              dim: int = 16, bottom: str = "13-512-256-64-16", top: str = "512-256-1",
-              huge_pages: bool = False):
+              dim: int, bottom: str, top: str, huge_pages: bool = False):
   """(step_fn, state, batches, task, init_s) of one (rows, path) run."""
   import jax
   import optax
 
   from dlrm_jax.task import Task
 
-  task = Task(kaggle_config(rows, batch, lr, optimizer, dim, bottom, top))
+  task = Task(random_data_config(rows, batch, lr, optimizer, arch_sparse_feature_size=dim,
+                                 arch_mlp_bot=bottom, arch_mlp_top=top))
   t = time.perf_counter()
   state = task.init_state(0)
   jax.block_until_ready(state)
@@ -139,8 +114,7 @@ def make_step(rows: int, path: str, batch: int, pool: int, lr: float, optimizer:
 
 
 def run_one(rows: int, path: str, batch: int, warmup: int, steps: int, pool: int, lr: float,
-            optimizer: str, dim: int = 16, bottom: str = "13-512-256-64-16",
-            top: str = "512-256-1", huge_pages: bool = False) -> dict:
+            optimizer: str, dim: int, bottom: str, top: str, huge_pages: bool = False) -> dict:
   import jax
 
   step_fn, state, batches, task, init_s = make_step(rows, path, batch, pool, lr, optimizer,
@@ -174,49 +148,6 @@ def run_one(rows: int, path: str, batch: int, warmup: int, steps: int, pool: int
   }
 
 
-def take_turns(runs: dict, rounds: int, warmup: int) -> dict:
-  """Times one step of every run per round, in an order rotated every round.
-
-  `runs[name] = [step_fn, state, batches]`; each state is replaced by its
-  step's output and round r feeds batches[r % len(batches)]. Returns
-  {"times": {name: [seconds per counted round]}, "losses": {name: [loss per
-  round]}, "cpu": {name: [user + system CPU seconds per counted round]},
-  "faults": {name: [minor page faults per counted round]}}. Taking turns step by
-  step makes the machine's swings (10x within seconds on a shared VM) fall on
-  every run alike; CPU time and page faults tell work from waiting.
-  """
-  import jax
-
-  names = list(runs)
-  times, losses, cpu, faults = ({n: [] for n in names} for _ in range(4))
-  for r in range(warmup + rounds):
-    for name in names[r % len(names):] + names[:r % len(names)]:
-      step_fn, state, batches = runs[name]
-      u0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-      state, out = step_fn(state, batches[r % len(batches)])
-      jax.block_until_ready(state)
-      dt, u1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
-      runs[name][1] = state
-      if r >= warmup:
-        times[name].append(dt)
-        cpu[name].append(u1.ru_utime + u1.ru_stime - u0.ru_utime - u0.ru_stime)
-        faults[name].append(u1.ru_minflt - u0.ru_minflt)
-      losses[name].append(float(out["loss"]))
-    if r >= warmup:  # as it goes: a run stopped by a time limit still leaves its rounds
-      print(f"round {r - warmup + 1}/{rounds}: " + "  ".join(
-          f"{n}={times[n][-1] * 1e3:,.1f} ms (cpu {cpu[n][-1] * 1e3:,.0f} ms, "
-          f"{faults[n][-1]:,} faults)" for n in names), flush=True)
-  return {"times": times, "losses": losses, "cpu": cpu, "faults": faults}
-
-
-def turn_row(times: list, base: list) -> str:
-  """'median | p10 | time / base (median over rounds)' cells of a results table."""
-  ordered = sorted(times)
-  ratio = statistics.median(x / y for x, y in zip(times, base))
-  return (f"{statistics.median(times) * 1e3:,.1f} ms | {ordered[len(ordered) // 10] * 1e3:,.1f} ms"
-          f" | {ratio:.2f}")
-
-
 def run_interleaved(a) -> None:
   """Every (rows, path, huge pages) in this one process, taking turns step by
   step (`take_turns`); each run's time is also divided by the first run's in
@@ -246,9 +177,9 @@ def run_interleaved(a) -> None:
 
 
 def main():
-  from dlrm_jax import host
+  from dlrm_jax import hugepages
 
-  host.use_huge_pages()  # as train.py runs (dlrm_jax/host.py); DLRM_JAX_HUGE_PAGES=0: without
+  hugepages.use_huge_pages()  # as train.py runs; DLRM_JAX_HUGE_PAGES=0: without
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--rows", default="100000,1000000,4000000")
   ap.add_argument("--paths", default="sparse,dense")
@@ -258,9 +189,7 @@ def main():
   ap.add_argument("--steps", type=int, default=50)
   ap.add_argument("--pool", type=int, default=8, help="distinct random batches")
   ap.add_argument("--lr", type=float, default=0.01)
-  ap.add_argument("--dim", type=int, default=16, help="embedding dimension")
-  ap.add_argument("--bottom", default="13-512-256-64-16", help="bottom MLP (ends at --dim)")
-  ap.add_argument("--top", default="512-256-1", help="top MLP")
+  add_shape_arguments(ap)
   ap.add_argument("--huge-pages", choices=("off", "on", "both"), default="off",
                   help="tables on 2 MiB pages (advise_huge_pages); both: with --interleave")
   ap.add_argument("--repeats", type=int, default=1, help="runs of each (rows, path), alternated")

@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """Sharded train step on 1, 2, 4, 8 devices: step time and bytes per collective.
 
-The reference's Kaggle-shaped model (D=16, bottom 13-512-256-64-16, top
-512-256-1, dot, 26 tables of ROWS rows, or with `--rows kaggle` the 33.8M
-rows of the Kaggle set's tables, one id each, SGD), global batch 2048,
-random data, with the planner's plan for each device count (or
-`--overrides`). Each device count runs in its own process; on a CPU host the
-devices are simulated (XLA_FLAGS=--xla_force_host_platform_device_count=N),
-so they share the host's cores and the step time measures the program's
-overhead, not a speed-up. On a GPU/TPU host, `--real` uses the real devices.
+The model of configs/criteo_kaggle.py (the reference's Kaggle shape: 26
+tables of ROWS rows, or with `--rows kaggle` the config's 33.8M rows of the
+Kaggle set's tables, one id each, SGD), global batch 2048, random data, with
+the planner's plan for each device count (or `--overrides`). Each device
+count runs in its own process; on a CPU host the devices are simulated
+(XLA_FLAGS=--xla_force_host_platform_device_count=N), so they share the
+host's cores and the step time measures the program's overhead, not a
+speed-up. On a GPU/TPU host, `--real` uses the real devices.
 
 For each run it prints the median step time, the plan's traffic estimate and
 the bytes each collective of the compiled step moves per device (read from
@@ -31,8 +31,8 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+from common import REPO, random_batches, random_data_config
+
 COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "collective-permute")
 _BYTES = {"f32": 4, "s32": 4, "u32": 4, "f16": 2, "bf16": 2, "s8": 1, "u8": 1, "pred": 1,
           "f64": 8, "s64": 8, "u64": 8}
@@ -56,20 +56,11 @@ def collective_bytes(hlo: str) -> dict[str, int]:
 def run_one(devices: int, rows: str, batch: int, warmup: int, steps: int, overrides: str) -> dict:
   import jax
 
-  sys.path.insert(0, HERE)
-  from embedding_scaling import kaggle_config, random_batches
-
   from dlrm_jax.task import Task
 
-  every = 1 if rows == "kaggle" else int(rows)
-  config = kaggle_config(every, batch, 0.01, "sgd", devices=devices)
-  if rows == "kaggle":
-    sys.path.insert(0, os.path.join(REPO, "configs"))
-    from criteo_kaggle import KAGGLE_TABLE_ROWS
-
-    config.arch_embedding_size = "-".join(str(r) for r in KAGGLE_TABLE_ROWS)
-  config.sharding.overrides = overrides
-  task = Task(config)
+  # "kaggle": the config's own table sizes, those of the Kaggle set.
+  task = Task(random_data_config(None if rows == "kaggle" else int(rows), batch, 0.01, "sgd",
+                                 devices=devices, sharding={"overrides": overrides}))
   state = task.init_state(0)
   batches = random_batches(task, batch, 4)
   t = time.perf_counter()
@@ -97,9 +88,9 @@ def run_one(devices: int, rows: str, batch: int, warmup: int, steps: int, overri
 
 
 def main():
-  from dlrm_jax import host
+  from dlrm_jax import hugepages
 
-  host.use_huge_pages()  # as train.py runs (dlrm_jax/host.py); DLRM_JAX_HUGE_PAGES=0: without
+  hugepages.use_huge_pages()  # as train.py runs; DLRM_JAX_HUGE_PAGES=0: without
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--devices", default="1,2,4,8")
   ap.add_argument("--rows", default="100000", help="rows of every table, or 'kaggle'")

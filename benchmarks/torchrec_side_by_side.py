@@ -2,15 +2,16 @@
 """dlrm_jax against TorchRec + FBGEMM on this machine's CPU, run alternately.
 
 The three configs of ../shared/bench/torchrec_dlrm_cpu.py (random data, batch
-2048, one id per feature, uniform over rows, SGD):
+2048, one id per feature, uniform over rows, SGD), dlrm_jax's from configs/
+(`CONFIGS`):
 
-  a: dim 16, 26 x 100,000 rows, bottom 13-512-256-64-16, top 512-256-1
-  b: dim 16, 26 x 1,000,000 rows, same MLPs
-  c: dim 128, 26 x 100,000 rows, bottom 13-512-256-128, top 1024-1024-512-256-1
+  a: configs/criteo_kaggle.py's model (dim 16), 26 x 100,000 rows
+  b: the same model, 26 x 1,000,000 rows
+  c: configs/criteo_terabyte.py's model (the MLPerf one, dim 128), 26 x 100,000 rows
 
 Each repeat runs, for every config, dlrm_jax's train step
 (embedding_scaling.py, sparse path, on huge pages as train.py runs it: see
-dlrm_jax/host.py) and then TorchRec's fused FBGEMM path (with
+dlrm_jax/hugepages.py) and then TorchRec's fused FBGEMM path (with
 --torchrec-huge-pages, also with glibc's malloc on huge pages, as dlrm_jax
 runs), each in its own process, so the sides see the same machine state
 within a minute of each other. Prints every run, then the
@@ -32,14 +33,16 @@ import subprocess
 import sys
 import time
 
+from common import REPO, load_config
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
 TORCHREC_SCRIPT = os.path.join(os.path.dirname(REPO), "shared", "bench", "torchrec_dlrm_cpu.py")
 
+# Each config of torchrec_dlrm_cpu.py: the configs/ file of its model and the rows of its tables.
 CONFIGS = {
-    "a": dict(rows=100_000, dim=16, bottom="13-512-256-64-16", top="512-256-1"),
-    "b": dict(rows=1_000_000, dim=16, bottom="13-512-256-64-16", top="512-256-1"),
-    "c": dict(rows=100_000, dim=128, bottom="13-512-256-128", top="1024-1024-512-256-1"),
+    "a": ("criteo_kaggle", 100_000),
+    "b": ("criteo_kaggle", 1_000_000),
+    "c": ("criteo_terabyte", 100_000),
 }
 
 
@@ -54,11 +57,12 @@ def _result(cmd: list[str], env: dict | None = None) -> dict | None:
 
 
 def run_jax(name: str, a) -> dict | None:
-  c = CONFIGS[name]
+  config, rows = CONFIGS[name]
+  c = load_config(config)
   return _result([sys.executable, os.path.join(HERE, "embedding_scaling.py"),
-                  "--_child", str(c["rows"]), "sparse", "--steps", str(a.steps),
-                  "--warmup", str(a.warmup), "--dim", str(c["dim"]), "--bottom", c["bottom"],
-                  "--top", c["top"]])
+                  "--_child", str(rows), "sparse", "--steps", str(a.steps),
+                  "--warmup", str(a.warmup), "--dim", str(c.arch_sparse_feature_size),
+                  "--bottom", c.arch_mlp_bot, "--top", c.arch_mlp_top])
 
 
 def run_torchrec(name: str, a, env: dict | None = None) -> dict | None:
@@ -67,15 +71,15 @@ def run_torchrec(name: str, a, env: dict | None = None) -> dict | None:
 
 
 def run_torchrec_huge_pages(name: str, a) -> dict | None:
-  from dlrm_jax.host import HUGE_PAGE_TUNABLE
+  from dlrm_jax.hugepages import HUGE_PAGE_TUNABLE
 
   return run_torchrec(name, a, {"GLIBC_TUNABLES": HUGE_PAGE_TUNABLE})
 
 
 def main():
-  from dlrm_jax import host
+  from dlrm_jax import hugepages
 
-  host.use_huge_pages()  # dlrm_jax's runs inherit it, as train.py's do
+  hugepages.use_huge_pages()  # dlrm_jax's runs inherit it, as train.py's do
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--configs", default="a,b,c")
   ap.add_argument("--repeats", type=int, default=3)
@@ -86,7 +90,7 @@ def main():
   ap.add_argument("--json", default="", help="append one JSON line per run here")
   ap.add_argument("--torchrec-huge-pages", action="store_true",
                   help="also run TorchRec with glibc's malloc on huge pages, as dlrm_jax runs "
-                       "(GLIBC_TUNABLES=glibc.malloc.hugetlb=1, see dlrm_jax/host.py)")
+                       "(GLIBC_TUNABLES=glibc.malloc.hugetlb=1, see dlrm_jax/hugepages.py)")
   a = ap.parse_args()
   if not os.path.exists(a.torchrec_python):
     sys.exit(f"{a.torchrec_python} not found: set up TorchRec's environment first "

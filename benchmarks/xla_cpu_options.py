@@ -11,8 +11,8 @@ median and fastest-decile (p10) step time are reported, and its time divided
 by the default's in the same round (median over rounds), which cancels what
 the rounds share.
 
-The model is the reference's Kaggle-shaped one (`embedding_scaling.py`;
-`--dim/--bottom/--top` for another shape), one device, random data, SGD.
+The model is configs/criteo_kaggle.py's (`--dim/--bottom/--top` for another
+shape), 26 x ROWS rows, one device, random data, SGD.
 
   python benchmarks/xla_cpu_options.py --rows 100000 --rounds 40
   python benchmarks/xla_cpu_options.py --variants default,fast_compile --rounds 10
@@ -25,9 +25,8 @@ import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
+from common import (add_shape_arguments, random_batches, random_data_config, take_turns,
+                    turn_row)
 
 # Debug options of XLA:CPU (xla/xla.proto) that may change the train step's speed.
 VARIANTS = {
@@ -44,26 +43,24 @@ VARIANTS = {
 
 
 def main():
-  from dlrm_jax import host
+  from dlrm_jax import hugepages
 
-  host.use_huge_pages()  # as train.py runs (dlrm_jax/host.py); DLRM_JAX_HUGE_PAGES=0: without
+  hugepages.use_huge_pages()  # as train.py runs; DLRM_JAX_HUGE_PAGES=0: without
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--variants", default=",".join(VARIANTS))
   ap.add_argument("--rows", type=int, default=100_000, help="rows of each of the 26 tables")
   ap.add_argument("--batch", type=int, default=2048)
   ap.add_argument("--rounds", type=int, default=40)
   ap.add_argument("--warmup", type=int, default=2, help="rounds not counted")
-  ap.add_argument("--dim", type=int, default=16)
-  ap.add_argument("--bottom", default="13-512-256-64-16")
-  ap.add_argument("--top", default="512-256-1")
+  add_shape_arguments(ap)
   a = ap.parse_args()
 
   import jax
 
   from dlrm_jax.task import Task
-  from embedding_scaling import kaggle_config, random_batches, take_turns, turn_row
 
-  task = Task(kaggle_config(a.rows, a.batch, 0.01, "sgd", a.dim, a.bottom, a.top))
+  task = Task(random_data_config(a.rows, a.batch, 0.01, "sgd", arch_sparse_feature_size=a.dim,
+                                 arch_mlp_bot=a.bottom, arch_mlp_top=a.top))
   batches = random_batches(task, a.batch, pool=4)
   lowered = task.lower_train_step(task.init_state(0), batches[0])
   print(f"# {os.uname().machine} cores={os.cpu_count()} {time.strftime('%Y-%m-%d %H:%M %Z')} "

@@ -92,10 +92,11 @@ class CriteoData:
     if self._multi_hot:
       width = max(hot)
       offsets = sparse_offsets(hot)
-      k = np.arange(width)[None, :]
-      h = np.asarray(hot)[:, None]
-      self._src = np.asarray(offsets)[:, None] + np.minimum(k, h - 1)  # [26, H]
-      self._mask = None if min(hot) == width else np.broadcast_to(k < h, (len(hot), width))
+      slot = np.arange(width)[None, :]
+      hotness = np.asarray(hot)[:, None]  # ids per feature
+      self._src = np.asarray(offsets)[:, None] + np.minimum(slot, hotness - 1)  # [26, H]
+      self._mask = (None if min(hot) == width
+                    else np.broadcast_to(slot < hotness, (len(hot), width)))
 
   # -- what the trainer and configs read ------------------------------------------------------
 
@@ -116,28 +117,28 @@ class CriteoData:
 
   def num_batches(self, split: str = "train", batch_size: int | None = None) -> int:
     """Global batches per epoch of a split (train: as the shuffled stream yields them)."""
-    b = self.batch_size if batch_size is None else int(batch_size)
+    size = self.batch_size if batch_size is None else int(batch_size)
     n = self.num_rows(split)
     if self.split_name(split) == "train" and self.drop_remainder:
-      return n // b
-    return math.ceil(n / b)
+      return n // size
+    return math.ceil(n / size)
 
   def batch(self, index: int, split: str = "train", batch_size: int | None = None) -> Batch:
     """Batch `index` of a split: evaluation splits in order, train as `batches` yields it."""
-    b = self.batch_size if batch_size is None else int(batch_size)
-    self._check_batch_size(b)
+    size = self.batch_size if batch_size is None else int(batch_size)
+    self._check_batch_size(size)
     name = self.split_name(split)
     if name == "train":
-      return self._train_batch(int(index), b)
+      return self._train_batch(int(index), size)
     n = self.store.split_rows(name)
-    lo, hi = int(index) * b, min((int(index) + 1) * b, n)
+    lo, hi = int(index) * size, min((int(index) + 1) * size, n)
     if not 0 <= lo < n:
-      raise IndexError(f"batch {index} of {b} rows is past the end of split {name!r} "
-                       f"({n} rows, {math.ceil(n / b)} batches)")
-    parts = np.array_split(np.arange(lo, hi), self.process_count)[self.process_index]
-    if len(parts) == 0:
+      raise IndexError(f"batch {index} of {size} rows is past the end of split {name!r} "
+                       f"({n} rows, {math.ceil(n / size)} batches)")
+    mine = np.array_split(np.arange(lo, hi), self.process_count)[self.process_index]
+    if len(mine) == 0:
       return self._finish(self.store.empty(0))
-    return self._finish(self._read_positions(name, int(parts[0]), int(parts[-1]) + 1))
+    return self._finish(self._read_positions(name, int(mine[0]), int(mine[-1]) + 1))
 
   def batches(self, start: int = 0, split: str = "train",
               batch_size: int | None = None) -> "BatchIterator":
@@ -146,69 +147,70 @@ class CriteoData:
 
   # -- training order -------------------------------------------------------------------------
 
-  def _check_batch_size(self, b: int) -> None:
-    if b < 1 or b % self.process_count:
-      raise ValueError(f"batch size {b} must be a positive multiple of process_count="
+  def _check_batch_size(self, size: int) -> None:
+    if size < 1 or size % self.process_count:
+      raise ValueError(f"batch size {size} must be a positive multiple of process_count="
                        f"{self.process_count} (it is the global batch size)")
 
-  def _epoch(self, epoch: int, b: int) -> "_Epoch":
-    key = (epoch, b)
-    e = self._epochs.get(key)
-    if e is None:
+  def _epoch(self, epoch: int, batch_size: int) -> "_Epoch":
+    key = (epoch, batch_size)
+    order = self._epochs.get(key)
+    if order is None:
       if len(self._epochs) > 2:
         self._epochs.clear()
-      e = self._epochs[key] = _Epoch(self, epoch, b)
-    return e
+      order = self._epochs[key] = _Epoch(self, epoch, batch_size)
+    return order
 
-  def _train_batch(self, index: int, b: int) -> Batch:
-    per_epoch = self.num_batches("train", b)
+  def _train_batch(self, index: int, batch_size: int) -> Batch:
+    per_epoch = self.num_batches("train", batch_size)
     if per_epoch == 0:
-      raise ValueError(f"the train split ({self.num_rows('train')} rows) holds no full batch of {b}")
+      raise ValueError(f"the train split ({self.num_rows('train')} rows) holds no full batch of "
+                       f"{batch_size}")
     epoch, k = divmod(index, per_epoch)
     with self._lock:
-      rows = self._epoch(epoch, b).local_batch(k)
+      rows = self._epoch(epoch, batch_size).local_batch(k)
     return self._finish(rows)
 
-  def _window_rows(self, epoch: "_Epoch", w: int) -> Batch:
-    """Rows of window w of this process in `epoch`, in block order, in the reused buffer."""
-    key = (epoch.epoch, w)
+  def _window_rows(self, epoch: "_Epoch", window: int) -> Batch:
+    """Rows of a window of this process in `epoch`, in block order, in the reused buffer."""
+    key = (epoch.epoch, window)
     if self._buffer_key == key:
       return self._buffer_rows
     self._buffer_key = None  # Valid again only once the window is fully read.
-    first, lengths = epoch._window_blocks(self.process_index, w)
+    first, lengths = epoch._window_blocks(self.process_index, window)
     n = int(lengths.sum())
     if self._buffer is None or len(self._buffer["label"]) < n:
       self._buffer = self.store.empty(max(n, self.window_blocks * self.block_rows))
-    buf = {f: v[:n] for f, v in self._buffer.items()}
+    rows = {field: values[:n] for field, values in self._buffer.items()}
     ranges = self.store.split_ranges("train")
     if len(ranges) == 1:
-      self.store.read_ranges(ranges[0][0] + first, lengths, buf)
+      self.store.read_ranges(ranges[0][0] + first, lengths, rows)
     else:
       at = 0
-      for s, m in zip(first.tolist(), lengths.tolist()):
-        self._read_positions("train", s, s + m, buf, at)
-        at += m
-    self._buffer_rows, self._buffer_key = buf, key
-    return buf
+      for start, length in zip(first.tolist(), lengths.tolist()):
+        self._read_positions("train", start, start + length, rows, at)
+        at += length
+    self._buffer_rows, self._buffer_key = rows, key
+    return rows
 
   def _read_positions(self, split: str, lo: int, hi: int, out=None, offset: int = 0) -> Batch:
     """Rows at positions [lo, hi) of a split (its ranges concatenated)."""
     if out is None:
       out = self.store.empty(hi - lo)
       offset = 0
-    pos = 0
-    for a, b in self.store.split_ranges(split):
-      n = b - a
-      s, e = max(lo, pos), min(hi, pos + n)
-      if s < e:
-        self.store.read(a + s - pos, a + e - pos, out, offset + s - lo)
+    pos = 0  # The split position where each range starts.
+    for start, end in self.store.split_ranges(split):
+      n = end - start
+      first, last = max(lo, pos), min(hi, pos + n)
+      if first < last:
+        self.store.read(start + first - pos, start + last - pos, out, offset + first - lo)
       pos += n
     return out
 
   def _global_rows(self, split: str, positions: np.ndarray) -> np.ndarray:
     ranges = self.store.split_ranges(split)
-    starts = np.array([a for a, _ in ranges], np.int64)
-    sizes = np.array([b - a for a, b in ranges], np.int64)
+    starts = np.array([start for start, _ in ranges], np.int64)
+    sizes = np.array([end - start for start, end in ranges], np.int64)
     cum = np.concatenate([[0], np.cumsum(sizes)])
     which = np.searchsorted(cum, positions, side="right") - 1
     return starts[which] + positions - cum[which]
@@ -238,110 +240,118 @@ class _Epoch:
 
   def __init__(self, data: CriteoData, epoch: int, batch_size: int):
     self.data = data
-    P = data.process_count
-    self.b = batch_size // P
-    self.B = batch_size
-    R = data.num_rows("train")
-    br = data.block_rows
-    nb = math.ceil(R / br)
+    processes = data.process_count
+    self.local_batch_size = batch_size // processes
+    self.global_batch_size = batch_size
+    num_rows = data.num_rows("train")
+    block_rows = data.block_rows
+    num_blocks = math.ceil(num_rows / block_rows)
     rng = np.random.default_rng([data.seed, epoch, 0xB10C])
-    self.perm = rng.permutation(nb) if data.shuffle else np.arange(nb)
-    self.R, self.nb, self.epoch = R, nb, epoch
-    last_len = R - (nb - 1) * br
-    counts = []
-    for q in range(P):
-      own = self.perm[q::P]
-      counts.append(len(own) * br - (br - last_len if (nb - 1) in own else 0))
-    self.main = (min(counts) // self.b) * self.b
-    self._orders: dict[tuple[int, int], np.ndarray] = {}
-    self._starts: dict[int, list[int]] = {}
-    # Leftover rows of every process, pooled and shuffled.
-    tail = [self._stream_positions(q, self.main, counts[q]) for q in range(P)]
-    tail = np.concatenate(tail) if tail else np.zeros(0, np.int64)
+    self.block_order = rng.permutation(num_blocks) if data.shuffle else np.arange(num_blocks)
+    self.num_rows, self.num_blocks, self.epoch = num_rows, num_blocks, epoch
+    last_block_rows = num_rows - (num_blocks - 1) * block_rows
+    rows_per_process = []
+    for process in range(processes):
+      blocks = self.block_order[process::processes]
+      short = block_rows - last_block_rows if (num_blocks - 1) in blocks else 0
+      rows_per_process.append(len(blocks) * block_rows - short)
+    # Every process's first `main_rows` stream rows, in whole local batches.
+    self.main_rows = (min(rows_per_process) // self.local_batch_size) * self.local_batch_size
+    self._window_orders: dict[tuple[int, int], np.ndarray] = {}
+    self._window_starts_of: dict[int, list[int]] = {}
+    # Leftover rows of every process, pooled and shuffled (as split positions).
+    leftover = [self._stream_positions(process, self.main_rows, rows_per_process[process])
+                for process in range(processes)]
+    leftover = np.concatenate(leftover) if leftover else np.zeros(0, np.int64)
     if data.shuffle:
-      tail = np.random.default_rng([data.seed, epoch, 0x7A11]).permutation(tail)
-    self.tail = tail
+      leftover = np.random.default_rng([data.seed, epoch, 0x7A11]).permutation(leftover)
+    self.leftover = leftover
 
-  def _blocks(self, q: int) -> np.ndarray:
-    return self.perm[q::self.data.process_count]
+  def _blocks(self, process: int) -> np.ndarray:
+    return self.block_order[process::self.data.process_count]
 
   def _block_lengths(self, blocks: np.ndarray) -> np.ndarray:
-    br = self.data.block_rows
-    return np.where(blocks == self.nb - 1, self.R - (self.nb - 1) * br, br)
+    block_rows = self.data.block_rows
+    last = self.num_blocks - 1
+    return np.where(blocks == last, self.num_rows - last * block_rows, block_rows)
 
-  def _window_blocks(self, q: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """(first split position, length) of each block of window w of process q, in order."""
-    wb = self.data.window_blocks
-    blocks = self._blocks(q)[w * wb:(w + 1) * wb]
+  def _window_blocks(self, process: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first split position, length) of each block of a window of a process, in order."""
+    per_window = self.data.window_blocks
+    blocks = self._blocks(process)[window * per_window:(window + 1) * per_window]
     return blocks.astype(np.int64) * self.data.block_rows, self._block_lengths(blocks)
 
-  def _window_order(self, q: int, w: int) -> np.ndarray:
-    """The permutation of window w's rows (indices into the window in block order)."""
-    key = (q, w)
-    order = self._orders.get(key)
+  def _window_order(self, process: int, window: int) -> np.ndarray:
+    """The permutation of a window's rows (indices into the window in block order)."""
+    key = (process, window)
+    order = self._window_orders.get(key)
     if order is None:
-      n = int(self._window_blocks(q, w)[1].sum())
-      order = (np.random.default_rng([self.data.seed, self.epoch, q, w]).permutation(n)
-               if self.data.shuffle else np.arange(n))
-      if q == self.data.process_index:  # Keep the windows of the batches now being read.
-        for old in [k for k in self._orders if k[0] == q and not w - 1 <= k[1] <= w]:
-          del self._orders[old]
-      self._orders[key] = order
+      n = int(self._window_blocks(process, window)[1].sum())
+      seed = [self.data.seed, self.epoch, process, window]
+      order = np.random.default_rng(seed).permutation(n) if self.data.shuffle else np.arange(n)
+      if process == self.data.process_index:  # Keep the windows of the batches now being read.
+        for old in [k for k in self._window_orders
+                    if k[0] == process and not window - 1 <= k[1] <= window]:
+          del self._window_orders[old]
+      self._window_orders[key] = order
     return order
 
-  def _window_starts(self, q: int) -> list[int]:
-    """Stream position where each window of process q starts (and the stream's end)."""
-    cached = self._starts.get(q)
+  def _window_starts(self, process: int) -> list[int]:
+    """Stream position where each window of a process starts (and the stream's end)."""
+    cached = self._window_starts_of.get(process)
     if cached is not None:
       return cached
-    blocks = self._blocks(q)
+    blocks = self._blocks(process)
     lengths = self._block_lengths(blocks)
-    wb = self.data.window_blocks
-    per_window = np.add.reduceat(lengths, np.arange(0, len(blocks), wb)) if len(blocks) else []
-    starts = self._starts[q] = [0] + np.cumsum(per_window).astype(np.int64).tolist()
+    per_window = self.data.window_blocks
+    window_rows = (np.add.reduceat(lengths, np.arange(0, len(blocks), per_window))
+                   if len(blocks) else [])
+    starts = [0] + np.cumsum(window_rows).astype(np.int64).tolist()
+    self._window_starts_of[process] = starts
     return starts
 
-  def _stream_positions(self, q: int, lo: int, hi: int) -> np.ndarray:
-    """Split positions at stream positions [lo, hi) of process q."""
+  def _stream_positions(self, process: int, lo: int, hi: int) -> np.ndarray:
+    """Split positions at stream positions [lo, hi) of a process."""
     if hi <= lo:
       return np.zeros(0, np.int64)
     out = []
-    for w, a, b in self._overlapping_windows(q, lo, hi):
-      first, lengths = self._window_blocks(q, w)
+    for window, start, stop in self._overlapping_windows(process, lo, hi):
+      first, lengths = self._window_blocks(process, window)
       # Position of every row of the window in block order, then in shuffled order.
       ends = np.cumsum(lengths)
       positions = np.arange(int(ends[-1]), dtype=np.int64) + np.repeat(first - (ends - lengths),
                                                                         lengths)
-      out.append(positions[self._window_order(q, w)[a:b]])
+      out.append(positions[self._window_order(process, window)[start:stop]])
     return np.concatenate(out)
 
-  def _overlapping_windows(self, q: int, lo: int, hi: int):
-    """(window, start, stop) within each of process q's windows that [lo, hi) covers."""
-    starts = self._window_starts(q)
-    w = bisect.bisect_right(starts, lo) - 1
-    while w < len(starts) - 1 and starts[w] < hi:
-      yield w, max(lo, starts[w]) - starts[w], min(hi, starts[w + 1]) - starts[w]
-      w += 1
+  def _overlapping_windows(self, process: int, lo: int, hi: int):
+    """(window, start, stop) within each of a process's windows that [lo, hi) covers."""
+    starts = self._window_starts(process)
+    window = bisect.bisect_right(starts, lo) - 1
+    while window < len(starts) - 1 and starts[window] < hi:
+      yield (window, max(lo, starts[window]) - starts[window],
+             min(hi, starts[window + 1]) - starts[window])
+      window += 1
 
   def local_batch(self, k: int) -> Batch:
     """Local batch k of this epoch for this process (raw rows, uint8 labels)."""
-    b, p = self.b, self.data.process_index
-    main_batches = self.main // b
+    size, me = self.local_batch_size, self.data.process_index
+    main_batches = self.main_rows // size
     if k < main_batches:
-      out = self.data.store.empty(b)
+      out = self.data.store.empty(size)
       at = 0
-      for w, a, e in self._overlapping_windows(p, k * b, (k + 1) * b):
-        buf = self.data._window_rows(self, w)
-        index = self._window_order(p, w)[a:e]
-        for f, v in buf.items():
+      for window, start, stop in self._overlapping_windows(me, k * size, (k + 1) * size):
+        rows = self.data._window_rows(self, window)
+        index = self._window_order(me, window)[start:stop]
+        for field, values in rows.items():
           # mode="clip": the indices are in range by construction, and numpy
           # buffers `out` for the default mode="raise" (one more copy).
-          np.take(v, index, axis=0, out=out[f][at:at + e - a], mode="clip")
-        at += e - a
+          np.take(values, index, axis=0, out=out[field][at:at + stop - start], mode="clip")
+        at += stop - start
       return out
     j = k - main_batches
-    chunk = self.tail[j * self.B:(j + 1) * self.B]
-    mine = np.array_split(chunk, self.data.process_count)[p]
+    chunk = self.leftover[j * self.global_batch_size:(j + 1) * self.global_batch_size]
+    mine = np.array_split(chunk, self.data.process_count)[me]
     return self.data.store.gather(self.data._global_rows("train", np.sort(mine)))
 
 
@@ -375,12 +385,12 @@ class BatchIterator:
     return self.state_at(self.position)
 
   def state_at(self, position: int) -> dict:
-    d = self.data
+    data = self.data
     return {"position": int(position), "split": self.split, "batch_size": self.batch_size,
-            "seed": d.seed, "shuffle": int(d.shuffle), "block_rows": d.block_rows,
-            "window_blocks": d.window_blocks, "process_index": d.process_index,
-            "process_count": d.process_count, "drop_remainder": int(d.drop_remainder),
-            "rows": d.store.num_rows, "created": d.store.meta.get("created", "")}
+            "seed": data.seed, "shuffle": int(data.shuffle), "block_rows": data.block_rows,
+            "window_blocks": data.window_blocks, "process_index": data.process_index,
+            "process_count": data.process_count, "drop_remainder": int(data.drop_remainder),
+            "rows": data.store.num_rows, "created": data.store.meta.get("created", "")}
 
   def restore(self, state: dict) -> None:
     """Continues from `state()` of an earlier run; refuses a state of another order."""
@@ -388,7 +398,7 @@ class BatchIterator:
     diff = {k: (state.get(k), v) for k, v in mine.items() if k != "position" and state.get(k) != v}
     if diff:
       raise ValueError("the saved data position belongs to another data order: " + ", ".join(
-          f"{k} was {a!r}, is {b!r}" for k, (a, b) in sorted(diff.items())))
+          f"{k} was {saved!r}, is {now!r}" for k, (saved, now) in sorted(diff.items())))
     self.position = int(state["position"])
 
   def prefetched(self, size: int = 2) -> "PrefetchIterator":
@@ -420,10 +430,10 @@ class PrefetchIterator:
 def iterate_epoch(data: CriteoData, epoch: int = 0, batch_size: int | None = None
                   ) -> Iterator[Batch]:
   """The training batches of one epoch (for inspection and tests)."""
-  b = data.batch_size if batch_size is None else int(batch_size)
-  n = data.num_batches("train", b)
+  size = data.batch_size if batch_size is None else int(batch_size)
+  n = data.num_batches("train", size)
   for k in range(n):
-    yield data.batch(epoch * n + k, "train", b)
+    yield data.batch(epoch * n + k, "train", size)
 
 
 __all__ = ["BatchIterator", "CriteoData", "PrefetchIterator", "iterate_epoch", "NUM_SPARSE"]

@@ -1,4 +1,4 @@
-"""The host process on huge pages (dlrm_jax/host.py)."""
+"""The host process on huge pages (dlrm_jax/hugepages.py)."""
 
 import os
 import subprocess
@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from dlrm_jax import host
+from dlrm_jax import hugepages
 
 # Prints GLIBC_TUNABLES and the process id before and after use_huge_pages().
 SCRIPT = ("import os; print('before', os.getpid(), os.environ.get('GLIBC_TUNABLES', ''), "
-          "flush=True); from dlrm_jax import host; host.use_huge_pages(); "
+          "flush=True); from dlrm_jax import hugepages; hugepages.use_huge_pages(); "
           "print('after', os.getpid(), os.environ.get('GLIBC_TUNABLES', ''))")
 
 
@@ -24,7 +24,7 @@ def _run(**env_changes):
 
 
 def _glibc_version() -> tuple[int, ...]:
-  """The C library's own answer (confstr), independent of host.py's platform.libc_ver."""
+  """The C library's own answer (confstr), independent of hugepages.py's platform.libc_ver."""
   try:
     name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
   except (AttributeError, OSError, ValueError):  # not glibc, or no such name here
