@@ -241,9 +241,11 @@ class Checkpointer:
       version = meta.get("format_version")
       parts = None if version != 2 else Contents.from_meta(meta)
     else:
-      parts = self._read_json(step, "config", "data", "run")
-      version = parts["config"].get("format_version")
-      parts = Contents.from_items(**parts) if version == FORMAT_VERSION else None
+      config = self._read_json(step, "config")["config"]
+      version = config.get("format_version")  # checked before the items it implies are read
+      parts = None
+      if version == FORMAT_VERSION:
+        parts = Contents.from_items(config=config, **self._read_json(step, "data", "run"))
     if parts is None:
       raise CheckpointError(f"{self.directory}/{step}: checkpoint format version "
                             f"{version!r}, this code reads {list(READABLE_VERSIONS)}")

@@ -107,12 +107,18 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None,
   `format_summary(result.summary)` is what `train.py` prints at the end.
   """
   run = set_up(config, workdir, progress, log)
+  finished = False
   try:
     prog = resume_or_start(run)
     train_loop(run, prog, train_stream(run, prog))
+    finished = True
   finally:
     if run.checkpointer is not None:
-      run.checkpointer.close()  # after the saves in flight
+      try:
+        run.checkpointer.close()  # after the saves in flight
+      except Exception:
+        if finished:  # a last save that failed; otherwise the run's own error is the one
+          raise
   return TrainResult(summary=summarize(run, prog), state=prog.state, task=run.task,
                      records=prog.records)
 

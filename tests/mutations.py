@@ -108,7 +108,7 @@ MUTATIONS = (
         ("tests/test_sharding.py::test_mixed_plan_bags_rowwise_adagrad_match_single_device",)),
     Mutation(
         "resume_ignores_data_position",
-        "a resumed run does not hand the saved data position to the loader",
+        "a resumed run does not check the saved data position against the loader's order",
         "dlrm_jax/trainer.py",
         "      stream.restore(position)\n",
         "      pass\n",

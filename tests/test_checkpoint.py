@@ -129,14 +129,6 @@ def test_interrupted_criteo_run_resumes_to_the_uninterrupted_result(tmp_path, mo
   assert meta["splits"]["train"] == [[0, 343]]  # 10 batches of 32 an epoch
   whole = trainer.train_and_evaluate(_criteo_config(data), str(tmp_path / "whole"))
 
-  opened = []
-
-  class Tracked(checkpoint.Checkpointer):
-    def __init__(self, *args, **kwargs):
-      super().__init__(*args, **kwargs)
-      opened.append(self)
-
-  monkeypatch.setattr(checkpoint, "Checkpointer", Tracked)
   seen, stop_at = [], [11]
 
   def hook(i, batch):
@@ -148,11 +140,8 @@ def test_interrupted_criteo_run_resumes_to_the_uninterrupted_result(tmp_path, mo
   monkeypatch.setattr(trainer, "make_data", trainer.make_data)  # undone after the test
   inject(hook)
   run = tmp_path / "run"
-  with pytest.raises(_Interrupted):  # the prefetcher hands the error to the loop
-    trainer.train_and_evaluate(_criteo_config(data), str(run))
-  for c in opened:  # the saves still in flight, as the end of a crashed process would
-    c.wait()
-    c.close()
+  with pytest.raises(_Interrupted):  # the prefetcher hands the error to the loop, which
+    trainer.train_and_evaluate(_criteo_config(data), str(run))  # closes its checkpointer
   ckpt = checkpoint.Checkpointer(str(run / "checkpoints"))
   assert ckpt.steps() == [4, 8]
   position = ckpt.read_contents(8).data
@@ -287,6 +276,48 @@ def test_damaged_and_incomplete_checkpoints_are_skipped(tmp_path, saved_tiny):
   assert len(messages) == 1 and "/2 is damaged" in messages[0], messages
   assert (directory / "2.damaged").is_dir() and ckpt.steps() == [1]
   ckpt.close()
+
+
+def test_other_format_versions_are_refused_not_taken_for_damage(tmp_path, saved_tiny):
+  """A step of an unknown format (here: a later one, and format 1's single meta item)
+  raises CheckpointError naming the version and stays where it is."""
+  import shutil
+
+  source, config, task, _ = saved_tiny
+  for name, item, version in (("later", "config", 4), ("first", "meta", 1)):
+    directory = tmp_path / name
+    shutil.copytree(source, directory)
+    step = directory / "2"
+    shutil.rmtree(step / "data")
+    shutil.rmtree(step / "run")
+    if item == "meta":
+      (step / "config").rename(step / "meta")
+    metadata = step / item / "metadata"
+    body = json.loads(metadata.read_text())
+    body["format_version"] = version
+    metadata.write_text(json.dumps(body))
+    with checkpoint.Checkpointer(str(directory)) as ckpt:
+      with pytest.raises(checkpoint.CheckpointError, match=f"format version {version}, this "
+                         r"code reads \[2, 3\]"):
+        ckpt.restore(task, config)
+    assert (directory / "2").is_dir() and not (directory / "2.damaged").exists()
+
+
+def test_the_recorded_format_2_checkpoint_reads_as_contents(tmp_path):
+  """The single `meta` item of format 2 gives every part of the run back."""
+  import shutil
+
+  recorded = os.path.join(REPO, "tests", "data", "behaviour")
+  shutil.copytree(os.path.join(recorded, "criteo_run", "checkpoints"), tmp_path / "ckpt")
+  with open(os.path.join(recorded, "criteo_metrics.jsonl")) as f:
+    metrics = [json.loads(line) for line in f]
+  with checkpoint.Checkpointer(str(tmp_path / "ckpt")) as ckpt:
+    contents = ckpt.read_contents(12)
+  assert contents.finished and contents.interval_losses == []
+  assert _without_speed(contents.records) == metrics
+  assert contents.data["position"] == 12 and contents.data["shuffle"] == 1
+  assert contents.plan.num_shards == 1 and contents.config["num_batches"] == 12
+  assert contents.mesh["processes"] == 1
 
 
 def test_config_mismatch_is_refused_unless_partial(saved_tiny):

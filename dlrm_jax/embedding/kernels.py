@@ -47,7 +47,7 @@ class PortableLookup:
     return tables["stacked"], state
 
 
-# jax.default_backend() -> the local lookup its devices run.
+# A device platform ("cpu", "gpu", "tpu": the mesh's devices') -> the local lookup it runs.
 KERNELS: dict[str, LocalLookup] = {
     "cpu": PortableLookup(),
     "gpu": PortableLookup(),
