@@ -99,7 +99,7 @@ def main() -> None:
   print(f"checkpoint {size / 2**20:,.1f} MiB on disk for {raw / 2**20:,.1f} MiB of state "
         f"({size / raw:.2f}x); restoring it", flush=True)
   t = time.perf_counter()
-  restored = ckpt.restore(task, config)
+  restored = ckpt.restore(task)
   jax.block_until_ready(restored.state)
   restore_s = time.perf_counter() - t
   ckpt.close()

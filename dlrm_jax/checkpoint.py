@@ -35,7 +35,6 @@ are read whole on each host and re-laid out table by table
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Callable
@@ -77,9 +76,8 @@ def _get(config: dict, key: str):
   return config
 
 
-def config_differences(saved: dict, config) -> list[str]:
-  """The model-defining fields (MODEL_KEYS) on which `config` differs from a saved config."""
-  current = json.loads(config.to_json())
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """The model-defining fields (MODEL_KEYS) on which two configs (as JSON) differ."""
   out = []
   for key in MODEL_KEYS:
     a, b = _get(saved, key), _get(current, key)
@@ -255,13 +253,13 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(
         **{n: ocp.args.JsonRestore() for n in names}))
 
-  def restore(self, task, config, *, partial: bool = False, step: int | None = None,
+  def restore(self, task, *, partial: bool = False, step: int | None = None,
               fresh: Callable[[], TrainState] | None = None) -> Restored | None:
     """The newest checkpoint that restores into `task` (None when there is none).
 
     A checkpoint that cannot be read is reported through `log`, moved aside
-    (renamed `STEP.damaged`) and the previous one is tried. A config whose
-    model fields differ from the checkpoint's raises CheckpointMismatchError,
+    (renamed `STEP.damaged`) and the previous one is tried. If the model fields
+    of `task`'s config differ from the checkpoint's, CheckpointMismatchError,
     unless `partial`: then the arrays whose shapes match are restored and the
     others come from `fresh()` (a fresh train state).
     """
@@ -275,7 +273,7 @@ class Checkpointer:
       except Exception as e:  # a damaged or foreign step directory
         failures.append(self._damaged(s, e))
         continue
-      diffs = config_differences(contents.config, config)
+      diffs = config_differences(contents.config, task.run.source)
       if diffs and not partial:
         raise CheckpointMismatchError(
             f"the config does not match the checkpoint {self.directory}/{s}:\n  "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-LOSS_FUNCTIONS = ("bce", "mse", "wbce")
 
 
 class ConfigError(ValueError):
@@ -47,31 +46,6 @@ def parse_floats(name: str, value: str | Sequence[float]) -> tuple[float, ...]:
     except ValueError:
       raise ConfigError(f"{name}={value!r} is not a dash-separated list of numbers") from None
   return tuple(float(p) for p in value)
-
-
-def validate_training(config) -> None:
-  """Checks the training knobs that are not part of the architecture."""
-  if config.loss_function not in LOSS_FUNCTIONS:
-    raise ConfigError(f"loss_function={config.loss_function!r} is not one of {LOSS_FUNCTIONS}")
-  if config.loss_function == "wbce":
-    weights = parse_floats("loss_weights", config.loss_weights)
-    if len(weights) != 2:
-      raise ConfigError(
-          f"loss_weights={config.loss_weights!r} must give two weights, for label 0 and label 1")
-  for name in ("mini_batch_size", "test_mini_batch_size", "num_batches"):
-    if int(config[name]) <= 0:
-      raise ConfigError(f"{name}={config[name]} must be >= 1")
-  if not config.learning_rate > 0:
-    raise ConfigError(f"learning_rate={config.learning_rate} must be > 0")
-  for name in ("lr_num_warmup_steps", "lr_decay_start_step", "lr_num_decay_steps"):
-    if int(config[name]) < 0:
-      raise ConfigError(f"{name}={config[name]} must be >= 0")
-  if int(config.lr_num_decay_steps) > 0 and (
-      int(config.lr_decay_start_step) < int(config.lr_num_warmup_steps)):
-    raise ConfigError(
-        f"lr_decay_start_step={config.lr_decay_start_step} is before the end of the warmup "
-        f"(lr_num_warmup_steps={config.lr_num_warmup_steps}): the warmup must finish before "
-        "the decay starts")
 
 
 def base_config():

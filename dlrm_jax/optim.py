@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dlrm_jax.config import ConfigError, parse_floats
+from dlrm_jax.config import ConfigError
+from dlrm_jax.specs import TrainingSpec
 
 
-def lr_schedule(config) -> Callable[[jax.Array], jax.Array]:
+def lr_schedule(t: TrainingSpec) -> Callable[[jax.Array], jax.Array]:
   """The reference's (MLPerf) policy, `LRPolicyScheduler` of `dlrm_s_pytorch.py`.
 
   Step s (0-based) trains with the rate for t = s + 1 (the scheduler's
@@ -27,10 +28,9 @@ def lr_schedule(config) -> Callable[[jax.Array], jax.Array]:
   it (and lr itself before a decay that follows no warmup, where the reference
   has no rate to hold); without one, they train at lr.
   """
-  base = float(config.learning_rate)
-  warmup = int(config.lr_num_warmup_steps)
-  decay_start = int(config.lr_decay_start_step)
-  decay_steps = int(config.lr_num_decay_steps)
+  base = t.learning_rate
+  warmup, decay_start, decay_steps = (t.lr_num_warmup_steps, t.lr_decay_start_step,
+                                      t.lr_num_decay_steps)
   held = base * (warmup - 1) / warmup if warmup > 1 else base
 
   def schedule(step):
@@ -68,14 +68,14 @@ def scale_by_adagrad(eps: float = 1e-10) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
-def make_dense_optimizer(config) -> optax.GradientTransformation:
+def make_dense_optimizer(t: TrainingSpec) -> optax.GradientTransformation:
   """The optax optimiser for the MLPs, at a learning rate of 1.
 
   The train step scales its updates by the schedule's rate for `TrainState.step`
   (each optimiser's update is linear in the rate), so the MLPs and the tables
   follow one schedule on one step count.
   """
-  name = config.dense_optimizer
+  name = t.dense_optimizer
   if name == "sgd":
     return optax.sgd(1.0)
   if name == "adagrad":
@@ -85,15 +85,15 @@ def make_dense_optimizer(config) -> optax.GradientTransformation:
   raise ConfigError(f"dense_optimizer={name!r} is not one of ('sgd', 'adagrad', 'adam')")
 
 
-def make_loss(config) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def make_loss(t: TrainingSpec) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """Mean loss of logits against 0/1 labels: bce, mse (on probabilities) or wbce."""
-  name = config.loss_function
+  name = t.loss_function
   if name == "bce":
     return lambda logits, labels: optax.sigmoid_binary_cross_entropy(logits, labels).mean()
   if name == "mse":
     return lambda logits, labels: jnp.mean((jax.nn.sigmoid(logits) - labels) ** 2)
   if name == "wbce":
-    w0, w1 = parse_floats("loss_weights", config.loss_weights)
+    w0, w1 = t.loss_weights
 
     def wbce(logits, labels):
       weights = jnp.where(labels > 0.5, w1, w0)

@@ -26,8 +26,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from dlrm_jax.config import ConfigError
-
-CPU_COLLECTIVES = ("gloo", "mpi")  # distributed.cpu_collectives: JAX's CPU implementations
+from dlrm_jax.specs import DistributedSpec, MeshSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,30 +42,25 @@ class MeshAxes:
     return (self.shard,) if self.replica is None else (self.replica, self.shard)
 
 
-def initialize_distributed(config) -> None:
-  """Joins a multi-process run when the config or the environment asks for one.
+def initialize_distributed(dist: DistributedSpec) -> None:
+  """Joins a multi-process run when the spec or the environment asks for one.
 
-  `config.distributed.coordinator_address` (or JAX_COORDINATOR_ADDRESS) turns
-  it on; the process count and id come from the config when set (>= 0),
-  otherwise from the environment or the cluster (SLURM, TPU pods, ...).
-  Does nothing in a single-process run or when already initialised.
+  `distributed.coordinator_address` (or JAX_COORDINATOR_ADDRESS) turns it on;
+  the process count and id come from the spec when set (>= 0), otherwise from
+  the environment or the cluster (SLURM, TPU pods, ...). Does nothing in a
+  single-process run or when already initialised.
   """
-  dist = config.get("distributed")
-  address = (dist.coordinator_address if dist else "") or os.environ.get("JAX_COORDINATOR_ADDRESS")
+  address = dist.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
   if not address or jax.distributed.is_initialized():
     return
   kwargs = {"coordinator_address": address}
-  if dist and int(dist.num_processes) > 0:
-    kwargs["num_processes"] = int(dist.num_processes)
-  if dist and int(dist.process_id) >= 0:
-    kwargs["process_id"] = int(dist.process_id)
+  if dist.num_processes > 0:
+    kwargs["num_processes"] = dist.num_processes
+  if dist.process_id >= 0:
+    kwargs["process_id"] = dist.process_id
   # Collectives between processes' CPU devices (a setting of the CPU backend only;
   # asking which backend is the default would start it too early).
-  collectives = (dist.cpu_collectives if dist else "") or "gloo"
-  if collectives not in CPU_COLLECTIVES:
-    raise ConfigError(f"distributed.cpu_collectives={collectives!r} is not one of "
-                      f"{CPU_COLLECTIVES}")
-  jax.config.update("jax_cpu_collectives_implementation", collectives)
+  jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
   jax.distributed.initialize(**kwargs)
   # Gloo gives processes 30 s to meet when a group of devices first
   # communicates; set up the groups used most (all devices, and one device per
@@ -76,23 +70,18 @@ def initialize_distributed(config) -> None:
   multihost_utils.assert_equal(np.int32(jax.process_count()), "dlrm_jax: process count")
 
 
-def make_mesh(config) -> tuple[Mesh, MeshAxes]:
-  """The mesh the config asks for: `mesh.num_devices` (0: all), `mesh.replicas`, `mesh.axis_types`."""
-  mesh_config = config.get("mesh")
-  count = int(mesh_config.num_devices) if mesh_config else 0
-  replicas = int(mesh_config.replicas) if mesh_config else 1
+def make_mesh(spec: MeshSpec) -> tuple[Mesh, MeshAxes]:
+  """The mesh the spec asks for: `num_devices` (0: all), `replicas`, `axis_types`."""
+  count, replicas = spec.num_devices, spec.replicas
   devices = jax.devices()
-  if count < 0 or count > len(devices):
+  if count > len(devices):
     raise ConfigError(f"mesh.num_devices={count}, but there are {len(devices)} devices "
                       "(0 uses them all)")
   count = count or len(devices)
   if jax.process_count() > 1 and count != len(devices):
     raise ConfigError(f"mesh.num_devices={count}: a multi-process run uses every device "
                       f"({len(devices)}); leave it at 0")
-  axis_type = str(mesh_config.axis_types).lower() if mesh_config else "explicit"
-  if axis_type not in ("explicit", "auto"):
-    raise ConfigError(f"mesh.axis_types={axis_type!r} is not one of ('explicit', 'auto')")
-  axis_type = AxisType.Explicit if axis_type == "explicit" else AxisType.Auto
+  axis_type = AxisType.Explicit if spec.axis_types == "explicit" else AxisType.Auto
   if replicas < 1 or count % replicas:
     raise ConfigError(f"mesh.replicas={replicas} must be >= 1 and divide the number of "
                       f"devices ({count})")

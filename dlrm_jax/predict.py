@@ -37,6 +37,7 @@ from ml_collections import ConfigDict
 
 from dlrm_jax import checkpoint as checkpoint_lib
 from dlrm_jax import parallel
+from dlrm_jax.config import base_config
 from dlrm_jax.data.criteo.parse import BadLineError, parse_block
 from dlrm_jax.data.criteo.vocabulary import load_vocabulary, vocab_rows
 from dlrm_jax.data import format as fmt
@@ -66,14 +67,15 @@ def load_model(workdir: str, *, step: int | None = None, devices: int = 0) -> Mo
   if not steps:
     raise checkpoint_lib.CheckpointError(f"{workdir}/checkpoints holds no complete checkpoint")
   contents = checkpointer.read_contents(step if step is not None else steps[-1])
-  config = ConfigDict(contents.config)
+  config = base_config()  # fields newer than the checkpoint keep their defaults
+  config.update(contents.config)
   config.mesh.num_devices = int(devices)
   config.mesh.replicas = 1
   config.distributed.coordinator_address = ""
   if contents.plan.num_shards != (devices or jax.device_count()):
     config.sharding.overrides = ""  # pinned placements were for the saved device count
   task = Task(config)
-  restored = checkpointer.restore(task, config, step=step)
+  restored = checkpointer.restore(task, step=step)
   checkpointer.close()
   if restored is None:
     raise checkpoint_lib.CheckpointError(f"no checkpoint in {workdir}/checkpoints restores")
@@ -259,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.path.isdir(args.input):
       batches = prepared_batches(args.input, batch_size, args.split)
     else:
-      data_dir = args.data or str(model.config.data.get("path", ""))
+      data_dir = args.data or model.config.data.path
       if not data_dir or not os.path.isdir(data_dir):
         print(f"error: raw input needs the prepared directory the model was trained on "
               f"(--data; the checkpoint names {data_dir!r})", file=sys.stderr)

@@ -13,16 +13,18 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
+from ml_collections import ConfigDict
 
 from dlrm_jax import parallel
 from dlrm_jax import state as state_lib
-from dlrm_jax.config import ConfigError, validate_training
+from dlrm_jax.config import ConfigError
 from dlrm_jax.embedding import EmbeddingCollection, Tables, make_sparse_optimizer
 from dlrm_jax.embedding.collection import POOLINGS
 from dlrm_jax.embedding.planner import Plan, PlanError, parse_overrides, plan_tables
 from dlrm_jax.embedding.sharded import ShardedEmbedding
-from dlrm_jax.model import ModelSpec, abstract_model, init_params
+from dlrm_jax.model import abstract_model, init_params
 from dlrm_jax.optim import lr_schedule, make_dense_optimizer, make_loss
+from dlrm_jax.specs import RunSpec
 from dlrm_jax.state import TrainState
 
 
@@ -33,22 +35,24 @@ class Task:
   definition, optimiser definitions); all state lives in `TrainState`.
   """
 
-  def __init__(self, config, spec: ModelSpec | None = None):
-    validate_training(config)
-    if config.embedding_pooling not in POOLINGS:
-      raise ConfigError(f"embedding_pooling={config.embedding_pooling!r} is not one of {POOLINGS}")
-    self.config = config
-    self.spec = spec or ModelSpec.from_config(config)
+  def __init__(self, run: RunSpec | ConfigDict):
+    """`run`: the run's spec, or its config (converted here, once)."""
+    self.run = run if isinstance(run, RunSpec) else RunSpec.from_config(run)
+    training = self.run.training
+    if training.embedding_pooling not in POOLINGS:
+      raise ConfigError(f"embedding_pooling={training.embedding_pooling!r} is not one of "
+                        f"{POOLINGS}")
+    self.spec = self.run.model
     self.collection = EmbeddingCollection.uniform(
-        self.spec.table_rows, self.spec.embedding_dim, config.embedding_pooling)
-    self.mesh, self.axes = parallel.make_mesh(config)
-    self.plan = make_plan(config, self.collection, self.mesh.shape[self.axes.shard])
+        self.spec.table_rows, self.spec.embedding_dim, training.embedding_pooling)
+    self.mesh, self.axes = parallel.make_mesh(self.run.mesh)
+    self.plan = make_plan(self.run, self.collection, self.mesh.shape[self.axes.shard])
     self.embedding = ShardedEmbedding(self.collection, self.plan, self.mesh, self.axes)
-    self.schedule = lr_schedule(config)
-    self.tx = make_dense_optimizer(config)
-    self.sparse_opt = make_sparse_optimizer(config.embedding_optimizer,
-                                            config.get("embedding_optimizer_args", ""))
-    self.loss = make_loss(config)
+    self.schedule = lr_schedule(training)
+    self.tx = make_dense_optimizer(training)
+    self.sparse_opt = make_sparse_optimizer(training.embedding_optimizer,
+                                            training.embedding_optimizer_args)
+    self.loss = make_loss(training)
     self.graphdef, abstract_params = nnx.split(abstract_model(self.spec))
     self.batch_sharding = NamedSharding(self.mesh, self.embedding.batch_spec)
     self.state_shapes = state_lib.state_shapes(abstract_params, self.embedding, self.tx,
@@ -136,18 +140,17 @@ class Task:
     return new_state, {"loss": loss, "lr": lr}
 
 
-def make_plan(config, collection: EmbeddingCollection, num_shards: int) -> Plan:
-  """The sharding plan for the config's tables over `num_shards` devices."""
-  sharding = config.get("sharding")
-  budget_mb = float(sharding.memory_budget_mb) if sharding else 0.0
+def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int) -> Plan:
+  """The sharding plan for the run's tables over `num_shards` devices."""
+  sharding = run.sharding
+  budget_mb = sharding.memory_budget_mb
   budget = int(budget_mb * 2**20) if budget_mb > 0 else device_memory_budget()
-  hotness = int(config.data.get("hotness", 1))
   try:
     return plan_tables(
-        collection.specs, num_shards, batch_size=int(config.mini_batch_size),
-        lookups=hotness, optimizer=config.embedding_optimizer, memory_budget=budget,
-        min_column_width=int(sharding.min_column_width) if sharding else 32,
-        overrides=parse_overrides(sharding.overrides if sharding else ""))
+        collection.specs, num_shards, batch_size=run.training.mini_batch_size,
+        lookups=run.data.hotness, optimizer=run.training.embedding_optimizer,
+        memory_budget=budget, min_column_width=sharding.min_column_width,
+        overrides=parse_overrides(sharding.overrides))
   except PlanError as e:
     raise ConfigError(str(e)) from None
 

@@ -26,6 +26,7 @@ from dlrm_jax.config import ConfigError
 from dlrm_jax.data import configure_data, make_data
 from dlrm_jax.data.prefetch import prefetch
 from dlrm_jax.data.source import Batch, BatchStream, DataSource
+from dlrm_jax.specs import RunSpec
 from dlrm_jax.state import TrainState
 from dlrm_jax.task import Task
 
@@ -60,7 +61,7 @@ class TrainResult:
 class Run:
   """What a training run is made of, set up once."""
 
-  config: object  # the ConfigDict, sized for the data
+  spec: RunSpec  # the config, sized for the data, typed
   workdir: str
   task: Task
   data: DataSource
@@ -128,36 +129,39 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None,
 def set_up(config, workdir: str, progress: bool | None,
            log: Callable[[str], None] | None) -> Run:
   """The task, the data, the evaluation set and the checkpointer of a run."""
-  parallel.initialize_distributed(config)
   config = configure_data(config)  # Criteo: table sizes from the prepared data's metadata.
-  task = Task(config)
+  spec = RunSpec.from_config(config)  # the one conversion of the config
+  parallel.initialize_distributed(spec.distributed)
+  task = Task(spec)
   devices = task.mesh.size
   for name in ("mini_batch_size", "test_mini_batch_size"):
-    if int(config[name]) % devices:
-      raise ConfigError(f"{name}={config[name]} must be a multiple of the number of devices "
-                        f"in the mesh ({devices}): each device takes an equal slice")
-  data = make_data(config, task.spec)
+    if getattr(spec.training, name) % devices:
+      raise ConfigError(f"{name}={getattr(spec.training, name)} must be a multiple of the "
+                        f"number of devices in the mesh ({devices}): each device takes an "
+                        "equal slice")
+  data = make_data(spec)
   is_lead = jax.process_index() == 0
   log = log if log is not None and is_lead else (lambda _: None)
   log(task.plan.describe())
   os.makedirs(workdir, exist_ok=True)
-  eval_batches, teacher_auc = evaluation_set(config, task, data)
-  checkpointer = make_checkpointer(config, workdir, log)
-  num_steps = int(config.num_batches)
+  eval_batches, teacher_auc = evaluation_set(spec, task, data)
+  checkpointer = make_checkpointer(spec, workdir, log)
+  num_steps = spec.training.num_batches
   return Run(
-      config=config, workdir=workdir, task=task, data=data, eval_batches=eval_batches,
+      spec=spec, workdir=workdir, task=task, data=data, eval_batches=eval_batches,
       teacher_auc=teacher_auc, is_lead=is_lead,
-      show_progress=is_lead and (progress if progress is not None else bool(config.progress_bar)),
+      show_progress=is_lead and (progress if progress is not None
+                                 else spec.training.progress_bar),
       log=log, checkpointer=checkpointer, num_steps=num_steps,
-      test_freq=int(config.test_freq) or num_steps,
-      save_every=int(config.checkpoint.every_steps) if checkpointer is not None else 0)
+      test_freq=spec.training.test_freq or num_steps,
+      save_every=spec.checkpoint.every_steps if checkpointer is not None else 0)
 
 
-def evaluation_set(config, task: Task, data: DataSource) -> tuple[list, float | None]:
+def evaluation_set(spec: RunSpec, task: Task, data: DataSource) -> tuple[list, float | None]:
   """The eval batches (placed on the mesh when each process holds only its rows) and
   the teacher's AUC on them, where the data has a teacher."""
-  batches = [data.batch(i, "eval", int(config.test_mini_batch_size))
-             for i in range(int(config.test_num_batches))]
+  batches = [data.batch(i, "eval", spec.training.test_mini_batch_size)
+             for i in range(spec.training.test_num_batches)]
   if data.process_local:
     batches = [parallel.global_batch(b, task.batch_sharding) for b in batches]
   teacher = [data.teacher_probability(b) for b in batches]
@@ -167,28 +171,28 @@ def evaluation_set(config, task: Task, data: DataSource) -> tuple[list, float | 
   return batches, metrics_lib.roc_auc(labels, np.concatenate(teacher))
 
 
-def make_checkpointer(config, workdir: str,
+def make_checkpointer(spec: RunSpec, workdir: str,
                       log: Callable[[str], None]) -> checkpoint_lib.Checkpointer | None:
-  ckpt = config.get("checkpoint")
-  if ckpt is None or not bool(ckpt.enabled):
+  ckpt = spec.checkpoint
+  if not ckpt.enabled:
     return None
   return checkpoint_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), max_to_keep=int(ckpt.max_to_keep),
-      keep_best=bool(ckpt.keep_best), async_save=bool(ckpt.async_save), log=log)
+      os.path.join(workdir, "checkpoints"), max_to_keep=ckpt.max_to_keep,
+      keep_best=ckpt.keep_best, async_save=ckpt.async_save, log=log)
 
 
 def resume_or_start(run: Run) -> Progress:
   """The latest checkpoint's progress (`checkpoint.resume`), or a fresh state's; writes
   metrics.jsonl with the records up to it (a killed run may have written more)."""
-  ckpt, config = run.checkpointer, run.config
-  seed = int(config.seed)
+  ckpt, spec = run.checkpointer, run.spec
+  seed = spec.training.seed
   restored = None
-  if ckpt is not None and not bool(config.checkpoint.resume) and ckpt.steps():
+  if ckpt is not None and not spec.checkpoint.resume and ckpt.steps():
     run.log(f"checkpoint.resume=False: deleting the checkpoints of steps {ckpt.steps()} "
             f"in {ckpt.directory}")
     ckpt.delete_all()
-  if ckpt is not None and bool(config.checkpoint.resume):
-    restored = ckpt.restore(run.task, config, partial=bool(config.checkpoint.restore_partial),
+  if ckpt is not None and spec.checkpoint.resume:
+    restored = ckpt.restore(run.task, partial=spec.checkpoint.restore_partial,
                             fresh=lambda: run.task.init_state(seed))
   if restored is None:
     prog = Progress(state=run.task.init_state(seed), start=0, steps_done=0, records=[], losses=[])
@@ -246,7 +250,7 @@ def train_loop(run: Run, prog: Progress, stream: BatchStream) -> None:
           metrics_file.flush()
           bar.set_postfix(loss=f"{record['train_loss']:.4f}", auc=f"{record['auc']:.4f}",
                           ex_s=f"{record['examples_per_sec']:,.0f}")
-          stop = 0 < float(run.config.target_auc) <= record["auc"]
+          stop = 0 < run.spec.training.target_auc <= record["auc"]
         if run.checkpointer is not None and is_save_step(run, prog.steps_done, evaluated, stop):
           save(run, prog, stream, None if record is None else {"auc": record["auc"]},
                finished=prog.steps_done == run.num_steps or stop)
@@ -300,7 +304,8 @@ def evaluate_interval(run: Run, prog: Progress, lr: jax.Array) -> dict:
   mean_loss = float(np.mean(jax.device_get(prog.losses)))
   elapsed = time.perf_counter() - prog.interval_start
   prog.train_seconds += elapsed
-  examples_per_sec = prog.interval_steps * int(run.config.mini_batch_size) / max(elapsed, 1e-9)
+  batch = run.spec.training.mini_batch_size
+  examples_per_sec = prog.interval_steps * batch / max(elapsed, 1e-9)
   result = evaluate(run.task, prog.state, run.eval_batches)
   record = {"step": prog.steps_done, **result, "train_loss": mean_loss,
             "examples_per_sec": examples_per_sec, "lr": float(lr)}
@@ -336,7 +341,7 @@ def save(run: Run, prog: Progress, stream: BatchStream, metrics: dict | None,
   """Checkpoints the state after `prog.steps_done` steps (asynchronously)."""
   check_losses(run, prog, len(prog.losses))
   contents = checkpoint_lib.Contents(
-      config=json.loads(run.config.to_json()), plan=run.task.plan,
+      config=run.spec.source, plan=run.task.plan,
       mesh={"shape": dict(run.task.mesh.shape), "processes": jax.process_count()},
       data=stream.state_at(prog.steps_done), records=prog.records,
       interval_losses=[float(x) for x in jax.device_get(prog.losses)], finished=finished)
@@ -351,7 +356,7 @@ def summarize(run: Run, prog: Progress) -> dict:
     raise ConfigError(f"no evaluation record: the checkpoint in {run.workdir} ends at step "
                       f"{prog.start}, before any evaluation")
   final = prog.records[-1]
-  batch = int(run.config.mini_batch_size)
+  batch = run.spec.training.mini_batch_size
   return {
       "steps": final["step"],
       "examples": final["step"] * batch,
@@ -363,7 +368,7 @@ def summarize(run: Run, prog: Progress) -> dict:
       "train_seconds": prog.train_seconds,
       "examples_per_sec": max(0, final["step"] - prog.start - 1) * batch
                           / max(prog.train_seconds, 1e-9),
-      "target_auc": float(run.config.target_auc) or None,
+      "target_auc": run.spec.training.target_auc or None,
       "eval_samples": int(sum(b["label"].size for b in run.eval_batches)),
       "workdir": run.workdir,
   }

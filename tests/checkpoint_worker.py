@@ -77,7 +77,7 @@ def inject(hook):
   from dlrm_jax import trainer
 
   make_data = trainer.make_data
-  trainer.make_data = lambda config, spec: Injected(make_data(config, spec), hook)
+  trainer.make_data = lambda run: Injected(make_data(run), hook)
 
 
 def main(workdir: str, kill_at: int) -> None:

@@ -55,7 +55,7 @@ MUTATIONS = (
         "lr_schedule_ignored", "the train step trains at the base rate at every step",
         "dlrm_jax/task.py",
         "    lr = self.schedule(state.step)\n",
-        "    lr = jnp.float32(self.config.learning_rate)\n",
+        "    lr = jnp.float32(self.run.training.learning_rate)\n",
         ("tests/test_train.py::test_sparse_sgd_step_equals_dense_optax_sgd",
          "tests/test_train.py::test_cli_end_to_end_on_tiny")),
     Mutation(

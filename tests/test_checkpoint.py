@@ -210,7 +210,7 @@ def _save_and_restore_elsewhere(tmp_path, saved_on, restore_on):
   for devices in restore_on:
     other = Task(_mesh_config(devices))
     assert not other.plan.same_layout(task.plan)
-    restored = ckpt.restore(other, other.config)
+    restored = ckpt.restore(other)
     assert restored.step == 7
     for got, expected in zip(other.embedding.to_arrays(restored.state.tables), tables,
                              strict=True):
@@ -223,7 +223,7 @@ def _save_and_restore_elsewhere(tmp_path, saved_on, restore_on):
         np.testing.assert_array_equal(got, expected)
     got = np.asarray(other.predict(restored.state.params, restored.state.tables, batch))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-  same = ckpt.restore(task, config)  # the saved plan: straight into the shardings
+  same = ckpt.restore(task)  # the saved plan: straight into the shardings
   _assert_states_equal(same.state, state)
 
 
@@ -270,7 +270,7 @@ def test_damaged_and_incomplete_checkpoints_are_skipped(tmp_path, saved_tiny):
   messages = []
   ckpt = checkpoint.Checkpointer(str(directory), log=messages.append)
   assert ckpt.steps() == [1, 2]  # the uncommitted save is not a checkpoint
-  restored = ckpt.restore(task, config)
+  restored = ckpt.restore(task)
   assert restored.step == 1
   _assert_states_equal(restored.state, states[1])
   assert len(messages) == 1 and "/2 is damaged" in messages[0], messages
@@ -299,7 +299,7 @@ def test_other_format_versions_are_refused_not_taken_for_damage(tmp_path, saved_
     with checkpoint.Checkpointer(str(directory)) as ckpt:
       with pytest.raises(checkpoint.CheckpointError, match=f"format version {version}, this "
                          r"code reads \[2, 3\]"):
-        ckpt.restore(task, config)
+        ckpt.restore(task)
     assert (directory / "2").is_dir() and not (directory / "2.damaged").exists()
 
 
@@ -328,14 +328,14 @@ def test_config_mismatch_is_refused_unless_partial(saved_tiny):
   other.arch_mlp_top = "16-1"
   other_task = Task(other)
   with pytest.raises(checkpoint.CheckpointMismatchError) as e:
-    ckpt.restore(other_task, other)
+    ckpt.restore(other_task)
   message = str(e.value)
   assert "arch_embedding_size: checkpoint '500-300-200-120-500-64-40-250', config " \
          "'500-300-200-120-500-64-40-999'" in message
   assert "arch_mlp_top: checkpoint '8-1', config '16-1'" in message
   assert "arch_mlp_bot" not in message and "restore_partial" in message
   fresh = other_task.init_state(5)
-  restored = ckpt.restore(other_task, other, partial=True, fresh=lambda: fresh)
+  restored = ckpt.restore(other_task, partial=True, fresh=lambda: fresh)
   ckpt.close()
   assert restored.partial and restored.step == 2
   got = other_task.embedding.to_arrays(restored.state.tables)
@@ -369,7 +369,7 @@ def test_partial_restore_takes_the_dense_slots_that_match_and_fresh_sparse_slots
   other.arch_mlp_top = "16-1"  # top layer 0: other shapes; layer 1: another kernel
   other_task = Task(other)
   fresh = _random_state(other_task, seed=9)  # unlike the saved slots and a new state's zeros
-  restored = ckpt.restore(other_task, other, partial=True, fresh=lambda: fresh)
+  restored = ckpt.restore(other_task, partial=True, fresh=lambda: fresh)
   assert restored.partial and int(restored.state.step) == 3  # the schedule's step: restored
 
   def rss(s, *path):

@@ -1,10 +1,13 @@
 """Config validation: bad values get errors that name the value and say why."""
 
+import json
+
 import pytest
 
 from conftest import load_config
-from dlrm_jax.config import ConfigError, parse_widths, validate_training
+from dlrm_jax.config import ConfigError, parse_widths
 from dlrm_jax.model import ModelSpec
+from dlrm_jax.specs import RunSpec, TrainingSpec
 
 
 def _spec(**overrides):
@@ -42,8 +45,8 @@ def test_error_names_the_value():
   assert "arch_mlp_bot=13-64-32" in str(e.value) and "arch_sparse_feature_size=16" in str(e.value)
 
 
+# A bad loss_function is one of CHOICE_FIELDS below.
 @pytest.mark.parametrize("key,value,message", [
-    ("loss_function", "hinge", "loss_function"),
     ("mini_batch_size", 0, "mini_batch_size"),
     ("learning_rate", 0.0, "learning_rate"),
     ("lr_num_warmup_steps", -1, "lr_num_warmup_steps"),
@@ -52,7 +55,7 @@ def test_invalid_training(key, value, message):
   c = load_config("default")
   setattr(c, key, value)
   with pytest.raises(ConfigError, match=message):
-    validate_training(c)
+    TrainingSpec.from_config(c)
 
 
 def test_wbce_needs_two_weights():
@@ -60,7 +63,16 @@ def test_wbce_needs_two_weights():
   c.loss_function = "wbce"
   c.loss_weights = "1.0-2.0-3.0"
   with pytest.raises(ConfigError, match="two weights"):
-    validate_training(c)
+    TrainingSpec.from_config(c)
+
+
+def test_the_decay_cannot_start_before_the_warmup_ends():
+  c = load_config("default")
+  c.lr_num_warmup_steps, c.lr_decay_start_step, c.lr_num_decay_steps = 10, 5, 20
+  with pytest.raises(ConfigError, match="lr_decay_start_step=5 is before the end of the warmup"):
+    TrainingSpec.from_config(c)
+  c.lr_num_decay_steps = 0  # no decay: its start does not matter
+  TrainingSpec.from_config(c)
 
 
 def test_parse_widths():
@@ -71,8 +83,8 @@ def test_parse_widths():
 @pytest.mark.parametrize("name", ["default", "tiny", "criteo_kaggle", "criteo_terabyte"])
 def test_shipped_configs_are_valid(name):
   c = load_config(name)
-  ModelSpec.from_config(c)
-  validate_training(c)
+  spec = RunSpec.from_config(c)
+  assert spec.model == ModelSpec.from_config(c) and spec.source == json.loads(c.to_json())
 
 
 def test_criteo_configs_say_how_to_get_data(tmp_path):
@@ -83,7 +95,7 @@ def test_criteo_configs_say_how_to_get_data(tmp_path):
   with pytest.raises(ConfigError, match="python -m dlrm_jax.data.criteo prepare"):
     configure_data(c)
   with pytest.raises(ConfigError, match="python -m dlrm_jax.data.criteo prepare"):
-    make_data(c, ModelSpec.from_config(c))
+    make_data(RunSpec.from_config(c))
 
 
 # Every field with a fixed set of choices, a bad value for it, and the choices the error
@@ -119,15 +131,12 @@ def test_every_choice_field_refuses_a_bad_value(field, choices, tmp_path):
   assert all(repr(choice) in message for choice in choices), message
 
 
-def test_the_cpu_collectives_of_a_multi_process_run_are_checked():
-  from dlrm_jax import parallel
-
+def test_the_cpu_collectives_are_checked():
   c = load_config("tiny")
-  c.distributed.coordinator_address = "localhost:1"
   c.distributed.cpu_collectives = "foo"
   with pytest.raises(ConfigError, match=r"distributed.cpu_collectives='foo' is not one of "
                                         r"\('gloo', 'mpi'\)"):
-    parallel.initialize_distributed(c)
+    RunSpec.from_config(c)
 
 
 def test_the_command_line_reports_a_bad_choice_without_a_traceback(tmp_path):

@@ -61,8 +61,8 @@ def test_training_on_real_kaggle_rows_learns(tmp_path, monkeypatch):
   c.mesh.num_devices = 1  # the data path is under test here, not the sharding
   seen = {}  # the train batches, as the loader gives them (it reads a few ahead)
   make_data = trainer.make_data
-  monkeypatch.setattr(trainer, "make_data", lambda config, spec: Injected(
-      make_data(config, spec), lambda i, batch: seen.setdefault(i, batch)))
+  monkeypatch.setattr(trainer, "make_data", lambda run: Injected(
+      make_data(run), lambda i, batch: seen.setdefault(i, batch)))
   result = trainer.train_and_evaluate(c, str(tmp_path / "run"))
   assert result.summary["steps"] == 67
   assert result.summary["eval_samples"] == 704

@@ -16,6 +16,7 @@ from dlrm_jax import optim, trainer
 from dlrm_jax.config import parse_widths
 from dlrm_jax.data import SyntheticCTR
 from dlrm_jax.embedding import IdOutOfRangeError
+from dlrm_jax.specs import TrainingSpec
 from dlrm_jax.task import Task
 
 
@@ -145,7 +146,7 @@ def test_lr_schedule_matches_reference_policy(tiny_config, warmup, decay_start, 
   c.learning_rate, c.lr_num_warmup_steps = 2.0, warmup
   c.lr_decay_start_step, c.lr_num_decay_steps = decay_start, decay_steps
   want = ReferenceLRPolicy(2.0, warmup, decay_start, decay_steps).rates(80)
-  got = jax.jit(jax.vmap(optim.lr_schedule(c)))(np.arange(80))
+  got = jax.jit(jax.vmap(optim.lr_schedule(TrainingSpec.from_config(c))))(np.arange(80))
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
 
 
@@ -157,7 +158,7 @@ def test_lr_schedule_where_the_reference_has_no_rate_to_hold(tiny_config):
   c.lr_decay_start_step, c.lr_num_decay_steps = 5, 4
   with pytest.raises(AttributeError):
     ReferenceLRPolicy(2.0, 0, 5, 4).rates(1)
-  got = np.asarray(jax.vmap(optim.lr_schedule(c))(np.arange(12)))
+  got = np.asarray(jax.vmap(optim.lr_schedule(TrainingSpec.from_config(c)))(np.arange(12)))
   np.testing.assert_allclose(got[:4], 2.0)
   reference_after = ReferenceLRPolicy(2.0, 0, 5, 4)
   reference_after.last_lr = 2.0  # what this schedule holds before the decay
@@ -169,7 +170,7 @@ def test_losses(tiny_config, loss):
   c = tiny_config
   c.loss_function = loss
   c.loss_weights = "1.0-3.0"
-  fn = optim.make_loss(c)
+  fn = optim.make_loss(TrainingSpec.from_config(c))
   logits = jnp.array([-2.0, 0.5, 3.0])
   labels = jnp.array([0.0, 1.0, 1.0])
   p = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
@@ -278,7 +279,7 @@ def test_the_training_loop_checks_ids(tiny_config, tmp_path, monkeypatch):
 
   make_data = trainer.make_data
   monkeypatch.setattr(trainer, "make_data",
-                      lambda config, spec: Injected(make_data(config, spec), hook))
+                      lambda run: Injected(make_data(run), hook))
   with pytest.raises(IdOutOfRangeError, match=f"feature 2.*sample 5.*{rows[2]}"):
     trainer.train_and_evaluate(tiny_config, str(tmp_path))
 

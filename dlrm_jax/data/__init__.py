@@ -8,7 +8,7 @@ from dlrm_jax.config import ConfigError
 from dlrm_jax.data.synthetic import Batch, RandomData, SyntheticCTR, hashed_uniform
 
 if TYPE_CHECKING:
-  from dlrm_jax.model import ModelSpec
+  from dlrm_jax.specs import RunSpec
 
 DATA_KINDS = ("synthetic_ctr", "random", "criteo_kaggle", "criteo_terabyte")
 CRITEO_KINDS = {"criteo_kaggle": "kaggle", "criteo_terabyte": "terabyte"}
@@ -28,7 +28,7 @@ def configure_data(config):
     return config
   from dlrm_jax.data.format import FormatError, read_metadata
 
-  path = str(data.get("path") or "")
+  path = str(data.path)
   try:
     meta = read_metadata(path)
   except FormatError as e:
@@ -36,16 +36,16 @@ def configure_data(config):
   want = CRITEO_KINDS[data.kind]
   if meta["dataset"] != want:
     raise ConfigError(f"data.kind={data.kind!r} but {path} holds the {meta['dataset']} dataset")
-  max_ind_range = int(data.get("max_ind_range", -1) or -1)
+  max_ind_range = int(data.max_ind_range)
   prepared = meta["options"].get("max_ind_range")
   if max_ind_range > 0 and prepared != [max_ind_range] * len(prepared or [0]):
     raise ConfigError(
         f"data.max_ind_range={max_ind_range}, but {path} was prepared with max_ind_range="
         f"{prepared if prepared is None else sorted(set(prepared))}: prepare it with "
         f"--max-ind-range {max_ind_range}, or set data.max_ind_range=-1 to train on it as it is")
-  split = str(data.get("eval_split", "test"))
+  split = str(data.eval_split)
   if split not in ("test", "val"):
-    raise ConfigError(f"data.eval_split={split!r} is not 'test' or 'val'")
+    raise ConfigError(f"data.eval_split={split!r} is not one of ('test', 'val')")
   new = config.copy_and_resolve_references()
   new.arch_embedding_size = "-".join(str(v) for v in meta["vocab_sizes"])
   if int(new.test_num_batches) <= 0:
@@ -54,56 +54,42 @@ def configure_data(config):
   return new
 
 
-def make_data(config, spec: "ModelSpec"):
-  """The batch generator that `config.data.kind` names, sized for `spec`."""
-  data = config.data
-  kind = data.kind
+def make_data(run: "RunSpec"):
+  """The data source that `data.kind` names, sized for the run's model."""
+  data, spec = run.data, run.model
   common = dict(table_rows=spec.table_rows, num_dense=spec.num_dense,
-                batch_size=int(config.mini_batch_size), seed=int(data.seed))
-  if kind == "random":
-    return RandomData(**common, hotness=int(data.hotness),
-                      variable_hotness=bool(data.variable_hotness))
-  if kind == "synthetic_ctr":
-    if int(data.hotness) != 1 or data.variable_hotness:
+                batch_size=run.training.mini_batch_size, seed=data.seed)
+  if data.kind == "random":
+    return RandomData(**common, hotness=data.hotness, variable_hotness=data.variable_hotness)
+  if data.kind == "synthetic_ctr":
+    if data.hotness != 1 or data.variable_hotness:
       raise ConfigError(f"data.hotness={data.hotness}, data.variable_hotness="
                         f"{data.variable_hotness}: synthetic_ctr draws one id per feature; "
                         "multi-hot bags are available with data.kind='random'")
     return SyntheticCTR(
-        **common,
-        zipf_exponent=float(data.zipf_exponent),
-        dense_missing_rate=float(data.dense_missing_rate),
-        sparse_missing_rate=float(data.sparse_missing_rate),
-        teacher_num_pairs=int(data.teacher_num_pairs),
-        teacher_pair_scale=float(data.teacher_pair_scale),
-        teacher_dense_scale=float(data.teacher_dense_scale),
-    )
-  if kind in CRITEO_KINDS:
-    return _make_criteo(config, spec)
-  raise ConfigError(f"data.kind={kind!r} is not one of {DATA_KINDS}")
+        **common, zipf_exponent=data.zipf_exponent, dense_missing_rate=data.dense_missing_rate,
+        sparse_missing_rate=data.sparse_missing_rate, teacher_num_pairs=data.teacher_num_pairs,
+        teacher_pair_scale=data.teacher_pair_scale, teacher_dense_scale=data.teacher_dense_scale)
+  if data.kind in CRITEO_KINDS:
+    return _make_criteo(run)
+  raise ConfigError(f"data.kind={data.kind!r} is not one of {DATA_KINDS}")
 
 
-def _make_criteo(config, spec: "ModelSpec"):
-  from dlrm_jax.data.format import FormatError, read_metadata
+def _make_criteo(run: "RunSpec"):
+  from dlrm_jax.data.format import FormatError
   from dlrm_jax.data.loader import CriteoData
-
-  data = config.data
-  try:
-    read_metadata(str(data.path))
-  except FormatError as e:
-    raise ConfigError(f"data.path={data.get('path')!r}: {e}") from None
   import jax
 
+  data, spec = run.data, run.model
   try:
     source = CriteoData(
-        str(data.path), int(config.mini_batch_size), seed=int(data.seed),
-        eval_split=str(data.get("eval_split", "test")), shuffle=bool(data.get("shuffle", True)),
-        block_rows=int(data.get("block_rows", 1024)),
-        shuffle_buffer=int(data.get("shuffle_buffer", 1 << 18)),
+        data.path, run.training.mini_batch_size, seed=data.seed, eval_split=data.eval_split,
+        shuffle=data.shuffle, block_rows=data.block_rows, shuffle_buffer=data.shuffle_buffer,
         process_index=jax.process_index(), process_count=jax.process_count())
   except FormatError as e:
-    raise ConfigError(f"data.path={data.get('path')!r}: {e}") from None
-  small = [(f, have, need) for f, (have, need) in enumerate(zip(spec.table_rows, source.table_rows))
-           if have < need]
+    raise ConfigError(f"data.path={data.path!r}: {e}") from None
+  small = [(f, have, need) for f, (have, need)
+           in enumerate(zip(spec.table_rows, source.table_rows)) if have < need]
   if len(spec.table_rows) != len(source.table_rows) or small:
     raise ConfigError(
         f"arch_embedding_size has {len(spec.table_rows)} tables, but {data.path} needs "

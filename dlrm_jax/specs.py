@@ -1,0 +1,222 @@
+"""Typed, validated specs of a run, built once from its ConfigDict.
+
+`RunSpec.from_config(config)` reads every field of the config (whose defaults
+are in `dlrm_jax.config.base_config`, the one place for them) into frozen
+dataclasses: the model (`dlrm_jax.model.ModelSpec`), training, mesh, sharding,
+processes, data and checkpoints. Each checks its values where it is built and
+raises a `ConfigError` that names the field. Choices whose registry lives with
+its owner (optimisers, losses, interactions, poolings, data kinds) are checked
+by that owner. This module imports no JAX.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import TYPE_CHECKING
+
+from dlrm_jax.config import ConfigError, parse_floats
+
+if TYPE_CHECKING:
+  from dlrm_jax.model import ModelSpec
+
+AXIS_TYPES = ("explicit", "auto")
+CPU_COLLECTIVES = ("gloo", "mpi")  # JAX's CPU collectives between processes
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSpec:
+  """Loss, optimisers, learning-rate policy, steps and evaluation."""
+
+  loss_function: str
+  loss_weights: tuple[float, ...]
+  learning_rate: float
+  lr_num_warmup_steps: int
+  lr_decay_start_step: int
+  lr_num_decay_steps: int
+  dense_optimizer: str
+  embedding_optimizer: str
+  embedding_optimizer_args: str
+  embedding_pooling: str
+  mini_batch_size: int
+  num_batches: int
+  test_freq: int
+  test_mini_batch_size: int
+  test_num_batches: int
+  target_auc: float
+  seed: int
+  progress_bar: bool
+
+  def __post_init__(self):
+    if self.loss_function == "wbce" and len(self.loss_weights) != 2:
+      raise ConfigError(f"loss_weights={_dash(self.loss_weights)!r} must give two weights, "
+                        "for label 0 and label 1")
+    for name in ("mini_batch_size", "test_mini_batch_size", "num_batches"):
+      if getattr(self, name) <= 0:
+        raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+    if not self.learning_rate > 0:
+      raise ConfigError(f"learning_rate={self.learning_rate} must be > 0")
+    for name in ("lr_num_warmup_steps", "lr_decay_start_step", "lr_num_decay_steps"):
+      if getattr(self, name) < 0:
+        raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+    if self.lr_num_decay_steps > 0 and self.lr_decay_start_step < self.lr_num_warmup_steps:
+      raise ConfigError(
+          f"lr_decay_start_step={self.lr_decay_start_step} is before the end of the warmup "
+          f"(lr_num_warmup_steps={self.lr_num_warmup_steps}): the warmup must finish before "
+          "the decay starts")
+
+  @classmethod
+  def from_config(cls, c) -> "TrainingSpec":
+    return cls(
+        loss_function=str(c.loss_function),
+        loss_weights=parse_floats("loss_weights", c.loss_weights),
+        learning_rate=float(c.learning_rate),
+        lr_num_warmup_steps=int(c.lr_num_warmup_steps),
+        lr_decay_start_step=int(c.lr_decay_start_step),
+        lr_num_decay_steps=int(c.lr_num_decay_steps),
+        dense_optimizer=str(c.dense_optimizer),
+        embedding_optimizer=str(c.embedding_optimizer),
+        embedding_optimizer_args=str(c.embedding_optimizer_args),
+        embedding_pooling=str(c.embedding_pooling),
+        mini_batch_size=int(c.mini_batch_size),
+        num_batches=int(c.num_batches),
+        test_freq=int(c.test_freq),
+        test_mini_batch_size=int(c.test_mini_batch_size),
+        test_num_batches=int(c.test_num_batches),
+        target_auc=float(c.target_auc),
+        seed=int(c.seed),
+        progress_bar=bool(c.progress_bar))
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+  num_devices: int  # 0: all
+  replicas: int
+  axis_types: str
+
+  def __post_init__(self):
+    if self.axis_types not in AXIS_TYPES:
+      raise ConfigError(f"mesh.axis_types={self.axis_types!r} is not one of {AXIS_TYPES}")
+    if self.num_devices < 0:
+      raise ConfigError(f"mesh.num_devices={self.num_devices} must be >= 0 (0: all)")
+
+  @classmethod
+  def from_config(cls, c) -> "MeshSpec":
+    return cls(num_devices=int(c.num_devices), replicas=int(c.replicas),
+               axis_types=str(c.axis_types).lower())
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingSpec:
+  overrides: str  # "t3:row_wise,t7:table_wise:2" (parsed by the planner)
+  memory_budget_mb: float  # 0: the device's own
+  min_column_width: int
+
+  @classmethod
+  def from_config(cls, c) -> "ShardingSpec":
+    return cls(overrides=str(c.overrides), memory_budget_mb=float(c.memory_budget_mb),
+               min_column_width=int(c.min_column_width))
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSpec:
+  coordinator_address: str
+  num_processes: int
+  process_id: int
+  cpu_collectives: str
+
+  def __post_init__(self):
+    if self.cpu_collectives not in CPU_COLLECTIVES:
+      raise ConfigError(f"distributed.cpu_collectives={self.cpu_collectives!r} is not one of "
+                        f"{CPU_COLLECTIVES}")
+
+  @classmethod
+  def from_config(cls, c) -> "DistributedSpec":
+    return cls(coordinator_address=str(c.coordinator_address),
+               num_processes=int(c.num_processes), process_id=int(c.process_id),
+               cpu_collectives=str(c.cpu_collectives) or "gloo")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """The data source and its knobs (see base_config for their meaning)."""
+
+  kind: str
+  num_dense_features: int
+  seed: int
+  zipf_exponent: float
+  dense_missing_rate: float
+  sparse_missing_rate: float
+  teacher_num_pairs: int
+  teacher_pair_scale: float
+  teacher_dense_scale: float
+  hotness: int
+  variable_hotness: bool
+  path: str
+  max_ind_range: int
+  eval_split: str
+  shuffle: bool
+  block_rows: int
+  shuffle_buffer: int
+
+  def __post_init__(self):
+    if self.eval_split not in ("test", "val"):
+      raise ConfigError(f"data.eval_split={self.eval_split!r} is not one of ('test', 'val')")
+    if self.hotness < 1:
+      raise ConfigError(f"data.hotness={self.hotness} must be >= 1")
+
+  @classmethod
+  def from_config(cls, c) -> "DataSpec":
+    return cls(**{f.name: _cast(f.type, c[f.name]) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+  enabled: bool
+  every_steps: int
+  max_to_keep: int
+  keep_best: bool
+  async_save: bool
+  resume: bool
+  restore_partial: bool
+
+  @classmethod
+  def from_config(cls, c) -> "CheckpointSpec":
+    return cls(**{f.name: _cast(f.type, c[f.name]) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """A whole run, typed; `source` is the config it came from, as JSON (checkpoints keep it)."""
+
+  model: "ModelSpec"
+  training: TrainingSpec
+  mesh: MeshSpec
+  sharding: ShardingSpec
+  distributed: DistributedSpec
+  data: DataSpec
+  checkpoint: CheckpointSpec
+  source: dict
+
+  @classmethod
+  def from_config(cls, config) -> "RunSpec":
+    from dlrm_jax.model import ModelSpec  # JAX, for the interactions' registry
+
+    return cls(model=ModelSpec.from_config(config),
+               training=TrainingSpec.from_config(config),
+               mesh=MeshSpec.from_config(config.mesh),
+               sharding=ShardingSpec.from_config(config.sharding),
+               distributed=DistributedSpec.from_config(config.distributed),
+               data=DataSpec.from_config(config.data),
+               checkpoint=CheckpointSpec.from_config(config.checkpoint),
+               source=json.loads(config.to_json()))
+
+
+def _cast(annotation: str, value):
+  """A config value as the field's declared type (`from __future__ import annotations`
+  keeps the annotations as strings)."""
+  return {"int": int, "float": float, "bool": bool, "str": str}[annotation](value)
+
+
+def _dash(values) -> str:
+  return "-".join(str(v) for v in values)
