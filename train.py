@@ -53,9 +53,9 @@ def main(argv):
 
 def _exit_without_teardown() -> None:
   """Ends a finished run without the interpreter's teardown, in which a native
-  library's exit handlers aborted about one run in 20 on the development machine
-  ("terminate called without an active exception", exit status 134, after the
-  summary was printed). Everything has been written and closed by then."""
+  library's exit handlers sometimes abort ("terminate called without an active
+  exception", exit status 134) after the summary is printed. Everything has
+  been written and closed by then."""
   import sys
 
   import jax

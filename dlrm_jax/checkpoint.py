@@ -138,9 +138,7 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
 
   Orbax's default on CPU splits a replicated array's write between its
   replicas, which slices every array on every device with a freshly compiled
-  program: on 4 simulated CPU devices that took 56 s (24 compiles) for six
-  small arrays on a 2-core machine, against 3 s written whole
-  (benchmarks/checkpoint_replicated.py). The arrays
+  program, far slower than one write (figures: docs/checkpoints.md). The arrays
   replicated here are the dense parameters and the small replicated tables.
   """
   registry = ocp.type_handlers.create_type_handler_registry(

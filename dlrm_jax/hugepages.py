@@ -1,16 +1,13 @@
 """The host process's memory pages, which the speed of a CPU train step depends on.
 
-XLA:CPU allocates each step's temporary buffer afresh: one block of 33 MB for
-the Kaggle-shaped model at batch 2048, above any mmap threshold glibc's malloc
-allows (32 MiB at most), so glibc maps it with mmap and unmaps it after the
-step, and every step faulted its pages in again: about 9,300 minor page
-faults per step, an eighth to a quarter of its time on a 2-core VM (see
-benchmarks/RESULTS.md). With the glibc tunable `glibc.malloc.hugetlb=1`
-(glibc 2.35+) malloc asks for transparent huge pages for such mappings and
-its heaps, so the same block takes a handful of 2 MiB faults instead (a few
-hundred faults per step in all, measured); the embedding tables, allocated
-the same way, get huge pages too, which cuts the cost of their random rows'
-page-table walks.
+XLA:CPU allocates each step's temporary buffer afresh, in a block above any
+mmap threshold glibc's malloc allows, so glibc maps and unmaps it every step
+and the step faults its pages in again. With the glibc tunable
+`glibc.malloc.hugetlb=1` (glibc 2.35+) malloc asks for transparent huge pages
+for such mappings and its heaps, so the block takes a few 2 MiB faults; the
+embedding tables, allocated the same way, get huge pages too, which cuts the
+cost of their random rows' page-table walks. The measurements are in
+docs/cpu_performance.md and benchmarks/RESULTS.md.
 
 The tunable is read when the process starts, so an entry point that wants it
 re-executes itself with it (`use_huge_pages`); `train.py` does. Library users

@@ -18,8 +18,8 @@ for `kaggle*` configs, `day_0` .. `day_23` (optionally `.gz`) for
 which resumes if interrupted and can also be read by the loader directly.
 
 Each record holds a block of `block_rows` consecutive rows, not one row:
-TFDS decodes records at about 9,000 per second here, so one row per record
-would cap reading at that many rows per second. Splits: train, test, val as
+TFDS decodes records one by one, so one row per record would cap reading at
+its record rate (docs/criteo.md). Splits: train, test, val as
 the reference makes them.
 """
 

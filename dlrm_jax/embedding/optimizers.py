@@ -96,8 +96,8 @@ class SparseSGD:
     table = tables["stacked"]
     n = table.shape[0]
     # Slots with row >= n (padding) add zero to a valid row instead of being
-    # dropped: XLA:CPU's scatter-add with mode="drop" is ~50x slower than with
-    # in-bounds indices.
+    # dropped: XLA:CPU's scatter-add with mode="drop" is far slower than with
+    # in-bounds indices (benchmarks/RESULTS.md).
     update = jnp.where((rows < n)[:, None], -lr * grads, 0.0).astype(table.dtype)
     table = table.at[jnp.minimum(rows, n - 1)].add(update, mode="promise_in_bounds")
     return {"stacked": table}, state
