@@ -34,7 +34,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  from dlrm_jax import checkpoint, trainer  # Imported here so that --help stays fast.
+  from dlrm_jax import checkpoint, parallel, trainer  # Here, so that --help stays fast.
 
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join(
@@ -48,24 +48,7 @@ def main(argv):
     raise SystemExit(f"error: {e}") from None
   if _is_lead():
     print(trainer.format_summary(result.summary), flush=True)
-  _exit_without_teardown()
-
-
-def _exit_without_teardown() -> None:
-  """Ends a finished run without the interpreter's teardown, in which a native
-  library's exit handlers sometimes abort ("terminate called without an active
-  exception", exit status 134) after the summary is printed. Everything has
-  been written and closed by then."""
-  import sys
-
-  import jax
-
-  if jax.process_count() > 1:
-    jax.distributed.shutdown()  # what the skipped exit handlers would have done
-  logging.flush()
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os._exit(0)
+  parallel.exit_without_teardown()  # native exit handlers sometimes abort a finished run
 
 
 def _is_lead() -> bool:

@@ -30,6 +30,9 @@ def main(port: str, num_processes: str, process_id: str, workdir: str, steps: st
   tables = result.task.embedding.to_arrays(result.state.tables)  # a collective: every process
   if int(process_id) == 0:
     np.savez(os.path.join(workdir, "tables.npz"), *tables)
+  from dlrm_jax import parallel
+
+  parallel.exit_without_teardown()  # as train.py does
 
 
 if __name__ == "__main__":
