@@ -46,22 +46,18 @@ class Injected:
 
 
 class _InjectedStream:
-  """A stream of batches through `hook`; keeps the wrapped stream's `restore` and
-  `state_at` (the Criteo loader's data position) visible to the trainer."""
+  """A `BatchStream` whose batches go through `hook`, with the wrapped stream's data
+  position."""
 
   def __init__(self, stream, start, hook):
     self._stream, self._index, self._hook = stream, start, hook
 
-  def __getattr__(self, name):  # AttributeError where the wrapped stream lacks it
-    attr = getattr(self._stream, name)
-    if name != "restore":
-      return attr
+  def state_at(self, position):
+    return self._stream.state_at(position)
 
-    def restore(state):
-      attr(state)
-      self._index = int(state["position"])
-
-    return restore
+  def restore(self, state):
+    self._stream.restore(state)
+    self._index = int(state["position"])
 
   def __iter__(self):
     return self

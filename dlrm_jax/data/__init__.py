@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from dlrm_jax.config import ConfigError
 from dlrm_jax.data.synthetic import Batch, RandomData, SyntheticCTR, hashed_uniform
-
-if TYPE_CHECKING:
-  from dlrm_jax.specs import RunSpec
+from dlrm_jax.specs import DataSpec, RunSpec
 
 DATA_KINDS = ("synthetic_ctr", "random", "criteo_kaggle", "criteo_terabyte")
 CRITEO_KINDS = {"criteo_kaggle": "kaggle", "criteo_terabyte": "terabyte"}
@@ -23,12 +19,12 @@ def configure_data(config):
   prepared directory, another dataset, another `max_ind_range`) are
   ConfigErrors that say what to do.
   """
-  data = config.data
+  data = DataSpec.from_config(config.data)  # checked and typed, as the run will read it
   if data.kind not in CRITEO_KINDS:
     return config
   from dlrm_jax.data.format import FormatError, read_metadata
 
-  path = str(data.path)
+  path = data.path
   try:
     meta = read_metadata(path)
   except FormatError as e:
@@ -36,25 +32,22 @@ def configure_data(config):
   want = CRITEO_KINDS[data.kind]
   if meta["dataset"] != want:
     raise ConfigError(f"data.kind={data.kind!r} but {path} holds the {meta['dataset']} dataset")
-  max_ind_range = int(data.max_ind_range)
+  max_ind_range = data.max_ind_range
   prepared = meta["options"].get("max_ind_range")
   if max_ind_range > 0 and prepared != [max_ind_range] * len(prepared or [0]):
     raise ConfigError(
         f"data.max_ind_range={max_ind_range}, but {path} was prepared with max_ind_range="
         f"{prepared if prepared is None else sorted(set(prepared))}: prepare it with "
         f"--max-ind-range {max_ind_range}, or set data.max_ind_range=-1 to train on it as it is")
-  split = str(data.eval_split)
-  if split not in ("test", "val"):
-    raise ConfigError(f"data.eval_split={split!r} is not one of ('test', 'val')")
   new = config.copy_and_resolve_references()
   new.arch_embedding_size = "-".join(str(v) for v in meta["vocab_sizes"])
   if int(new.test_num_batches) <= 0:
-    rows = sum(b - a for a, b in meta["splits"][split])
+    rows = sum(b - a for a, b in meta["splits"][data.eval_split])
     new.test_num_batches = max(1, rows // int(new.test_mini_batch_size))
   return new
 
 
-def make_data(run: "RunSpec"):
+def make_data(run: RunSpec):
   """The data source that `data.kind` names, sized for the run's model."""
   data, spec = run.data, run.model
   common = dict(table_rows=spec.table_rows, num_dense=spec.num_dense,
@@ -75,7 +68,7 @@ def make_data(run: "RunSpec"):
   raise ConfigError(f"data.kind={data.kind!r} is not one of {DATA_KINDS}")
 
 
-def _make_criteo(run: "RunSpec"):
+def _make_criteo(run: RunSpec):
   from dlrm_jax.data.format import FormatError
   from dlrm_jax.data.loader import CriteoData
   import jax

@@ -15,6 +15,8 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
+from dlrm_jax.embedding.collection import gather_rows
+
 
 class LocalLookup(Protocol):
   """Gather, pool and update of one device's rows."""
@@ -35,7 +37,7 @@ class PortableLookup:
   """XLA's gather, an einsum and the optimiser's own scatter: every backend."""
 
   def gather(self, table, rows):
-    return jnp.take(table, rows, axis=0, mode="clip")
+    return gather_rows(table, rows)
 
   def pool(self, vectors, scale):
     if scale is None:
