@@ -44,7 +44,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import SingleDeviceSharding
 
-from dlrm_jax.config import ConfigError
+from dlrm_jax.config import ConfigError, parse_widths
 from dlrm_jax.embedding import EmbeddingCollection
 from dlrm_jax.embedding.planner import Plan
 from dlrm_jax.embedding.sharded import plan_groups, unstack_rows
@@ -372,6 +372,6 @@ def _key(path) -> str:
 
 def _collection(config: dict) -> EmbeddingCollection:
   """The tables of a saved config."""
-  rows = [int(r) for r in str(config["arch_embedding_size"]).split("-")]
+  rows = parse_widths("arch_embedding_size", config["arch_embedding_size"])
   return EmbeddingCollection.uniform(rows, int(config["arch_sparse_feature_size"]),
                                      config.get("embedding_pooling", "sum"))

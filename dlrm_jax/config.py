@@ -38,6 +38,11 @@ def parse_widths(name: str, value: str | int | Sequence[int]) -> tuple[int, ...]
   return tuple(parts)
 
 
+def dash_list(values: Sequence) -> str:
+  """The reference's dash-separated form of a list, the inverse of `parse_widths`."""
+  return "-".join(str(v) for v in values)
+
+
 def parse_floats(name: str, value: str | Sequence[float]) -> tuple[float, ...]:
   """Parses a dash-separated list of floats such as the reference's "1.0-1.0"."""
   if isinstance(value, str):

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dlrm_jax.config import ConfigError, parse_widths
+from dlrm_jax.config import ConfigError, dash_list, parse_widths
 from dlrm_jax.ops import take_static
 
 
@@ -184,19 +184,19 @@ class ModelSpec:
       raise ConfigError(f"arch_sparse_feature_size={self.embedding_dim} must be >= 1")
     if len(self.bottom) < 2:
       raise ConfigError(
-          f"arch_mlp_bot={_dash(self.bottom)} needs at least an input and an output width")
+          f"arch_mlp_bot={dash_list(self.bottom)} needs at least an input and an output width")
     if self.bottom[0] != self.num_dense:
       raise ConfigError(
-          f"arch_mlp_bot={_dash(self.bottom)} starts with {self.bottom[0]}, but there are "
+          f"arch_mlp_bot={dash_list(self.bottom)} starts with {self.bottom[0]}, but there are "
           f"{self.num_dense} dense features: its first width must be the number of dense features")
     if self.bottom[-1] != self.embedding_dim:
       raise ConfigError(
-          f"arch_mlp_bot={_dash(self.bottom)} ends with {self.bottom[-1]}, but "
+          f"arch_mlp_bot={dash_list(self.bottom)} ends with {self.bottom[-1]}, but "
           f"arch_sparse_feature_size={self.embedding_dim}: the bottom MLP's output is interacted "
           "with the embedding vectors, so its last width must equal the embedding dim")
     if self.top[-1] != 1:
       raise ConfigError(
-          f"arch_mlp_top={_dash(self.top)} ends with {self.top[-1]}: the top MLP outputs one "
+          f"arch_mlp_top={dash_list(self.top)} ends with {self.top[-1]}: the top MLP outputs one "
           "click logit, so its last width must be 1")
     if not self.table_rows:
       raise ConfigError("arch_embedding_size is empty: give at least one table size")
@@ -225,10 +225,6 @@ class ModelSpec:
         interaction=str(config.arch_interaction_op),
         interaction_itself=bool(config.arch_interaction_itself),
     )
-
-
-def _dash(widths: Sequence[int]) -> str:
-  return "-".join(str(w) for w in widths)
 
 
 class DLRM(nnx.Module):

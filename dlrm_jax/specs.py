@@ -15,7 +15,7 @@ import dataclasses
 import json
 from typing import TYPE_CHECKING
 
-from dlrm_jax.config import ConfigError, parse_floats
+from dlrm_jax.config import ConfigError, dash_list, parse_floats
 
 if TYPE_CHECKING:
   from dlrm_jax.model import ModelSpec
@@ -49,7 +49,7 @@ class TrainingSpec:
 
   def __post_init__(self):
     if self.loss_function == "wbce" and len(self.loss_weights) != 2:
-      raise ConfigError(f"loss_weights={_dash(self.loss_weights)!r} must give two weights, "
+      raise ConfigError(f"loss_weights={dash_list(self.loss_weights)!r} must give two weights, "
                         "for label 0 and label 1")
     for name in ("mini_batch_size", "test_mini_batch_size", "num_batches"):
       if getattr(self, name) <= 0:
@@ -216,7 +216,3 @@ def _cast(annotation: str, value):
   """A config value as the field's declared type (`from __future__ import annotations`
   keeps the annotations as strings)."""
   return {"int": int, "float": float, "bool": bool, "str": str}[annotation](value)
-
-
-def _dash(values) -> str:
-  return "-".join(str(v) for v in values)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dlrm_jax.config import ConfigError
+from dlrm_jax.config import ConfigError, dash_list
 from dlrm_jax.data.synthetic import Batch, RandomData, SyntheticCTR, hashed_uniform
 from dlrm_jax.specs import DataSpec, RunSpec
 
@@ -40,7 +40,7 @@ def configure_data(config):
         f"{prepared if prepared is None else sorted(set(prepared))}: prepare it with "
         f"--max-ind-range {max_ind_range}, or set data.max_ind_range=-1 to train on it as it is")
   new = config.copy_and_resolve_references()
-  new.arch_embedding_size = "-".join(str(v) for v in meta["vocab_sizes"])
+  new.arch_embedding_size = dash_list(meta["vocab_sizes"])
   if int(new.test_num_batches) <= 0:
     rows = sum(b - a for a, b in meta["splits"][data.eval_split])
     new.test_num_batches = max(1, rows // int(new.test_mini_batch_size))
