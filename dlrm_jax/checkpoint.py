@@ -35,6 +35,7 @@ are read whole on each host and re-laid out table by table
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Callable
@@ -44,7 +45,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import SingleDeviceSharding
 
-from dlrm_jax.config import ConfigError, parse_widths
+from dlrm_jax.config import ConfigError, base_config, parse_widths
 from dlrm_jax.embedding import EmbeddingCollection
 from dlrm_jax.embedding.planner import Plan
 from dlrm_jax.embedding.sharded import plan_groups, unstack_rows
@@ -56,7 +57,8 @@ READABLE_VERSIONS = (2, 3)
 # Config fields that define the saved arrays: a checkpoint restores only into
 # a config that agrees on all of them (unless a partial restore is asked for).
 MODEL_KEYS = ("arch_sparse_feature_size", "arch_mlp_bot", "arch_mlp_top", "arch_embedding_size",
-              "arch_interaction_op", "arch_interaction_itself", "embedding_pooling",
+              "arch_interaction_op", "arch_interaction_itself", "arch_dot_pair_order",
+              "dcn_num_layers", "dcn_low_rank_dim", "embedding_pooling",
               "dense_optimizer", "embedding_optimizer", "data.num_dense_features")
 
 
@@ -77,10 +79,13 @@ def _get(config: dict, key: str):
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-  """The model-defining fields (MODEL_KEYS) on which two configs (as JSON) differ."""
+  """The model-defining fields (MODEL_KEYS) on which two configs (as JSON) differ; a
+  field that an older checkpoint's config lacks has its default (base_config's)."""
+  defaults = json.loads(base_config().to_json())
   out = []
   for key in MODEL_KEYS:
     a, b = _get(saved, key), _get(current, key)
+    a = _get(defaults, key) if a is None else a
     if a != b:
       out.append(f"{key}: checkpoint {a!r}, config {b!r}")
   return out

@@ -53,6 +53,21 @@ def parse_floats(name: str, value: str | Sequence[float]) -> tuple[float, ...]:
   return tuple(float(p) for p in value)
 
 
+def parse_args(field: str, text: str) -> dict[str, float]:
+  """"a=1,b=2e-3" -> {"a": 1.0, "b": 0.002} (an optimiser's hyper-parameters); a
+  ConfigError naming `field` otherwise."""
+  out = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    key, sep, value = part.partition("=")
+    try:
+      out[key.strip()] = float(value)
+    except ValueError:
+      sep = ""
+    if not sep or not key.strip():
+      raise ConfigError(f"{field}={text!r}: {part!r} is not NAME=NUMBER") from None
+  return out
+
+
 def base_config():
   """Every knob with its default; the files in configs/ start from this.
 
@@ -76,14 +91,22 @@ def _model_and_training_fields(c) -> None:
   c.arch_mlp_bot = "13-512-256-64-16"
   c.arch_mlp_top = "512-256-1"
   c.arch_embedding_size = "-".join(["1000"] * 26)
-  c.arch_interaction_op = "dot"
-  c.arch_interaction_itself = False
+  c.arch_interaction_op = "dot"  # dot | cat | dcn (DLRM-DCNv2's low-rank cross network).
+  c.arch_interaction_itself = False  # dot: keep the self dot products too.
+  c.arch_dot_pair_order = "lower"  # dot: "lower" (the reference's) | "upper" (TorchRec's DLRM).
+  c.dcn_num_layers = 3  # dcn: cross layers ...
+  c.dcn_low_rank_dim = 512  # ... and their rank.
+  # Arithmetic of the MLPs and the interaction: float32 | bfloat16 (float32 parameters,
+  # optimiser state and loss either way).
+  c.compute_dtype = "float32"
   c.embedding_pooling = "sum"  # sum | mean: how a multi-hot bag becomes one vector.
   # Loss and optimisation.
   c.loss_function = "bce"
   c.loss_weights = "1.0-1.0"  # wbce weights of label 0 and label 1.
   c.learning_rate = 0.1
   c.dense_optimizer = "sgd"  # sgd | adagrad | adam (optax).
+  # Its hyper-parameters: adagrad "eps=1e-8" (default 1e-10, as torch), adam "b1=..,b2=..,eps=..".
+  c.dense_optimizer_args = ""
   # Sparse update of the touched rows only: sgd | rowwise_adagrad | adagrad | adam (lazy).
   c.embedding_optimizer = "sgd"
   # Its hyper-parameters, e.g. "eps=1e-8,initial_accumulator_value=0.1" or "b1=0.9,b2=0.999"

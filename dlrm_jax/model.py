@@ -7,7 +7,13 @@ embedding vectors.
 
 Layer order, activations and initialisation follow the reference
 implementation (facebookresearch/dlrm, `dlrm_s_pytorch.py`), so that weights
-trained there load here and give the same predictions.
+trained there load here and give the same predictions; the "dcn" interaction
+(DLRM-DCNv2) follows TorchRec's `DLRM_DCN` (`dlrm_jax.torchrec` loads its
+weights).
+
+`compute_dtype` bfloat16 runs the MLPs, the interaction and the cross layers
+in bfloat16 on float32 parameters; the logits come back as float32, so the
+loss is float32.
 """
 
 from __future__ import annotations
@@ -36,6 +42,15 @@ def reference_bias_init(key, shape, dtype=jnp.float32):
   return jax.random.normal(key, shape, dtype) * np.sqrt(1.0 / shape[-1]).astype(dtype)
 
 
+def xavier_normal(key, shape, dtype=jnp.float32):
+  """N(0, sqrt(2 / (fan_in + fan_out))): torch's `xavier_normal_`, TorchRec's cross-layer
+  init (the same distribution as the reference's Linear weights)."""
+  return reference_kernel_init(key, shape, dtype)
+
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def abstract_model(spec: ModelSpec) -> "DLRM":
   """`DLRM(spec)` with shapes and dtypes only (for its graph definition and state
   structure), nothing allocated."""
@@ -60,6 +75,9 @@ def init_params(spec: ModelSpec, seed: int) -> nnx.State:
       w = rng.normal(0.0, np.sqrt(2.0 / (fan_in + fan_out)), (fan_out, fan_in))
       layer["kernel"] = jnp.asarray(w.T, jnp.float32)
       layer["bias"] = jnp.asarray(rng.normal(0.0, np.sqrt(1.0 / fan_out), fan_out), jnp.float32)
+  host_init = INTERACTIONS[spec.interaction].host_init
+  if host_init is not None:
+    host_init(values["interaction"], rng)
   nnx.replace_by_pure_dict(state, values)
   return state
 
@@ -67,12 +85,14 @@ def init_params(spec: ModelSpec, seed: int) -> nnx.State:
 class MLP(nnx.Module):
   """Stack of Linear layers with ReLU between them (and after the last if asked)."""
 
-  def __init__(self, widths: tuple[int, ...], *, relu_last: bool, rngs: nnx.Rngs):
+  def __init__(self, widths: tuple[int, ...], *, relu_last: bool, rngs: nnx.Rngs,
+               dtype=jnp.float32):
     self.layers = nnx.List([
         nnx.Linear(
             fan_in, fan_out,
             kernel_init=reference_kernel_init,
             bias_init=reference_bias_init,
+            dtype=dtype, param_dtype=jnp.float32,
             rngs=rngs,
         )
         for fan_in, fan_out in zip(widths[:-1], widths[1:])
@@ -88,25 +108,35 @@ class MLP(nnx.Module):
     return x
 
 
-@functools.lru_cache(maxsize=None)
-def dot_pair_indices(num_vectors: int, itself: bool) -> np.ndarray:
-  """Flat indices into the [n, n] Gram matrix of the pairs the reference keeps.
+DOT_PAIR_ORDERS = ("lower", "upper")
 
-  Row-major lower triangle: (1,0), (2,0), (2,1), (3,0), ...; with `itself` the
-  diagonal is kept too: (0,0), (1,0), (1,1), (2,0), ...
+
+@functools.lru_cache(maxsize=None)
+def dot_pair_indices(num_vectors: int, itself: bool, order: str = "lower") -> np.ndarray:
+  """Flat indices into the [n, n] Gram matrix of the pairs kept, in their order.
+
+  "lower" (the reference's): row-major lower triangle (1,0), (2,0), (2,1), (3,0),
+  ...; with `itself` the diagonal too: (0,0), (1,0), (1,1), (2,0), ...
+  "upper" (TorchRec's `DLRM`, `torch.triu_indices(n, n, 1)`): row-major upper
+  triangle (0,1), (0,2), ..., (0,n-1), (1,2), ...; with `itself` from (0,0).
   """
   offset = 1 if itself else 0
-  return np.array(
-      [i * num_vectors + j for i in range(num_vectors) for j in range(i + offset)],
-      dtype=np.int32)
+  if order == "lower":
+    pairs = [(i, j) for i in range(num_vectors) for j in range(i + offset)]
+  elif order == "upper":
+    pairs = [(i, j) for i in range(num_vectors) for j in range(i + 1 - offset, num_vectors)]
+  else:
+    raise ValueError(f"dot pair order {order!r} is not one of {DOT_PAIR_ORDERS}")
+  return np.array([i * num_vectors + j for i, j in pairs], dtype=np.int32)
 
 
-def dot_interaction(x: jax.Array, emb: jax.Array, itself: bool = False) -> jax.Array:
+def dot_interaction(x: jax.Array, emb: jax.Array, itself: bool = False,
+                    order: str = "lower") -> jax.Array:
   """[x, pairwise dots of {x, e_1..e_F}]: x [B, D], emb [B, F, D] -> [B, D + P]."""
   t = jnp.concatenate([x[:, None, :], emb], axis=1)  # [B, F+1, D]
   n = t.shape[1]
   gram = jnp.einsum("bid,bjd->bij", t, t).reshape(t.shape[0], n * n)
-  pairs = take_static(gram, dot_pair_indices(n, itself), axis=1)
+  pairs = take_static(gram, dot_pair_indices(n, itself, order), axis=1)
   return jnp.concatenate([x, pairs], axis=1)
 
 
@@ -118,11 +148,11 @@ def cat_interaction(x: jax.Array, emb: jax.Array) -> jax.Array:
 class DotInteraction(nnx.Module):
   """`dot_interaction` as a module (no parameters)."""
 
-  def __init__(self, itself: bool):
-    self.itself = itself
+  def __init__(self, itself: bool, order: str = "lower"):
+    self.itself, self.order = itself, order
 
   def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
-    return dot_interaction(x, emb, self.itself)
+    return dot_interaction(x, emb, self.itself, self.order)
 
 
 class CatInteraction(nnx.Module):
@@ -130,6 +160,55 @@ class CatInteraction(nnx.Module):
 
   def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
     return cat_interaction(x, emb)
+
+
+class LowRankCross(nnx.Module):
+  """One DCNv2 cross layer of rank r: x_{l+1} = x0 * (W (V x_l) + b) + x_l, with
+  V: N -> r (no bias) and W: r -> N."""
+
+  def __init__(self, width: int, rank: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.v = nnx.Linear(width, rank, use_bias=False, kernel_init=xavier_normal,
+                        dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    self.w = nnx.Linear(rank, width, kernel_init=xavier_normal,
+                        bias_init=nnx.initializers.zeros_init(), dtype=dtype,
+                        param_dtype=jnp.float32, rngs=rngs)
+
+  def __call__(self, x0: jax.Array, x: jax.Array) -> jax.Array:
+    return x0 * self.w(self.v(x)) + x
+
+
+class CrossInteraction(nnx.Module):
+  """DLRM-DCNv2's interaction (TorchRec's `InteractionDCNArch` with a
+  `LowRankCrossNet`): x0 = [x, e_1, ..., e_F] flattened, [B, (F+1) D], through
+  `num_layers` low-rank cross layers; the output has x0's width."""
+
+  def __init__(self, width: int, num_layers: int, rank: int, *, rngs: nnx.Rngs,
+               dtype=jnp.float32):
+    self.layers = nnx.List([LowRankCross(width, rank, rngs=rngs, dtype=dtype)
+                            for _ in range(num_layers)])
+
+  def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+    x0 = cat_interaction(x, emb)
+    out = x0
+    for layer in self.layers:
+      out = layer(x0, out)
+    return out
+
+
+def _cross_host_init(values: dict, rng: np.random.Generator) -> None:
+  """TorchRec's initialisation of the cross layers, drawn on the host: xavier-normal
+  V and W, zero bias."""
+  for i in sorted(values["layers"]):
+    layer = values["layers"][i]
+    for name in ("v", "w"):
+      fan_in, fan_out = layer[name]["kernel"].shape
+      w = rng.normal(0.0, np.sqrt(2.0 / (fan_in + fan_out)), (fan_out, fan_in))
+      layer[name]["kernel"] = jnp.asarray(w.T, jnp.float32)
+    layer["w"]["bias"] = jnp.zeros_like(layer["w"]["bias"])
+
+
+def _cat_width(spec: "ModelSpec") -> int:
+  return (spec.num_tables + 1) * spec.embedding_dim
 
 
 def _dot_width(spec: "ModelSpec") -> int:
@@ -142,18 +221,26 @@ def _dot_width(spec: "ModelSpec") -> int:
 class Interaction:
   """An interaction of the bottom MLP's output x [B, D] with the embedding vectors
   emb [B, F, D]: `make(spec, rngs)` builds its module (called as module(x, emb)),
-  `width(spec)` is its output width (the top MLP's input width)."""
+  `width(spec)` is its output width (the top MLP's input width), `host_init`
+  (for one with parameters) draws them in place into their pure dict with a
+  numpy generator (see `init_params`)."""
 
   make: Callable[["ModelSpec", nnx.Rngs], nnx.Module]
   width: Callable[["ModelSpec"], int]
+  host_init: Callable[[dict, np.random.Generator], None] | None = None
 
 
 # arch_interaction_op -> its interaction. A new one is an entry here (and its test).
 INTERACTIONS: dict[str, Interaction] = {
-    "dot": Interaction(make=lambda spec, rngs: DotInteraction(spec.interaction_itself),
-                       width=_dot_width),
-    "cat": Interaction(make=lambda spec, rngs: CatInteraction(),
-                       width=lambda spec: (spec.num_tables + 1) * spec.embedding_dim),
+    "dot": Interaction(
+        make=lambda spec, rngs: DotInteraction(spec.interaction_itself, spec.dot_pair_order),
+        width=_dot_width),
+    "cat": Interaction(make=lambda spec, rngs: CatInteraction(), width=_cat_width),
+    "dcn": Interaction(
+        make=lambda spec, rngs: CrossInteraction(
+            _cat_width(spec), spec.dcn_num_layers, spec.dcn_low_rank_dim, rngs=rngs,
+            dtype=spec.dtype),
+        width=_cat_width, host_init=_cross_host_init),
 }
 
 
@@ -167,8 +254,13 @@ class ModelSpec:
     bottom: bottom-MLP widths, input first (first == num_dense, last == D).
     top: top-MLP output widths (last == 1); its input width is derived.
     table_rows: rows of each embedding table, one table per categorical feature.
-    interaction: a name in INTERACTIONS ("dot", "cat").
+    interaction: a name in INTERACTIONS ("dot", "cat", "dcn").
     interaction_itself: for "dot", keep the diagonal (self dot products) too.
+    dot_pair_order: for "dot", the order of the kept pairs: "lower" (the
+      reference's) or "upper" (TorchRec's `DLRM`).
+    dcn_num_layers, dcn_low_rank_dim: for "dcn", the cross layers and their rank.
+    compute_dtype: "float32" or "bfloat16", the arithmetic of the MLPs and the
+      interaction (parameters stay float32).
   """
 
   num_dense: int
@@ -178,6 +270,10 @@ class ModelSpec:
   table_rows: tuple[int, ...]
   interaction: str = "dot"
   interaction_itself: bool = False
+  dot_pair_order: str = "lower"
+  dcn_num_layers: int = 3
+  dcn_low_rank_dim: int = 512
+  compute_dtype: str = "float32"
 
   def __post_init__(self):
     if self.embedding_dim <= 0:
@@ -203,6 +299,21 @@ class ModelSpec:
     if self.interaction not in INTERACTIONS:
       raise ConfigError(
           f"arch_interaction_op={self.interaction!r} is not one of {tuple(INTERACTIONS)}")
+    if self.dot_pair_order not in DOT_PAIR_ORDERS:
+      raise ConfigError(f"arch_dot_pair_order={self.dot_pair_order!r} is not one of "
+                        f"{DOT_PAIR_ORDERS}")
+    for name in ("dcn_num_layers", "dcn_low_rank_dim"):
+      if self.interaction == "dcn" and getattr(self, name) < 1:
+        raise ConfigError(f"{name}={getattr(self, name)} must be >= 1 with "
+                          "arch_interaction_op='dcn'")
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      raise ConfigError(f"compute_dtype={self.compute_dtype!r} is not one of "
+                        f"{tuple(COMPUTE_DTYPES)}")
+
+  @property
+  def dtype(self):
+    """The JAX dtype of `compute_dtype`."""
+    return COMPUTE_DTYPES[self.compute_dtype]
 
   @property
   def num_tables(self) -> int:
@@ -224,6 +335,10 @@ class ModelSpec:
         table_rows=parse_widths("arch_embedding_size", config.arch_embedding_size),
         interaction=str(config.arch_interaction_op),
         interaction_itself=bool(config.arch_interaction_itself),
+        dot_pair_order=str(config.arch_dot_pair_order),
+        dcn_num_layers=int(config.dcn_num_layers),
+        dcn_low_rank_dim=int(config.dcn_low_rank_dim),
+        compute_dtype=str(config.compute_dtype),
     )
 
 
@@ -232,10 +347,14 @@ class DLRM(nnx.Module):
 
   def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
     self.spec = spec
-    self.bottom = MLP(spec.bottom, relu_last=True, rngs=rngs)
+    self.bottom = MLP(spec.bottom, relu_last=True, rngs=rngs, dtype=spec.dtype)
     self.interaction = INTERACTIONS[spec.interaction].make(spec, rngs)
-    self.top = MLP((spec.interaction_width,) + spec.top, relu_last=False, rngs=rngs)
+    self.top = MLP((spec.interaction_width,) + spec.top, relu_last=False, rngs=rngs,
+                   dtype=spec.dtype)
 
   def __call__(self, dense: jax.Array, emb: jax.Array) -> jax.Array:
-    """dense [B, num_dense], emb [B, F, D] -> click logits [B]."""
-    return self.top(self.interaction(self.bottom(dense), emb))[:, 0]
+    """dense [B, num_dense], emb [B, F, D] -> float32 click logits [B]."""
+    dtype = self.spec.dtype
+    x = self.bottom(dense.astype(dtype))
+    logits = self.top(self.interaction(x, emb.astype(dtype)))[:, 0]
+    return logits.astype(jnp.float32)

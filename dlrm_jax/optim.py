@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dlrm_jax.config import ConfigError
+from dlrm_jax.config import ConfigError, parse_args
 from dlrm_jax.specs import TrainingSpec
 
 
@@ -51,13 +51,17 @@ class AdagradState(NamedTuple):
   sum_of_squares: optax.Updates
 
 
-def scale_by_adagrad(eps: float = 1e-10) -> optax.GradientTransformation:
-  """torch.optim.Adagrad's scaling (the reference's `--optimizer adagrad`): a += g^2,
-  g / (sqrt(a) + eps). optax.adagrad puts eps inside the root, which changes the
-  first steps of parameters whose gradients are near sqrt(eps)."""
+def scale_by_adagrad(eps: float = 1e-10,
+                     initial_accumulator_value: float = 0.0) -> optax.GradientTransformation:
+  """torch.optim.Adagrad's scaling (the reference's `--optimizer adagrad`, MLPerf
+  DLRM-DCNv2's dense optimiser): a += g^2, g / (sqrt(a) + eps), a starting at
+  `initial_accumulator_value`. optax.adagrad puts eps inside the root
+  (g * rsqrt(a + eps)), which changes the first steps of parameters whose
+  gradients are near sqrt(eps)."""
 
   def init(params):
-    return AdagradState(jax.tree.map(jnp.zeros_like, params))
+    return AdagradState(jax.tree.map(
+        lambda p: jnp.full_like(p, initial_accumulator_value), params))
 
   def update(updates, state, params=None):
     del params
@@ -74,15 +78,28 @@ def make_dense_optimizer(t: TrainingSpec) -> optax.GradientTransformation:
   The train step scales its updates by the schedule's rate for `TrainState.step`
   (each optimiser's update is linear in the rate), so the MLPs and the tables
   follow one schedule on one step count.
+  `dense_optimizer_args` sets the hyper-parameters that `DENSE_OPTIMIZERS` lists
+  for it ("eps=1e-8"); the others keep their defaults.
   """
   name = t.dense_optimizer
-  if name == "sgd":
-    return optax.sgd(1.0)
-  if name == "adagrad":
-    return optax.chain(scale_by_adagrad(eps=1e-10), optax.scale(-1.0))
-  if name == "adam":
-    return optax.adam(1.0)
-  raise ConfigError(f"dense_optimizer={name!r} is not one of ('sgd', 'adagrad', 'adam')")
+  if name not in DENSE_OPTIMIZERS:
+    raise ConfigError(f"dense_optimizer={name!r} is not one of {tuple(DENSE_OPTIMIZERS)}")
+  make, allowed = DENSE_OPTIMIZERS[name]
+  args = parse_args("dense_optimizer_args", t.dense_optimizer_args)
+  unknown = sorted(set(args) - set(allowed))
+  if unknown:
+    raise ConfigError(f"dense_optimizer_args={t.dense_optimizer_args!r}: {name} has no "
+                      f"{unknown}; its hyper-parameters are {list(allowed) or 'none'}")
+  return make(**args)
+
+
+# dense_optimizer -> (its optax optimiser at lr 1 from keyword hyper-parameters, their names).
+DENSE_OPTIMIZERS = {
+    "sgd": (lambda: optax.sgd(1.0), ()),
+    "adagrad": (lambda **kw: optax.chain(scale_by_adagrad(**kw), optax.scale(-1.0)),
+                ("eps", "initial_accumulator_value")),
+    "adam": (lambda **kw: optax.adam(1.0, **kw), ("b1", "b2", "eps")),
+}
 
 
 def make_loss(t: TrainingSpec) -> Callable[[jax.Array, jax.Array], jax.Array]:

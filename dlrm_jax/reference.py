@@ -33,13 +33,13 @@ def from_reference(spec: ModelSpec, collection: EmbeddingCollection,
   for ours, theirs in _MLPS:
     for i in sorted(values[ours]["layers"]):
       layer = values[ours]["layers"][i]
-      w = _get(arrays, f"{prefix}{theirs}.{2 * i}.weight", layer["kernel"].shape[::-1])
-      b = _get(arrays, f"{prefix}{theirs}.{2 * i}.bias", layer["bias"].shape)
+      w = checked_array(arrays, f"{prefix}{theirs}.{2 * i}.weight", layer["kernel"].shape[::-1])
+      b = checked_array(arrays, f"{prefix}{theirs}.{2 * i}.bias", layer["bias"].shape)
       layer["kernel"] = jnp.asarray(w.T, jnp.float32)
       layer["bias"] = jnp.asarray(b, jnp.float32)
   nnx.replace_by_pure_dict(state, values)
   tables = collection.from_arrays([
-      _get(arrays, f"{prefix}emb_l.{k}.weight", (s.rows, s.dim))
+      checked_array(arrays, f"{prefix}emb_l.{k}.weight", (s.rows, s.dim))
       for k, s in enumerate(collection.specs)])
   return state, tables
 
@@ -59,7 +59,9 @@ def to_reference(params: nnx.State, collection: EmbeddingCollection,
   return out
 
 
-def _get(arrays: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
+def checked_array(arrays: Mapping[str, np.ndarray], name: str,
+                  shape: tuple[int, ...]) -> np.ndarray:
+  """`arrays[name]`, checked to have `shape` (KeyError / ValueError naming it otherwise)."""
   if name not in arrays:
     raise KeyError(f"reference weights have no {name!r}")
   value = np.asarray(arrays[name])

@@ -35,6 +35,7 @@ class TrainingSpec:
   lr_decay_start_step: int
   lr_num_decay_steps: int
   dense_optimizer: str
+  dense_optimizer_args: str
   embedding_optimizer: str
   embedding_optimizer_args: str
   embedding_pooling: str
@@ -75,6 +76,7 @@ class TrainingSpec:
         lr_decay_start_step=int(c.lr_decay_start_step),
         lr_num_decay_steps=int(c.lr_num_decay_steps),
         dense_optimizer=str(c.dense_optimizer),
+        dense_optimizer_args=str(c.dense_optimizer_args),
         embedding_optimizer=str(c.embedding_optimizer),
         embedding_optimizer_args=str(c.embedding_optimizer_args),
         embedding_pooling=str(c.embedding_pooling),

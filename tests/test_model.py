@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dlrm_jax.config import ConfigError, base_config
 from dlrm_jax.model import (ModelSpec, abstract_model, cat_interaction, dot_interaction,
-                            init_params)
+                            dot_pair_indices, init_params)
 from dlrm_jax.ops import take_static
 
 
@@ -66,6 +67,30 @@ def test_cat_interaction():
   np.testing.assert_array_equal(got, np.concatenate([x, emb.reshape(2, 6)], axis=1))
 
 
+def test_upper_pair_order_is_torchrec_triu_order():
+  # TorchRec's DLRM: torch.triu_indices(n, n, offset=1), row-major i < j.
+  n = 5
+  rows, cols = np.triu_indices(n, k=1)
+  np.testing.assert_array_equal(dot_pair_indices(n, False, "upper"), rows * n + cols)
+  rows, cols = np.triu_indices(n, k=0)
+  np.testing.assert_array_equal(dot_pair_indices(n, True, "upper"), rows * n + cols)
+  # The same pairs as the reference's lower triangle (the Gram matrix is symmetric).
+  lower = dot_pair_indices(n, False, "lower")
+  assert sorted((i % n) * n + i // n for i in lower) == sorted(rows[rows != cols] * n
+                                                                + cols[rows != cols])
+
+
+def _np_cross(values, x0):
+  """x_{l+1} = x0 * (W (V x_l) + b) + x_l in float64, from our [in, out] kernels."""
+  x = x0
+  for i in sorted(values["layers"]):
+    layer = values["layers"][i]
+    v = np.asarray(layer["v"]["kernel"], np.float64)
+    w = np.asarray(layer["w"]["kernel"], np.float64)
+    x = x0 * (x @ v @ w + np.asarray(layer["w"]["bias"], np.float64)) + x
+  return x
+
+
 def _np_forward(params, spec, dense, emb):
   values = nnx.to_pure_dict(params)
 
@@ -82,14 +107,23 @@ def _np_forward(params, spec, dense, emb):
     z = _np_dot_interaction(x, emb, spec.interaction_itself)
   else:
     z = np.concatenate([x, emb.reshape(emb.shape[0], -1)], axis=1)
+  if spec.interaction == "dcn":
+    z = _np_cross(values["interaction"], z)
   return mlp(values["top"]["layers"], z, False)[:, 0]
 
 
-@pytest.mark.parametrize("op,itself", [("dot", False), ("dot", True), ("cat", False)])
+@pytest.mark.parametrize("op,itself", [("dot", False), ("dot", True), ("cat", False),
+                                       ("dcn", False)])
 def test_forward_matches_numpy(op, itself):
   spec = ModelSpec(num_dense=13, embedding_dim=8, bottom=(13, 16, 8), top=(12, 6, 1),
-                   table_rows=(10, 20, 30), interaction=op, interaction_itself=itself)
+                   table_rows=(10, 20, 30), interaction=op, interaction_itself=itself,
+                   dcn_num_layers=2, dcn_low_rank_dim=5)
   params = init_params(spec, seed=3)
+  if op == "dcn":  # non-zero biases, so that the test sees where they go
+    values = nnx.to_pure_dict(params)
+    for layer in values["interaction"]["layers"].values():
+      layer["w"]["bias"] = jnp.linspace(-0.5, 0.5, layer["w"]["bias"].shape[0])
+    nnx.replace_by_pure_dict(params, values)
   rng = np.random.default_rng(1)
   dense = rng.random((7, 13)).astype(np.float32)
   emb = rng.normal(size=(7, 3, 8)).astype(np.float32)
@@ -124,3 +158,64 @@ def test_jit_forward_dtype_and_shape():
                     init_params(spec, 0))
   out = jax.jit(lambda d, e: model(d, e))(jnp.ones((2, 13)), jnp.ones((2, 2, 4)))
   assert out.shape == (2,) and out.dtype == jnp.float32
+
+
+def test_dcn_shapes_width_and_torchrec_init():
+  spec = ModelSpec(num_dense=13, embedding_dim=16, bottom=(13, 64, 16), top=(256, 1),
+                   table_rows=(100,) * 26, interaction="dcn", dcn_num_layers=3,
+                   dcn_low_rank_dim=128)
+  assert spec.interaction_width == 27 * 16  # x0's width, derived as for dot and cat
+  values = nnx.to_pure_dict(init_params(spec, seed=0))
+  layers = values["interaction"]["layers"]
+  assert len(layers) == 3
+  for layer in layers.values():
+    assert layer["v"]["kernel"].shape == (432, 128) and "bias" not in layer["v"]
+    assert layer["w"]["kernel"].shape == (128, 432) and layer["w"]["bias"].shape == (432,)
+    std = np.sqrt(2 / (432 + 128))  # xavier normal
+    for name in ("v", "w"):
+      assert abs(np.asarray(layer[name]["kernel"]).std() - std) < 0.05 * std
+    np.testing.assert_array_equal(layer["w"]["bias"], 0.0)
+  assert values["top"]["layers"][0]["kernel"].shape == (432, 256)
+  # Drawn in order: the MLPs' draws are the same as without cross layers.
+  dot = nnx.to_pure_dict(init_params(ModelSpec(num_dense=13, embedding_dim=16,
+                                               bottom=(13, 64, 16), top=(256, 1),
+                                               table_rows=(100,) * 26, interaction="cat"),
+                                     seed=0))
+  np.testing.assert_array_equal(dot["bottom"]["layers"][0]["kernel"],
+                                values["bottom"]["layers"][0]["kernel"])
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("dcn_num_layers", 0, "dcn_num_layers=0"),
+    ("dcn_low_rank_dim", 0, "dcn_low_rank_dim=0"),
+    ("arch_dot_pair_order", "diagonal", "arch_dot_pair_order"),
+    ("compute_dtype", "float16", "compute_dtype"),
+])
+def test_interaction_config_errors(field, value, match):
+  c = base_config()
+  c.arch_interaction_op = "dcn"
+  c.arch_mlp_top = "64-1"
+  c[field] = value
+  with pytest.raises(ConfigError, match=match):
+    ModelSpec.from_config(c)
+
+
+@pytest.mark.parametrize("op", ["dot", "dcn"])
+def test_bfloat16_compute_keeps_float32_params_and_logits(op):
+  kw = dict(num_dense=13, embedding_dim=8, bottom=(13, 16, 8), top=(12, 1),
+            table_rows=(10, 20), interaction=op, dcn_num_layers=2, dcn_low_rank_dim=4)
+  spec32, spec16 = ModelSpec(**kw), ModelSpec(**kw, compute_dtype="bfloat16")
+  params = init_params(spec16, seed=0)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+  rng = np.random.default_rng(0)
+  dense = jnp.asarray(rng.random((64, 13)), jnp.float32)
+  emb = jnp.asarray(rng.normal(size=(64, 2, 8)), jnp.float32)
+  model16 = nnx.merge(nnx.graphdef(abstract_model(spec16)), params)
+  model32 = nnx.merge(nnx.graphdef(abstract_model(spec32)), params)
+  jaxpr = str(jax.make_jaxpr(lambda d, e: model16(d, e))(dense, emb))
+  assert "bf16" in jaxpr and "dot_general" in jaxpr
+  lo, hi = model16(dense, emb), model32(dense, emb)
+  assert lo.dtype == jnp.float32
+  # bfloat16 keeps 8 bits of mantissa: logits agree to about 1%.
+  np.testing.assert_allclose(np.asarray(lo), np.asarray(hi), rtol=0.05, atol=0.05)
+  assert not np.array_equal(np.asarray(lo), np.asarray(hi))

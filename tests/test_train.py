@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, load_config
 from dlrm_jax import optim, trainer
-from dlrm_jax.config import parse_widths
+from dlrm_jax.config import ConfigError, parse_widths
 from dlrm_jax.data import SyntheticCTR
 from dlrm_jax.embedding import IdOutOfRangeError
 from dlrm_jax.specs import TrainingSpec
@@ -60,30 +60,35 @@ def test_sparse_sgd_step_equals_dense_optax_sgd(tiny_config, step):
   assert int(new_state.step) == step + 1
 
 
-def _np_dense_update(name, params, grads, slots, t, lr):
-  """torch.optim's SGD, Adagrad (eps 1e-10) and Adam (defaults) in float64 numpy, on lists
-  of leaves; t is the 1-based step."""
+def _np_dense_update(name, params, grads, slots, t, lr, eps=None, a0=0.0, b1=0.9, b2=0.999):
+  """torch.optim's SGD, Adagrad (eps 1e-10, initial accumulator a0) and Adam (defaults but
+  b1) in float64 numpy, on lists of leaves; t is the 1-based step."""
   out = []
   for k, (w, g) in enumerate(zip(params, grads, strict=True)):
     if name == "sgd":
       out.append(w - lr * g)
     elif name == "adagrad":
-      slots[k] = slots.get(k, 0.0) + g * g
-      out.append(w - lr * g / (np.sqrt(slots[k]) + 1e-10))
+      slots[k] = slots.get(k, a0) + g * g
+      out.append(w - lr * g / (np.sqrt(slots[k]) + (1e-10 if eps is None else eps)))
     elif name == "adam":
       m, v = slots.get(k, (0.0, 0.0))
-      m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+      m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
       slots[k] = (m, v)
-      out.append(w - lr * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8))
+      out.append(w - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t))
+                                              + (1e-8 if eps is None else eps)))
   return out
 
 
-@pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])
-def test_dense_optimizers_match_their_definitions(tiny_config, name):
-  """Three steps of each `dense_optimizer` on the MLPs equal its rule in float64 numpy,
-  applied to jax.grad of the loss."""
+@pytest.mark.parametrize("name,args,hyper", [
+    ("sgd", "", {}), ("adagrad", "", {}), ("adam", "", {}),
+    ("adagrad", "eps=1e-8,initial_accumulator_value=0.1", {"eps": 1e-8, "a0": 0.1}),
+    ("adam", "b1=0.8,eps=1e-6", {"b1": 0.8, "eps": 1e-6}),
+])
+def test_dense_optimizers_match_their_definitions(tiny_config, name, args, hyper):
+  """Three steps of each `dense_optimizer` (with `dense_optimizer_args`) on the MLPs
+  equal its rule in float64 numpy, applied to jax.grad of the loss."""
   c = tiny_config
-  c.dense_optimizer, c.learning_rate = name, 0.05
+  c.dense_optimizer, c.dense_optimizer_args, c.learning_rate = name, args, 0.05
   task = Task(c)
   state = task.init_state(0)
   data = SyntheticCTR(task.spec.table_rows, 13, 64, seed=3)
@@ -98,10 +103,22 @@ def test_dense_optimizers_match_their_definitions(tiny_config, name):
     # parameters are.
     grads = [np.asarray(g, np.float64)
              for g in jax.tree.leaves(grad_fn(state.params, state.tables, batch))]
-    want = _np_dense_update(name, want, grads, slots, step + 1, 0.05)
+    want = _np_dense_update(name, want, grads, slots, step + 1, 0.05, **hyper)
     state, _ = task.train_step(state, batch)
     for got, ref in zip(jax.tree.leaves(state.params), want, strict=True):
       np.testing.assert_allclose(np.asarray(got), ref, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("name,args,match", [
+    ("adagrad", "b1=0.9", "adagrad has no \\['b1'\\]"),
+    ("sgd", "eps=1", "sgd has no"),
+    ("adam", "eps", "is not NAME=NUMBER"),
+    ("lamb", "", "dense_optimizer='lamb' is not one of"),
+])
+def test_dense_optimizer_config_errors(tiny_config, name, args, match):
+  tiny_config.dense_optimizer, tiny_config.dense_optimizer_args = name, args
+  with pytest.raises(ConfigError, match=match):
+    optim.make_dense_optimizer(TrainingSpec.from_config(tiny_config))
 
 
 class ReferenceLRPolicy:

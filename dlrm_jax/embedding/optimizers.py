@@ -32,7 +32,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from dlrm_jax.config import ConfigError
+from dlrm_jax.config import ConfigError, parse_args
 from dlrm_jax.embedding.collection import Tables
 
 
@@ -208,17 +208,3 @@ def make_sparse_optimizer(name: str, args: str | Mapping[str, float] = ""):
     raise ConfigError(f"embedding_optimizer_args={args!r}: {name} has no {unknown}; its "
                       f"hyper-parameters are {fields or 'none'}")
   return cls(**{k: float(v) for k, v in values.items()})
-
-
-def parse_args(field: str, text: str) -> dict[str, float]:
-  """"a=1,b=2e-3" -> {"a": 1.0, "b": 0.002}; a ConfigError naming `field` otherwise."""
-  out = {}
-  for part in filter(None, (p.strip() for p in text.split(","))):
-    key, sep, value = part.partition("=")
-    try:
-      out[key.strip()] = float(value)
-    except ValueError:
-      sep = ""
-    if not sep or not key.strip():
-      raise ConfigError(f"{field}={text!r}: {part!r} is not NAME=NUMBER") from None
-  return out
