@@ -35,26 +35,78 @@ def load_config(name: str, **overrides):
   return config
 
 
-def random_data_config(rows: int | None, batch: int, lr: float, optimizer: str,
-                       devices: int = 1, **overrides):
-  """configs/criteo_kaggle.py's model on random data and `devices` devices: every table `rows`
-  rows (None: the config's own sizes), global batch `batch`, embedding optimiser `optimizer`."""
-  config = load_config("criteo_kaggle", mini_batch_size=batch, learning_rate=lr,
-                       embedding_optimizer=optimizer, data={"kind": "random"},
-                       mesh={"num_devices": devices}, **overrides)
+def random_data_config(rows: int | None, batch: int, lr: float, optimizer: str | None,
+                       devices: int = 1, config: str = "criteo_kaggle", **overrides):
+  """configs/CONFIG.py's model (the Kaggle one unless given) on random data and `devices`
+  devices: every table `rows` rows (None: the config's own sizes), global batch `batch`,
+  embedding optimiser `optimizer` (None: the config's own)."""
+  if optimizer is not None:
+    overrides["embedding_optimizer"] = optimizer
+  data = {"kind": "random", **overrides.pop("data", {})}
+  c = load_config(config, mini_batch_size=batch, learning_rate=lr, data=data,
+                  mesh={"num_devices": devices}, **overrides)
   if rows is not None:
-    tables = len(config.arch_embedding_size.split("-"))
-    config.arch_embedding_size = "-".join([str(rows)] * tables)
-  return config
+    tables = len(c.arch_embedding_size.split("-"))
+    c.arch_embedding_size = "-".join([str(rows)] * tables)
+  return c
+
+
+def parse_settings(settings: list[str]) -> dict:
+  """["data.hotness=3-2-1", "compute_dtype=bfloat16"] -> nested overrides for `load_config`
+  (numbers and true/false become ints, floats and bools)."""
+  out: dict = {}
+  for item in settings:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+    value: object = text
+    if text.lower() in ("true", "false"):
+      value = text.lower() == "true"
+    else:
+      for cast in (int, float):
+        try:
+          value = cast(text)
+          break
+        except ValueError:
+          pass
+    *parents, leaf = key.split(".")
+    node = out
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return out
 
 
 def add_shape_arguments(parser) -> None:
-  """--dim, --bottom and --top: the model's shape, configs/criteo_kaggle.py's unless given."""
-  config = load_config("criteo_kaggle")
-  parser.add_argument("--dim", type=int, default=config.arch_sparse_feature_size,
-                      help="embedding dimension")
-  parser.add_argument("--bottom", default=config.arch_mlp_bot, help="bottom MLP (ends at --dim)")
-  parser.add_argument("--top", default=config.arch_mlp_top, help="top MLP")
+  """--config (the model's configs/ file, criteo_kaggle unless given), --dim, --bottom and
+  --top (its shape, the config's own unless given) and --set KEY=VALUE (any other field)."""
+  parser.add_argument("--config", default="criteo_kaggle", help="configs/NAME.py of the model")
+  parser.add_argument("--dim", type=int, default=None, help="embedding dimension")
+  parser.add_argument("--bottom", default=None, help="bottom MLP (ends at --dim)")
+  parser.add_argument("--top", default=None, help="top MLP")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="a config field, e.g. compute_dtype=bfloat16 (repeatable)")
+
+
+def shape_overrides(a) -> dict:
+  """The config overrides of add_shape_arguments' arguments (for random_data_config)."""
+  out = parse_settings(a.set)
+  for name, field in (("dim", "arch_sparse_feature_size"), ("bottom", "arch_mlp_bot"),
+                      ("top", "arch_mlp_top")):
+    if getattr(a, name) is not None:
+      out[field] = getattr(a, name)
+  return {"config": a.config, **out}
+
+
+def shape_arguments(a) -> list[str]:
+  """add_shape_arguments' arguments as given, for a child process's command line."""
+  out = ["--config", a.config]
+  for name in ("dim", "bottom", "top"):
+    if getattr(a, name) is not None:
+      out += [f"--{name}", str(getattr(a, name))]
+  for item in a.set:
+    out += ["--set", item]
+  return out
 
 
 def random_batches(task, batch: int, pool: int, seed: int = 1):

@@ -20,8 +20,10 @@ that a shared machine's swings do not skew (no per-run peak memory then).
   python benchmarks/embedding_scaling.py --rows 100000,1000000,4000000 --paths sparse,dense
   python benchmarks/embedding_scaling.py --rows 100000,1000000,4000000 --paths sparse --interleave
 
-`--dim`, `--bottom` and `--top` change the model's shape (e.g. to that of
-configs/criteo_terabyte.py, as config c of torchrec_side_by_side.py does).
+`--config NAME` takes the model of configs/NAME.py instead (e.g.
+criteo_terabyte, as config c of torchrec_side_by_side.py does), `--dim`,
+`--bottom` and `--top` change its shape, and `--set KEY=VALUE` any other field
+(e.g. `--set compute_dtype=bfloat16`).
 `--huge-pages on` backs the tables with 2 MiB transparent huge pages after
 initialisation (Linux; `both` with --interleave runs each size with and
 without), as GLIBC_TUNABLES=glibc.malloc.hugetlb=1 does for every allocation
@@ -41,8 +43,8 @@ import subprocess
 import sys
 import time
 
-from common import (REPO, add_shape_arguments, random_batches, random_data_config, take_turns,
-                    turn_row)
+from common import (REPO, add_shape_arguments, random_batches, random_data_config,
+                    shape_arguments, shape_overrides, take_turns, turn_row)
 
 
 def advise_huge_pages(tree) -> int:
@@ -69,16 +71,16 @@ def advise_huge_pages(tree) -> int:
   return advised
 
 
-def make_step(rows: int, path: str, batch: int, pool: int, lr: float, optimizer: str,
-              dim: int, bottom: str, top: str, huge_pages: bool = False):
-  """(step_fn, state, batches, task, init_s) of one (rows, path) run."""
+def make_step(rows: int, path: str, batch: int, pool: int, lr: float, optimizer: str | None,
+              shape: dict, huge_pages: bool = False):
+  """(step_fn, state, batches, task, init_s) of one (rows, path) run; `shape`: the model's
+  config overrides (`shape_overrides`)."""
   import jax
   import optax
 
   from dlrm_jax.task import Task
 
-  task = Task(random_data_config(rows, batch, lr, optimizer, arch_sparse_feature_size=dim,
-                                 arch_mlp_bot=bottom, arch_mlp_top=top))
+  task = Task(random_data_config(rows, batch, lr, optimizer, **shape))
   t = time.perf_counter()
   state = task.init_state(0)
   jax.block_until_ready(state)
@@ -114,11 +116,11 @@ def make_step(rows: int, path: str, batch: int, pool: int, lr: float, optimizer:
 
 
 def run_one(rows: int, path: str, batch: int, warmup: int, steps: int, pool: int, lr: float,
-            optimizer: str, dim: int, bottom: str, top: str, huge_pages: bool = False) -> dict:
+            optimizer: str | None, shape: dict, huge_pages: bool = False) -> dict:
   import jax
 
   step_fn, state, batches, task, init_s = make_step(rows, path, batch, pool, lr, optimizer,
-                                                    dim, bottom, top, huge_pages)
+                                                    shape, huge_pages)
   t = time.perf_counter()
   for i in range(warmup):
     state, out = step_fn(state, batches[i % pool])
@@ -137,7 +139,9 @@ def run_one(rows: int, path: str, batch: int, warmup: int, steps: int, pool: int
   state_mb = sum(x.nbytes for x in jax.tree.leaves(emb_state)) / 2**20
   return {
       "rows": rows, "path": path, "huge_pages": huge_pages,
-      "optimizer": optimizer if path == "sparse" else "optax.sgd",
+      "optimizer": task.run.training.embedding_optimizer if path == "sparse" else "optax.sgd",
+      "model": {k: task.run.source[k] for k in ("arch_interaction_op", "compute_dtype",
+                                                "arch_sparse_feature_size")},
       "batch": batch, "samples_per_s": batch / med, "median_step_ms": med * 1e3,
       "p10_step_ms": sorted(times)[len(times) // 10] * 1e3,
       "p90_step_ms": sorted(times)[(9 * len(times)) // 10] * 1e3,
@@ -160,7 +164,7 @@ def run_interleaved(a) -> None:
         if a.huge_pages == "both":
           name += " | 2 MiB" if huge else " | 4 KiB"
         step_fn, state, batches, _, _ = make_step(rows, path, a.batch, a.pool, a.lr,
-                                                  a.optimizer, a.dim, a.bottom, a.top, huge)
+                                                  a.optimizer, shape_overrides(a), huge)
         runs[name] = [step_fn, state, batches]  # each run its own ids: in its tables' range
         print(f"{name}: set up", flush=True)
   result = take_turns(runs, a.steps, a.warmup)
@@ -183,7 +187,8 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--rows", default="100000,1000000,4000000")
   ap.add_argument("--paths", default="sparse,dense")
-  ap.add_argument("--optimizer", default="sgd", help="sparse optimiser of the sparse path")
+  ap.add_argument("--optimizer", default=None,
+                  help="sparse optimiser of the sparse path (default: the config's)")
   ap.add_argument("--batch", type=int, default=2048)
   ap.add_argument("--warmup", type=int, default=5)
   ap.add_argument("--steps", type=int, default=50)
@@ -201,7 +206,7 @@ def main():
 
   if a._child:
     r = run_one(int(a._child[0]), a._child[1], a.batch, a.warmup, a.steps, a.pool, a.lr,
-                a.optimizer, a.dim, a.bottom, a.top, a.huge_pages == "on")
+                a.optimizer, shape_overrides(a), a.huge_pages == "on")
     print("RESULT " + json.dumps(r), flush=True)
     return
 
@@ -219,9 +224,8 @@ def main():
       for path in a.paths.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--_child", str(rows), path,
                "--batch", str(a.batch), "--warmup", str(a.warmup), "--steps", str(a.steps),
-               "--pool", str(a.pool), "--lr", str(a.lr), "--optimizer", a.optimizer,
-               "--dim", str(a.dim), "--bottom", a.bottom, "--top", a.top,
-               "--huge-pages", a.huge_pages]
+               "--pool", str(a.pool), "--lr", str(a.lr), "--huge-pages", a.huge_pages,
+               *(["--optimizer", a.optimizer] if a.optimizer else []), *shape_arguments(a)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:

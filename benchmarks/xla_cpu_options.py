@@ -11,8 +11,9 @@ median and fastest-decile (p10) step time are reported, and its time divided
 by the default's in the same round (median over rounds), which cancels what
 the rounds share.
 
-The model is configs/criteo_kaggle.py's (`--dim/--bottom/--top` for another
-shape), 26 x ROWS rows, one device, random data, SGD.
+The model is configs/criteo_kaggle.py's (`--config NAME` for another config's,
+`--dim/--bottom/--top` for another shape, `--set KEY=VALUE` for any field), 26
+x ROWS rows, one device, random data, SGD.
 
   python benchmarks/xla_cpu_options.py --rows 100000 --rounds 40
   python benchmarks/xla_cpu_options.py --variants default,fast_compile --rounds 10
@@ -25,8 +26,8 @@ import os
 import sys
 import time
 
-from common import (add_shape_arguments, random_batches, random_data_config, take_turns,
-                    turn_row)
+from common import (add_shape_arguments, random_batches, random_data_config, shape_overrides,
+                    take_turns, turn_row)
 
 # Debug options of XLA:CPU (xla/xla.proto) that may change the train step's speed.
 VARIANTS = {
@@ -34,6 +35,7 @@ VARIANTS = {
     "fast_runtime": {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_RUNTIME"},
     "fast_compile": {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"},
     "onednn": {"xla_cpu_use_onednn": True},
+    "onednn_custom_call": {"xla_cpu_experimental_onednn_custom_call": True},
     "xnnpack": {"xla_cpu_use_xnnpack": True},
     "xnn_graph_greedy": {"xla_cpu_experimental_xnn_graph_fusion_mode":
                          "XNN_GRAPH_FUSION_MODE_GREEDY"},
@@ -59,12 +61,11 @@ def main():
 
   from dlrm_jax.task import Task
 
-  task = Task(random_data_config(a.rows, a.batch, 0.01, "sgd", arch_sparse_feature_size=a.dim,
-                                 arch_mlp_bot=a.bottom, arch_mlp_top=a.top))
+  task = Task(random_data_config(a.rows, a.batch, 0.01, "sgd", **shape_overrides(a)))
   batches = random_batches(task, a.batch, pool=4)
   lowered = task.lower_train_step(task.init_state(0), batches[0])
   print(f"# {os.uname().machine} cores={os.cpu_count()} {time.strftime('%Y-%m-%d %H:%M %Z')} "
-        f"jax {jax.__version__} rows=26x{a.rows:,} dim={a.dim} bottom={a.bottom} top={a.top} "
+        f"jax {jax.__version__} rows=26x{a.rows:,} model={a.config} {' '.join(a.set)} "
         f"batch={a.batch} rounds={a.rounds}", flush=True)
   runs = {}
   for name in a.variants.split(","):
