@@ -61,9 +61,8 @@ MUTATIONS = (
     Mutation(
         "dot_pairs_reordered", "the dot interaction's pairs in column-major order",
         "dlrm_jax/model.py",
-        "[i * num_vectors + j for i in range(num_vectors) for j in range(i + offset)]",
-        "[i * num_vectors + j for j in range(num_vectors)\n"
-        "       for i in range(j + 1 - offset, num_vectors)]",
+        "pairs = [(i, j) for i in range(num_vectors) for j in range(i + offset)]",
+        "pairs = [(i, j) for j in range(num_vectors) for i in range(j + 1 - offset, num_vectors)]",
         ("tests/test_model.py::test_dot_interaction_pair_order",
          "tests/test_parity.py::test_initial_predictions_match_reference")),
     Mutation(
