@@ -146,6 +146,7 @@ def _device_fields(config_dict):
   mesh.num_devices = 0  # devices to use; 0: all of them.
   mesh.replicas = 1  # > 1: a 2-D mesh, tables sharded within each of this many groups.
   mesh.axis_types = "explicit"  # explicit | auto: JAX's sharding mode for the mesh axes.
+  mesh.platform = ""  # whose devices: "" the default backend's, or "cpu", "gpu", "tpu".
   # Per-table sharding types, overriding the planner: "t3:row_wise,t7:table_wise:2".
   sharding.overrides = ""
   sharding.memory_budget_mb = 0.0  # per device, tables + optimiser state; 0: 90% of a

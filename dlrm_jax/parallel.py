@@ -71,9 +71,13 @@ def initialize_distributed(dist: DistributedSpec) -> None:
 
 
 def make_mesh(spec: MeshSpec) -> tuple[Mesh, MeshAxes]:
-  """The mesh the spec asks for: `num_devices` (0: all), `replicas`, `axis_types`."""
+  """The mesh the spec asks for: `num_devices` (0: all) of `platform` (""; the default
+  backend's), `replicas`, `axis_types`."""
   count, replicas = spec.num_devices, spec.replicas
-  devices = jax.devices()
+  try:
+    devices = jax.devices(spec.platform or None)
+  except RuntimeError as e:
+    raise ConfigError(f"mesh.platform={spec.platform!r}: {e}") from None
   if count > len(devices):
     raise ConfigError(f"mesh.num_devices={count}, but there are {len(devices)} devices "
                       "(0 uses them all)")

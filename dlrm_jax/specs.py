@@ -95,6 +95,7 @@ class MeshSpec:
   num_devices: int  # 0: all
   replicas: int
   axis_types: str
+  platform: str = ""  # "": the default backend's devices; "cpu", "gpu", "tpu"
 
   def __post_init__(self):
     if self.axis_types not in AXIS_TYPES:
@@ -105,7 +106,7 @@ class MeshSpec:
   @classmethod
   def from_config(cls, c) -> "MeshSpec":
     return cls(num_devices=int(c.num_devices), replicas=int(c.replicas),
-               axis_types=str(c.axis_types).lower())
+               axis_types=str(c.axis_types).lower(), platform=str(c.get("platform", "")).lower())
 
 
 @dataclasses.dataclass(frozen=True)

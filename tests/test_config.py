@@ -101,7 +101,9 @@ def test_criteo_configs_say_how_to_get_data(tmp_path):
 # Every field with a fixed set of choices, a bad value for it, and the choices the error
 # must list. Each is refused with a ConfigError before anything is compiled or trained.
 CHOICE_FIELDS = [
-    ("arch_interaction_op", ("dot", "cat")),
+    ("arch_interaction_op", ("dot", "cat", "dcn")),
+    ("arch_dot_pair_order", ("lower", "upper")),
+    ("compute_dtype", ("float32", "bfloat16")),
     ("loss_function", ("bce", "mse", "wbce")),
     ("dense_optimizer", ("sgd", "adagrad", "adam")),
     ("embedding_optimizer", ("sgd", "rowwise_adagrad", "adagrad", "adam")),
@@ -129,6 +131,17 @@ def test_every_choice_field_refuses_a_bad_value(field, choices, tmp_path):
   message = str(e.value)
   assert f"{field.split('.')[-1]}='foo'" in message, message
   assert all(repr(choice) in message for choice in choices), message
+
+
+def test_a_platform_without_devices_is_a_config_error(tmp_path):
+  from dlrm_jax.task import Task
+
+  c = load_config("tiny")
+  c.mesh.platform = "tpu"
+  with pytest.raises(ConfigError, match="mesh.platform='tpu'"):
+    Task(c)
+  c.mesh.platform = "cpu"
+  assert Task(c).mesh.devices.flat[0].platform == "cpu"
 
 
 def test_the_cpu_collectives_are_checked():
