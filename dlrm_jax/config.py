@@ -162,6 +162,8 @@ def _device_fields(config_dict):
 
 def _data_fields(c):
   """The data source and its knobs."""
+  from ml_collections import config_dict
+
   c.kind = "synthetic_ctr"  # synthetic_ctr | random | criteo_kaggle | criteo_terabyte
   c.num_dense_features = 13
   c.seed = 1
@@ -171,8 +173,10 @@ def _data_fields(c):
   c.teacher_num_pairs = 8  # feature pairs whose ids interact in the teacher.
   c.teacher_pair_scale = 1.0
   c.teacher_dense_scale = 0.5  # 0: the labels depend on the ids alone.
-  c.hotness = 1  # ids per feature; > 1 makes multi-hot bags (random data).
-  c.variable_hotness = False  # bags of 1..hotness ids, padded, with a mask.
+  # Ids per feature: one int for all, or a dash list of one per table ("3-2-1-..."). Batches
+  # hold each sample's bags end to end, [B, sum] (prepared Criteo data: its own hotness).
+  c.hotness = config_dict.FieldReference(1, field_type=object)  # an int or a str
+  c.variable_hotness = False  # bags of 1..hotness ids, padded to the largest, with a mask.
   c.path = ""  # prepared Criteo directory (python -m dlrm_jax.data.criteo prepare).
   c.max_ind_range = -1  # Criteo: the modulus the directory must be prepared with; -1: any.
   c.eval_split = "test"  # Criteo: the split evaluated ("test", as the reference, or "val").

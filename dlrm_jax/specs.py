@@ -15,7 +15,7 @@ import dataclasses
 import json
 from typing import TYPE_CHECKING
 
-from dlrm_jax.config import ConfigError, dash_list, parse_floats
+from dlrm_jax.config import ConfigError, dash_list, parse_floats, parse_widths
 
 if TYPE_CHECKING:
   from dlrm_jax.model import ModelSpec
@@ -153,7 +153,7 @@ class DataSpec:
   teacher_num_pairs: int
   teacher_pair_scale: float
   teacher_dense_scale: float
-  hotness: int
+  hotness: tuple[int, ...]  # ids per feature: one for all, or one per table
   variable_hotness: bool
   path: str
   max_ind_range: int
@@ -165,12 +165,23 @@ class DataSpec:
   def __post_init__(self):
     if self.eval_split not in ("test", "val"):
       raise ConfigError(f"data.eval_split={self.eval_split!r} is not one of ('test', 'val')")
-    if self.hotness < 1:
-      raise ConfigError(f"data.hotness={self.hotness} must be >= 1")
+    if not self.hotness or min(self.hotness) < 1:
+      raise ConfigError(f"data.hotness={dash_list(self.hotness)!r}: every value must be >= 1")
 
   @classmethod
-  def from_config(cls, c) -> "DataSpec":
-    return cls(**{f.name: _cast(f.type, c[f.name]) for f in dataclasses.fields(cls)})
+  def from_config(cls, c, num_tables: int | None = None) -> "DataSpec":
+    """The data fields of config `c`; with `num_tables` (the model's), `hotness` has a
+    value per table (one value given: the same for all; another count: a ConfigError)."""
+    hotness = parse_widths("data.hotness", c.hotness)
+    if num_tables is not None and len(hotness) != num_tables:
+      if len(hotness) != 1:
+        raise ConfigError(
+            f"data.hotness={c.hotness!r} gives {len(hotness)} values, but the model has "
+            f"{num_tables} tables (arch_embedding_size): give one value per table, or one "
+            "for all")
+      hotness = hotness * num_tables
+    return cls(hotness=hotness, **{f.name: _cast(f.type, c[f.name])
+                                   for f in dataclasses.fields(cls) if f.name != "hotness"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,12 +216,13 @@ class RunSpec:
   def from_config(cls, config) -> "RunSpec":
     from dlrm_jax.model import ModelSpec  # JAX, for the interactions' registry
 
-    return cls(model=ModelSpec.from_config(config),
+    model = ModelSpec.from_config(config)
+    return cls(model=model,
                training=TrainingSpec.from_config(config),
                mesh=MeshSpec.from_config(config.mesh),
                sharding=ShardingSpec.from_config(config.sharding),
                distributed=DistributedSpec.from_config(config.distributed),
-               data=DataSpec.from_config(config.data),
+               data=DataSpec.from_config(config.data, model.num_tables),
                checkpoint=CheckpointSpec.from_config(config.checkpoint),
                source=json.loads(config.to_json()))
 

@@ -44,7 +44,8 @@ class Task:
                         f"{POOLINGS}")
     self.spec = self.run.model
     self.collection = EmbeddingCollection.uniform(
-        self.spec.table_rows, self.spec.embedding_dim, training.embedding_pooling)
+        self.spec.table_rows, self.spec.embedding_dim, training.embedding_pooling,
+        hotness=self.run.data.hotness)
     self.mesh, self.axes = parallel.make_mesh(self.run.mesh)
     self.plan = make_plan(self.run, self.collection, self.mesh.shape[self.axes.shard])
     self.embedding = ShardedEmbedding(self.collection, self.plan, self.mesh, self.axes)

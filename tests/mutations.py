@@ -80,7 +80,7 @@ MUTATIONS = (
     Mutation(
         "row_wise_exchange_transposed",
         "row-wise partial sums scattered sample-major instead of device-major",
-        "dlrm_jax/embedding/sharded.py",
+        "dlrm_jax/embedding/layouts.py",
         "    return jax.lax.psum_scatter(partial, self.axes.shard, scatter_dimension=0, "
         "tiled=True)\n",
         "    partial = partial.reshape(self.n, -1, *partial.shape[1:]).swapaxes(0, 1).reshape(\n"
@@ -88,6 +88,12 @@ MUTATIONS = (
         "    return jax.lax.psum_scatter(partial, self.axes.shard, scatter_dimension=0, "
         "tiled=True)\n",
         ("tests/test_sharding.py::test_each_sharding_type_alone_matches_single_device_sgd",)),
+    Mutation(
+        "flat_mean_not_divided", "mean tables of flat bags pool to the sum of their ids",
+        "dlrm_jax/embedding/sharded.py",
+        "        emb = emb / jnp.asarray(bags.divisors, emb.dtype)[None, :, None]\n",
+        "        pass\n",
+        ("tests/test_sharding.py::test_flat_bags_step_as_padded_bags_with_a_mask[mixed]",)),
     Mutation(
         "duplicates_not_summed", "row-wise Adagrad updates a repeated row once per lookup",
         "dlrm_jax/embedding/optimizers.py",

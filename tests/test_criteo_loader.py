@@ -135,19 +135,53 @@ def test_eval_batches_in_order_per_process(tmp_path, processes):
     loaders[0].batch(n, "test")
 
 
-def test_multi_hot_batches(tmp_path):
+def test_multi_hot_batches_are_the_stored_rows(tmp_path):
+  """A multi-hot directory's batches are its stored flat rows, [B, sum(hotness)]: no
+  padding to the widest bag and no mask."""
   hotness = [1, 3] + [2] * 24
-  write_prepared(str(tmp_path), [200], hotness=hotness, vocab=1000)
-  b = CriteoData(str(tmp_path), 16).batch(0, "eval")
-  assert b["sparse"].shape == (16, 26, 3)
-  assert b["sparse_mask"].shape == (16, 26, 3)
-  assert b["sparse_mask"][0].sum(-1).tolist() == hotness
-  assert (b["sparse"][~b["sparse_mask"]] == 0).all()
-  rows = np.array(ids({"sparse": b["sparse"][:, 0]}))
-  np.testing.assert_array_equal(b["sparse"][:, 1, :3], np.tile((rows % 1000)[:, None], (1, 3)))
+  meta = write_prepared(str(tmp_path), [200], hotness=hotness, vocab=1000)
+  data = CriteoData(str(tmp_path), 16)
+  assert data.hotness == tuple(hotness)
+  b = data.batch(0, "eval")
+  assert b["sparse"].shape == (16, 52) and "sparse_mask" not in b
+  stored = np.load(fmt.shard_path(str(tmp_path), "s000", "sparse"))
+  test_start = meta["splits"]["test"][0][0]
+  np.testing.assert_array_equal(b["sparse"], stored[test_start:test_start + 16])
+  train = next(iter(iterate_epoch(data, 0)))
+  np.testing.assert_array_equal(train["sparse"], stored[np.array(ids(train))])
   write_prepared(str(tmp_path / "even"), [50], hotness=[4] * 26)
   e = CriteoData(str(tmp_path / "even"), 4).batch(0, "eval")
-  assert e["sparse"].shape == (4, 26, 4) and "sparse_mask" not in e
+  assert e["sparse"].shape == (4, 104) and "sparse_mask" not in e
+
+
+def test_a_multi_hot_directory_sets_and_checks_the_hotness(tmp_path):
+  """configure_data takes the hotness from the prepared metadata, make_data refuses a
+  config whose hotness differs, and a train step runs on the flat rows."""
+  from conftest import small_criteo_config
+  from dlrm_jax.config import ConfigError
+  from dlrm_jax.data import configure_data, make_data
+  from dlrm_jax.specs import RunSpec
+  from dlrm_jax.task import Task
+
+  hotness = [1, 3] + [2] * 24
+  write_prepared(str(tmp_path), [300], hotness=hotness, vocab=1000)
+  c = configure_data(small_criteo_config(tmp_path))
+  assert c.data.hotness == "-".join(str(h) for h in hotness)
+  run = RunSpec.from_config(c)
+  assert run.data.hotness == tuple(hotness)
+  batch = make_data(run).batch(0)
+  task = Task(run)
+  task.collection.check_ids(batch["sparse"], batch.get("sparse_mask"))
+  state, out = task.train_step(task.init_state(0), batch)
+  assert np.isfinite(float(out["loss"]))
+  c.data.hotness = 2
+  with pytest.raises(ConfigError, match=r"data.hotness='2-2-.*holds bags of hotness '1-3-2-"):
+    make_data(RunSpec.from_config(c))
+  write_prepared(str(tmp_path / "even"), [50], hotness=[4] * 26)
+  assert configure_data(small_criteo_config(tmp_path / "even")).data.hotness == 4
+  write_prepared(str(tmp_path / "one"), [50])
+  one = configure_data(small_criteo_config(tmp_path / "one"))  # one-hot: unchanged
+  assert one.data.hotness == 1 and RunSpec.from_config(one).data.hotness == (1,) * 26
 
 
 def test_refuses_incomplete_and_incompatible_directories(tmp_path):

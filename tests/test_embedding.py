@@ -279,3 +279,61 @@ def test_optimizer_hyper_parameters_come_from_the_config():
   c.embedding_optimizer_args = "initial_accumulator_value=0.25"
   state = Task(c).init_state(0)
   np.testing.assert_array_equal(np.asarray(state.emb_opt_state["table_wise"]["accumulator"]), 0.25)
+
+
+def _flat_bag_collection():
+  return EmbeddingCollection([TableSpec("a", 7, 3, "sum", hotness=2),
+                              TableSpec("b", 5, 3, "mean", hotness=1),
+                              TableSpec("c", 9, 3, "mean", hotness=4)])
+
+
+def test_flat_bags_pool_as_padded_bags_and_numpy():
+  """Flat bags [B, 7] (2, 1 and 4 ids end to end) pool to what the same bags padded to 4
+  with a mask give, and to numpy's sums and means, with and without per-id weights."""
+  coll = _flat_bag_collection()
+  tables = coll.init(2)
+  per_table = coll.to_arrays(tables)
+  rng = np.random.default_rng(3)
+  flat = np.concatenate([rng.integers(0, s.rows, (6, s.hotness)) for s in coll.specs],
+                        axis=1).astype(np.int32)
+  weights = rng.uniform(0.5, 1.5, flat.shape).astype(np.float32)
+  starts = [0, 2, 3]
+  padded, padded_w = np.zeros((6, 3, 4), np.int32), np.zeros((6, 3, 4), np.float32)
+  mask = np.zeros((6, 3, 4), bool)
+  for f, (o, s) in enumerate(zip(starts, coll.specs)):
+    padded[:, f, :s.hotness], padded_w[:, f, :s.hotness] = (flat[:, o:o + s.hotness],
+                                                            weights[:, o:o + s.hotness])
+    mask[:, f, :s.hotness] = True
+  for w, pw in ((None, None), (weights, padded_w)):
+    got = np.asarray(coll.lookup(tables, jnp.asarray(flat), w))
+    want = np.asarray(coll.lookup(tables, jnp.asarray(padded), pw, jnp.asarray(mask)))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    ref = np.zeros((6, 3, 3))
+    for f, (o, s) in enumerate(zip(starts, coll.specs)):
+      ids = flat[:, o:o + s.hotness]
+      scale = np.ones(ids.shape) if w is None else w[:, o:o + s.hotness]
+      ref[:, f] = (per_table[f][ids] * scale[..., None]).sum(1)
+      if s.pooling == "mean":
+        ref[:, f] /= s.hotness
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+  # One id per feature [B, F] still means one id per feature (not flat bags).
+  one = flat[:, starts]
+  np.testing.assert_array_equal(np.asarray(coll.lookup(tables, jnp.asarray(one))),
+                                np.stack([per_table[f][one[:, f]] for f in range(3)], 1))
+  with pytest.raises(ValueError, match=r"\[batch, 7\] \(flat bags.*2-1-4.*\[batch, 3\]"):
+    coll.lookup(tables, jnp.zeros((6, 5), jnp.int32))
+
+
+def test_check_ids_of_flat_bags_names_the_feature_and_position():
+  coll = _flat_bag_collection()
+  ids = np.zeros((3, 7), np.int32)
+  coll.check_ids(ids)
+  ids[2, 5] = 9  # column 5: table c (9 rows), position 2 of its bag
+  with pytest.raises(IdOutOfRangeError, match=r"feature 2 \(table 'c', 9 rows\) has id 9 at "
+                                              r"sample 2 of the batch, position 2 of its bag"):
+    coll.check_ids(ids)
+  ids[2, 5], ids[1, 2] = 0, 5  # column 2: table b (5 rows, one id per sample)
+  with pytest.raises(IdOutOfRangeError, match=r"feature 1 .* at sample 1 of the batch \("):
+    coll.check_ids(ids)
+  with pytest.raises(ValueError, match="hotness"):
+    TableSpec("x", 3, 2, hotness=0)

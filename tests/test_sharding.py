@@ -314,6 +314,10 @@ def test_the_backend_kernel_serves_every_layout(monkeypatch):
       calls.append("pool")
       return super().pool(vectors, scale)
 
+    def segment_pool(self, vectors, scale, segments, num_segments):
+      calls.append("pool")
+      return super().segment_pool(vectors, scale, segments, num_segments)
+
     def update(self, *args, **kwargs):
       calls.append("update")
       return super().update(*args, **kwargs)
@@ -327,3 +331,192 @@ def test_the_backend_kernel_serves_every_layout(monkeypatch):
   # Each layout traced once per program: gathers and pools (train step, predict), updates.
   assert calls.count("update") == 4 and calls.count("gather") >= 8 and calls.count("pool") >= 8
   _assert_same(got, _reference("sgd", 1))
+
+
+# Flat bags: feature f's h_f ids end to end, [B, sum(hotness)] --------------------
+
+HOTNESS = (3, 1, 2, 5, 1, 4, 2, 1)  # 19 ids per sample; padded, 8 x 5 = 40 slots
+BAG_POOLINGS = ("sum", "mean", "mean", "sum", "sum", "mean", "sum", "mean")
+TABLE_ROWS = (500, 300, 200, 120, 500, 64, 40, 250)
+
+
+def _bag_collection():
+  from dlrm_jax.embedding import TableSpec
+
+  return EmbeddingCollection([TableSpec(f"t{i}", r, 8, p, hotness=h) for i, (r, p, h)
+                              in enumerate(zip(TABLE_ROWS, BAG_POOLINGS, HOTNESS))])
+
+
+def _flat_and_padded(seed=0):
+  """Weighted flat bags (ids repeated within and across bags and devices, and spread over
+  every row-wise block) and the same bags padded to the widest with a mask."""
+  rng = np.random.default_rng(seed)
+  rows = np.repeat(TABLE_ROWS, HOTNESS)
+  spread = rng.integers(0, 1 << 20, (BATCH, len(rows))) % rows
+  ids = np.where(rng.random((BATCH, len(rows))) < 0.4, rng.integers(0, 3, (BATCH, len(rows))),
+                 spread).astype(np.int32)
+  weights = rng.uniform(0.5, 1.5, ids.shape).astype(np.float32)
+  width, offsets = max(HOTNESS), np.concatenate([[0], np.cumsum(HOTNESS)[:-1]])
+  padded = {"sparse": np.zeros((BATCH, len(HOTNESS), width), np.int32),
+            "sparse_weights": np.zeros((BATCH, len(HOTNESS), width), np.float32),
+            "sparse_mask": np.zeros((BATCH, len(HOTNESS), width), bool)}
+  for f, (o, h) in enumerate(zip(offsets, HOTNESS)):
+    padded["sparse"][:, f, :h] = ids[:, o:o + h]
+    padded["sparse_weights"][:, f, :h] = weights[:, o:o + h]
+    padded["sparse_mask"][:, f, :h] = True
+  return {"sparse": ids, "sparse_weights": weights}, padded
+
+
+def _embedding_step(devices, overrides, batch, replicas=1):
+  """One row-wise Adagrad step of the tables alone on `devices` devices (in `replicas`
+  groups): a fixed nonlinear loss of the pooled vectors. Returns the pooled vectors, the
+  loss, the updated tables and accumulators (per table), and the lookups."""
+  from jax.sharding import NamedSharding
+
+  from dlrm_jax import parallel
+  from dlrm_jax.embedding import make_sparse_optimizer
+  from dlrm_jax.embedding.layouts import unstack_rows
+  from dlrm_jax.embedding.sharded import ShardedEmbedding
+  from dlrm_jax.specs import MeshSpec
+
+  coll = _bag_collection()
+  mesh, axes = parallel.make_mesh(MeshSpec(devices, replicas, "explicit"))
+  plan = plan_tables(coll.specs, devices // replicas, batch_size=BATCH, lookups=coll.hotness,
+                     min_column_width=1, overrides=parse_overrides(overrides))
+  emb = ShardedEmbedding(coll, plan, mesh, axes)
+  opt = make_sparse_optimizer("rowwise_adagrad")
+  tables = jax.jit(emb.init, out_shardings=emb.table_shardings())(np.uint32(4))
+  state = emb.init_optimizer(opt, tables)
+  rows = NamedSharding(mesh, emb.batch_spec)
+  batch = {k: jax.device_put(v, rows) for k, v in batch.items()}
+  target = jax.device_put(np.random.default_rng(9).normal(size=(BATCH, 8, 8)).astype(
+      np.float32), rows)
+
+  @jax.jit
+  def step(tables, state, batch):
+    forward = emb.forward(tables, batch)
+
+    def loss(vectors):
+      pooled = forward.embed(vectors)
+      return jax.numpy.mean(jax.numpy.sin(40.0 * pooled) * target), pooled
+
+    (value, pooled), grads = jax.value_and_grad(loss, has_aux=True)(forward.vectors)
+    tables, state = forward.apply_gradients(opt, tables, state, grads, 0.3, 0)
+    return value, pooled, tables, state
+
+  lookups = jax.jit(emb.lookup)(tables, batch)
+  value, pooled, tables, state = step(tables, state, batch)
+  return {"loss": float(value), "pooled": np.asarray(pooled), "tables": emb.to_arrays(tables),
+          "accumulators": unstack_rows(emb.groups, {k: np.asarray(v["accumulator"])
+                                                    for k, v in state.items()}),
+          "lookups": lookups, "embedding": emb}
+
+
+def _assert_same_step(got, want):
+  """Pooled vectors to 1e-5 relative (1e-6 absolute), the loss to 1e-5 relative, updated
+  rows to 2e-6 absolute (1e-5 relative), row-wise Adagrad accumulators to 1e-5 relative:
+  float rounding of another summation order (the mean divides the sum by the hotness
+  where the padded layout scales each id by 1 / count)."""
+  np.testing.assert_allclose(got["pooled"], want["pooled"], rtol=1e-5, atol=1e-6)
+  assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+  for name, atol in (("tables", 2e-6), ("accumulators", 1e-12)):
+    for t, (a, b) in enumerate(zip(got[name], want[name], strict=True)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol, err_msg=f"{name} of table {t}")
+
+
+_PADDED_ONE_DEVICE = {}
+
+
+def _padded_one_device():
+  if not _PADDED_ONE_DEVICE:
+    _PADDED_ONE_DEVICE.update(_embedding_step(1, "", _flat_and_padded()[1]))
+  return _PADDED_ONE_DEVICE
+
+
+# Each layout alone, and all four in one plan; t3 (5 ids) and t5 (4) share device 2, whose
+# table-wise slot is then 9 ids wide (the padded layout's would be 2 x 5).
+FLAT_PLANS = {"table_wise": "t3:table_wise:2,t5:table_wise:2," + ",".join(
+                  f"t{i}:table_wise:{d}" for i, d in ((0, 0), (1, 0), (2, 1), (4, 3), (6, 4),
+                                                      (7, 5))),
+              "row_wise": _all(ROW_WISE), "column_wise": _all(COLUMN_WISE),
+              "replicated": _all(REPLICATED), "mixed": MIXED, "mixed_2x4": MIXED}
+
+
+@pytest.mark.parametrize("plan", [None, *FLAT_PLANS])
+def test_flat_bags_step_as_padded_bags_with_a_mask(plan):
+  """The same weighted bags, flat [B, 19] and padded with a mask [B, 8, 5], with sum and
+  mean tables side by side: the same pooled vectors, loss, updated rows and row-wise
+  Adagrad accumulators (tolerances in `_assert_same_step`; the largest differences seen
+  are 6e-7 on a row, 2e-6 relative on an accumulator), on one device (plan None) and on 8
+  for every sharding type, and on a 2 x 4 mesh (replica groups). The table-wise plan gives
+  device 2 two tables and devices 6 and 7 none, which also checks that a device's empty
+  slots claim none of its rows."""
+  flat, _ = _flat_and_padded()
+  got = _embedding_step(1 if plan is None else 8, FLAT_PLANS.get(plan, ""), flat,
+                        replicas=2 if plan == "mixed_2x4" else 1)
+  if plan not in (None, "mixed", "mixed_2x4"):
+    assert {p.kind for p in got["embedding"].plan.placements} == {plan}
+  _assert_same_step(got, _padded_one_device())
+
+
+def test_flat_bags_cost_per_id_in_every_layout():
+  """What each layout gathers, moves and updates is one slot per id of the flat rows
+  (and of each table-wise owner's tables, padded to the fullest owner's), never one per
+  slot of the widest bag."""
+  flat, _ = _flat_and_padded()
+  total, n = sum(HOTNESS), 8
+  one = _embedding_step(1, "", flat)["lookups"]["table_wise"]
+  assert one["rows"].shape == (1, BATCH, total) and one["vectors"].shape == (1, BATCH, total, 8)
+  assert _padded_one_device()["lookups"]["table_wise"]["rows"].size == BATCH * 8 * max(HOTNESS)
+  got = _embedding_step(n, MIXED, flat)
+  emb, lookups = got["embedding"], got["lookups"]
+  for kind, g in emb.groups.items():
+    ids = sum(HOTNESS[t] for t in g.features)
+    rows = lookups[kind]["rows"]
+    if kind == TABLE_WISE:  # every device receives each source's slot of its tables' ids
+      per_device = {}
+      for t in g.features:
+        device = emb.plan.placements[t].device
+        per_device[device] = per_device.get(device, 0) + HOTNESS[t]
+      assert rows.shape == (n * n, BATCH // n, max(per_device.values()))
+    elif kind == REPLICATED:  # local
+      assert rows.shape == (BATCH, ids)
+    else:  # all-gathered ids: each device has every sample's ids of the group
+      assert rows.shape == (n * BATCH, ids)
+    assert lookups[kind]["vectors"].shape[:-1] == rows.shape
+  wide = _embedding_step(n, FLAT_PLANS["table_wise"], flat)["lookups"]["table_wise"]
+  assert wide["rows"].shape == (n * n, BATCH // n, HOTNESS[3] + HOTNESS[5])
+
+
+def _task_step(devices, overrides, pooling, batch):
+  """One train step of the whole model (row-wise Adagrad tables, Adagrad MLPs) on
+  MLPerf-like bags of `HOTNESS`: loss, tables, accumulators and dense parameters after it."""
+  from dlrm_jax.config import dash_list
+  from dlrm_jax.embedding.layouts import unstack_rows
+
+  c = _config(devices, overrides, optimizer="rowwise_adagrad")
+  c.data.hotness, c.embedding_pooling = dash_list(HOTNESS), pooling
+  task = Task(c)
+  assert task.collection.hotness == HOTNESS
+  dense = np.random.default_rng(3).random((BATCH, 13), dtype=np.float32)
+  label = (np.arange(BATCH) % 3 == 0).astype(np.float32)
+  state, out = task.train_step(task.init_state(0), {**batch, "dense": dense, "label": label})
+  slots = state.emb_opt_state
+  return {"loss": float(out["loss"]), "tables": task.embedding.to_arrays(state.tables),
+          "accumulators": unstack_rows(task.embedding.groups, {
+              k: np.asarray(v["accumulator"]) for k, v in slots.items()}),
+          "params": [np.asarray(x) for x in jax.tree.leaves(state.params)]}
+
+
+@pytest.mark.parametrize("devices,pooling", [(1, "mean"), (8, "sum")])
+def test_flat_bags_train_step_as_padded_bags(devices, pooling):
+  """The whole train step on flat bags equals the step on the same bags padded with a
+  mask on one device: loss, updated rows, accumulators and dense parameters (one device
+  with mean pooling, the mixed plan on 8 with sum; tolerances as `_assert_same_step`)."""
+  flat, padded = _flat_and_padded(1)
+  got = _task_step(devices, MIXED if devices > 1 else "", pooling, flat)
+  want = _task_step(1, "", pooling, padded)
+  assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+  for name, atol in (("tables", 2e-6), ("accumulators", 1e-12), ("params", 2e-6)):
+    for a, b in zip(got[name], want[name], strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol, err_msg=name)

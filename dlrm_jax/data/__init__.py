@@ -13,8 +13,9 @@ CRITEO_KINDS = {"criteo_kaggle": "kaggle", "criteo_terabyte": "terabyte"}
 def configure_data(config):
   """`config`, or for Criteo data a copy sized from the prepared directory's metadata.
 
-  The tables get the prepared vocabulary sizes (`arch_embedding_size`), and
-  `test_num_batches` <= 0 becomes every full batch of the evaluation split
+  The tables get the prepared vocabulary sizes (`arch_embedding_size`) and the
+  features the directory's hotness (`data.hotness`: one value where all agree, else
+  a dash list); `test_num_batches` <= 0 becomes every full batch of the evaluation split
   (a last partial batch is left out: sharded steps need equal slices). Errors (no
   prepared directory, another dataset, another `max_ind_range`) are
   ConfigErrors that say what to do.
@@ -22,6 +23,8 @@ def configure_data(config):
   data = DataSpec.from_config(config.data)  # checked and typed, as the run will read it
   if data.kind not in CRITEO_KINDS:
     return config
+  from ml_collections import config_dict
+
   from dlrm_jax.data.format import FormatError, read_metadata
 
   path = data.path
@@ -41,6 +44,10 @@ def configure_data(config):
         f"--max-ind-range {max_ind_range}, or set data.max_ind_range=-1 to train on it as it is")
   new = config.copy_and_resolve_references()
   new.arch_embedding_size = dash_list(meta["vocab_sizes"])
+  hotness = [int(h) for h in meta["hotness"]]
+  # An int or a dash list: the field takes either (a resolved copy would keep one type).
+  new.data.hotness = config_dict.FieldReference(
+      hotness[0] if len(set(hotness)) == 1 else dash_list(hotness), field_type=object)
   if int(new.test_num_batches) <= 0:
     rows = sum(b - a for a, b in meta["splits"][data.eval_split])
     new.test_num_batches = max(1, rows // int(new.test_mini_batch_size))
@@ -55,12 +62,13 @@ def make_data(run: RunSpec):
   if data.kind == "random":
     return RandomData(**common, hotness=data.hotness, variable_hotness=data.variable_hotness)
   if data.kind == "synthetic_ctr":
-    if data.hotness != 1 or data.variable_hotness:
-      raise ConfigError(f"data.hotness={data.hotness}, data.variable_hotness="
-                        f"{data.variable_hotness}: synthetic_ctr draws one id per feature; "
-                        "multi-hot bags are available with data.kind='random'")
+    if data.variable_hotness:
+      raise ConfigError("data.variable_hotness=True: synthetic_ctr draws bags of a fixed "
+                        "hotness per feature (data.hotness); bags of varying length are "
+                        "available with data.kind='random'")
     return SyntheticCTR(
-        **common, zipf_exponent=data.zipf_exponent, dense_missing_rate=data.dense_missing_rate,
+        **common, hotness=data.hotness, zipf_exponent=data.zipf_exponent,
+        dense_missing_rate=data.dense_missing_rate,
         sparse_missing_rate=data.sparse_missing_rate, teacher_num_pairs=data.teacher_num_pairs,
         teacher_pair_scale=data.teacher_pair_scale, teacher_dense_scale=data.teacher_dense_scale)
   if data.kind in CRITEO_KINDS:
@@ -89,6 +97,11 @@ def _make_criteo(run: RunSpec):
         f"{len(source.table_rows)} with rows {list(source.table_rows)}"
         + (f" (table {small[0][0]} has {small[0][1]} < {small[0][2]})" if small else "")
         + ": size the config with dlrm_jax.data.configure_data(config)")
+  if tuple(data.hotness) != tuple(source.hotness):
+    raise ConfigError(
+        f"data.hotness={dash_list(data.hotness)!r}, but {data.path} holds bags of hotness "
+        f"{dash_list(source.hotness)!r} (its rows are [{sum(source.hotness)}] ids): "
+        "set data.hotness to that (dlrm_jax.data.configure_data(config) does)")
   return source
 
 

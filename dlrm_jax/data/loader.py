@@ -24,8 +24,9 @@ order: global batch i is rows [i * B, (i + 1) * B) of the split, and each
 process reads its contiguous part.
 
 Batches are dicts as the synthetic generators make them: "dense" float32
-[B, 13], "sparse" int32 [B, 26] (or [B, 26, H] for multi-hot data, with
-"sparse_mask" when features differ in hotness), "label" float32 [B]; B is the
+[B, 13], "sparse" int32 [B, sum(hotness)] (the stored rows as they are: [B, 26]
+for one-hot data; for multi-hot data feature f's ids in columns offsets[f] ..
+offsets[f] + hotness[f], no padding and no mask), "label" float32 [B]; B is the
 process-local batch size (batch_size / process_count).
 """
 
@@ -38,7 +39,7 @@ from typing import Iterator
 
 import numpy as np
 
-from dlrm_jax.data.format import NUM_SPARSE, PreparedData, sparse_offsets
+from dlrm_jax.data.format import NUM_SPARSE, PreparedData
 from dlrm_jax.data.prefetch import prefetch
 
 Batch = dict[str, np.ndarray]
@@ -87,22 +88,17 @@ class CriteoData:
     self._buffer: dict[str, np.ndarray] | None = None
     self._buffer_key: tuple[int, int] | None = None
     self._buffer_rows: Batch = {}
-    hot = self.store.hotness
-    self._multi_hot = any(h != 1 for h in hot)
-    if self._multi_hot:
-      width = max(hot)
-      offsets = sparse_offsets(hot)
-      slot = np.arange(width)[None, :]
-      hotness = np.asarray(hot)[:, None]  # ids per feature
-      self._src = np.asarray(offsets)[:, None] + np.minimum(slot, hotness - 1)  # [26, H]
-      self._mask = (None if min(hot) == width
-                    else np.broadcast_to(slot < hotness, (len(hot), width)))
 
   # -- what the trainer and configs read ------------------------------------------------------
 
   @property
   def table_rows(self) -> tuple[int, ...]:
     return self.store.vocab_sizes
+
+  @property
+  def hotness(self) -> tuple[int, ...]:
+    """Ids per feature in a batch's flat rows (all 1: one-hot data)."""
+    return self.store.hotness
 
   def teacher_probability(self, batch: Batch) -> None:
     """None: the best achievable model of real clicks is unknown."""
@@ -216,17 +212,9 @@ class CriteoData:
     return starts[which] + positions - cum[which]
 
   def _finish(self, rows: Batch) -> Batch:
-    out = {"dense": rows["dense"], "label": rows["label"].astype(np.float32)}
-    sparse = rows["sparse"]
-    if self._multi_hot:
-      out["sparse"] = sparse[:, self._src]
-      if self._mask is not None:
-        mask = np.broadcast_to(self._mask, (len(sparse),) + self._mask.shape).copy()
-        out["sparse"] = np.where(mask, out["sparse"], 0).astype(np.int32)
-        out["sparse_mask"] = mask
-    else:
-      out["sparse"] = sparse
-    return out
+    """The stored rows as a batch: flat bags of ids as stored, labels as float32."""
+    return {"dense": rows["dense"], "label": rows["label"].astype(np.float32),
+            "sparse": rows["sparse"]}
 
 
 class _Epoch:

@@ -12,6 +12,10 @@ Two generators:
   interactions. A model can learn it, and the teacher's own AUC on held-out
   samples is the best any model can do.
 
+Multi-hot data (a hotness per feature) comes as flat bags, 'sparse' [B, L] with
+L = sum(hotness) and feature f's ids in columns offsets[f] .. offsets[f] + h_f,
+as the prepared Criteo files store a row; one-hot data is the case h_f = 1.
+
 Every batch is a pure function of (seed, split, batch index), so a run can
 resume at any step and streams of billions of rows cost no memory.
 """
@@ -88,7 +92,8 @@ class _Generator:
     return np.random.default_rng([self.seed, _split_code(split), int(index), int(batch_size)])
 
   def batch(self, index: int, split: str = "train", batch_size: int | None = None) -> Batch:
-    """Batch number `index` of `split`: {'dense' [B, nd] f32, 'sparse' [B, F] i32, 'label' [B] f32}."""
+    """Batch number `index` of `split`: {'dense' [B, nd] f32, 'sparse' [B, L] i32 (L:
+    the sum of the hotness, F for one-hot data), 'label' [B] f32}."""
     b = self.batch_size if batch_size is None else int(batch_size)
     return self._make(self._rng(split, index, b), b)
 
@@ -129,34 +134,44 @@ class GeneratedStream:
     self.position = int(state["position"])
 
 
+def per_feature(hotness: int | Sequence[int], num_tables: int) -> tuple[int, ...]:
+  """One hotness for all features, or one per feature, as a tuple of `num_tables` values."""
+  hot = (int(hotness),) * num_tables if np.isscalar(hotness) else tuple(int(h) for h in hotness)
+  if len(hot) != num_tables or min(hot) < 1:
+    raise ValueError(f"hotness={hotness}: give one value >= 1, or one per table "
+                     f"({num_tables})")
+  return hot
+
+
 class RandomData(_Generator):
   """The reference's random mode: uniform dense, uniform ids, random 0/1 labels.
 
-  With `hotness` > 1 every feature is a bag of `hotness` ids ('sparse' is
-  [B, F, H]); with `variable_hotness` each bag holds 1..hotness ids and
-  'sparse_mask' marks the ids present (padding ids are 0).
+  `hotness` (one for all features, or one per feature) gives each feature a bag
+  of that many ids: flat bags, 'sparse' [B, sum(hotness)]. With
+  `variable_hotness` feature f's bag holds 1..h_f ids, padded: 'sparse' is
+  [B, F, max(hotness)] and 'sparse_mask' marks the ids present (padding ids are 0).
   """
 
   def __init__(self, table_rows: Sequence[int], num_dense: int, batch_size: int, seed: int, *,
-               hotness: int = 1, variable_hotness: bool = False):
+               hotness: int | Sequence[int] = 1, variable_hotness: bool = False):
     super().__init__(table_rows, num_dense, batch_size, seed)
-    if hotness < 1:
-      raise ValueError(f"hotness={hotness} must be >= 1")
-    self.hotness = int(hotness)
+    self.hotness = per_feature(hotness, self.num_tables)
     self.variable_hotness = bool(variable_hotness)
 
   def _make(self, rng: np.random.Generator, b: int) -> Batch:
     dense = rng.random((b, self.num_dense), dtype=np.float32)
-    if self.hotness == 1 and not self.variable_hotness:
-      shape, rows = (b, self.num_tables), self.table_rows
-    else:
-      shape, rows = (b, self.num_tables, self.hotness), self.table_rows[:, None]
+    width = max(self.hotness)
+    if self.variable_hotness:
+      shape, rows = (b, self.num_tables, width), self.table_rows[:, None]
+    else:  # flat bags (one id per feature where every hotness is 1)
+      shape, rows = (b, sum(self.hotness)), np.repeat(self.table_rows, self.hotness)
     sparse = (rng.random(shape) * rows).astype(np.int32)
     label = np.round(rng.random(b, dtype=np.float32))
     batch = {"dense": dense, "sparse": sparse, "label": label}
     if self.variable_hotness:
-      lengths = rng.integers(1, self.hotness + 1, (b, self.num_tables))
-      mask = np.arange(self.hotness)[None, None, :] < lengths[:, :, None]
+      most = width if len(set(self.hotness)) == 1 else np.asarray(self.hotness)
+      lengths = rng.integers(1, most + 1, (b, self.num_tables))
+      mask = np.arange(width)[None, None, :] < lengths[:, :, None]
       batch["sparse"] = np.where(mask, sparse, 0).astype(np.int32)
       batch["sparse_mask"] = mask
     return batch
@@ -179,14 +194,21 @@ class SyntheticCTR(_Generator):
       teacher's dense weights, per-id effects and pairwise id interactions.
     teacher_num_pairs: how many feature pairs interact in the teacher.
     positive_rate: the click rate the teacher's bias is set for (roughly).
+    hotness: ids per feature (one for all, or one per feature): each id of a
+      bag is drawn (and missing) independently; the teacher sees a bag through
+      the mean of its ids' effects and of their interaction vectors. With
+      hotness 1 the teacher is the one-hot one, and one-hot batches are those
+      of the one-hot generator.
   """
 
   def __init__(self, table_rows: Sequence[int], num_dense: int, batch_size: int, seed: int, *,
                zipf_exponent: float = 1.1, dense_missing_rate: float = 0.3,
                sparse_missing_rate: float = 0.1, teacher_dense_scale: float = 0.5,
                teacher_id_scale: float = 0.6, teacher_pair_scale: float = 1.0,
-               teacher_num_pairs: int = 8, positive_rate: float = 0.25):
+               teacher_num_pairs: int = 8, positive_rate: float = 0.25,
+               hotness: int | Sequence[int] = 1):
     super().__init__(table_rows, num_dense, batch_size, seed)
+    self.hotness = per_feature(hotness, self.num_tables)
     if zipf_exponent <= 0:
       raise ValueError(f"zipf_exponent={zipf_exponent} must be > 0")
     for name, rate in (("dense_missing_rate", dense_missing_rate),
@@ -217,18 +239,21 @@ class SyntheticCTR(_Generator):
     self.teacher_bias = math.log(positive_rate / (1 - positive_rate))
 
   def _ids(self, rng: np.random.Generator, b: int) -> np.ndarray:
-    """Bounded power-law ranks via the inverse CDF, then scattered per table."""
-    u = rng.random((b, self.num_tables))
-    rows = self.table_rows.astype(np.float64)
+    """Bounded power-law ranks via the inverse CDF, then scattered per table: [b, L],
+    each column drawn from its feature's table (L = F for one-hot data)."""
+    per_id = lambda values: np.repeat(values, self.hotness)  # noqa: E731
+    table_rows = per_id(self.table_rows)
+    u = rng.random((b, len(table_rows)))
+    rows = table_rows.astype(np.float64)
     s = self.zipf_exponent
     if abs(s - 1.0) < 1e-9:
       x = np.power(rows + 1.0, u)
     else:
       top = np.power(rows + 1.0, 1.0 - s)
       x = np.power(1.0 + u * (top - 1.0), 1.0 / (1.0 - s))
-    rank = np.minimum(np.floor(x).astype(np.int64) - 1, self.table_rows - 1)
-    ids = (rank * self.id_mult + self.id_shift) % self.table_rows
-    missing = rng.random((b, self.num_tables)) < self.sparse_missing
+    rank = np.minimum(np.floor(x).astype(np.int64) - 1, table_rows - 1)
+    ids = (rank * per_id(self.id_mult) + per_id(self.id_shift)) % table_rows
+    missing = rng.random((b, len(table_rows))) < per_id(self.sparse_missing)
     return np.where(missing, 0, ids).astype(np.int32)
 
   def _dense(self, rng: np.random.Generator, b: int) -> np.ndarray:
@@ -239,17 +264,32 @@ class SyntheticCTR(_Generator):
     return np.log1p(counts).astype(np.float32)
 
   def teacher_logit(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
-    """The hidden model's click logit for each sample of a batch."""
+    """The hidden model's click logit for each sample of a batch (ids [B, F], or flat
+    bags [B, sum(hotness)])."""
     logit = self.teacher_bias + (dense - self.teacher_dense_center) @ self.teacher_dense_w
-    effects = hashed_uniform(self.seed, np.arange(self.num_tables), sparse)
+    effects = self._feature_values(sparse, 0)
     logit = logit + self.teacher_id_scale * effects.sum(axis=1, dtype=np.float64)
     if self.teacher_pairs:
       f, g = np.array(self.teacher_pairs).T
       for k in range(self.teacher_pair_rank):
-        vf = hashed_uniform(self.seed, f, sparse[:, f], component=1 + k)
-        vg = hashed_uniform(self.seed, g, sparse[:, g], component=1 + k)
+        values = self._feature_values(sparse, 1 + k)
+        vf, vg = values[:, f], values[:, g]
         logit = logit + self.teacher_pair_scale * 1.5 * (vf * vg).sum(axis=1, dtype=np.float64)
     return logit.astype(np.float64)
+
+  def _feature_values(self, sparse: np.ndarray, component: int) -> np.ndarray:
+    """The teacher's value `component` of each feature, [B, F] float32: its id's, or the
+    mean over its bag's ids."""
+    f = self.num_tables
+    if sparse.ndim != 2 or sparse.shape[1] not in (f, sum(self.hotness)):
+      raise ValueError(f"ids must be [batch, {f}] or flat bags [batch, {sum(self.hotness)}], "
+                       f"got {sparse.shape}")
+    if sparse.shape[1] == f:
+      return hashed_uniform(self.seed, np.arange(f), sparse, component)
+    values = hashed_uniform(self.seed, np.repeat(np.arange(f), self.hotness), sparse, component)
+    starts = np.concatenate([[0], np.cumsum(self.hotness)[:-1]])
+    sums = np.add.reduceat(values, starts, axis=1, dtype=np.float64)
+    return (sums / np.asarray(self.hotness)).astype(np.float32)
 
   def teacher_probability(self, batch: Batch) -> np.ndarray:
     """The hidden teacher's click probability: the best achievable."""

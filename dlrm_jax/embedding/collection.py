@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlrm_jax.embedding.bags import Bags, batch_bags, pool as pool_bags
+
 
 class IdOutOfRangeError(ValueError):
   """A categorical id is negative or not smaller than its table's row count."""
@@ -43,6 +45,8 @@ class TableSpec:
       (of the weighted vectors, over the ids present).
     init_scale: rows start U(-init_scale, init_scale); None means the
       reference's sqrt(1 / rows).
+    hotness: ids per sample of its feature in flat batches ([B, sum of the
+      tables' hotness], `dlrm_jax.embedding.bags`); "mean" divides by it.
   """
 
   name: str
@@ -50,10 +54,13 @@ class TableSpec:
   dim: int
   pooling: str = "sum"
   init_scale: float | None = None
+  hotness: int = 1
 
   def __post_init__(self):
     if self.rows <= 0 or self.dim <= 0:
       raise ValueError(f"table {self.name!r}: rows={self.rows} and dim={self.dim} must be >= 1")
+    if self.hotness < 1:
+      raise ValueError(f"table {self.name!r}: hotness={self.hotness} must be >= 1")
     if self.pooling not in POOLINGS:
       raise ValueError(f"table {self.name!r}: pooling={self.pooling!r} is not one of {POOLINGS}")
 
@@ -81,6 +88,7 @@ class EmbeddingCollection:
       raise ValueError(f"all tables must share one embedding width, got widths {sorted(dims)}")
     self.specs = tuple(specs)
     self.dim = specs[0].dim
+    self.hotness = tuple(s.hotness for s in specs)
     rows = np.array([s.rows for s in specs], dtype=np.int64)
     self.rows = rows
     self.offsets = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
@@ -91,10 +99,15 @@ class EmbeddingCollection:
           "split the tables over several collections")
 
   @classmethod
-  def uniform(cls, table_rows: Sequence[int], dim: int,
-              pooling: str = "sum") -> "EmbeddingCollection":
-    """One table per feature, named t0, t1, ..., with the given row counts."""
-    return cls([TableSpec(f"t{i}", int(r), dim, pooling) for i, r in enumerate(table_rows)])
+  def uniform(cls, table_rows: Sequence[int], dim: int, pooling: str = "sum",
+              hotness: int | Sequence[int] = 1) -> "EmbeddingCollection":
+    """One table per feature, named t0, t1, ..., with the given row counts and the
+    hotness of each (or one for all)."""
+    hot = [hotness] * len(table_rows) if isinstance(hotness, int) else list(hotness)
+    if len(hot) != len(table_rows):
+      raise ValueError(f"{len(hot)} hotness values for {len(table_rows)} tables")
+    return cls([TableSpec(f"t{i}", int(r), dim, pooling, hotness=int(h))
+                for i, (r, h) in enumerate(zip(table_rows, hot))])
 
   @property
   def num_tables(self) -> int:
@@ -177,34 +190,45 @@ class EmbeddingCollection:
     stacked = np.asarray(tables["stacked"])
     return [stacked[o:o + r] for o, r in zip(self.offsets, self.rows)]
 
+  def bags(self, shape: tuple[int, ...]) -> Bags:
+    """The layout of ids of `shape`: flat bags [B, sum(hotness)], one id per feature
+    [B, F], or padded bags [B, F, H] (`dlrm_jax.embedding.bags.batch_bags`)."""
+    return batch_bags(self.hotness, [s.pooling == "mean" for s in self.specs], tuple(shape))
+
   def check_ids(self, ids: np.ndarray, mask: np.ndarray | None = None) -> None:
     """Raises IdOutOfRangeError unless 0 <= id < rows of its table for every id.
 
-    `ids` is [B, F] (one id per feature) or [B, F, H] (bags padded to H);
-    entries where `mask` ([B, F, H]) is False are padding and not checked.
+    `ids` is [B, sum(hotness)] (flat bags), [B, F] (one id per feature) or
+    [B, F, H] (bags padded to H); entries where `mask` ([B, F, H]) is False are
+    padding and not checked.
     """
     ids = np.asarray(ids)
-    if ids.ndim not in (2, 3) or ids.shape[1] != self.num_tables:
-      raise ValueError(f"categorical ids must have shape [batch, {self.num_tables}] or "
-                       f"[batch, {self.num_tables}, hotness], got {ids.shape}")
-    rows = self.rows.reshape((1, -1) + (1,) * (ids.ndim - 2))
+    bags = self.bags(ids.shape)
+    flat = ids.ndim == 2
+    rows = bags.per_column(self.rows)[None, :] if flat else self.rows.reshape(1, -1, 1)
     bad = (ids < 0) | (ids >= rows)
     if mask is not None:
       bad &= np.asarray(mask, bool)
     if bad.any():
       where = tuple(int(i) for i in np.argwhere(bad)[0])
-      sample, feature = where[:2]
+      sample, feature, position = (where[0], int(bags.segments()[where[1]]),
+                                   where[1] - int(bags.offsets[bags.segments()[where[1]]])
+                                   ) if flat else where
       spec = self.specs[feature]
-      position = f", position {where[2]} of its bag" if ids.ndim == 3 else ""
+      position = f", position {position} of its bag" if bags.widths[feature] > 1 else ""
       raise IdOutOfRangeError(
           f"feature {feature} (table {spec.name!r}, {spec.rows} rows) has id "
           f"{int(ids[where])} at sample {sample} of the batch{position} "
           f"({int(bad.sum())} out-of-range ids in this batch); ids must be in [0, {spec.rows})")
 
   def global_rows(self, ids: jax.Array) -> jax.Array:
-    """Per-table ids [B, F] or [B, F, H] -> rows of the stacked array (int32)."""
-    offsets = jnp.asarray(self.offsets, jnp.int32).reshape((-1,) + (1,) * (ids.ndim - 2))
-    return ids.astype(jnp.int32) + offsets
+    """Per-table ids [B, L], [B, F] or [B, F, H] (see `bags`) -> rows of the stacked
+    array (int32)."""
+    if ids.ndim == 3:
+      offsets = self.offsets.reshape(-1, 1)
+    else:
+      offsets = self.bags(ids.shape).per_column(self.offsets)
+    return ids.astype(jnp.int32) + jnp.asarray(offsets, jnp.int32)
 
   def bag_scale(self, shape: tuple[int, int, int], weights: jax.Array | None = None,
                 mask: jax.Array | None = None) -> jax.Array:
@@ -235,15 +259,22 @@ class EmbeddingCollection:
 
   def lookup(self, tables: Tables, ids: jax.Array, weights: jax.Array | None = None,
              mask: jax.Array | None = None) -> jax.Array:
-    """Ids [B, F] or bags [B, F, H] (with optional weights and mask) -> [B, F, D].
+    """Flat bags [B, sum(hotness)], ids [B, F] or padded bags [B, F, H] (with optional
+    per-id weights of the ids' shape, and a mask for padded bags) -> [B, F, D].
 
     The plain single-array lookup; training on a mesh goes through
     `dlrm_jax.embedding.sharded.ShardedEmbedding`, which this is the reference for.
     """
+    bags = self.bags(ids.shape)
     vectors = gather_rows(tables["stacked"], self.global_rows(ids))
-    if ids.ndim == 2:
+    if ids.ndim == 3:
+      return self.pool(vectors, weights, mask)
+    if bags.uniform == 1 and weights is None:
       return vectors
-    return self.pool(vectors, weights, mask)
+    pooled = pool_bags(vectors, weights, bags)
+    if bags.divisors is not None:
+      pooled = pooled / jnp.asarray(bags.divisors, pooled.dtype)[None, :, None]
+    return pooled
 
 
 def gather_rows(table: jax.Array, rows: jax.Array) -> jax.Array:

@@ -2,8 +2,9 @@
 
 A sharded step (`dlrm_jax.embedding.sharded`) moves ids and vectors between
 devices with collectives; between those, each device gathers rows of its
-shard, pools bags of vectors, and applies the sparse optimiser to the rows it
-owns. Those three are a `LocalLookup`, chosen per backend from `KERNELS`: a
+shard, pools bags of vectors (of one width, or of several laid end to end:
+`dlrm_jax.embedding.bags`), and applies the sparse optimiser to the rows it
+owns. Those are a `LocalLookup`, chosen per backend from `KERNELS`: a
 GPU- or TPU-specific kernel (a fused gather, a Pallas update) is one class
 here, registered under its backend, with a test against `PortableLookup`.
 """
@@ -13,8 +14,8 @@ from __future__ import annotations
 from typing import Protocol
 
 import jax
-import jax.numpy as jnp
 
+from dlrm_jax.embedding.bags import pool_equal, pool_segments
 from dlrm_jax.embedding.collection import gather_rows
 
 
@@ -26,7 +27,13 @@ class LocalLookup(Protocol):
     give any value: its pooling scale is 0 and its update is dropped."""
 
   def pool(self, vectors: jax.Array, scale: jax.Array | None) -> jax.Array:
-    """[..., H, D] vectors with [..., H] scales (None: one id of weight 1) -> [..., D]."""
+    """Bags of one width: [..., H, D] vectors with [..., H] scales (None: weight 1) -> [..., D]."""
+
+  def segment_pool(self, vectors: jax.Array, scale: jax.Array | None, segments: jax.Array,
+                   num_segments: int) -> jax.Array:
+    """Bags of several widths end to end: [..., L, D] vectors with [..., L] scales (None:
+    weight 1) -> [..., K, D]; column l goes to bag segments[l] ([L] int32, sorted; K =
+    num_segments), a segment of K or more is padding and left out."""
 
   def update(self, opt, table: jax.Array, state: dict, rows: jax.Array, grads: jax.Array,
              lr: jax.Array, step: jax.Array, **kwargs) -> tuple[jax.Array, dict]:
@@ -40,9 +47,10 @@ class PortableLookup:
     return gather_rows(table, rows)
 
   def pool(self, vectors, scale):
-    if scale is None:
-      return vectors[..., 0, :]
-    return jnp.einsum("...h,...hd->...d", scale, vectors)
+    return pool_equal(vectors, scale)
+
+  def segment_pool(self, vectors, scale, segments, num_segments):
+    return pool_segments(vectors, scale, segments, num_segments)
 
   def update(self, opt, table, state, rows, grads, lr, step, **kwargs):
     tables, state = opt.update({"stacked": table}, state, rows, grads, lr, step, **kwargs)

@@ -219,7 +219,8 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
     raise PlanError(f"num_shards={num_shards} must be >= 1")
   if optimizer not in SPARSE_OPTIMIZERS:
     raise PlanError(f"embedding_optimizer={optimizer!r} is not one of {tuple(SPARSE_OPTIMIZERS)}")
-  hot = [float(lookups)] * len(specs) if isinstance(lookups, (int, float)) else list(lookups)
+  hot = ([float(lookups)] * len(specs) if isinstance(lookups, (int, float))
+         else [float(h) for h in lookups])
   if len(hot) != len(specs):
     raise PlanError(f"got {len(hot)} lookup counts for {len(specs)} tables")
   slots = SPARSE_OPTIMIZERS[optimizer]().slot_values_per_row

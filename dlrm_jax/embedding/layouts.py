@@ -1,0 +1,406 @@
+"""The stacked layout of each sharding type and its per-device programs.
+
+`dlrm_jax.embedding.sharded.ShardedEmbedding` keeps the tables of each sharding
+type of a plan in one stacked array (`Layout.shape`, split over the mesh by
+`Layout.spec`) and runs, inside `jax.shard_map`, each layout's `route` (ids to
+the rows' owners, which gather), `exchange` (pooled vectors back to the
+samples' devices) and `update` (the sparse optimiser on the owner's rows).
+
+Ids reach a layout as flat rows, [b, L_g]: the ids of its features end to end,
+feature by feature, with static widths (`dlrm_jax.embedding.bags.Bags`; one
+id per feature is the case of widths 1, padded bags that of equal widths). So
+every gather, every id and gradient a collective moves, and every row handed
+to the sparse optimiser is one real id (or a padding slot of a padded batch),
+never one slot of the widest bag per feature.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from dlrm_jax.embedding.bags import Bags
+from dlrm_jax.embedding.collection import EmbeddingCollection
+from dlrm_jax.embedding.kernels import LocalLookup, PortableLookup
+from dlrm_jax.embedding.planner import (COLUMN_WISE, REPLICATED, ROW_WISE, SHARDING_TYPES,
+                                        TABLE_WISE, Plan)
+from dlrm_jax.ops import take_static
+from dlrm_jax.parallel import MeshAxes
+
+
+class Layout:
+  """The tables of one sharding type, stacked into one array: their layout and per-device
+  programs."""
+
+  kind: str
+
+  def __init__(self, collection: EmbeddingCollection, features: Sequence[int], n: int,
+               axes: MeshAxes, kernel: LocalLookup | None = None):
+    self.collection, self.features, self.n, self.axes = collection, tuple(features), n, axes
+    self.kernel = kernel or PortableLookup()
+    self.dim = collection.dim
+    self.rows = np.array([collection.rows[t] for t in self.features], np.int64)
+
+  # Layout --------------------------------------------------------------------
+  shape: tuple[int, int]
+  spec: P
+
+  def blocks(self, t: int):
+    """(storage_row, table_row, count) blocks where table t's rows are stored."""
+    raise NotImplementedError
+
+  def local_row_info(self, local_rows: jax.Array):
+    """Inside shard_map: (stacked row of the unsharded layout, valid) per local row."""
+    raise NotImplementedError
+
+  def local_cols(self) -> jax.Array:
+    return jnp.arange(self.dim, dtype=jnp.uint32)
+
+  def init_local(self, seed: jax.Array) -> jax.Array:
+    """This device's shard of the initial table, equal to `EmbeddingCollection.init`."""
+    return self.collection.init_blocked(seed, local_shape(self)[0], self.local_row_info,
+                                        self.local_cols())
+
+  # Per-device programs --------------------------------------------------------
+  def route(self, table, ids, scale, bags: Bags) -> dict[str, jax.Array]:
+    """Ids [b, L_g] of this device's samples (-1: padding) with per-id pooling scales
+    (None: weight 1), laid out as `bags` -> what the owners gathered."""
+    raise NotImplementedError
+
+  def exchange(self, lookup: dict[str, jax.Array], bags: Bags) -> jax.Array:
+    """What `route` gathered -> pooled vectors of this device's samples, [b, F_g, D]."""
+    raise NotImplementedError
+
+  def update(self, opt, table, state, lookup, grads, lr, step):
+    rows = lookup["rows"].reshape(-1)
+    grads = grads.reshape(-1, grads.shape[-1])
+    if self.axes.replica is not None:  # every replica group applies every group's updates
+      rows = jax.lax.all_gather(rows, self.axes.replica, tiled=True)
+      grads = jax.lax.all_gather(grads, self.axes.replica, tiled=True)
+    return self.kernel.update(opt, table, state, rows, grads, lr, step, **self._update_kwargs())
+
+  def _update_kwargs(self) -> dict:
+    return {}
+
+  def _column_const(self, values, bags: Bags) -> jax.Array:
+    """A per-feature constant repeated for each of its ids, [1, L_g] (against [b, L_g] ids)."""
+    return jnp.asarray(bags.per_column(np.asarray(values, np.int32)).astype(np.int32))[None, :]
+
+  def _pool(self, vectors: jax.Array, scale: jax.Array | None, bags: Bags) -> jax.Array:
+    """[..., L_g, D] vectors of flat rows -> [..., F_g, D]: a reshape and the kernel's pool
+    where the bags share one width, its segment sum where they differ."""
+    width, k = bags.uniform, len(bags.widths)
+    if width is not None:
+      vectors = vectors.reshape(*vectors.shape[:-2], k, width, vectors.shape[-1])
+      return self.kernel.pool(vectors, None if scale is None else
+                              scale.reshape(vectors.shape[:-1]))
+    return self.kernel.segment_pool(vectors, scale, jnp.asarray(bags.segments()), k)
+
+
+class _Slots:
+  """Where a table-wise group's ids travel for one layout of bags: each owner's slot of
+  `width` positions (its tables' ids end to end, padded to the fullest owner's total)."""
+
+  def __init__(self, group: "TableWise", bags: Bags):
+    n, fmax = group.n, group.slots_per_device
+    columns = bags.offsets
+    equal = bags.uniform
+    totals = [sum(bags.widths[g] for g in device) for device in group.slot_features]
+    # Bags of one width keep whole slots of it (pooled by a reshape); others are padded
+    # only to the largest total on a device.
+    self.width = fmax * equal if equal is not None else max(1, max(totals))
+    self.send = np.full((n, self.width), bags.total, np.int32)  # padding: an extra column
+    self.offset = np.zeros((n, self.width), np.int32)  # local row offset of each position
+    self.segment = np.full((n, self.width), fmax, np.int32)  # slot of each position
+    for d, device in enumerate(group.slot_features):
+      at = 0
+      for j, g in enumerate(device):
+        w = bags.widths[g]
+        self.send[d, at:at + w] = columns[g] + np.arange(w)
+        self.offset[d, at:at + w] = group.local_offset[d, j]
+        self.segment[d, at:at + w] = j
+        at += w
+
+
+class TableWise(Layout):
+  """Whole tables on single devices; ids and vectors move with all-to-alls."""
+
+  kind = TABLE_WISE
+
+  def __init__(self, collection, features, n, axes, owners: Sequence[int], kernel=None):
+    super().__init__(collection, features, n, axes, kernel)
+    self.slot_features = [[g for g, o in enumerate(owners) if o == d] for d in range(n)]
+    self.slots_per_device = max(1, max(len(s) for s in self.slot_features))
+    fmax = self.slots_per_device
+    local_offset = np.zeros((n, fmax), np.int64)
+    local_rows = np.zeros(n, np.int64)
+    self.where = {}  # group feature -> (device, slot, local offset)
+    for d, group_features in enumerate(self.slot_features):
+      for j, g in enumerate(group_features):
+        local_offset[d, j] = local_rows[d]
+        self.where[g] = (d, j, int(local_rows[d]))
+        local_rows[d] += self.rows[g]
+      # Empty slots start where the device's tables end: `local_row_info` finds a row's
+      # slot by its start, so an empty slot at 0 would claim the device's first table.
+      local_offset[d, len(group_features):] = local_rows[d]
+    self.rows_per_device = int(max(1, local_rows.max()))
+    self.local_offset = local_offset
+    self.slot_rows = np.zeros((n, fmax), np.int64)  # rows of the table in each slot (0: padding)
+    for g, (d, j, _) in self.where.items():
+      self.slot_rows[d, j] = self.rows[g]
+    self.receive_index = np.array([self.where[g][0] * fmax + self.where[g][1]
+                                   for g in range(len(self.features))], np.int32)
+    self.shape = (n * self.rows_per_device, self.dim)
+    self.spec = P(axes.shard, None)
+    self._slots_of: dict[Bags, _Slots] = {}
+
+  def slots(self, bags: Bags) -> _Slots:
+    """Each owner's slot for ids laid out as `bags` (computed once per layout of bags)."""
+    if bags not in self._slots_of:
+      self._slots_of[bags] = _Slots(self, bags)
+    return self._slots_of[bags]
+
+  def blocks(self, t):
+    d, _, offset = self.where[self.features.index(t)]
+    return [(d * self.rows_per_device + offset, 0, int(self.collection.rows[t]))]
+
+  def local_row_info(self, local_rows):
+    d = jax.lax.axis_index(self.axes.shard)
+    starts = jnp.asarray(self.local_offset.astype(np.int32))[d]
+    counts = jnp.asarray(self.slot_rows.astype(np.int32))[d]
+    slot = jnp.clip(jnp.searchsorted(starts, local_rows, side="right") - 1, 0)
+    within = local_rows - starts[slot]
+    valid = within < counts[slot]
+    table_of_slot = np.zeros((self.n, self.slots_per_device), np.int32)
+    for g, (dd, j, _) in self.where.items():
+      table_of_slot[dd, j] = self.features[g]
+    table = jnp.asarray(table_of_slot)[d][slot]
+    offsets = jnp.asarray(self.collection.offsets.astype(np.int32))
+    return jnp.where(valid, offsets[table] + within, 0), valid
+
+  def _to_owners(self, x: jax.Array, pad, slots: _Slots) -> jax.Array:
+    """[b, L_g] per sample -> [n, b, slot width] per owner (all_to_all)."""
+    b = x.shape[0]
+    x = jnp.concatenate([x, jnp.full((b, 1), pad, x.dtype)], axis=1)
+    x = jnp.take(x, jnp.asarray(slots.send.reshape(-1)), axis=1)
+    x = x.reshape(b, self.n, slots.width).transpose(1, 0, 2)
+    return jax.lax.all_to_all(x, self.axes.shard, 0, 0, tiled=True)
+
+  def route(self, table, ids, scale, bags):
+    slots = self.slots(bags)
+    received = self._to_owners(ids, -1, slots)  # [source device, b, slot]: ids of my tables
+    d = jax.lax.axis_index(self.axes.shard)
+    offset = jnp.asarray(slots.offset)[d][None, None, :]
+    rows = jnp.where(received >= 0, received + offset, table.shape[0])
+    out = {"vectors": self.kernel.gather(table, rows), "rows": rows}
+    if scale is not None:
+      out["scale"] = self._to_owners(scale, 0.0, slots)
+    return out
+
+  def exchange(self, lookup, bags):
+    vectors, scale, fmax = lookup["vectors"], lookup.get("scale"), self.slots_per_device
+    width = bags.uniform
+    if width is not None:  # whole slots of one width: [source, b, slot, width, D]
+      vectors = vectors.reshape(*vectors.shape[:2], fmax, width, self.dim)
+      pooled = self.kernel.pool(vectors, None if scale is None else
+                                scale.reshape(vectors.shape[:-1]))
+    else:  # each owner's own tables end to end: its own segments
+      segments = jnp.asarray(self.slots(bags).segment)[jax.lax.axis_index(self.axes.shard)]
+      pooled = self.kernel.segment_pool(vectors, scale, segments, fmax)
+    back = jax.lax.all_to_all(pooled, self.axes.shard, 0, 0, tiled=True)  # [owner, b, slot, D]
+    b = back.shape[1]
+    flat = back.transpose(1, 0, 2, 3).reshape(b, self.n * fmax, self.dim)
+    return take_static(flat, self.receive_index, axis=1)
+
+
+class RowWise(Layout):
+  """Each table's rows split into equal contiguous blocks, block d on device d."""
+
+  kind = ROW_WISE
+
+  def __init__(self, collection, features, n, axes, kernel=None):
+    super().__init__(collection, features, n, axes, kernel)
+    self.block = -(-self.rows // n)  # rows of each table per device
+    self.local_offset = np.concatenate([[0], np.cumsum(self.block)[:-1]])
+    self.rows_per_device = int(self.block.sum())
+    self.shape = (n * self.rows_per_device, self.dim)
+    self.spec = P(axes.shard, None)
+
+  def blocks(self, t):
+    g = self.features.index(t)
+    c, rows = int(self.block[g]), int(self.rows[g])
+    return [(d * self.rows_per_device + int(self.local_offset[g]), d * c,
+             min(c, rows - d * c)) for d in range(self.n) if d * c < rows]
+
+  def local_row_info(self, local_rows):
+    d = jax.lax.axis_index(self.axes.shard)
+    starts = jnp.asarray(self.local_offset.astype(np.int32))
+    g = jnp.clip(jnp.searchsorted(starts, local_rows, side="right") - 1, 0)
+    row = d * jnp.asarray(self.block.astype(np.int32))[g] + local_rows - starts[g]
+    valid = row < jnp.asarray(self.rows.astype(np.int32))[g]
+    offsets = jnp.asarray(self.collection.offsets[list(self.features)].astype(np.int32))
+    return jnp.where(valid, offsets[g] + row, 0), valid
+
+  def route(self, table, ids, scale, bags):
+    ids = jax.lax.all_gather(ids, self.axes.shard, tiled=True)  # [B_group, L_g]
+    d = jax.lax.axis_index(self.axes.shard)
+    block = self._column_const(self.block, bags)
+    mine = (ids >= 0) & (ids // block == d)
+    rows = jnp.where(mine, ids - d * block + self._column_const(self.local_offset, bags),
+                     table.shape[0])
+    if scale is None:
+      scale = mine.astype(table.dtype)
+    else:
+      scale = jnp.where(mine, jax.lax.all_gather(scale, self.axes.shard, tiled=True), 0.0)
+    return {"vectors": self.kernel.gather(table, rows), "rows": rows, "scale": scale}
+
+  def exchange(self, lookup, bags):
+    partial = self._pool(lookup["vectors"], lookup["scale"], bags)  # [B_group, F_g, D], mine
+    return jax.lax.psum_scatter(partial, self.axes.shard, scatter_dimension=0, tiled=True)
+
+
+class WholeTables(Layout):
+  """Tables stacked whole, one after another (split on columns, or replicated)."""
+
+  def __init__(self, collection, features, n, axes, kernel=None):
+    super().__init__(collection, features, n, axes, kernel)
+    self.offset = np.concatenate([[0], np.cumsum(self.rows)[:-1]])
+    self.shape = (int(self.rows.sum()), self.dim)
+
+  def blocks(self, t):
+    g = self.features.index(t)
+    return [(int(self.offset[g]), 0, int(self.rows[g]))]
+
+  def local_row_info(self, local_rows):
+    starts = jnp.asarray(self.offset.astype(np.int32))
+    g = jnp.clip(jnp.searchsorted(starts, local_rows, side="right") - 1, 0)
+    offsets = jnp.asarray(self.collection.offsets[list(self.features)].astype(np.int32))
+    return offsets[g] + local_rows - starts[g], jnp.ones(local_rows.shape, bool)
+
+  def _rows(self, ids, bags):
+    """Stacked rows of [b, L_g] ids (padding -1 -> one past the end)."""
+    return jnp.where(ids >= 0, ids + self._column_const(self.offset, bags), self.shape[0])
+
+
+class ColumnWise(WholeTables):
+  """Whole tables split on the embedding dimension, slice d on device d."""
+
+  kind = COLUMN_WISE
+
+  def __init__(self, collection, features, n, axes, kernel=None):
+    super().__init__(collection, features, n, axes, kernel)
+    if self.dim % n:
+      raise ValueError(f"column_wise needs the dim ({self.dim}) to be a multiple of {n}")
+    self.spec = P(None, axes.shard)
+
+  def local_cols(self):
+    width = self.dim // self.n
+    d = jax.lax.axis_index(self.axes.shard).astype(jnp.uint32)
+    return d * width + jnp.arange(width, dtype=jnp.uint32)
+
+  def route(self, table, ids, scale, bags):
+    rows = self._rows(jax.lax.all_gather(ids, self.axes.shard, tiled=True), bags)
+    out = {"vectors": self.kernel.gather(table, rows), "rows": rows}
+    if scale is not None:
+      out["scale"] = jax.lax.all_gather(scale, self.axes.shard, tiled=True)
+    return out
+
+  def exchange(self, lookup, bags):
+    pooled = self._pool(lookup["vectors"], lookup.get("scale"), bags)  # [B_group, F_g, D / n]
+    return jax.lax.all_to_all(pooled, self.axes.shard, 0, 2, tiled=True)  # [b, F_g, D]
+
+  def _update_kwargs(self):
+    return {"column_axis": self.axes.shard}
+
+
+class Replicated(WholeTables):
+  """Small tables copied to every device; a dense all-reduced gradient keeps copies equal."""
+
+  kind = REPLICATED
+
+  def __init__(self, collection, features, n, axes, kernel=None):
+    super().__init__(collection, features, n, axes, kernel)
+    self.spec = P(None, None)
+
+  def route(self, table, ids, scale, bags):
+    rows = self._rows(ids, bags)
+    out = {"vectors": self.kernel.gather(table, rows), "rows": rows}
+    if scale is not None:
+      out["scale"] = scale
+    return out
+
+  def exchange(self, lookup, bags):
+    return self._pool(lookup["vectors"], lookup.get("scale"), bags)
+
+  def update(self, opt, table, state, lookup, grads, lr, step):
+    n_rows = table.shape[0]
+    rows = lookup["rows"].reshape(-1)
+    grads = grads.reshape(-1, grads.shape[-1])
+    dense = jax.ops.segment_sum(grads, rows, num_segments=n_rows + 1)[:n_rows]
+    touched = jax.ops.segment_sum(jnp.ones_like(rows), rows, num_segments=n_rows + 1)[:n_rows]
+    dense = jax.lax.psum(dense, self.axes.batch)
+    touched = jax.lax.psum(touched, self.axes.batch)
+    all_rows = jnp.where(touched > 0, jnp.arange(n_rows, dtype=rows.dtype), n_rows)
+    return self.kernel.update(opt, table, state, all_rows, dense, lr, step)
+
+
+def plan_groups(collection: EmbeddingCollection, plan: Plan, axes: MeshAxes = MeshAxes(),
+                kernel: LocalLookup | None = None) -> dict[str, Layout]:
+  """The stacked layout of each sharding type of `plan`; needs no mesh (checkpoints
+  re-lay out saved tables of another plan with it, on the host)."""
+  n = plan.num_shards
+  groups: dict[str, Layout] = {}
+  for kind in SHARDING_TYPES:
+    features = [t for t, p in enumerate(plan.placements) if p.kind == kind]
+    if not features:
+      continue
+    if kind == TABLE_WISE:
+      owners = [plan.placements[t].device for t in features]
+      groups[kind] = TableWise(collection, features, n, axes, owners, kernel)
+    else:
+      cls = {ROW_WISE: RowWise, COLUMN_WISE: ColumnWise, REPLICATED: Replicated}[kind]
+      groups[kind] = cls(collection, features, n, axes, kernel)
+  return groups
+
+
+def unstack_rows(groups: dict[str, Layout], stored: dict[str, np.ndarray]) -> list[np.ndarray]:
+  """Stacked host arrays (tables, or optimiser slots with the tables' rows on their
+  leading axis) -> one array per table, in table order."""
+  out: list[np.ndarray | None] = [None] * sum(len(g.features) for g in groups.values())
+  for kind, g in groups.items():
+    storage = np.asarray(stored[kind])
+    for t in g.features:
+      a = np.empty((int(g.collection.rows[t]),) + storage.shape[1:], storage.dtype)
+      for start, row, count in g.blocks(t):
+        a[row:row + count] = storage[start:start + count]
+      out[t] = a
+  return out
+
+
+def stack_rows(groups: dict[str, Layout], arrays: Sequence[np.ndarray],
+               shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+  """Per-table host arrays -> the stacked layout of each group (`shapes`: the
+  stacked shape of each group's array; padding rows are zero)."""
+  out = {}
+  for kind, g in groups.items():
+    storage = np.zeros(shapes[kind], np.asarray(arrays[g.features[0]]).dtype)
+    for t in g.features:
+      a = np.asarray(arrays[t])
+      for start, row, count in g.blocks(t):
+        storage[start:start + count] = a[row:row + count]
+    out[kind] = storage
+  return out
+
+
+def local_shape(g: Layout) -> tuple[int, int]:
+  """One device's shard of a layout's stacked array."""
+  rows, cols = g.shape
+  if g.spec[0] is not None:
+    rows //= g.n
+  if g.spec[1] is not None:
+    cols //= g.n
+  return rows, cols
