@@ -180,6 +180,9 @@ def _data_fields(c):
   c.path = ""  # prepared Criteo directory (python -m dlrm_jax.data.criteo prepare).
   c.max_ind_range = -1  # Criteo: the modulus the directory must be prepared with; -1: any.
   c.eval_split = "test"  # Criteo: the split evaluated ("test", as the reference, or "val").
+  # Criteo: True sizes the tables from the prepared vocabularies; False keeps
+  # arch_embedding_size (e.g. MLPerf's sizes), each vocabulary must fit in its table.
+  c.tables_from_metadata = True
   c.shuffle = True  # Criteo: block shuffle + shuffle buffer of the train rows.
   c.block_rows = 1024  # Criteo: rows per shuffled block.
   c.shuffle_buffer = 262144  # Criteo: rows shuffled together (whole blocks).

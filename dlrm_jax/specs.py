@@ -158,6 +158,7 @@ class DataSpec:
   path: str
   max_ind_range: int
   eval_split: str
+  tables_from_metadata: bool
   shuffle: bool
   block_rows: int
   shuffle_buffer: int

@@ -80,22 +80,41 @@ def test_parse_widths():
   assert parse_widths("x", 7) == (7,)
 
 
-@pytest.mark.parametrize("name", ["default", "tiny", "criteo_kaggle", "criteo_terabyte"])
+@pytest.mark.parametrize("name", ["default", "tiny", "criteo_kaggle", "criteo_terabyte",
+                                  "mlperf_dcnv2"])
 def test_shipped_configs_are_valid(name):
   c = load_config(name)
   spec = RunSpec.from_config(c)
   assert spec.model == ModelSpec.from_config(c) and spec.source == json.loads(c.to_json())
 
 
-def test_criteo_configs_say_how_to_get_data(tmp_path):
+@pytest.mark.parametrize("name", ["criteo_kaggle", "criteo_terabyte", "mlperf_dcnv2"])
+def test_criteo_configs_say_how_to_get_data(tmp_path, name):
   from dlrm_jax.data import configure_data, make_data
 
-  c = load_config("criteo_kaggle")
-  c.data.path = str(tmp_path / "criteo_kaggle")
+  c = load_config(name)
+  c.data.path = str(tmp_path / name)
   with pytest.raises(ConfigError, match="python -m dlrm_jax.data.criteo prepare"):
     configure_data(c)
   with pytest.raises(ConfigError, match="python -m dlrm_jax.data.criteo prepare"):
     make_data(RunSpec.from_config(c))
+
+
+def test_mlperf_dcnv2_config_is_the_references():
+  """configs/mlperf_dcnv2.py against the values of MLPerf's reference command."""
+  run = RunSpec.from_config(load_config("mlperf_dcnv2"))
+  m, t, d = run.model, run.training, run.data
+  assert (m.embedding_dim, m.bottom, m.top) == (128, (13, 512, 256, 128),
+                                                (1024, 1024, 512, 256, 1))
+  assert (m.interaction, m.dcn_num_layers, m.dcn_low_rank_dim) == ("dcn", 3, 512)
+  assert m.interaction_width == 27 * 128
+  assert len(m.table_rows) == 26 and sum(m.table_rows) == 204_184_588
+  assert sum(d.hotness) == 214 and d.hotness[20] == 100
+  assert (t.dense_optimizer, t.embedding_optimizer, t.learning_rate) == ("adagrad", "adagrad",
+                                                                         0.005)
+  assert "eps=1e-8" in t.dense_optimizer_args and "eps=1e-8" in t.embedding_optimizer_args
+  assert (t.mini_batch_size, t.num_batches, t.test_freq) == (65_536, 64_013, 3_200)
+  assert t.target_auc == 0.80275 and not d.tables_from_metadata
 
 
 # Every field with a fixed set of choices, a bad value for it, and the choices the error

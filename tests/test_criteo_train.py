@@ -35,6 +35,17 @@ def test_configs_read_table_sizes_from_the_prepared_directory(tmp_path):
   with pytest.raises(ConfigError, match="no such directory.*dlrm_jax.data.criteo prepare"):
     configure_data(c)
 
+  # Tables kept at the config's sizes (as MLPerf's DLRM-DCNv2 config does): each
+  # vocabulary must fit in its table, and the one that does not is named.
+  c.data.path, c.data.tables_from_metadata = str(out), False
+  c.arch_embedding_size = "-".join(str(v + 5) for v in meta["vocab_sizes"])
+  assert configure_data(c).arch_embedding_size == c.arch_embedding_size
+  small = list(meta["vocab_sizes"])
+  small[3] -= 1
+  c.arch_embedding_size = "-".join(map(str, small))
+  with pytest.raises(ConfigError, match=f"table 3 has {small[3]} rows for {small[3] + 1} values"):
+    configure_data(c)
+
 
 def _kaggle_head_config(tmp_path):
   """A small model for one epoch of the real Kaggle rows, prepared into tmp_path."""

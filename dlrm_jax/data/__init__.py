@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dlrm_jax.config import ConfigError, dash_list
+from dlrm_jax.config import ConfigError, dash_list, parse_widths
 from dlrm_jax.data.synthetic import Batch, RandomData, SyntheticCTR, hashed_uniform
 from dlrm_jax.specs import DataSpec, RunSpec
 
@@ -13,7 +13,9 @@ CRITEO_KINDS = {"criteo_kaggle": "kaggle", "criteo_terabyte": "terabyte"}
 def configure_data(config):
   """`config`, or for Criteo data a copy sized from the prepared directory's metadata.
 
-  The tables get the prepared vocabulary sizes (`arch_embedding_size`) and the
+  The tables get the prepared vocabulary sizes (`arch_embedding_size`; with
+  `data.tables_from_metadata` False they keep the config's, which must hold each
+  vocabulary) and the
   features the directory's hotness (`data.hotness`: one value where all agree, else
   a dash list); `test_num_batches` <= 0 becomes every full batch of the evaluation split
   (a last partial batch is left out: sharded steps need equal slices). Errors (no
@@ -43,7 +45,11 @@ def configure_data(config):
         f"{prepared if prepared is None else sorted(set(prepared))}: prepare it with "
         f"--max-ind-range {max_ind_range}, or set data.max_ind_range=-1 to train on it as it is")
   new = config.copy_and_resolve_references()
-  new.arch_embedding_size = dash_list(meta["vocab_sizes"])
+  if data.tables_from_metadata:
+    new.arch_embedding_size = dash_list(meta["vocab_sizes"])
+  else:
+    _check_tables_hold(parse_widths("arch_embedding_size", config.arch_embedding_size),
+                       meta["vocab_sizes"], path)
   hotness = [int(h) for h in meta["hotness"]]
   # An int or a dash list: the field takes either (a resolved copy would keep one type).
   new.data.hotness = config_dict.FieldReference(
@@ -52,6 +58,17 @@ def configure_data(config):
     rows = sum(b - a for a, b in meta["splits"][data.eval_split])
     new.test_num_batches = max(1, rows // int(new.test_mini_batch_size))
   return new
+
+
+def _check_tables_hold(rows, vocab_sizes, path) -> None:
+  small = [(f, r, v) for f, (r, v) in enumerate(zip(rows, vocab_sizes)) if r < v]
+  if len(rows) != len(vocab_sizes) or small:
+    detail = (f"table {small[0][0]} has {small[0][1]} rows for {small[0][2]} values" if small
+              else f"{len(rows)} tables for {len(vocab_sizes)} features")
+    raise ConfigError(
+        f"data.tables_from_metadata=False keeps arch_embedding_size, but {path}'s vocabularies "
+        f"({dash_list(vocab_sizes)}) do not fit in it: {detail}; set "
+        "data.tables_from_metadata=True to size the tables from the data")
 
 
 def make_data(run: RunSpec):
