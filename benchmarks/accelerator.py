@@ -95,13 +95,8 @@ def embedding_bytes(task, host_batches) -> dict:
   dim, itemsize = task.collection.dim, 4
   state_per_row = task.sparse_opt.slot_values_per_row(dim) * 4
   ids, touched = [], []
-  offsets = np.asarray(task.collection.offsets)
-  for b in host_batches:
-    rows = task.collection.stacked_rows(b) if hasattr(task.collection, "stacked_rows") else (
-        np.asarray(b["sparse"]).reshape(len(b["label"]), task.collection.num_tables, -1)
-        + offsets[None, :, None])
-    rows = np.asarray(rows).reshape(-1)
-    rows = rows[rows >= 0]
+  for b in host_batches:  # flat bags [B, sum(hotness)] or one id per feature: every id real
+    rows = np.asarray(task.collection.global_rows(np.asarray(b["sparse"]))).reshape(-1)
     ids.append(rows.size)
     touched.append(np.unique(rows).size)
   n_ids, n_rows = float(np.mean(ids)), float(np.mean(touched))

@@ -113,7 +113,8 @@ def random_batches(task, batch: int, pool: int, seed: int = 1):
   """`pool` random batches of `batch` rows for `task`, checked and on its devices."""
   from dlrm_jax.data import RandomData
 
-  gen = RandomData(task.spec.table_rows, task.spec.num_dense, batch, seed)
+  gen = RandomData(task.spec.table_rows, task.spec.num_dense, batch, seed,
+                   hotness=task.run.data.hotness)
   batches = [gen.batch(i) for i in range(pool)]
   for b in batches:
     task.collection.check_ids(b["sparse"])
