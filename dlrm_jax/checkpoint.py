@@ -58,7 +58,7 @@ READABLE_VERSIONS = (2, 3)
 # a config that agrees on all of them (unless a partial restore is asked for).
 MODEL_KEYS = ("arch_sparse_feature_size", "arch_mlp_bot", "arch_mlp_top", "arch_embedding_size",
               "arch_interaction_op", "arch_interaction_itself", "arch_dot_pair_order",
-              "dcn_num_layers", "dcn_low_rank_dim", "embedding_pooling",
+              "dcn_num_layers", "dcn_low_rank_dim", "embedding_pooling", "embedding_dtype",
               "dense_optimizer", "embedding_optimizer", "data.num_dense_features")
 
 

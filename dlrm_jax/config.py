@@ -99,6 +99,9 @@ def _model_and_training_fields(c) -> None:
   # Arithmetic of the MLPs and the interaction: float32 | bfloat16 (float32 parameters,
   # optimiser state and loss either way).
   c.compute_dtype = "float32"
+  # Storage of the tables: float32 | bfloat16 | float16 (16-bit: half the bytes; lookups
+  # are float32, optimiser state float32, updates stochastically rounded to the storage).
+  c.embedding_dtype = "float32"
   c.embedding_pooling = "sum"  # sum | mean: how a multi-hot bag becomes one vector.
   # Loss and optimisation.
   c.loss_function = "bce"

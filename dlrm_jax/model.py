@@ -49,6 +49,7 @@ def xavier_normal(key, shape, dtype=jnp.float32):
 
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+EMBEDDING_DTYPES = ("float32", "bfloat16", "float16")  # dlrm_jax.embedding's STORAGE_DTYPES
 
 
 def accumulation_dtype(dtype):
@@ -271,6 +272,8 @@ class ModelSpec:
     dcn_num_layers, dcn_low_rank_dim: for "dcn", the cross layers and their rank.
     compute_dtype: "float32" or "bfloat16", the arithmetic of the MLPs and the
       interaction (parameters stay float32).
+    embedding_dtype: "float32", "bfloat16" or "float16", the tables' storage
+      (lookups give float32 vectors; optimiser state is float32).
   """
 
   num_dense: int
@@ -284,6 +287,7 @@ class ModelSpec:
   dcn_num_layers: int = 3
   dcn_low_rank_dim: int = 512
   compute_dtype: str = "float32"
+  embedding_dtype: str = "float32"
 
   def __post_init__(self):
     if self.embedding_dim <= 0:
@@ -319,6 +323,9 @@ class ModelSpec:
     if self.compute_dtype not in COMPUTE_DTYPES:
       raise ConfigError(f"compute_dtype={self.compute_dtype!r} is not one of "
                         f"{tuple(COMPUTE_DTYPES)}")
+    if self.embedding_dtype not in EMBEDDING_DTYPES:
+      raise ConfigError(f"embedding_dtype={self.embedding_dtype!r} is not one of "
+                        f"{EMBEDDING_DTYPES}")
 
   @property
   def dtype(self):
@@ -349,6 +356,7 @@ class ModelSpec:
         dcn_num_layers=int(config.dcn_num_layers),
         dcn_low_rank_dim=int(config.dcn_low_rank_dim),
         compute_dtype=str(config.compute_dtype),
+        embedding_dtype=str(config.embedding_dtype),
     )
 
 

@@ -19,7 +19,7 @@ from dlrm_jax import parallel
 from dlrm_jax import state as state_lib
 from dlrm_jax.config import ConfigError
 from dlrm_jax.embedding import EmbeddingCollection, Tables, make_sparse_optimizer
-from dlrm_jax.embedding.collection import POOLINGS
+from dlrm_jax.embedding.collection import POOLINGS, STORAGE_DTYPES
 from dlrm_jax.embedding.planner import Plan, PlanError, parse_overrides, plan_tables
 from dlrm_jax.embedding.sharded import ShardedEmbedding
 from dlrm_jax.model import abstract_model, init_params
@@ -45,7 +45,7 @@ class Task:
     self.spec = self.run.model
     self.collection = EmbeddingCollection.uniform(
         self.spec.table_rows, self.spec.embedding_dim, training.embedding_pooling,
-        hotness=self.run.data.hotness)
+        hotness=self.run.data.hotness, dtype=STORAGE_DTYPES[self.spec.embedding_dtype])
     self.mesh, self.axes = parallel.make_mesh(self.run.mesh)
     self.plan = make_plan(self.run, self.collection, self.mesh.shape[self.axes.shard])
     self.embedding = ShardedEmbedding(self.collection, self.plan, self.mesh, self.axes)
@@ -151,7 +151,7 @@ def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int) ->
         collection.specs, num_shards, batch_size=run.training.mini_batch_size,
         lookups=run.data.hotness, optimizer=run.training.embedding_optimizer,
         memory_budget=budget, min_column_width=sharding.min_column_width,
-        overrides=parse_overrides(sharding.overrides))
+        overrides=parse_overrides(sharding.overrides), table_itemsize=collection.dtype.itemsize)
   except PlanError as e:
     raise ConfigError(str(e)) from None
 

@@ -337,3 +337,52 @@ def test_check_ids_of_flat_bags_names_the_feature_and_position():
     coll.check_ids(ids)
   with pytest.raises(ValueError, match="hotness"):
     TableSpec("x", 3, 2, hotness=0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour(dtype):
+  from dlrm_jax.embedding.optimizers import stochastic_round
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=64), jnp.float32)
+  near = x.astype(dtype).astype(jnp.float32)
+  down = jnp.minimum(near, jnp.nextafter(x.astype(dtype), jnp.full_like(x, -jnp.inf, dtype))
+                     .astype(jnp.float32))
+  draws = 4000
+  u = jnp.asarray(rng.random((draws, 64)), jnp.float32)
+  r = jax.vmap(lambda u: stochastic_round(x, dtype, u))(u).astype(jnp.float32)
+  lo = jnp.where(near <= x, near, down)
+  hi = jnp.where(near <= x, jnp.nextafter(x.astype(dtype), jnp.full_like(x, jnp.inf, dtype))
+                 .astype(jnp.float32), near)
+  assert bool(jnp.all((r == lo) | (r == hi)))
+  # Unbiased: the mean of the draws is x to within a few standard errors of a step.
+  gap = np.asarray(hi - lo)
+  err = np.abs(np.asarray(r.mean(0) - x))
+  assert np.all(err <= 4 * gap * 0.5 / np.sqrt(draws) + 1e-12), err / gap
+  # Values the type holds exactly stay as they are.
+  exact = jnp.asarray([1.0, -0.5, 0.0, 3.0], jnp.float32)
+  np.testing.assert_array_equal(stochastic_round(exact, dtype, jnp.full(4, 0.999)), exact)
+
+
+def test_16_bit_sgd_keeps_updates_smaller_than_half_a_step():
+  """lr * g of an eighth of bfloat16's step at 1.0 (2^-7): round-to-nearest would keep
+  every row at 1.0; stochastic rounding moves an eighth of the values one step down, so
+  the table's mean moves by the update on average."""
+  from dlrm_jax.embedding.optimizers import SparseSGD
+
+  n, d = 4096, 8
+  table = jnp.ones((n, d), jnp.bfloat16)
+  rows = jnp.arange(n, dtype=jnp.int32)
+  grads = jnp.full((n, d), 2.0 ** -10, jnp.float32)
+  out, _ = SparseSGD().update({"stacked": table}, {}, rows, grads, jnp.float32(1.0),
+                              jnp.int32(3))
+  new = np.asarray(out["stacked"], np.float32)
+  assert out["stacked"].dtype == jnp.bfloat16
+  moved = new != 1.0
+  assert set(np.unique(new[moved])) == {1.0 - 2.0 ** -8}  # one step down (below 1: 2^-8)
+  assert abs(moved.mean() - 0.25) < 0.03  # 2^-10 / 2^-8 of the values
+  assert abs((1.0 - new).mean() - 2.0 ** -10) < 0.1 * 2.0 ** -10
+  # Another step's noise differs; the same step's is the same (a fixed function).
+  again, _ = SparseSGD().update({"stacked": table}, {}, rows, grads, jnp.float32(1.0),
+                                jnp.int32(3))
+  np.testing.assert_array_equal(np.asarray(again["stacked"], np.float32), new)

@@ -520,3 +520,49 @@ def test_flat_bags_train_step_as_padded_bags(devices, pooling):
   for name, atol in (("tables", 2e-6), ("accumulators", 1e-12), ("params", 2e-6)):
     for a, b in zip(got[name], want[name], strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol, err_msg=name)
+
+
+def test_planner_counts_16_bit_tables_at_half_their_bytes():
+  specs = _specs([1000])
+  f32 = plan_tables(specs, 1, batch_size=8, optimizer="adagrad")
+  bf16 = plan_tables(specs, 1, batch_size=8, optimizer="adagrad", table_itemsize=2)
+  # Per-element Adagrad: the 16-wide rows shrink to half, the float32 state does not.
+  assert f32.table_bytes == (1000 * (16 * 4 + 16 * 4),)
+  assert bf16.table_bytes == (1000 * (16 * 2 + 16 * 4),)
+  assert plan_tables(specs, 1, batch_size=8, table_itemsize=2).table_bytes == (1000 * 16 * 2,)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_tables_in_every_layout(dtype):
+  """16-bit tables through the mixed plan on 8 devices: stored (and placed) in their
+  type at half the bytes, the planner's figures halved too, two row-wise Adagrad steps
+  as on one device (the stochastic rounding draws its noise by the unsharded table's
+  rows and columns, so the layouts round alike)."""
+  import jax.numpy as jnp
+
+  def config(devices, overrides=""):
+    c = _config(devices, overrides, optimizer="rowwise_adagrad")
+    c.embedding_dtype = dtype
+    return c
+
+  got, want = _train(config(8, MIXED)), _train(config(1))
+  full = _train(_config(8, MIXED, optimizer="rowwise_adagrad"))
+  for kind, array in got["state"].tables.items():
+    assert array.dtype == jnp.dtype(dtype), kind
+    assert array.nbytes * 2 == full["state"].tables[kind].nbytes
+  task = got["task"]
+  assert task.collection.nbytes * 2 == full["task"].collection.nbytes
+  rows_bytes = [r * 8 for r in task.spec.table_rows]  # 8-wide rows: 16 B vs 32 B of values
+  assert [f - h for f, h in zip(full["task"].plan.table_bytes, task.plan.table_bytes)] == \
+      [r * 2 for r in rows_bytes]
+  for a, b in zip(got["tables"], want["tables"], strict=True):
+    assert a.dtype == jnp.dtype(dtype)
+    # Equal but where the float32 sums' order flips a rounding (1 of 2,000 values when
+    # written), and then by one step of the type.
+    assert np.mean(a != b) < 0.005
+    step = 2.0 ** (-7 if dtype == "bfloat16" else -10)
+    np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=step,
+                               atol=1e-8)
+  np.testing.assert_allclose(got["predictions"], want["predictions"], rtol=1e-5, atol=1e-6)
+  # The 16-bit run follows the float32 one closely.
+  np.testing.assert_allclose(got["predictions"], full["predictions"], rtol=2e-2, atol=2e-3)

@@ -30,6 +30,10 @@ class IdOutOfRangeError(ValueError):
 
 
 POOLINGS = ("sum", "mean")
+# embedding_dtype -> the tables' storage type. Lookups return float32 vectors and the
+# optimiser state is float32 whatever the storage; 16-bit tables get the update rounded
+# stochastically (dlrm_jax.embedding.optimizers.store_rows).
+STORAGE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 INIT_BLOCK_ROWS = 1 << 18  # rows initialised at a time (EmbeddingCollection.init_blocked)
 
 
@@ -77,16 +81,20 @@ class EmbeddingCollection:
   """Static description of a set of tables, one per categorical feature.
 
   The tables themselves are a pytree (`Tables`: group name -> stacked array)
-  created by `init` and passed explicitly to `lookup` and to the optimisers.
+  created by `init` and passed explicitly to `lookup` and to the optimisers;
+  `dtype` (a value of STORAGE_DTYPES) is their storage type.
   """
 
-  def __init__(self, specs: Sequence[TableSpec]):
+  def __init__(self, specs: Sequence[TableSpec], dtype=jnp.float32):
     if not specs:
       raise ValueError("an embedding collection needs at least one table")
     dims = {s.dim for s in specs}
     if len(dims) != 1:
       raise ValueError(f"all tables must share one embedding width, got widths {sorted(dims)}")
     self.specs = tuple(specs)
+    self.dtype = jnp.dtype(dtype)
+    if self.dtype not in [jnp.dtype(d) for d in STORAGE_DTYPES.values()]:
+      raise ValueError(f"table storage dtype {self.dtype} is not one of {tuple(STORAGE_DTYPES)}")
     self.dim = specs[0].dim
     self.hotness = tuple(s.hotness for s in specs)
     rows = np.array([s.rows for s in specs], dtype=np.int64)
@@ -100,14 +108,14 @@ class EmbeddingCollection:
 
   @classmethod
   def uniform(cls, table_rows: Sequence[int], dim: int, pooling: str = "sum",
-              hotness: int | Sequence[int] = 1) -> "EmbeddingCollection":
+              hotness: int | Sequence[int] = 1, dtype=jnp.float32) -> "EmbeddingCollection":
     """One table per feature, named t0, t1, ..., with the given row counts and the
-    hotness of each (or one for all)."""
+    hotness of each (or one for all), stored as `dtype`."""
     hot = [hotness] * len(table_rows) if isinstance(hotness, int) else list(hotness)
     if len(hot) != len(table_rows):
       raise ValueError(f"{len(hot)} hotness values for {len(table_rows)} tables")
     return cls([TableSpec(f"t{i}", int(r), dim, pooling, hotness=int(h))
-                for i, (r, h) in enumerate(zip(table_rows, hot))])
+                for i, (r, h) in enumerate(zip(table_rows, hot))], dtype)
 
   @property
   def num_tables(self) -> int:
@@ -115,7 +123,7 @@ class EmbeddingCollection:
 
   @property
   def nbytes(self) -> int:
-    return self.total_rows * self.dim * 4
+    return self.total_rows * self.dim * self.dtype.itemsize
 
   def init(self, seed: int | jax.Array) -> Tables:
     """Fresh tables, each row U(-sqrt(1/rows), sqrt(1/rows)) of its own table.
@@ -132,7 +140,8 @@ class EmbeddingCollection:
   def init_blocked(self, seed: int | jax.Array, num_rows: int,
                    row_info: Callable[[jax.Array], tuple[jax.Array, jax.Array | None]],
                    cols: jax.Array, block_rows: int | None = None) -> jax.Array:
-    """`init_rows` of rows 0..num_rows-1, `block_rows` at a time, into one [num_rows, C] array.
+    """`init_rows` of rows 0..num_rows-1, `block_rows` at a time, into one [num_rows, C] array
+    of the storage dtype (each block rounded to it).
 
     `row_info(local_rows)` gives (stacked rows, valid) as `init_rows` takes
     them; `block_rows` defaults to INIT_BLOCK_ROWS. Computing block by block
@@ -143,7 +152,7 @@ class EmbeddingCollection:
 
     def values(start):
       rows, valid = row_info(start + jnp.arange(block, dtype=jnp.int32))
-      return self.init_rows(seed, rows, cols, valid)
+      return self.init_rows(seed, rows, cols, valid).astype(self.dtype)
 
     first = values(0)
     if block == num_rows:
@@ -153,7 +162,7 @@ class EmbeddingCollection:
       start = jnp.minimum(i * block, num_rows - block)  # overlap gets the same values.
       return jax.lax.dynamic_update_slice(out, values(start), (start, 0))
 
-    out = jnp.zeros((num_rows, cols.shape[0]), jnp.float32)
+    out = jnp.zeros((num_rows, cols.shape[0]), self.dtype)
     varying = tuple(getattr(jax.typeof(first), "vma", ()))  # inside shard_map: per device
     if varying:
       out = jax.lax.pcast(out, varying, to="varying")
@@ -183,7 +192,7 @@ class EmbeddingCollection:
     for spec, a in zip(self.specs, arrays):
       if a.shape != (spec.rows, spec.dim):
         raise ValueError(f"table {spec.name}: expected shape {(spec.rows, spec.dim)}, got {a.shape}")
-    return {"stacked": jnp.asarray(np.concatenate(arrays, axis=0), jnp.float32)}
+    return {"stacked": jnp.asarray(np.concatenate(arrays, axis=0), self.dtype)}
 
   def to_arrays(self, tables: Tables) -> list[np.ndarray]:
     """Splits the stacked storage back into one array per table."""
@@ -278,8 +287,9 @@ class EmbeddingCollection:
 
 
 def gather_rows(table: jax.Array, rows: jax.Array) -> jax.Array:
-  """table[rows] for valid rows (checked at the data boundary)."""
-  return jnp.take(table, rows, axis=0, mode="clip")
+  """table[rows] for valid rows (checked at the data boundary), as float32 (16-bit tables:
+  the vectors and their gradients are float32 from here on)."""
+  return jnp.take(table, rows, axis=0, mode="clip").astype(jnp.float32)
 
 
 def _fmix32(h: jax.Array) -> jax.Array:

@@ -84,7 +84,10 @@ class Layout:
     return self.kernel.update(opt, table, state, rows, grads, lr, step, **self._update_kwargs())
 
   def _update_kwargs(self) -> dict:
-    return {}
+    """The optimiser's layout-dependent arguments: `element_ids` maps local rows to the
+    rows of the unsharded layout and gives the local columns' global numbers, so that a
+    16-bit table's stochastic rounding draws the same noise in every layout."""
+    return {"element_ids": (lambda rows: self.local_row_info(rows)[0], self.local_cols())}
 
   def _column_const(self, values, bags: Bags) -> jax.Array:
     """A per-feature constant repeated for each of its ids, [1, L_g] (against [b, L_g] ids)."""
@@ -314,7 +317,7 @@ class ColumnWise(WholeTables):
     return jax.lax.all_to_all(pooled, self.axes.shard, 0, 2, tiled=True)  # [b, F_g, D]
 
   def _update_kwargs(self):
-    return {"column_axis": self.axes.shard}
+    return {**super()._update_kwargs(), "column_axis": self.axes.shard}
 
 
 class Replicated(WholeTables):
@@ -345,7 +348,8 @@ class Replicated(WholeTables):
     dense = jax.lax.psum(dense, self.axes.batch)
     touched = jax.lax.psum(touched, self.axes.batch)
     all_rows = jnp.where(touched > 0, jnp.arange(n_rows, dtype=rows.dtype), n_rows)
-    return self.kernel.update(opt, table, state, all_rows, dense, lr, step)
+    return self.kernel.update(opt, table, state, all_rows, dense, lr, step,
+                              **self._update_kwargs())
 
 
 def plan_groups(collection: EmbeddingCollection, plan: Plan, axes: MeshAxes = MeshAxes(),

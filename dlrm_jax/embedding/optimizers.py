@@ -22,6 +22,10 @@ gather would hold for that row:
                       does not touch keep their moments unchanged (they do not decay):
                       that is what makes it lazy, unlike dense Adam. torch.optim.SparseAdam
                       differs in where eps goes: lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps).
+
+The state is float32 whatever the tables' storage type. 16-bit tables (bfloat16,
+float16) are updated in float32 and stored with `store_rows`, which rounds
+stochastically; SGD then also sums a row's gradients first.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from dlrm_jax.config import ConfigError, parse_args
-from dlrm_jax.embedding.collection import Tables
+from dlrm_jax.embedding.collection import Tables, hash_uniform
 
 
 def sum_duplicates(rows: jax.Array, grads: jax.Array, fill_row: int) -> tuple[jax.Array, jax.Array]:
@@ -68,6 +72,40 @@ def _put(x: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
                         indices_are_sorted=True)
 
 
+def stochastic_round(x: jax.Array, dtype, u: jax.Array) -> jax.Array:
+  """float32 `x` rounded to the 16-bit `dtype` up or down at random, unbiased: to the
+  neighbour on the other side of the nearest with probability (distance to the
+  nearest) / (their gap), `u` uniform in [0, 1) of x's shape (as FBGEMM rounds its
+  16-bit weights: round-to-nearest would lose every update smaller than half a step
+  of the stored value, e.g. lr * g below 2^-9 of a weight in bfloat16)."""
+  near = x.astype(dtype)
+  near32 = near.astype(jnp.float32)
+  toward = jnp.where(near32 < x, jnp.inf, -jnp.inf).astype(dtype)
+  other = jnp.nextafter(near, toward)
+  gap = other.astype(jnp.float32) - near32
+  p = jnp.where(gap != 0, (x - near32) / jnp.where(gap != 0, gap, 1.0), 0.0)
+  return jnp.where(u < p, other, near)
+
+
+def store_rows(table: jax.Array, rows: jax.Array, values: jax.Array, step: jax.Array,
+               element_ids=None) -> jax.Array:
+  """`table` with rows [N] (unique, sorted; slots >= its row count dropped) set to
+  float32 `values` [N, C]; a 16-bit table gets them stochastically rounded, with
+  noise that is a fixed function of (step, row, column) of the unsharded table
+  (`element_ids`: (local rows -> those rows, the local columns' numbers), from the
+  sharded layout; None: the rows and columns as they are), so that every layout and
+  every copy of a replicated table rounds alike."""
+  if table.dtype.itemsize < 4:
+    seed = jnp.asarray(step, jnp.uint32) * jnp.uint32(0x9E3779B1) + jnp.uint32(0x5851F42D)
+    if element_ids is None:
+      global_rows, cols = rows, jnp.arange(values.shape[1], dtype=jnp.uint32)
+    else:
+      global_rows, cols = element_ids[0](rows), element_ids[1]
+    u = (hash_uniform(seed, global_rows.astype(jnp.uint32)[:, None], cols[None, :]) + 1.0) * 0.5
+    values = stochastic_round(values.astype(jnp.float32), table.dtype, u)
+  return _put(table, rows, values)
+
+
 @dataclasses.dataclass(frozen=True)
 class SparseSGD:
   """Plain SGD, the reference's semantics: row -= lr * (sum of its gradients).
@@ -85,16 +123,21 @@ class SparseSGD:
     return {}
 
   def update(self, tables: Tables, state: dict, rows: jax.Array, grads: jax.Array,
-             lr: jax.Array, step: jax.Array, column_axis: str | None = None
-             ) -> tuple[Tables, dict]:
+             lr: jax.Array, step: jax.Array, column_axis: str | None = None,
+             element_ids=None) -> tuple[Tables, dict]:
     """rows [N] (stacked-array rows), grads [N, D] -> updated tables and state.
 
     `column_axis` names the mesh axis a column-wise table's width is split
-    over (inside `shard_map`), for optimisers whose state spans a whole row.
+    over (inside `shard_map`), for optimisers whose state spans a whole row;
+    `element_ids` is the layout's numbering for 16-bit rounding (`store_rows`).
     """
-    del step, column_axis
+    del column_axis
     table = tables["stacked"]
     n = table.shape[0]
+    if table.dtype.itemsize < 4:  # 16-bit rows: sum, step and round each row once
+      unique, g = sum_duplicates(rows, grads, n)
+      w = _take(table, unique) - lr * g
+      return {"stacked": store_rows(table, unique, w, step, element_ids)}, state
     # Slots with row >= n (padding) add zero to a valid row instead of being
     # dropped: XLA:CPU's scatter-add with mode="drop" is far slower than with
     # in-bounds indices (benchmarks/RESULTS.md).
@@ -118,8 +161,7 @@ class SparseRowWiseAdagrad:
     t = tables["stacked"]
     return {"accumulator": jnp.full(t.shape[:1], self.initial_accumulator_value, jnp.float32)}
 
-  def update(self, tables, state, rows, grads, lr, step, column_axis=None):
-    del step
+  def update(self, tables, state, rows, grads, lr, step, column_axis=None, element_ids=None):
     table, acc = tables["stacked"], state["accumulator"]
     unique, g = sum_duplicates(rows, grads, table.shape[0])
     mean_square = jnp.mean(jnp.square(g), axis=1)
@@ -127,7 +169,8 @@ class SparseRowWiseAdagrad:
       mean_square = jax.lax.pmean(mean_square, column_axis)
     a = _take(acc, unique) + mean_square
     w = _take(table, unique) - lr * g / (jnp.sqrt(a)[:, None] + self.eps)
-    return {"stacked": _put(table, unique, w)}, {"accumulator": _put(acc, unique, a)}
+    return ({"stacked": store_rows(table, unique, w, step, element_ids)},
+            {"accumulator": _put(acc, unique, a)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,13 +187,14 @@ class SparseAdagrad:
     t = tables["stacked"]
     return {"accumulator": jnp.full(t.shape, self.initial_accumulator_value, jnp.float32)}
 
-  def update(self, tables, state, rows, grads, lr, step, column_axis=None):
-    del step, column_axis  # element-wise: a column slice needs nothing from the others.
+  def update(self, tables, state, rows, grads, lr, step, column_axis=None, element_ids=None):
+    del column_axis  # element-wise: a column slice needs nothing from the others.
     table, acc = tables["stacked"], state["accumulator"]
     unique, g = sum_duplicates(rows, grads, table.shape[0])
     a = _take(acc, unique) + jnp.square(g)
     w = _take(table, unique) - lr * g / (jnp.sqrt(a) + self.eps)
-    return {"stacked": _put(table, unique, w)}, {"accumulator": _put(acc, unique, a)}
+    return ({"stacked": store_rows(table, unique, w, step, element_ids)},
+            {"accumulator": _put(acc, unique, a)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +216,7 @@ class SparseLazyAdam:
     t = tables["stacked"]
     return {"mu": jnp.zeros(t.shape, jnp.float32), "nu": jnp.zeros(t.shape, jnp.float32)}
 
-  def update(self, tables, state, rows, grads, lr, step, column_axis=None):
+  def update(self, tables, state, rows, grads, lr, step, column_axis=None, element_ids=None):
     del column_axis  # element-wise: a column slice needs nothing from the others.
     table = tables["stacked"]
     unique, g = sum_duplicates(rows, grads, table.shape[0])
@@ -182,7 +226,7 @@ class SparseLazyAdam:
     m_hat = m / (1 - self.b1**t)
     v_hat = v / (1 - self.b2**t)
     w = _take(table, unique) - lr * m_hat / (jnp.sqrt(v_hat) + self.eps)
-    return ({"stacked": _put(table, unique, w)},
+    return ({"stacked": store_rows(table, unique, w, step, element_ids)},
             {"mu": _put(state["mu"], unique, m), "nu": _put(state["nu"], unique, v)})
 
 

@@ -197,7 +197,7 @@ def _parse_placement(name: str, text: str, num_shards: int) -> Placement:
 def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
                 lookups: Sequence[float] | float = 1.0, optimizer: str = "sgd",
                 memory_budget: int | None = None, min_column_width: int = 32,
-                overrides: Mapping[str, str] | None = None) -> Plan:
+                overrides: Mapping[str, str] | None = None, table_itemsize: int = 4) -> Plan:
   """Places every table over `num_shards` devices (see the module docstring).
 
   Args:
@@ -210,6 +210,8 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
       None for no limit.
     min_column_width: the narrowest column slice column-wise splitting may make.
     overrides: table name -> placement text, e.g. {"t3": "row_wise"}.
+    table_itemsize: bytes per stored table value (4: float32, 2: bfloat16 or float16);
+      optimiser state is float32 either way.
 
   Raises:
     PlanError: an unknown table or type in the overrides, a column-wise table
@@ -224,7 +226,7 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
   if len(hot) != len(specs):
     raise PlanError(f"got {len(hot)} lookup counts for {len(specs)} tables")
   slots = SPARSE_OPTIMIZERS[optimizer]().slot_values_per_row
-  sizes = [s.rows * (s.dim + slots(s.dim)) * 4 for s in specs]
+  sizes = [s.rows * (s.dim * int(table_itemsize) + slots(s.dim) * 4) for s in specs]
   names = [s.name for s in specs]
   overrides = dict(overrides or {})
   unknown = sorted(set(overrides) - set(names))

@@ -123,7 +123,7 @@ class ShardedEmbedding:
     """Per-table arrays -> the sharded layout (placed on the mesh)."""
     if len(arrays) != self.collection.num_tables:
       raise ValueError(f"expected {self.collection.num_tables} tables, got {len(arrays)}")
-    arrays = [np.asarray(a, np.float32) for a in arrays]
+    arrays = [np.asarray(a).astype(self.collection.dtype) for a in arrays]  # the storage type
     for t, a in enumerate(arrays):
       if a.shape != (self.specs[t].rows, self.specs[t].dim):
         raise ValueError(f"table {self.specs[t].name}: expected shape "
