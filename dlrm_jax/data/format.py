@@ -80,7 +80,10 @@ class NpyAppender:
     os.replace(self.path + ".tmp", self.path)
 
   def abort(self) -> None:
-    self._file.close()
+    try:
+      self._file.close()
+    except OSError:
+      pass  # The flush of a full disk fails too; the file is closed and removed anyway.
     if os.path.exists(self.path + ".tmp"):
       os.remove(self.path + ".tmp")
 

@@ -9,8 +9,11 @@ module-level function. Tasks report progress with `add_count`; the main process 
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Sequence
 
 # Libraries whose threads may hold locks at a fork (numpy's BLAS and pyarrow's pools
@@ -20,9 +23,25 @@ FORK_UNSAFE_MODULES = ("jax", "jaxlib", "tensorflow", "torch")
 _COUNTERS = None  # (rows, bytes) shared counters, set in each worker.
 
 
-def _init_worker(counters):
+class WorkerError(RuntimeError):
+  """A worker process died (killed, perhaps for memory) before its task was done."""
+
+
+def _init_worker(counters, parent: int):
+  """In each worker: the counters; death with the parent (a parent killed outright must
+  not leave workers writing beside the run that resumes it); Ctrl-C left to the parent."""
   global _COUNTERS
   _COUNTERS = counters
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  if sys.platform.startswith("linux"):
+    import ctypes
+
+    try:
+      ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+      pass
+  if os.getppid() != parent:  # The parent died before the line above.
+    os._exit(1)
 
 
 def add_count(i: int, n: int) -> None:
@@ -70,7 +89,8 @@ class WorkerPool:
         for name in preload:
           importlib.import_module(name)
       self.executor = ProcessPoolExecutor(self.workers, mp_context=self._ctx,
-                                          initializer=_init_worker, initargs=(self.counters,))
+                                          initializer=_init_worker,
+                                          initargs=(self.counters, os.getpid()))
       if self._ctx.get_start_method() == "fork":
         for f in [self.executor.submit(_ready) for _ in range(self.workers)]:
           f.result()
@@ -103,7 +123,7 @@ class WorkerPool:
         on_tick()
         while futures and futures[0][1].done():
           task, future = futures.pop(0)
-          on_done(task, future.result())
+          on_done(task, _result(future))
     except BaseException:
       for _, f in futures:
         f.cancel()
@@ -130,6 +150,20 @@ class WorkerPool:
     if self.executor is not None:
       self.executor.shutdown(wait=True, cancel_futures=True)
       self.executor = None
+
+
+def _result(future):
+  """A task's result; its error without the worker's traceback chained to it where the
+  error is about the input or the output (ValueError, OSError: the message says it all)."""
+  try:
+    return future.result()
+  except BrokenProcessPool:
+    raise WorkerError("a worker process died before its task was done (killed, perhaps "
+                      "for lack of memory: try fewer --workers); run the same command again "
+                      "to resume") from None
+  except (ValueError, OSError) as e:
+    e.__cause__ = None
+    raise
 
 
 class _Counter:

@@ -9,13 +9,13 @@ from typing import Sequence
 
 from dlrm_jax.data import format as fmt
 from dlrm_jax.data.criteo.multihot import make_multi_hot
-from dlrm_jax.data.criteo.parse import BadLineError, InputError
 from dlrm_jax.data.criteo.preparation import CATEGORICAL_MODES, DATASETS, prepare
-from dlrm_jax.data.format import FormatError
+from dlrm_jax.data.workers import WorkerError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs one command; returns the exit status (1, with the message, for bad input)."""
+  """Runs one command; returns the exit status: 1, with a one-line message, for bad input,
+  a full disk or a worker that died; 130 when interrupted (2 for bad arguments)."""
   args = _parser().parse_args(argv)
   try:
     if args.command == "prepare":
@@ -27,17 +27,54 @@ def main(argv: Sequence[str] | None = None) -> int:
               sub_sample_rate=args.data_sub_sample_rate, sub_sample_seed=args.sub_sample_seed,
               progress=not args.no_progress)
     elif args.command == "multihot":
-      make_multi_hot(args.input, args.output, [int(h) for h in args.hotness.split(",")],
-                     seed=args.seed)
+      make_multi_hot(args.input, args.output, args.hotness, seed=args.seed)
     else:
       meta = fmt.read_metadata(args.path)
       summary = {k: meta[k] for k in ("dataset", "rows", "split_rows", "vocab_sizes", "hotness",
                                       "bad_lines", "options")}
       print(json.dumps(summary, indent=1))
-  except (BadLineError, InputError, FormatError, ValueError) as e:
+  except (ValueError, WorkerError) as e:  # BadLineError, InputError, FormatError too
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except OSError as e:  # A full disk, no permission: for prepare, an OutputError
+    text = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+    print(f"error: {text}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print("interrupted" + (": run the same command again to resume"
+                           if args.command == "prepare" else ""), file=sys.stderr)
+    return 130
   return 0
+
+
+def _int_at_least(low: int):
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+      raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+    return value
+  return parse
+
+
+def _positive_float(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not value > 0:
+    raise argparse.ArgumentTypeError(f"{value} must be > 0")
+  return value
+
+
+def _hotness(text: str) -> list[int]:
+  try:
+    return [int(h) for h in text.split(",")]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: give one integer or 26 comma-separated "
+                                     "integers") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,23 +93,26 @@ def _parser() -> argparse.ArgumentParser:
                       ">= --frequency-threshold times in train, others -> row 0")
   p.add_argument("--max-ind-range", default=None,
                  help="modulus for the values: one int, or 26 comma-separated ints")
-  p.add_argument("--frequency-threshold", type=int, default=3)
+  p.add_argument("--frequency-threshold", type=_int_at_least(1), default=3)
   p.add_argument("--skip-bad-lines", action="store_true",
                  help="skip, count and report malformed lines instead of stopping at the first")
   p.add_argument("--data-sub-sample-rate", type=float, default=0.0,
                  help="drop this fraction of the negative train rows (seeded, reproducible), "
                       "as the reference's --data-sub-sample-rate")
   p.add_argument("--sub-sample-seed", type=int, default=0)
-  p.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
-  p.add_argument("--shard-rows", type=int, default=1 << 21)
-  p.add_argument("--piece-mb", type=int, default=64, help="input bytes per parallel piece")
-  p.add_argument("--vocab-memory-gb", type=float, default=1.0,
+  p.add_argument("--workers", type=_int_at_least(0), default=0,
+                 help="processes (default: all cores)")
+  p.add_argument("--shard-rows", type=_int_at_least(1), default=1 << 21)
+  p.add_argument("--piece-mb", type=_int_at_least(1), default=64,
+                 help="input bytes per parallel piece")
+  p.add_argument("--vocab-memory-gb", type=_positive_float, default=1.0,
                  help="bound for vocabulary counting; features beyond it wait for another pass")
   p.add_argument("--no-progress", action="store_true")
   m = sub.add_parser("multihot", help="derive a multi-hot directory (fixed hotness per feature)")
   m.add_argument("--input", required=True, help="a prepared one-hot directory")
   m.add_argument("--output", required=True)
-  m.add_argument("--hotness", required=True, help="one int or 26 comma-separated ints")
+  m.add_argument("--hotness", required=True, type=_hotness,
+                 help="one int or 26 comma-separated ints")
   m.add_argument("--seed", type=int, default=0)
   i = sub.add_parser("info", help="print a prepared directory's metadata summary")
   i.add_argument("path")

@@ -6,6 +6,7 @@ pool of workers; then writes the metadata. The reference's splits are made here 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -40,16 +41,38 @@ def _sort_inputs(dataset: str, inputs: Sequence[str]) -> list[str]:
   return list(inputs)
 
 
+class OutputError(OSError):
+  """The output directory cannot be written (a full disk, no permission); the message
+  says what to do. Finished pieces are kept: the same call resumes."""
+
+
+def _output_error(output: str, e: OSError) -> OutputError:
+  where = f" ({e.filename})" if e.filename else ""
+  if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    message = (f"{output}: no space left on the device{where}. Free some space (or choose "
+               "another --output) and run the same command again: it resumes where it "
+               "stopped.")
+  else:
+    message = f"{output}: cannot write the prepared data{where}: {e.strerror or e}."
+  error = OutputError(message)
+  error.errno = e.errno
+  return error
+
+
 def parse_max_ind_range(value) -> list[int] | None:
   """None, one int for every feature, or 26 comma-separated ints -> 26 moduli (or None)."""
   if value is None or value == "" or value == -1 or value == 0:
     return None
-  if isinstance(value, str):
-    parts = [int(v) for v in value.split(",")]
-  elif isinstance(value, int):
-    parts = [value]
-  else:
-    parts = [int(v) for v in value]
+  try:
+    if isinstance(value, str):
+      parts = [int(v) for v in value.split(",")]
+    elif isinstance(value, int):
+      parts = [value]
+    else:
+      parts = [int(v) for v in value]
+  except (TypeError, ValueError):
+    raise ValueError(f"max_ind_range={value!r}: give one integer or {NUM_SPARSE} "
+                     "comma-separated integers") from None
   if len(parts) == 1:
     parts = parts * NUM_SPARSE
   if len(parts) != NUM_SPARSE or any(not 1 <= p <= _MAX_INT32 for p in parts):
@@ -97,6 +120,10 @@ def prepare(dataset: str, inputs: Sequence[str], output: str, *, categorical: st
   log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
   moduli = _check_modes(dataset, categorical, max_ind_range, frequency_threshold,
                         sub_sample_rate)
+  for name, value in (("shard_rows", shard_rows), ("piece_bytes", piece_bytes),
+                      ("block_bytes", block_bytes), ("vocab_memory_bytes", vocab_memory_bytes)):
+    if int(value) < 1:
+      raise ValueError(f"{name}={value} must be >= 1")
   inputs = _check_inputs(dataset, inputs)
   workers = int(workers or os.cpu_count() or 1)
   threshold = int(frequency_threshold) if categorical == "frequency" else None
@@ -106,21 +133,25 @@ def prepare(dataset: str, inputs: Sequence[str], output: str, *, categorical: st
              "piece_bytes": int(piece_bytes), "inputs": [os.path.abspath(p) for p in inputs]}
   if sub_sample_rate:  # Only when used: directories prepared without it keep their options.
     options["sub_sample"] = {"rate": float(sub_sample_rate), "seed": int(sub_sample_seed)}
-  meta = _open_output(output, options, log)
-  if meta is not None:
-    return meta
   job = _Job(dataset, inputs, output, categorical, moduli, frequency_threshold, piece_bytes,
              vocab_memory_bytes, sub_sample_rate, sub_sample_seed, progress, log)
-  pieces, records, sources = _plan_parsing(job)
-  cfg = {"output": output, "moduli": moduli, "categorical": categorical,
-         "shard_rows": int(shard_rows), "block_bytes": int(block_bytes),
-         "skip_bad_lines": bool(skip_bad_lines), "threads": len(pieces) < workers}
-  pool = WorkerPool(workers, preload=("pyarrow.csv",))
   try:
-    meta = _run_stages(job, pieces, records, sources, options, cfg, pool)
-  finally:
-    pool.close()
-  return meta
+    meta = _open_output(output, options, log)
+    if meta is not None:
+      return meta
+    pieces, records, sources = _plan_parsing(job)
+    cfg = {"output": output, "moduli": moduli, "categorical": categorical,
+           "shard_rows": int(shard_rows), "block_bytes": int(block_bytes),
+           "skip_bad_lines": bool(skip_bad_lines), "threads": len(pieces) < workers}
+    pool = WorkerPool(workers, preload=("pyarrow.csv",))
+    try:
+      return _run_stages(job, pieces, records, sources, options, cfg, pool)
+    finally:
+      pool.close()
+  except OutputError:
+    raise
+  except OSError as e:  # The inputs' read errors are InputErrors: this one is the output's.
+    raise _output_error(output, e) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,10 +201,16 @@ def _check_inputs(dataset: str, inputs: Sequence[str]) -> list[str]:
     raise ValueError("no input files")
   inputs = _sort_inputs(dataset, inputs)
   for p in inputs:
+    if os.path.isdir(p):
+      raise InputError(f"{p}: a directory, not a raw Criteo file")
     if not os.path.isfile(p):
       raise InputError(f"{p}: no such file")
     if os.path.getsize(p) == 0:
       raise InputError(f"{p}: empty file (0 bytes)")
+    try:
+      open(p, "rb").close()
+    except OSError as e:
+      raise InputError(f"{p}: cannot be read ({e.strerror})") from None
   if dataset == "terabyte" and len(inputs) < 2:
     raise ValueError("terabyte needs at least two day files: the last one is split into test "
                      "and val, the others train")
@@ -185,6 +222,8 @@ def _open_output(output: str, options: dict, log: Callable[[str], None]) -> dict
   for this run (new, or unfinished with the same options) and returns None."""
   progress_dir = os.path.join(output, fmt.PROGRESS_DIR)
   meta_path = os.path.join(output, fmt.METADATA_FILE)
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise FormatError(f"{output} is a file, not a directory; choose a new --output.")
   if os.path.exists(meta_path):
     meta = fmt.read_metadata(output)
     if meta.get("options") == options:

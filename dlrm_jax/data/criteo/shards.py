@@ -71,6 +71,28 @@ class _PieceWriter:
           os.remove(p)
 
 
+def _input_blocks(piece: Piece, block_bytes: int, hasher):
+  """`read_blocks`, with the input's read errors (a truncated or corrupt .gz, a read that
+  fails) as InputError; errors of the output are left as they are."""
+  blocks = read_blocks(piece, block_bytes, hasher, partial(add_count, 1))
+  lines = 0
+  while True:
+    try:
+      data, offset = next(blocks)
+    except StopIteration:
+      return
+    except EOFError as e:
+      raise InputError(f"{piece.path}: truncated gzip file ({e}); {lines} lines were read "
+                       "before the end. The file is incomplete: download or copy it again."
+                       ) from None
+    except (zlib.error, gzip.BadGzipFile) as e:
+      raise InputError(f"{piece.path}: corrupt gzip data after {lines} lines ({e}).") from None
+    except OSError as e:
+      raise InputError(f"{piece.path}: cannot be read ({e.strerror or e}).") from None
+    lines += data.count(b"\n")
+    yield data, offset
+
+
 def piece_task(piece: Piece, cfg: dict) -> dict:
   """Parses one piece into its shards; returns its record (rows, shards, bad lines, checksum)."""
   hasher = hashlib.sha256()
@@ -80,7 +102,7 @@ def piece_task(piece: Piece, cfg: dict) -> dict:
   lines_before, rows, bad_count, examples = 0, 0, 0, []
   line_base: list[int] = []
 
-  def line_number(block_start: int, local: int) -> int:
+  def line_number(local: int) -> int:
     if piece.gz or piece.start == 0:
       return lines_before + local
     if not line_base:  # Lines before this piece, counted only when an error needs them.
@@ -89,17 +111,17 @@ def piece_task(piece: Piece, cfg: dict) -> dict:
 
   first_line_offset = [piece.start]
   try:
-    for data, offset in read_blocks(piece, cfg["block_bytes"], hasher, partial(add_count, 1)):
+    for data, offset in _input_blocks(piece, cfg["block_bytes"], hasher):
       if lines_before == 0 and offset >= 0:
         first_line_offset[0] = offset
       block = parse_block(data, skip_bad_lines=cfg["skip_bad_lines"], threads=cfg["threads"])
       if block.bad:
         if not cfg["skip_bad_lines"]:
           local, field, message = block.bad[0]
-          raise BadLineError(piece.path, line_number(offset, local), field, message)
+          raise BadLineError(piece.path, line_number(local), field, message)
         bad_count += len(block.bad)
         for local, field, message in block.bad[:max(0, 20 - len(examples))]:
-          examples.append(f"{piece.path}:{line_number(offset, local)}: {field}: {message}")
+          examples.append(f"{piece.path}:{line_number(local)}: {field}: {message}")
       raw = block.raw
       if moduli is not None:
         raw = raw % moduli
@@ -109,17 +131,6 @@ def piece_task(piece: Piece, cfg: dict) -> dict:
       rows += len(block.label)
       add_count(0, len(block.label))
     writer.close()
-  except EOFError as e:
-    writer.abort()
-    raise InputError(f"{piece.path}: truncated gzip file ({e}); {lines_before} lines were read "
-                     "before the end. The file is incomplete: download or copy it again."
-                     ) from None
-  except (zlib.error, gzip.BadGzipFile, OSError) as e:
-    writer.abort()
-    if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile) and not piece.gz:
-      raise
-    raise InputError(f"{piece.path}: corrupt gzip data after {lines_before} lines ({e})."
-                     ) from None
   except BaseException:
     writer.abort()
     raise
