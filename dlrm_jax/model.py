@@ -42,10 +42,12 @@ def reference_bias_init(key, shape, dtype=jnp.float32):
   return jax.random.normal(key, shape, dtype) * np.sqrt(1.0 / shape[-1]).astype(dtype)
 
 
-def xavier_normal(key, shape, dtype=jnp.float32):
-  """N(0, sqrt(2 / (fan_in + fan_out))): torch's `xavier_normal_`, TorchRec's cross-layer
-  init (the same distribution as the reference's Linear weights)."""
-  return reference_kernel_init(key, shape, dtype)
+def host_kernel(rng: np.random.Generator, shape: tuple[int, int]) -> jax.Array:
+  """A Flax [in, out] kernel drawn as `reference_kernel_init`'s distribution (torch's
+  `xavier_normal_`) with numpy, as the reference draws its [out, in] matrix."""
+  fan_in, fan_out = shape
+  w = rng.normal(0.0, np.sqrt(2.0 / (fan_in + fan_out)), (fan_out, fan_in))
+  return jnp.asarray(w.T, jnp.float32)
 
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -80,10 +82,8 @@ def init_params(spec: ModelSpec, seed: int) -> nnx.State:
   for mlp in ("bottom", "top"):
     for i in sorted(values[mlp]["layers"]):
       layer = values[mlp]["layers"][i]
-      fan_in, fan_out = layer["kernel"].shape
-      # Drawn as the reference's [out, in] matrix, stored as Flax's [in, out].
-      w = rng.normal(0.0, np.sqrt(2.0 / (fan_in + fan_out)), (fan_out, fan_in))
-      layer["kernel"] = jnp.asarray(w.T, jnp.float32)
+      fan_out = layer["kernel"].shape[1]
+      layer["kernel"] = host_kernel(rng, layer["kernel"].shape)
       layer["bias"] = jnp.asarray(rng.normal(0.0, np.sqrt(1.0 / fan_out), fan_out), jnp.float32)
   host_init = INTERACTIONS[spec.interaction].host_init
   if host_init is not None:
@@ -179,7 +179,8 @@ class LowRankCross(nnx.Module):
   V: N -> r (no bias) and W: r -> N."""
 
   def __init__(self, width: int, rank: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
-    kw = dict(kernel_init=xavier_normal, dtype=dtype, param_dtype=jnp.float32,
+    # TorchRec's xavier-normal init, the reference Linear's distribution.
+    kw = dict(kernel_init=reference_kernel_init, dtype=dtype, param_dtype=jnp.float32,
               preferred_element_type=accumulation_dtype(dtype), rngs=rngs)
     self.v = nnx.Linear(width, rank, use_bias=False, **kw)
     self.w = nnx.Linear(rank, width, bias_init=nnx.initializers.zeros_init(), **kw)
@@ -212,9 +213,7 @@ def _cross_host_init(values: dict, rng: np.random.Generator) -> None:
   for i in sorted(values["layers"]):
     layer = values["layers"][i]
     for name in ("v", "w"):
-      fan_in, fan_out = layer[name]["kernel"].shape
-      w = rng.normal(0.0, np.sqrt(2.0 / (fan_in + fan_out)), (fan_out, fan_in))
-      layer[name]["kernel"] = jnp.asarray(w.T, jnp.float32)
+      layer[name]["kernel"] = host_kernel(rng, layer[name]["kernel"].shape)
     layer["w"]["bias"] = jnp.zeros_like(layer["w"]["bias"])
 
 
