@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 
-from common import REPO, parse_settings, random_data_config
+from common import REPO, child_result, parse_settings, random_data_config
 
 TORCH_SCRIPT = os.path.join(REPO, ".bench", "torch_dlrm_gpu.py")
 MLPERF_ROWS = ("40000000-39060-17295-7424-20265-3-7122-1543-63-40000000-3067956-405282-10-"
@@ -82,9 +82,9 @@ def _task(name: str, a):
     fields = [f for f in fields if not f.startswith("arch_embedding_size")] + SMOKE["fields"]
   if precision == "bf16":
     fields.append("compute_dtype=bfloat16")
-  overrides = parse_settings(fields)
-  lr = overrides.pop("learning_rate", 0.005 if config == "mlperf_dcnv2" else 0.01)
-  return Task(random_data_config(rows, batch, lr, None, config=config, **overrides)), batch
+  lr = 0.005 if config == "mlperf_dcnv2" else 0.01  # torch_dlrm_gpu.py's rates
+  return Task(random_data_config(rows, batch, lr, None, config=config,
+                                 **parse_settings(fields))), batch
 
 
 def embedding_bytes(task, host_batches) -> dict:
@@ -199,18 +199,7 @@ def run_torch(name: str, a) -> dict:
          "--steps", str(SMOKE["steps"] if a.smoke else a.steps)]
   if a.smoke:
     cmd += ["--device", "cpu", "--max-table-gib", "0.5"]
-  return _child(cmd, a.timeout)
-
-
-def _child(cmd: list[str], timeout: float) -> dict:
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout)
-  except subprocess.TimeoutExpired:
-    return {"failed": f"timed out after {timeout:.0f} s"}
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-  if proc.returncode != 0 or not lines:
-    return {"failed": f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}"}
-  return json.loads(lines[-1][len("RESULT "):])
+  return child_result(cmd, a.timeout)
 
 
 def _cell(r: dict, key: str, fmt: str) -> str:
@@ -268,7 +257,7 @@ def main():
             str(a.trace_steps), "--pool", str(a.pool)] + ["--smoke"] * a.smoke
   results, t0 = [], time.perf_counter()
   for name in names:
-    jx = _child([sys.executable, os.path.abspath(__file__), "--_child", name, *passed],
+    jx = child_result([sys.executable, os.path.abspath(__file__), "--_child", name, *passed],
                 a.timeout)
     pt = run_torch(name, a)
     results.append({"config": name, "dlrm_jax": jx, "torch": pt})

@@ -15,6 +15,23 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def child_result(cmd: list[str], timeout: float | None = None, env: dict | None = None) -> dict:
+  """Runs a benchmark's child process (which prints `RESULT {json}`) and returns that
+  JSON, or {"failed": why} (its exit status and the end of its stderr, or a timeout)."""
+  import json
+  import subprocess
+
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
+  except subprocess.TimeoutExpired:
+    return {"failed": f"timed out after {timeout:.0f} s"}
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+  if proc.returncode != 0 or not lines:
+    return {"failed": f"exit {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
+  return json.loads(lines[-1][len("RESULT "):])
+
+
 def load_config(name: str, **overrides):
   """get_config() of configs/NAME.py with `overrides` set on it.
 

@@ -35,11 +35,10 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
-from common import REPO, load_config
+from common import REPO, child_result, load_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORCHREC_SCRIPT = os.path.join(os.path.dirname(REPO), "shared", "bench", "torchrec_dlrm_cpu.py")
@@ -56,13 +55,11 @@ SIDES = ("dlrm_jax", "dlrm_jax_bf16", "fused", "fused_bf16")
 
 
 def _result(cmd: list[str], env: dict | None = None) -> dict | None:
-  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
-                        env=None if env is None else {**os.environ, **env})
-  lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-  if proc.returncode != 0 or not lines:
-    print(f"FAILED (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}", flush=True)
+  r = child_result(cmd, env=env)
+  if "failed" in r:
+    print(f"FAILED ({r['failed']}): {' '.join(cmd)}", flush=True)
     return None
-  return json.loads(lines[-1][len("RESULT "):])
+  return r
 
 
 def run_jax(name: str, a, bf16: bool = False) -> dict | None:
