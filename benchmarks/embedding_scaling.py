@@ -39,11 +39,10 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
-from common import (REPO, add_shape_arguments, random_batches, random_data_config,
+from common import (add_shape_arguments, child_result, random_batches, random_data_config,
                     shape_arguments, shape_overrides, take_turns, turn_row)
 
 
@@ -226,13 +225,10 @@ def main():
                "--batch", str(a.batch), "--warmup", str(a.warmup), "--steps", str(a.steps),
                "--pool", str(a.pool), "--lr", str(a.lr), "--huge-pages", a.huge_pages,
                *(["--optimizer", a.optimizer] if a.optimizer else []), *shape_arguments(a)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-          print(f"rows={rows} path={path}: FAILED (exit {proc.returncode})\n"
-                f"{proc.stderr[-2000:]}", flush=True)
+        r = child_result(cmd)
+        if "failed" in r:
+          print(f"rows={rows} path={path}: FAILED ({r['failed']})", flush=True)
           continue
-        r = json.loads(lines[-1][len("RESULT "):])
         r["repeat"] = rep
         results.append(r)
         print(f"rows=26x{rows:<9,} {path:6s} {r['samples_per_s']:>9,.0f} samples/s  "
