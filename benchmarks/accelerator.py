@@ -18,6 +18,13 @@ failure or an out-of-memory ends only that config:
   phases' time;
 - peak device memory (`memory_stats()["peak_bytes_in_use"]`; ru_maxrss on CPU).
 
+`scatter` (in the default list, `--only scatter` alone) times the sparse update's
+three forms on the device itself, power-law ids of config a's step (65,536 x 26
+ids into 26 x 100K rows, D=128): XLA's float32 scatter-add with the duplicates
+(atomics), the portable kernel's sort + segment sum (a sorted scatter-add) and
+the GPU kernel's sort + segmented scan (no scatter-add), each followed by its
+write; the three must give the same table.
+
 Then the same config of the plain-PyTorch side (`torch_dlrm_gpu.py` of the
 shared benchmarks, copied into `.bench/`), alternately, and the ratio.
 Results go to `--out` (default `$OUT`, else ./accelerator_out): one JSON file
@@ -66,6 +73,9 @@ CONFIGS = {
                ["embedding_optimizer=rowwise_adagrad", f"arch_embedding_size={MLPERF_ROWS}"],
                "e"),
 }
+# The update probe: ids of one step of config a, power-law distributed, into its tables.
+SCATTER = dict(ids=65_536 * 26, rows=26 * 100_000, dim=128, reps=10)
+SCATTER_SMOKE = dict(ids=4096, rows=1000, dim=16, reps=2)
 # --smoke: every config at tiny sizes, on whatever device there is.
 SMOKE = dict(rows=1000, batch=256, steps=3, warmup=1, trace_steps=2,
              fields=["arch_sparse_feature_size=16", "arch_mlp_bot=13-32-16",
@@ -184,6 +194,55 @@ def run_config(name: str, a) -> dict:
   return out
 
 
+def run_scatter(a) -> dict:
+  """The sparse update's three forms on power-law ids (a child process): median ms."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from dlrm_jax.embedding.optimizers import sum_duplicates
+
+  size = SCATTER_SMOKE if a.smoke else SCATTER
+  n, rows, dim = size["ids"], size["rows"], size["dim"]
+  rng = np.random.default_rng(0)
+  ids = np.minimum(rng.zipf(1.2, n) - 1, rows - 1).astype(np.int32)  # hot rows repeat
+  ids = jax.device_put(ids)
+  grads = jax.device_put(rng.normal(size=(n, dim)).astype(np.float32))
+
+  def add(table, ids, grads):
+    return table.at[ids].add(grads)
+
+  def deduplicated(method):
+    def update(table, ids, grads):
+      unique, summed = sum_duplicates(ids, grads, rows, method=method)
+      new = jnp.take(table, unique, axis=0, mode="clip") + summed
+      return table.at[unique].set(new, mode="drop", unique_indices=True,
+                                  indices_are_sorted=True)
+    return update
+
+  variants = {"scatter_add": add, "sort_segment_sum": deduplicated("segment_sum"),
+              "sort_scan": deduplicated("scan")}
+  out = {"config": "scatter", "ids": n, "distinct_rows": int(np.unique(np.asarray(ids)).size),
+         "rows": rows, "dim": dim, "device": jax.devices()[0].device_kind, "ms": {}}
+  results = {}
+  for name, fn in variants.items():
+    step = jax.jit(fn, donate_argnums=0)
+    table = step(jnp.zeros((rows, dim), jnp.float32), ids, grads)  # compile, warm up
+    results[name] = np.asarray(table[:1000])
+    times = []
+    for _ in range(size["reps"]):
+      jax.block_until_ready(table)
+      t = time.perf_counter()
+      table = step(table, ids, grads)
+      jax.block_until_ready(table)
+      times.append(time.perf_counter() - t)
+    out["ms"][name] = statistics.median(times) * 1e3
+    del table
+  want = results["scatter_add"]
+  out["max_difference"] = max(float(np.abs(v - want).max()) for v in results.values())
+  return out
+
+
 def run_torch(name: str, a) -> dict:
   """The plain-PyTorch side of a config (torch_dlrm_gpu.py's stacked path)."""
   script = a.torch_script
@@ -213,6 +272,8 @@ def _cell(r: dict, key: str, fmt: str) -> str:
 def markdown(results: list[dict]) -> str:
   rows = ["| config | batch | dlrm_jax samples/s | PyTorch samples/s | ratio | embedding GB/s | "
           "peak GiB | estimate GiB | compile s |", "|---" * 9 + "|"]
+  probes = [r["dlrm_jax"] for r in results if r["config"] == "scatter"]
+  results = [r for r in results if r["config"] != "scatter"]
   for r in results:
     jx, pt = r["dlrm_jax"], r["torch"]
     ratio = (f"{jx['samples_per_s'] / pt['samples_per_s']:.2f}"
@@ -228,12 +289,21 @@ def markdown(results: list[dict]) -> str:
            if "skipped" in r[side] or "failed" in r[side]]
   phases = [f"\n{r['config']} phases (per step):\n{r['dlrm_jax']['phase_table']}"
             for r in results if "phase_table" in r["dlrm_jax"]]
+  for p in probes:
+    if "ms" not in p:
+      notes.append(f"- scatter: {p.get('skipped') or p.get('failed')}")
+      continue
+    phases.append(f"\nsparse update of {p['ids']:,} ids ({p['distinct_rows']:,} distinct) into "
+                  f"{p['rows']:,} rows of {p['dim']} (ms, median; tables differ by at most "
+                  f"{p['max_difference']:.2g}):\n| form | ms |\n|---|---|\n"
+                  + "".join(f"| {k} | {v:.3f} |\n" for k, v in p["ms"].items()))
   return "\n".join(rows + [""] + notes + phases) + "\n"
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--only", default=",".join(CONFIGS), help=f"comma list of {','.join(CONFIGS)}")
+  ap.add_argument("--only", default=",".join([*CONFIGS, "scatter"]),
+                  help=f"comma list of {','.join(CONFIGS)},scatter")
   ap.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (CPU test)")
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--warmup", type=int, default=3)
@@ -246,12 +316,13 @@ def main():
   ap.add_argument("--_child", metavar="CONFIG", help=argparse.SUPPRESS)
   a = ap.parse_args()
   if a._child:
-    print("RESULT " + json.dumps(run_config(a._child, a)), flush=True)
+    r = run_scatter(a) if a._child == "scatter" else run_config(a._child, a)
+    print("RESULT " + json.dumps(r), flush=True)
     return
   names = a.only.split(",")
-  unknown = sorted(set(names) - set(CONFIGS))
+  unknown = sorted(set(names) - set(CONFIGS) - {"scatter"})
   if unknown:
-    sys.exit(f"--only: no config {unknown}; the configs are {','.join(CONFIGS)}")
+    sys.exit(f"--only: no config {unknown}; the configs are {','.join(CONFIGS)},scatter")
   os.makedirs(a.out, exist_ok=True)
   passed = ["--steps", str(a.steps), "--warmup", str(a.warmup), "--trace-steps",
             str(a.trace_steps), "--pool", str(a.pool)] + ["--smoke"] * a.smoke
@@ -259,6 +330,10 @@ def main():
   for name in names:
     jx = child_result([sys.executable, os.path.abspath(__file__), "--_child", name, *passed],
                 a.timeout)
+    if name == "scatter":
+      results.append({"config": name, "dlrm_jax": jx})
+      print(f"scatter: {jx.get('ms') or jx}", flush=True)
+      continue
     pt = run_torch(name, a)
     results.append({"config": name, "dlrm_jax": jx, "torch": pt})
     print(f"{name}: dlrm_jax {_cell(jx, 'samples_per_s', '{:,.0f}')} samples/s, "

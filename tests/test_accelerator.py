@@ -17,11 +17,15 @@ def test_accelerator_benchmark_smoke(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as on a GPU
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "benchmarks", "accelerator.py"), "--smoke",
-       "--only", "a_bf16,d_bf16,e_bf16", "--out", str(tmp_path), "--timeout", "300"],
+       "--only", "a_bf16,d_bf16,e_bf16,scatter", "--out", str(tmp_path), "--timeout", "300"],
       capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = json.load(open(tmp_path / "accelerator.json"))["results"]
-  assert [r["config"] for r in results] == ["a_bf16", "d_bf16", "e_bf16"]
+  assert [r["config"] for r in results] == ["a_bf16", "d_bf16", "e_bf16", "scatter"]
+  probe = results.pop()["dlrm_jax"]  # the three forms of the sparse update, same table
+  assert set(probe["ms"]) == {"scatter_add", "sort_segment_sum", "sort_scan"}, probe
+  assert all(ms > 0 for ms in probe["ms"].values()) and probe["max_difference"] < 1e-3
+  assert 0 < probe["distinct_rows"] < probe["ids"]
   hotness = {"a_bf16": 26, "d_bf16": 214, "e_bf16": 214}  # ids per sample
   for r in results:
     jx = r["dlrm_jax"]
@@ -35,6 +39,7 @@ def test_accelerator_benchmark_smoke(tmp_path):
   table = (tmp_path / "accelerator.md").read_text()
   assert table.startswith("| config | batch | dlrm_jax samples/s |")
   assert "| a_bf16 | 256 |" in table
+  assert "| sort_scan |" in table
 
 
 @pytest.mark.skipif(not GPU, reason="needs a GPU")

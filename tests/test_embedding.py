@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from conftest import load_config
-from dlrm_jax.embedding import (EmbeddingCollection, IdOutOfRangeError, TableSpec,
+from dlrm_jax.embedding import (EmbeddingCollection, IdOutOfRangeError, TableSpec, kernels,
                                 make_sparse_optimizer, sum_duplicates)
 from dlrm_jax.task import Task
 
@@ -44,10 +44,21 @@ def np_update(name, table, state, rows, grads, step):
 
 
 OPTIMIZERS = ["sgd", "rowwise_adagrad", "adagrad", "adam"]
+# The local lookups that apply the optimisers: the portable one (XLA's scatter-adds) and
+# the GPU's, which sums repeated rows with a segmented scan and has no scatter-add.
+KERNELS = {"portable": kernels.PortableLookup(), "sorted": kernels.SortedLookup()}
 
 
+def _kernel_update(kernel, opt):
+  def update(tables, state, rows, grads, lr, step):
+    table, state = KERNELS[kernel].update(opt, tables["stacked"], state, rows, grads, lr, step)
+    return {"stacked": table}, state
+  return update
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_optimizer_matches_numpy_with_duplicates(name):
+def test_optimizer_matches_numpy_with_duplicates(name, kernel):
   rng = np.random.default_rng(0)
   total, dim, n = 50, 4, 40
   table = rng.normal(size=(total, dim)).astype(np.float32)
@@ -55,7 +66,7 @@ def test_optimizer_matches_numpy_with_duplicates(name):
   tables = {"stacked": jnp.asarray(table)}
   state = opt.init(tables)
   ref_table, ref_state = table, {k: np.asarray(v) for k, v in state.items()}
-  update = jax.jit(opt.update)
+  update = jax.jit(_kernel_update(kernel, opt))
   for step in range(3):
     rows = rng.integers(0, 12, n).astype(np.int32)  # many duplicates, rows >= 12 untouched
     grads = rng.normal(size=(n, dim)).astype(np.float32)
@@ -70,22 +81,24 @@ def test_optimizer_matches_numpy_with_duplicates(name):
   np.testing.assert_array_equal(np.asarray(tables["stacked"])[12:], table[12:])
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_out_of_range_slots_are_dropped(name):
+def test_out_of_range_slots_are_dropped(name, kernel):
   """Rows equal to the table size (padding) leave table and state untouched."""
   opt = make_sparse_optimizer(name)
   tables = {"stacked": jnp.ones((5, 2))}
   state = opt.init(tables)
-  new_tables, new_state = opt.update(tables, state, jnp.array([5, 5, 1], jnp.int32),
+  new_tables, new_state = _kernel_update(kernel, opt)(tables, state, jnp.array([5, 5, 1], jnp.int32),
                                      jnp.ones((3, 2)), 0.1, 0)
   changed = np.any(np.asarray(new_tables["stacked"]) != 1.0, axis=1)
   assert changed.tolist() == [False, True, False, False, False]
 
 
-def test_sum_duplicates():
+@pytest.mark.parametrize("method", ["segment_sum", "scan"])
+def test_sum_duplicates(method):
   rows = jnp.array([3, 1, 3, 0, 1, 3], jnp.int32)
   grads = jnp.arange(12, dtype=jnp.float32).reshape(6, 2)
-  unique, summed = sum_duplicates(rows, grads, fill_row=10)
+  unique, summed = sum_duplicates(rows, grads, fill_row=10, method=method)
   assert np.asarray(unique).tolist() == [0, 1, 3, 10, 10, 10]
   np.testing.assert_allclose(np.asarray(summed)[:3], [[6, 7], [2 + 8, 3 + 9], [0 + 4 + 10, 1 + 5 + 11]])
   np.testing.assert_array_equal(np.asarray(summed)[3:], 0)

@@ -333,6 +333,41 @@ def test_the_backend_kernel_serves_every_layout(monkeypatch):
   _assert_same(got, _reference("sgd", 1))
 
 
+def _scatters(hlo: str) -> dict[str, int]:
+  """Counts of the StableHLO scatters of `hlo` by what they do to the target: "add"
+  (a scatter-add: atomics on a GPU) or "set" (each index written once)."""
+  out = {"add": 0, "set": 0}
+  for body in re.findall(r"stablehlo\.scatter.*?stablehlo\.return", hlo, re.S):
+    out["add" if "stablehlo.add" in body else "set"] += 1
+  return out
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad", "adam"])
+def test_the_gpu_kernel_matches_the_portable_one_and_adds_no_scatter(monkeypatch, optimizer):
+  """`SortedLookup` (the GPU's kernel: repeated rows summed by a segmented scan, bags
+  pooled by a 0/1 matmul), run here on the 8 CPU devices with every layout in one plan
+  and the same rows looked up from every device, gives the portable kernel's
+  single-device numbers; its compiled train step has no scatter-add (no contended
+  atomics), where the portable one has them."""
+  from dlrm_jax.embedding import kernels
+
+  want = _train(_config(1, optimizer=optimizer), make_batches=_repeated_id_batches)
+  portable = Task(_config(8, MIXED, optimizer=optimizer))
+  monkeypatch.setitem(kernels.KERNELS, "cpu", kernels.SortedLookup())
+  got = _train(_config(8, MIXED, optimizer=optimizer), make_batches=_repeated_id_batches)
+  assert all(isinstance(g.kernel, kernels.SortedLookup)
+             for g in got["task"].embedding.groups.values())
+  _assert_same(got, want, rtol=1e-4, atol=1e-4)
+  if optimizer != "sgd":
+    _assert_same_slots(got, want, rtol=1e-4, atol=1e-8)
+  counts = {}
+  for name, task in (("sorted", got["task"]), ("portable", portable)):
+    batch = task.device_batch(_repeated_id_batches(task)[0])
+    counts[name] = _scatters(task.lower_train_step(task.init_state(0), batch).as_text())
+  assert counts["sorted"]["add"] == 0 and counts["sorted"]["set"] > 0, counts
+  assert counts["portable"]["add"] > 0, counts
+
+
 # Flat bags: feature f's h_f ids end to end, [B, sum(hotness)] --------------------
 
 HOTNESS = (3, 1, 2, 5, 1, 4, 2, 1)  # 19 ids per sample; padded, 8 x 5 = 40 slots
@@ -457,6 +492,18 @@ def test_flat_bags_step_as_padded_bags_with_a_mask(plan):
   if plan not in (None, "mixed", "mixed_2x4"):
     assert {p.kind for p in got["embedding"].plan.placements} == {plan}
   _assert_same_step(got, _padded_one_device())
+
+
+def test_the_gpu_kernel_pools_flat_bags_as_the_portable_one(monkeypatch):
+  """Flat bags of several widths through every layout with `SortedLookup`: its matmul
+  pooling and scan-summed row-wise Adagrad give the portable one-device step."""
+  from dlrm_jax.embedding import kernels
+
+  want = _padded_one_device()
+  monkeypatch.setitem(kernels.KERNELS, "cpu", kernels.SortedLookup())
+  got = _embedding_step(8, MIXED, _flat_and_padded()[0])
+  assert all(isinstance(g.kernel, kernels.SortedLookup) for g in got["embedding"].groups.values())
+  _assert_same_step(got, want)
 
 
 def test_flat_bags_cost_per_id_in_every_layout():

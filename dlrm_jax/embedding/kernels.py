@@ -7,6 +7,19 @@ shard, pools bags of vectors (of one width, or of several laid end to end:
 owns. Those are a `LocalLookup`, chosen per backend from `KERNELS`: a
 GPU- or TPU-specific kernel (a fused gather, a Pallas update) is one class
 here, registered under its backend, with a test against `PortableLookup`.
+
+`PortableLookup` sums repeated rows and pools bags of several widths with
+sorted segment sums (scatter-adds) and lets plain SGD scatter-add into a
+float32 table: the fastest form on XLA:CPU. On a GPU a scatter-add is an
+atomic add per element, and atomics on one address serialise: every repeated
+id (power-law ids: the hot rows, thousands of times per batch) contends, and
+some jaxlib releases emit float32 scatter-adds as compare-and-swap loops,
+hundreds of times slower (jax-ml/jax#38806). `SortedLookup`, the GPU's, has
+no scatter-add at all: ids (int32: 64-bit sorts are several times slower)
+are sorted, runs of equal rows summed by a segmented prefix sum
+(`sum_duplicates(method="scan")`), each distinct row written once (a scatter
+with unique indices, no atomics), and bags pooled by a matmul with a 0/1
+matrix of their columns at float32 precision.
 """
 
 from __future__ import annotations
@@ -14,9 +27,11 @@ from __future__ import annotations
 from typing import Protocol
 
 import jax
+import jax.numpy as jnp
 
 from dlrm_jax.embedding.bags import pool_equal, pool_segments
 from dlrm_jax.embedding.collection import gather_rows
+from dlrm_jax.embedding.optimizers import sum_duplicates
 
 
 class LocalLookup(Protocol):
@@ -37,7 +52,14 @@ class LocalLookup(Protocol):
 
   def update(self, opt, table: jax.Array, state: dict, rows: jax.Array, grads: jax.Array,
              lr: jax.Array, step: jax.Array, **kwargs) -> tuple[jax.Array, dict]:
-    """The sparse optimiser `opt` on rows [N] of `table` with gradients [N, D]."""
+    """The sparse optimiser `opt` on rows [N] of `table` with gradients [N, D] (repeats
+    allowed; rows >= the table's row count are padding)."""
+
+  def row_gradients(self, rows: jax.Array, grads: jax.Array,
+                    num_rows: int) -> tuple[jax.Array, jax.Array]:
+    """The dense gradient [num_rows, D] of lookups of rows [N] (rows >= num_rows
+    dropped) with gradients [N, D], and how often each row was looked up [num_rows]
+    (> 0: touched)."""
 
 
 class PortableLookup:
@@ -56,11 +78,41 @@ class PortableLookup:
     tables, state = opt.update({"stacked": table}, state, rows, grads, lr, step, **kwargs)
     return tables["stacked"], state
 
+  def row_gradients(self, rows, grads, num_rows):
+    dense = jax.ops.segment_sum(grads, rows, num_segments=num_rows + 1)[:num_rows]
+    touched = jax.ops.segment_sum(jnp.ones_like(rows), rows, num_segments=num_rows + 1)
+    return dense, touched[:num_rows]
+
+
+class SortedLookup(PortableLookup):
+  """No scatter-add, so no contended atomics (the module's docstring): for GPUs."""
+
+  def segment_pool(self, vectors, scale, segments, num_segments):
+    if scale is not None:
+      vectors = vectors * scale[..., None].astype(vectors.dtype)
+    # Column l's row of the 0/1 matrix selects its bag; padding (>= K) selects none.
+    member = (segments[:, None] == jnp.arange(num_segments, dtype=segments.dtype)[None, :])
+    return jnp.einsum("...ld,lk->...kd", vectors, member.astype(vectors.dtype),
+                      precision=jax.lax.Precision.HIGHEST)
+
+  def update(self, opt, table, state, rows, grads, lr, step, **kwargs):
+    unique, summed = sum_duplicates(rows, grads, table.shape[0], method="scan")
+    tables, state = opt.apply_rows({"stacked": table}, state, unique, summed, lr, step, **kwargs)
+    return tables["stacked"], state
+
+  def row_gradients(self, rows, grads, num_rows):
+    unique, summed = sum_duplicates(rows, grads, num_rows, method="scan")
+    dense = jnp.zeros((num_rows, grads.shape[-1]), grads.dtype).at[unique].set(
+        summed, mode="drop", unique_indices=True, indices_are_sorted=True)
+    touched = jnp.zeros((num_rows,), rows.dtype).at[unique].set(
+        1, mode="drop", unique_indices=True, indices_are_sorted=True)
+    return dense, touched
+
 
 # A device platform ("cpu", "gpu", "tpu": the mesh's devices') -> the local lookup it runs.
 KERNELS: dict[str, LocalLookup] = {
     "cpu": PortableLookup(),
-    "gpu": PortableLookup(),
+    "gpu": SortedLookup(),
     "tpu": PortableLookup(),
 }
 

@@ -343,8 +343,7 @@ class Replicated(WholeTables):
     n_rows = table.shape[0]
     rows = lookup["rows"].reshape(-1)
     grads = grads.reshape(-1, grads.shape[-1])
-    dense = jax.ops.segment_sum(grads, rows, num_segments=n_rows + 1)[:n_rows]
-    touched = jax.ops.segment_sum(jnp.ones_like(rows), rows, num_segments=n_rows + 1)[:n_rows]
+    dense, touched = self.kernel.row_gradients(rows, grads, n_rows)
     dense = jax.lax.psum(dense, self.axes.batch)
     touched = jax.lax.psum(touched, self.axes.batch)
     all_rows = jnp.where(touched > 0, jnp.arange(n_rows, dtype=rows.dtype), n_rows)

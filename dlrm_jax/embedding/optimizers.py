@@ -40,7 +40,8 @@ from dlrm_jax.config import ConfigError, parse_args
 from dlrm_jax.embedding.collection import Tables, hash_uniform
 
 
-def sum_duplicates(rows: jax.Array, grads: jax.Array, fill_row: int) -> tuple[jax.Array, jax.Array]:
+def sum_duplicates(rows: jax.Array, grads: jax.Array, fill_row: int,
+                   method: str = "segment_sum") -> tuple[jax.Array, jax.Array]:
   """Sums gradients of repeated rows.
 
   Args:
@@ -48,19 +49,45 @@ def sum_duplicates(rows: jax.Array, grads: jax.Array, fill_row: int) -> tuple[ja
     grads: [N, D] gradient of each lookup.
     fill_row: the index given to unused slots; pass the table's row count so
       that scatters with mode="drop" ignore them.
+    method: how equal rows' gradients are summed. "segment_sum": the rows alone
+      are sorted (a sort of keys only, several times faster on XLA:CPU than one
+      that carries a permutation), each lookup finds its row's slot by binary
+      search, and a segment sum adds the gradients into their slots as they lie
+      (a scatter-add: on a GPU, atomics that contend on every repeated row).
+      "scan": the gradients are permuted into row order and runs of equal rows
+      summed by a segmented prefix sum (`lax.associative_scan`) read at each
+      run's last position: gathers and element-wise work only, no scatter-add
+      (the GPU kernel's, `dlrm_jax.embedding.kernels`).
 
   Returns:
     unique rows [N] (sorted; slots past the number of distinct rows hold
-    `fill_row`) and their summed gradients [N, D] (zero in unused slots).
+    `fill_row`) and their summed gradients [N, D] (zero in unused slots), each
+    row's gradients added in the order of the lookups.
   """
   n = rows.shape[0]
-  order = jnp.argsort(rows)
-  sorted_rows = rows[order]
+  if method == "segment_sum":
+    sorted_rows = jnp.sort(rows)
+  elif method == "scan":
+    order = jnp.argsort(rows)
+    sorted_rows = rows[order]
+  else:
+    raise ValueError(f"method={method!r} is not 'segment_sum' or 'scan'")
   is_first = jnp.concatenate([jnp.ones((1,), bool), sorted_rows[1:] != sorted_rows[:-1]])
   segment = jnp.cumsum(is_first.astype(jnp.int32)) - 1
-  summed = jax.ops.segment_sum(grads[order], segment, num_segments=n, indices_are_sorted=True)
-  unique = jnp.full((n,), fill_row, rows.dtype).at[segment].set(sorted_rows, mode="drop")
-  return unique, summed
+  if method == "segment_sum":
+    unique = jnp.full((n,), fill_row, rows.dtype).at[segment].set(sorted_rows, mode="drop")
+    slot = jnp.searchsorted(unique, rows).astype(jnp.int32)  # padding: the fill's first slot
+    return unique, jax.ops.segment_sum(grads, slot, num_segments=n)
+
+  def add_within_runs(a, b):  # associative: a run's first element restarts the sum
+    return a[0] | b[0], jnp.where(b[0][:, None], b[1], a[1] + b[1])
+
+  _, totals = jax.lax.associative_scan(add_within_runs, (is_first, grads[order]))
+  slot = jnp.arange(n, dtype=segment.dtype)
+  last = jnp.searchsorted(segment, slot, side="right") - 1  # where run `slot` ends
+  valid = slot <= segment[-1]
+  return (jnp.where(valid, sorted_rows[last], fill_row),
+          jnp.where(valid[:, None], totals[last], 0).astype(grads.dtype))
 
 
 def _take(x: jax.Array, rows: jax.Array) -> jax.Array:
@@ -106,11 +133,36 @@ def store_rows(table: jax.Array, rows: jax.Array, values: jax.Array, step: jax.A
   return _put(table, rows, values)
 
 
+class _RowUpdates:
+  """`update` = `sum_duplicates` + `apply_rows`, the optimiser's step on distinct rows
+  (which a kernel that de-duplicates its own way calls directly)."""
+
+  def update(self, tables: Tables, state: dict, rows: jax.Array, grads: jax.Array,
+             lr: jax.Array, step: jax.Array, column_axis: str | None = None,
+             element_ids=None) -> tuple[Tables, dict]:
+    """rows [N] (stacked-array rows; repeats allowed, rows >= the table's row count are
+    padding), grads [N, D] -> updated tables and state.
+
+    `column_axis` names the mesh axis a column-wise table's width is split
+    over (inside `shard_map`), for optimisers whose state spans a whole row;
+    `element_ids` is the layout's numbering for 16-bit rounding (`store_rows`).
+    """
+    unique, g = sum_duplicates(rows, grads, tables["stacked"].shape[0])
+    return self.apply_rows(tables, state, unique, g, lr, step, column_axis, element_ids)
+
+  def apply_rows(self, tables: Tables, state: dict, rows: jax.Array, grads: jax.Array,
+                 lr: jax.Array, step: jax.Array, column_axis: str | None = None,
+                 element_ids=None) -> tuple[Tables, dict]:
+    """`update` on distinct, sorted rows [N] with their summed gradients (as
+    `sum_duplicates` returns them: slots >= the table's row count are dropped)."""
+    raise NotImplementedError
+
+
 @dataclasses.dataclass(frozen=True)
-class SparseSGD:
+class SparseSGD(_RowUpdates):
   """Plain SGD, the reference's semantics: row -= lr * (sum of its gradients).
 
-  Needs no de-duplication: the scatter-add accumulates repeated rows.
+  float32 tables need no de-duplication: the scatter-add accumulates repeated rows.
   """
 
   def slot_values_per_row(self, dim: int) -> int:
@@ -122,32 +174,27 @@ class SparseSGD:
     del tables
     return {}
 
-  def update(self, tables: Tables, state: dict, rows: jax.Array, grads: jax.Array,
-             lr: jax.Array, step: jax.Array, column_axis: str | None = None,
-             element_ids=None) -> tuple[Tables, dict]:
-    """rows [N] (stacked-array rows), grads [N, D] -> updated tables and state.
-
-    `column_axis` names the mesh axis a column-wise table's width is split
-    over (inside `shard_map`), for optimisers whose state spans a whole row;
-    `element_ids` is the layout's numbering for 16-bit rounding (`store_rows`).
-    """
-    del column_axis
+  def update(self, tables, state, rows, grads, lr, step, column_axis=None, element_ids=None):
     table = tables["stacked"]
-    n = table.shape[0]
     if table.dtype.itemsize < 4:  # 16-bit rows: sum, step and round each row once
-      unique, g = sum_duplicates(rows, grads, n)
-      w = _take(table, unique) - lr * g
-      return {"stacked": store_rows(table, unique, w, step, element_ids)}, state
+      return super().update(tables, state, rows, grads, lr, step, column_axis, element_ids)
     # Slots with row >= n (padding) add zero to a valid row instead of being
     # dropped: XLA:CPU's scatter-add with mode="drop" is far slower than with
     # in-bounds indices (benchmarks/RESULTS.md).
+    n = table.shape[0]
     update = jnp.where((rows < n)[:, None], -lr * grads, 0.0).astype(table.dtype)
     table = table.at[jnp.minimum(rows, n - 1)].add(update, mode="promise_in_bounds")
     return {"stacked": table}, state
 
+  def apply_rows(self, tables, state, rows, grads, lr, step, column_axis=None, element_ids=None):
+    del column_axis
+    table = tables["stacked"]
+    w = _take(table, rows) - lr * grads
+    return {"stacked": store_rows(table, rows, w, step, element_ids)}, state
+
 
 @dataclasses.dataclass(frozen=True)
-class SparseRowWiseAdagrad:
+class SparseRowWiseAdagrad(_RowUpdates):
   """Adagrad with one accumulator per row: a += mean(g^2); w -= lr g / (sqrt(a) + eps)."""
 
   eps: float = 1e-8
@@ -161,9 +208,8 @@ class SparseRowWiseAdagrad:
     t = tables["stacked"]
     return {"accumulator": jnp.full(t.shape[:1], self.initial_accumulator_value, jnp.float32)}
 
-  def update(self, tables, state, rows, grads, lr, step, column_axis=None, element_ids=None):
+  def apply_rows(self, tables, state, unique, g, lr, step, column_axis=None, element_ids=None):
     table, acc = tables["stacked"], state["accumulator"]
-    unique, g = sum_duplicates(rows, grads, table.shape[0])
     mean_square = jnp.mean(jnp.square(g), axis=1)
     if column_axis is not None:  # equal slices of the row on each device: mean of their means
       mean_square = jax.lax.pmean(mean_square, column_axis)
@@ -174,7 +220,7 @@ class SparseRowWiseAdagrad:
 
 
 @dataclasses.dataclass(frozen=True)
-class SparseAdagrad:
+class SparseAdagrad(_RowUpdates):
   """Element-wise Adagrad on touched rows: a += g^2; w -= lr g / (sqrt(a) + eps)."""
 
   eps: float = 1e-10
@@ -187,10 +233,9 @@ class SparseAdagrad:
     t = tables["stacked"]
     return {"accumulator": jnp.full(t.shape, self.initial_accumulator_value, jnp.float32)}
 
-  def update(self, tables, state, rows, grads, lr, step, column_axis=None, element_ids=None):
+  def apply_rows(self, tables, state, unique, g, lr, step, column_axis=None, element_ids=None):
     del column_axis  # element-wise: a column slice needs nothing from the others.
     table, acc = tables["stacked"], state["accumulator"]
-    unique, g = sum_duplicates(rows, grads, table.shape[0])
     a = _take(acc, unique) + jnp.square(g)
     w = _take(table, unique) - lr * g / (jnp.sqrt(a) + self.eps)
     return ({"stacked": store_rows(table, unique, w, step, element_ids)},
@@ -198,7 +243,7 @@ class SparseAdagrad:
 
 
 @dataclasses.dataclass(frozen=True)
-class SparseLazyAdam:
+class SparseLazyAdam(_RowUpdates):
   """Adam on touched rows only; untouched rows keep their moments (lazy Adam).
 
   `step` is the 0-based global step, so bias corrections use t = step + 1 for
@@ -216,10 +261,9 @@ class SparseLazyAdam:
     t = tables["stacked"]
     return {"mu": jnp.zeros(t.shape, jnp.float32), "nu": jnp.zeros(t.shape, jnp.float32)}
 
-  def update(self, tables, state, rows, grads, lr, step, column_axis=None, element_ids=None):
+  def apply_rows(self, tables, state, unique, g, lr, step, column_axis=None, element_ids=None):
     del column_axis  # element-wise: a column slice needs nothing from the others.
     table = tables["stacked"]
-    unique, g = sum_duplicates(rows, grads, table.shape[0])
     t = jnp.asarray(step, jnp.float32) + 1.0
     m = self.b1 * _take(state["mu"], unique) + (1 - self.b1) * g
     v = self.b2 * _take(state["nu"], unique) + (1 - self.b2) * jnp.square(g)
