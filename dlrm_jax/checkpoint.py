@@ -220,6 +220,10 @@ class Checkpointer:
   def close(self) -> None:
     """Waits for the saves in flight and stops Orbax's background threads."""
     self.manager.close()
+    # Orbax's close() does not wait for the clean-up of unfinished saves it starts when
+    # it opens a directory; a process that exits soon after (an error) would see that
+    # thread fail at interpreter shutdown and print its traceback.
+    getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
 
   def __enter__(self) -> "Checkpointer":
     return self

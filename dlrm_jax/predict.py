@@ -27,6 +27,7 @@ import gzip
 import json
 import os
 import sys
+import zlib
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -38,7 +39,7 @@ from ml_collections import ConfigDict
 from dlrm_jax import checkpoint as checkpoint_lib
 from dlrm_jax import parallel
 from dlrm_jax.config import base_config
-from dlrm_jax.data.criteo.parse import BadLineError, parse_block
+from dlrm_jax.data.criteo.parse import BadLineError, InputError, parse_block
 from dlrm_jax.data.criteo.vocabulary import load_vocabulary, vocab_rows
 from dlrm_jax.data import format as fmt
 from dlrm_jax.task import Task
@@ -61,22 +62,23 @@ def load_model(workdir: str, *, step: int | None = None, devices: int = 0) -> Mo
   The config comes from the checkpoint; the sharding plan is the planner's for
   the devices at hand (the tables are re-laid out if it differs).
   """
-  checkpointer = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                             log=lambda s: print(s, file=sys.stderr))
-  steps = checkpointer.steps()
-  if not steps:
-    raise checkpoint_lib.CheckpointError(f"{workdir}/checkpoints holds no complete checkpoint")
-  contents = checkpointer.read_contents(step if step is not None else steps[-1])
-  config = base_config()  # fields newer than the checkpoint keep their defaults
-  config.update(contents.config)
-  config.mesh.num_devices = int(devices)
-  config.mesh.replicas = 1
-  config.distributed.coordinator_address = ""
-  if contents.plan.num_shards != (devices or jax.device_count()):
-    config.sharding.overrides = ""  # pinned placements were for the saved device count
-  task = Task(config)
-  restored = checkpointer.restore(task, step=step)
-  checkpointer.close()
+  # Closed on every way out: Orbax's background threads would otherwise outlive an error
+  # and print their own traceback at interpreter exit.
+  with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   log=lambda s: print(s, file=sys.stderr)) as checkpointer:
+    steps = checkpointer.steps()
+    if not steps:
+      raise checkpoint_lib.CheckpointError(f"{workdir}/checkpoints holds no complete checkpoint")
+    contents = checkpointer.read_contents(step if step is not None else steps[-1])
+    config = base_config()  # fields newer than the checkpoint keep their defaults
+    config.update(contents.config)
+    config.mesh.num_devices = int(devices)
+    config.mesh.replicas = 1
+    config.distributed.coordinator_address = ""
+    if contents.plan.num_shards != (devices or jax.device_count()):
+      config.sharding.overrides = ""  # pinned placements were for the saved device count
+    task = Task(config)
+    restored = checkpointer.restore(task, step=step)
   if restored is None:
     raise checkpoint_lib.CheckpointError(f"no checkpoint in {workdir}/checkpoints restores")
   return Model(task=task, params=restored.state.params, tables=restored.state.tables,
@@ -148,8 +150,11 @@ def raw_batches(path: str, mapper: RawMapper, batch_size: int) -> Iterator[dict]
   line_no = 0
   with opener(path, "rb") as f:
     while True:
-      lines = [f.readline() for _ in range(batch_size)]
-      lines = [l for l in lines if l]
+      try:
+        lines = [l for l in (f.readline() for _ in range(batch_size)) if l]
+      except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise InputError(f"{path}: truncated or corrupt gzip data after line {line_no} "
+                         f"({e})") from None
       if not lines:
         return
       if lines[0].rstrip(b"\r\n").count(b"\t") == 38:  # no label column: add one
@@ -158,7 +163,8 @@ def raw_batches(path: str, mapper: RawMapper, batch_size: int) -> Iterator[dict]
       block = parse_block(data)
       if block.bad:
         local, field, message = block.bad[0]
-        raise BadLineError(path, line_no + local, field, message)
+        raise BadLineError(path, line_no + local, field, message,
+                           hint="every input line needs a probability: fix or remove it")
       line_no += len(lines)
       yield {"dense": block.dense, "sparse": mapper(block.raw)}
 
@@ -245,10 +251,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not args.export and not (args.input and args.output):
     p.error("give --input and --output, or --export")
   try:
-    model = load_model(args.workdir, step=args.step, devices=args.devices)
-  except (checkpoint_lib.CheckpointError, ValueError) as e:
+    return _run(args)
+  except (checkpoint_lib.CheckpointError, InputError, BadLineError, ValueError, OSError) as e:
+    # One line, no traceback: a damaged input line (FILE:LINE: FIELD: reason), a missing
+    # file or checkpoint, an unwritable output.
     print(f"error: {e}", file=sys.stderr)
     return 1
+
+
+def _run(args: argparse.Namespace) -> int:
+  model = load_model(args.workdir, step=args.step, devices=args.devices)
   print(f"model of step {model.step} from {args.workdir} on {model.task.mesh.size} device(s)",
         file=sys.stderr)
   if args.export:
@@ -263,9 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
       data_dir = args.data or model.config.data.path
       if not data_dir or not os.path.isdir(data_dir):
-        print(f"error: raw input needs the prepared directory the model was trained on "
-              f"(--data; the checkpoint names {data_dir!r})", file=sys.stderr)
-        return 1
+        raise InputError(f"raw input needs the prepared directory the model was trained on "
+                         f"(--data; the checkpoint names {data_dir!r})")
       mapper = RawMapper(data_dir)
       batches = raw_batches(args.input, mapper, batch_size)
     probs = score(model, batches, batch_size)

@@ -9,6 +9,9 @@ are shared by every test.
 import dataclasses
 import gzip
 import json
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -170,6 +173,47 @@ def test_gzip_input_scores_as_plain(reference, reference_probs, raw_file, tmp_pa
     f.write(raw_file.read_bytes())
   np.testing.assert_array_equal(_score(reference, tmp_path, "--input", str(path)),
                                 reference_probs)
+
+
+def test_bad_input_ends_in_one_line_error(reference, raw_file, tmp_path, capsys):
+  """A bad line (a bad integer, undecodable bytes: FILE:LINE: FIELD: reason, LINE in the
+  raw file, also past the first batch), a truncated .gz, a missing input file and an
+  unwritable output each end `main` with exit status 1 and one line on stderr, no
+  exception (a traceback)."""
+  lines = _lines(raw_file)[:100]
+  bad_int = list(lines)
+  fields = bad_int[70].split(b"\t")
+  bad_int[70] = b"\t".join(fields[:3] + [b"12x"] + fields[4:])  # I3 of line 71
+  garbage = lines[:5] + [b"\x00\x01\xff garbage\n"] + lines[5:]  # line 6
+  cut = gzip.compress(b"".join(lines))
+  cases = {"bad_int.txt": (b"".join(bad_int), r"bad_int\.txt:71: I3: "),
+           "garbage.txt": (b"".join(garbage), r"garbage\.txt:6: "),
+           "cut.txt.gz": (cut[:len(cut) // 2], r"cut\.txt\.gz: truncated or corrupt gzip")}
+  for name, (data, pattern) in cases.items():
+    (tmp_path / name).write_bytes(data)
+  cases["missing.txt"] = (None, r"No such file or directory: .*missing\.txt")
+  capsys.readouterr()
+  for name, (_, pattern) in cases.items():
+    args = ["--workdir", reference.workdir, "--devices", "1", "--batch-size", str(BATCH),
+            "--input", str(tmp_path / name), "--output", str(tmp_path / "out.txt")]
+    assert predict.main(args) == 1, name
+    err = [l for l in capsys.readouterr().err.splitlines() if not l.startswith("model of")]
+    assert len(err) == 1 and re.match(rf"error: .*{pattern}", err[0]), (name, err)
+  args[-1] = str(tmp_path / "no_such_dir" / "out.txt")
+  args[-3] = str(raw_file)
+  assert predict.main(args) == 1
+  assert "error: " in capsys.readouterr().err
+
+
+def test_a_workdir_without_checkpoint_exits_with_one_line(tmp_path):
+  """The command itself, in a process of its own: one line, status 1, and none of Orbax's
+  background threads' noise at exit."""
+  proc = subprocess.run([sys.executable, "-m", "dlrm_jax.predict", "--workdir", str(tmp_path),
+                         "--input", "x.txt", "--output", str(tmp_path / "o.txt")],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+      f"error: {tmp_path}/checkpoints holds no complete checkpoint"], proc.stderr
 
 
 @pytest.mark.parametrize("devices", [2, 8])

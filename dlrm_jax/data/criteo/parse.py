@@ -29,10 +29,11 @@ class InputError(ValueError):
 class BadLineError(ValueError):
   """A raw line is malformed; names the file, the line (1-based) and the field."""
 
-  def __init__(self, path: str, line: int, field: str, message: str):
+  def __init__(self, path: str, line: int, field: str, message: str,
+               hint: str = "run with --skip-bad-lines to skip, count and report such lines "
+                           "instead"):
     self.path, self.line, self.field, self.message = path, int(line), field, message
-    super().__init__(f"{path}:{line}: {field}: {message} (run with --skip-bad-lines to "
-                     "skip, count and report such lines instead)")
+    super().__init__(f"{path}:{line}: {field}: {message} ({hint})")
 
   def __reduce__(self):
     return (BadLineError, (self.path, self.line, self.field, self.message))
