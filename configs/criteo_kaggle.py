@@ -33,7 +33,7 @@ def get_config():
   c.learning_rate = 0.1
   c.mini_batch_size = 128
   c.test_mini_batch_size = 16384
-  c.test_num_batches = 0  # every full batch of the test split (3,274,330 rows).
+  c.test_num_batches = 0  # the whole test split (3,274,330 rows).
   c.num_batches = 306_969  # one epoch of the six training days at batch 128.
   c.test_freq = 30_000
   c.data.kind = "criteo_kaggle"

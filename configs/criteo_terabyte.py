@@ -40,7 +40,7 @@ def get_config():
   c.learning_rate = 1.0
   c.mini_batch_size = 2048
   c.test_mini_batch_size = 16384
-  c.test_num_batches = 500
+  c.test_num_batches = 0  # the whole test split (half of day 23, about 89M rows).
   c.lr_num_warmup_steps = 2750
   c.lr_decay_start_step = 49315
   c.lr_num_decay_steps = 27772

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dlrm_jax import checkpoint as checkpoint_lib
-from dlrm_jax import metrics as metrics_lib
+from dlrm_jax import evaluation
 from dlrm_jax import parallel
 from dlrm_jax.config import ConfigError
 from dlrm_jax.data import configure_data, make_data
@@ -29,17 +29,6 @@ from dlrm_jax.data.source import Batch, BatchStream, DataSource
 from dlrm_jax.specs import RunSpec
 from dlrm_jax.state import TrainState
 from dlrm_jax.task import Task
-
-
-def evaluate(task: Task, state: TrainState, batches) -> dict[str, float]:
-  """AUC, log loss and accuracy over an iterable of batches."""
-  labels, probs = [], []
-  for batch in batches:
-    probs.append(parallel.gather_to_host(task.predict(state.params, state.tables, batch)))
-    label = batch["label"]  # a host batch, or global arrays already placed
-    labels.append(parallel.gather_to_host(label) if isinstance(label, jax.Array)
-                  else np.asarray(label))
-  return metrics_lib.evaluate(np.concatenate(labels), np.concatenate(probs))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,7 +54,7 @@ class Run:
   workdir: str
   task: Task
   data: DataSource
-  eval_batches: list
+  eval_set: evaluation.EvalSet
   teacher_auc: float | None
   is_lead: bool  # process 0: logs, metrics and the progress bar
   show_progress: bool
@@ -144,31 +133,19 @@ def set_up(config, workdir: str, progress: bool | None,
   log = log if log is not None and is_lead else (lambda _: None)
   log(task.plan.describe())
   os.makedirs(workdir, exist_ok=True)
-  eval_batches, teacher_auc = evaluation_set(spec, task, data)
+  eval_set = evaluation.EvalSet(data, spec.training.test_mini_batch_size,
+                                spec.training.test_num_batches, task.batch_sharding)
+  teacher_auc = eval_set.teacher_auc()
   checkpointer = make_checkpointer(spec, workdir, log)
   num_steps = spec.training.num_batches
   return Run(
-      spec=spec, workdir=workdir, task=task, data=data, eval_batches=eval_batches,
+      spec=spec, workdir=workdir, task=task, data=data, eval_set=eval_set,
       teacher_auc=teacher_auc, is_lead=is_lead,
       show_progress=is_lead and (progress if progress is not None
                                  else spec.training.progress_bar),
       log=log, checkpointer=checkpointer, num_steps=num_steps,
       test_freq=spec.training.test_freq or num_steps,
       save_every=spec.checkpoint.every_steps if checkpointer is not None else 0)
-
-
-def evaluation_set(spec: RunSpec, task: Task, data: DataSource) -> tuple[list, float | None]:
-  """The eval batches (placed on the mesh when each process holds only its rows) and
-  the teacher's AUC on them, where the data has a teacher."""
-  batches = [data.batch(i, "eval", spec.training.test_mini_batch_size)
-             for i in range(spec.training.test_num_batches)]
-  if data.process_local:
-    batches = [parallel.global_batch(b, task.batch_sharding) for b in batches]
-  teacher = [data.teacher_probability(b) for b in batches]
-  if not teacher or any(p is None for p in teacher):
-    return batches, None
-  labels = np.concatenate([b["label"] for b in batches])
-  return batches, metrics_lib.roc_auc(labels, np.concatenate(teacher))
 
 
 def make_checkpointer(spec: RunSpec, workdir: str,
@@ -306,7 +283,9 @@ def evaluate_interval(run: Run, prog: Progress, lr: jax.Array) -> dict:
   prog.train_seconds += elapsed
   batch = run.spec.training.mini_batch_size
   examples_per_sec = prog.interval_steps * batch / max(elapsed, 1e-9)
-  result = evaluate(run.task, prog.state, run.eval_batches)
+  result = evaluation.evaluate(run.task, prog.state, run.eval_set,
+                               rows=run.eval_set.num_batches * run.eval_set.batch_size)
+  result["eval_rows"] = result.pop("rows")
   record = {"step": prog.steps_done, **result, "train_loss": mean_loss,
             "examples_per_sec": examples_per_sec, "lr": float(lr)}
   if run.teacher_auc is not None:
@@ -369,7 +348,7 @@ def summarize(run: Run, prog: Progress) -> dict:
       "examples_per_sec": max(0, final["step"] - prog.start - 1) * batch
                           / max(prog.train_seconds, 1e-9),
       "target_auc": run.spec.training.target_auc or None,
-      "eval_samples": int(sum(b["label"].size for b in run.eval_batches)),
+      "eval_samples": final.get("eval_rows"),  # None in records of older checkpoints
       "workdir": run.workdir,
   }
 
@@ -387,7 +366,8 @@ def format_summary(summary: dict) -> str:
                  f"(best achievable on this data; gap {gap:+.4f})")
   lines += [
       f"  eval log loss    {summary['logloss']:.4f}",
-      f"  eval accuracy    {summary['accuracy']:.4f}  ({summary['eval_samples']:,} samples)",
+      f"  eval accuracy    {summary['accuracy']:.4f}"
+      + (f"  ({summary['eval_samples']:,} samples)" if summary["eval_samples"] else ""),
       f"  throughput       {summary['examples_per_sec']:,.0f} examples/s "
       f"(compile {summary['compile_seconds']:.1f} s)",
       f"  metrics          {os.path.join(summary['workdir'], 'metrics.jsonl')}",

@@ -46,7 +46,7 @@ def tiny_config():
 
 def small_criteo_config(data_path, devices: int = 1):
   """A tiny model (D=4, bottom 13-8-4, top 8-1) on a prepared Criteo directory: 6 steps
-  of 32, one evaluation at the end over every full batch of 16 of the test split."""
+  of 32, one evaluation at the end over the whole test split, in batches of 16."""
   c = load_config("criteo_kaggle", devices=devices)
   c.data.path = str(data_path)
   c.arch_sparse_feature_size, c.arch_mlp_bot, c.arch_mlp_top = 4, "13-8-4", "8-1"

@@ -3,7 +3,8 @@
 Usage: python multiprocess_worker.py PORT NUM_PROCESSES PROCESS_ID WORKDIR [STEPS]
 Set XLA_FLAGS=--xla_force_host_platform_device_count=N for N devices per process.
 A WORKDIR with checkpoints resumes from the latest; STEPS (default: the
-config's) is where the run ends.
+config's) is where the run ends. With CRITEO_DATA=DIR in the environment it
+trains `criteo_config(DIR)` instead (each process reads its own rows).
 """
 
 import os
@@ -18,9 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def main(port: str, num_processes: str, process_id: str, workdir: str, steps: str = ""):
   from dlrm_jax import trainer
-  from test_multiprocess import make_config
+  from test_multiprocess import criteo_config, make_config
 
-  c = make_config()
+  data = os.environ.get("CRITEO_DATA")
+  c = criteo_config(data) if data else make_config()
   c.distributed.coordinator_address = f"127.0.0.1:{port}"
   c.distributed.num_processes = int(num_processes)
   c.distributed.process_id = int(process_id)

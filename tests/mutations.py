@@ -67,10 +67,22 @@ MUTATIONS = (
          "tests/test_parity.py::test_initial_predictions_match_reference")),
     Mutation(
         "eval_skips_last_batch", "evaluation leaves out its last batch",
-        "dlrm_jax/trainer.py",
-        "  for batch in batches:\n    probs.append(",
-        "  for batch in list(batches)[:-1]:\n    probs.append(",
+        "dlrm_jax/evaluation.py",
+        "  for batch in batches:\n    inputs = ",
+        "  for batch in list(batches)[:-1]:\n    inputs = ",
         ("tests/test_train.py::test_evaluate_covers_every_batch",)),
+    Mutation(
+        "eval_counts_padding", "evaluation counts a padded batch's filler rows",
+        "dlrm_jax/evaluation.py",
+        "  out[MASK] = np.arange(rows) < n\n",
+        "  out[MASK] = np.ones(rows, bool)\n",
+        ("tests/test_train.py::test_evaluate_covers_every_batch",)),
+    Mutation(
+        "scan_runs_never_restart", "the GPU kernel's segmented scan sums across rows",
+        "dlrm_jax/embedding/optimizers.py",
+        "    return a[0] | b[0], jnp.where(b[0][:, None], b[1], a[1] + b[1])\n",
+        "    return a[0] | b[0], a[1] + b[1]\n",
+        ("tests/test_embedding.py::test_sum_duplicates",)),
     Mutation(
         "ids_unchecked_in_loop", "the training loop does not check the ids of its batches",
         "dlrm_jax/trainer.py",
@@ -95,14 +107,10 @@ MUTATIONS = (
         "        pass\n",
         ("tests/test_sharding.py::test_flat_bags_step_as_padded_bags_with_a_mask[mixed]",)),
     Mutation(
-        "duplicates_not_summed", "row-wise Adagrad updates a repeated row once per lookup",
+        "duplicates_not_summed", "Adagrad and Adam update a repeated row once per lookup",
         "dlrm_jax/embedding/optimizers.py",
-        "    table, acc = tables[\"stacked\"], state[\"accumulator\"]\n"
-        "    unique, g = sum_duplicates(rows, grads, table.shape[0])\n"
-        "    mean_square = ",
-        "    table, acc = tables[\"stacked\"], state[\"accumulator\"]\n"
-        "    unique, g = rows, grads\n"
-        "    mean_square = ",
+        "    unique, g = sum_duplicates(rows, grads, tables[\"stacked\"].shape[0])\n",
+        "    unique, g = rows, grads\n",
         ("tests/test_embedding.py::test_optimizer_matches_numpy_with_duplicates",)),
     Mutation(
         "column_slices_own_accumulators",

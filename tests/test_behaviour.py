@@ -1,4 +1,6 @@
-"""Behaviour recorded before the package's restructuring (tests/behaviour_record.py):
+"""Behaviour recorded before the package's restructuring (tests/behaviour_record.py; the
+metrics recorded again when evaluations came to cover the whole split and records to
+carry `eval_rows`, the checkpoint and its predictions kept from then):
 a checkpoint written then still restores and predicts the same, and the tiny Criteo
 run still gives the same metrics. `python tests/behaviour_record.py compare
 tests/data/behaviour` checks the same bit for bit (and `python train.py` too); here

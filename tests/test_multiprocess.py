@@ -28,17 +28,32 @@ def make_config():
   return c
 
 
+def criteo_config(data):
+  """A tiny model on a prepared Criteo directory, over 4 devices, evaluating the whole
+  test split in batches of 24 (its last one partial, split unevenly between processes).
+  The processes read train batches of their own (the loader's per-process order), so
+  the learning rate is 1e-30: updates below float32's precision, so every run evaluates
+  the same initial model.""" 
+  from conftest import small_criteo_config
+
+  c = small_criteo_config(data, devices=0)
+  c.test_mini_batch_size = 24
+  c.num_batches, c.test_freq = 4, 2
+  c.learning_rate = 1e-30
+  return c
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
 
 
-def _run_processes(workdir, steps: int) -> list[str]:
+def _run_processes(workdir, steps: int | str = "", **env) -> list[str]:
   """2 processes x 2 devices training in `workdir` until `steps`; their outputs."""
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+             JAX_PLATFORMS="cpu", **env)
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(HERE, "multiprocess_worker.py"), str(port), "2", str(i),
        str(workdir), str(steps)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -82,3 +97,31 @@ def _results(workdir):
   records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   with np.load(workdir / "tables.npz") as f:
     return records, [f[f"arr_{k}"] for k in range(len(f.files))]
+
+
+def test_two_processes_evaluate_a_whole_prepared_split_as_one_process(tmp_path):
+  """Each process reads and scores its own rows of each evaluation batch (the last one
+  partial: 7 rows, 4 and 3 on the processes, each padded to 12), and every evaluation is over the whole test
+  split with the AUC of all rows together: the records equal a 1-process run's, whose
+  evaluation tests/test_criteo_train.py checks against scikit-learn."""
+  from dlrm_jax.data import criteo
+  from dlrm_jax.data.criteo_synth import write_raw
+
+  raw = tmp_path / "train.txt"
+  write_raw(str(raw), 770, seed=1)
+  data = tmp_path / "prepared"
+  meta = criteo.prepare("kaggle", [str(raw)], str(data), categorical="hash", max_ind_range=50,
+                        workers=1, progress=False, log=lambda m: None)
+  rows = meta["split_rows"]["test"]
+  assert rows % 24 == 7, rows  # a partial last batch, uneven between the processes
+  _run_processes(tmp_path / "multi", CRITEO_DATA=str(data))
+  c = criteo_config(data)
+  c.mesh.num_devices = 4
+  single = trainer.train_and_evaluate(c, str(tmp_path / "single"))
+  records = [json.loads(l) for l in (tmp_path / "multi" / "metrics.jsonl").read_text()
+             .splitlines()]
+  assert [r["step"] for r in records] == [r["step"] for r in single.records] == [2, 4]
+  for got, want in zip(records, single.records, strict=True):
+    assert got["eval_rows"] == want["eval_rows"] == rows
+    for key in ("auc", "logloss", "accuracy"):
+      assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key

@@ -262,8 +262,11 @@ def test_random_data_warns_about_chance_auc(tiny_config, tmp_path):
 
 def test_evaluate_covers_every_batch(tiny_config):
   """AUC, log loss and accuracy over all eval batches, against sklearn on the
-  predictions of each batch, so that no batch (the last one included) is left out."""
+  predictions of each batch, so that no batch (the last one included) is left out; a
+  padded batch's masked rows are left out."""
   from sklearn.metrics import log_loss, roc_auc_score
+
+  from dlrm_jax import evaluation
 
   task = Task(tiny_config)
   state = task.init_state(0)
@@ -273,12 +276,19 @@ def test_evaluate_covers_every_batch(tiny_config):
   probs = np.concatenate([np.asarray(task.predict(state.params, state.tables, b), np.float64)
                           for b in batches])
   labels = np.concatenate([b["label"] for b in batches])
-  got = trainer.evaluate(task, state, batches)
+  got = evaluation.evaluate(task, state, batches)
+  assert got["rows"] == 768
   assert got["auc"] == pytest.approx(roc_auc_score(labels, probs), abs=1e-6)
   assert got["logloss"] == pytest.approx(log_loss(labels, probs), rel=1e-5)
   assert got["accuracy"] == pytest.approx(np.mean((probs > 0.5) == labels), abs=1e-9)
   placed = [task.device_batch(b) for b in batches]  # global arrays, as on Criteo
-  assert trainer.evaluate(task, state, placed) == pytest.approx(got)
+  assert evaluation.evaluate(task, state, placed) == pytest.approx(got)
+  # The last batch cut to 100 rows and padded back to 256: only its 100 rows count.
+  cut = batches[:2] + [evaluation.pad_rows({k: v[:100] for k, v in batches[2].items()}, 256)]
+  short = evaluation.evaluate(task, state, cut)
+  assert short["rows"] == 612
+  assert short["auc"] == pytest.approx(roc_auc_score(labels[:612], probs[:612]), abs=1e-6)
+  assert short["logloss"] == pytest.approx(log_loss(labels[:612], probs[:612]), rel=1e-5)
 
 
 def test_the_training_loop_checks_ids(tiny_config, tmp_path, monkeypatch):

@@ -17,8 +17,9 @@ def configure_data(config):
   `data.tables_from_metadata` False they keep the config's, which must hold each
   vocabulary) and the
   features the directory's hotness (`data.hotness`: one value where all agree, else
-  a dash list); `test_num_batches` <= 0 becomes every full batch of the evaluation split
-  (a last partial batch is left out: sharded steps need equal slices). Errors (no
+  a dash list); `test_num_batches` <= 0 becomes every batch of the evaluation split
+  (the last one partial: it is padded and its filler rows masked out, see
+  `dlrm_jax.evaluation`), so that every row is evaluated once. Errors (no
   prepared directory, another dataset, another `max_ind_range`) are
   ConfigErrors that say what to do.
   """
@@ -56,7 +57,7 @@ def configure_data(config):
       hotness[0] if len(set(hotness)) == 1 else dash_list(hotness), field_type=object)
   if int(new.test_num_batches) <= 0:
     rows = sum(b - a for a, b in meta["splits"][data.eval_split])
-    new.test_num_batches = max(1, rows // int(new.test_mini_batch_size))
+    new.test_num_batches = max(1, -(-rows // int(new.test_mini_batch_size)))
   return new
 
 
