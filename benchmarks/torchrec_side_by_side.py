@@ -49,7 +49,7 @@ CONFIGS = {
     "a": ("criteo_kaggle", 100_000, []),
     "b": ("criteo_kaggle", 1_000_000, []),
     "c": ("criteo_terabyte", 100_000, []),
-    "d": ("mlperf_dcnv2", 100_000, ["learning_rate=0.005", "test_mini_batch_size=2048"]),
+    "d": ("mlperf_dcnv2", 100_000, ["test_mini_batch_size=2048"]),
 }
 SIDES = ("dlrm_jax", "dlrm_jax_bf16", "fused", "fused_bf16")
 
