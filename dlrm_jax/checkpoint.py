@@ -34,7 +34,9 @@ are read whole on each host and re-laid out table by table
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -174,6 +176,7 @@ class Checkpointer:
                async_save: bool = True, log: Callable[[str], None] | None = None):
     self.directory = os.path.abspath(directory)
     self.log = log or (lambda s: None)
+    self._saving = None  # the step of the last save started
     cm = ocp.checkpoint_managers
     policies = [cm.LatestN(n=max(1, int(max_to_keep)))]
     if keep_best:
@@ -202,11 +205,36 @@ class Checkpointer:
     if step in self.manager.all_steps():
       return False
     items = {k: ocp.args.JsonSave(v) for k, v in contents.items().items()}
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(state.as_dict()), **items),
-        metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
-        force=True)
+    with self._write_errors():  # also the previous save's, which Orbax raises here
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeSave(state.as_dict()), **items),
+          metrics=None if metrics is None else {k: float(v) for k, v in metrics.items()},
+          force=True)
+    self._saving = step
     return True
+
+  @contextlib.contextmanager
+  def _write_errors(self):
+    """A failed write (a full disk, no permission) as one CheckpointError that names the
+    save, the last complete checkpoint (untouched: Orbax writes into a temporary
+    directory and renames it only when complete) and what to do."""
+    try:
+      yield
+    except (OSError, ValueError) as e:
+      # TensorStore reports a failed write as ValueError("RESOURCE_EXHAUSTED: ...").
+      full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
+          "No space left" in str(e)
+      if not isinstance(e, OSError) and not full and "os_error_code" not in str(e):
+        raise
+      last = self.latest_step()
+      reason = "no space left on the device" if full else (getattr(e, "strerror", None) or e)
+      raise CheckpointError(
+          f"saving the checkpoint of step {self._saving} in {self.directory} failed: "
+          f"{reason}. "
+          + (f"The last complete checkpoint, step {last}, is intact; " if last is not None
+             else "No checkpoint was completed before it; ")
+          + ("free some space and " if full else "")
+          + "rerun the same command: it resumes from there.") from None
 
   def delete_all(self) -> None:
     """Deletes every checkpoint (a fresh run in a used directory)."""
@@ -215,15 +243,19 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until the saves in flight are on disk."""
-    self.manager.wait_until_finished()
+    with self._write_errors():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for the saves in flight and stops Orbax's background threads."""
-    self.manager.close()
-    # Orbax's close() does not wait for the clean-up of unfinished saves it starts when
-    # it opens a directory; a process that exits soon after (an error) would see that
-    # thread fail at interpreter shutdown and print its traceback.
-    getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
+    try:
+      with self._write_errors():
+        self.manager.close()
+    finally:
+      # Orbax's close() does not wait for the clean-up of unfinished saves it starts
+      # when it opens a directory; a process that exits soon after (an error) would see
+      # that thread fail at interpreter shutdown and print its traceback.
+      getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
 
   def __enter__(self) -> "Checkpointer":
     return self

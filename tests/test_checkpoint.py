@@ -70,6 +70,40 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):
   assert _without_speed([json.loads(l) for l in lines]) == _without_speed(whole.records)
 
 
+def test_a_save_on_a_full_disk_keeps_the_last_checkpoint_and_resumes(tmp_path):
+  """A run killed after its step-5 checkpoint resumes on a full disk (a tmpfs, skipped
+  where it cannot be mounted): its next save fails as one CheckpointError that names the
+  intact checkpoint; once space is freed the same run resumes from it and ends as the
+  uninterrupted run."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(disk)],
+                           capture_output=True, text=True)
+  if mounted.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+  try:
+    work = disk / "run"
+    proc = subprocess.run([sys.executable, WORKER, str(work), "14"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    saved = _steps(str(work / "checkpoints"))
+    assert saved and max(saved) < 20, saved
+    st = os.statvfs(disk)
+    (disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 20_000))
+    with pytest.raises(checkpoint.CheckpointError, match=(
+        rf"failed: no space left on the device\. The last complete checkpoint, step "
+        rf"{max(saved)}, is intact; free some space and rerun")):
+      trainer.train_and_evaluate(resume_config(), str(work))
+    assert _steps(str(work / "checkpoints")) == saved
+    (disk / "filler").unlink()
+    resumed = trainer.train_and_evaluate(resume_config(), str(work))
+  finally:
+    subprocess.run(["umount", str(disk)], capture_output=True)
+  whole = trainer.train_and_evaluate(resume_config(), str(tmp_path / "whole"))
+  assert _without_speed(resumed.records) == _without_speed(whole.records)
+  _assert_states_equal(resumed.state, whole.state)
+
+
 def test_resume_false_deletes_the_checkpoints_and_starts_afresh(tmp_path, monkeypatch):
   """checkpoint.resume=False in a used workdir: the old checkpoints are deleted (and that
   is logged), training starts at step 0 and ends as the first run did."""
