@@ -338,12 +338,13 @@ def test_other_format_versions_are_refused_not_taken_for_damage(tmp_path, saved_
 
 
 def test_the_recorded_format_2_checkpoint_reads_as_contents(tmp_path):
-  """The single `meta` item of format 2 gives every part of the run back."""
+  """The single `meta` item of format 2 gives every part of the run back (its records:
+  those of the run that wrote it, in criteo_run/metrics.jsonl)."""
   import shutil
 
-  recorded = os.path.join(REPO, "tests", "data", "behaviour")
-  shutil.copytree(os.path.join(recorded, "criteo_run", "checkpoints"), tmp_path / "ckpt")
-  with open(os.path.join(recorded, "criteo_metrics.jsonl")) as f:
+  recorded = os.path.join(REPO, "tests", "data", "behaviour", "criteo_run")
+  shutil.copytree(os.path.join(recorded, "checkpoints"), tmp_path / "ckpt")
+  with open(os.path.join(recorded, "metrics.jsonl")) as f:
     metrics = [json.loads(line) for line in f]
   with checkpoint.Checkpointer(str(tmp_path / "ckpt")) as ckpt:
     contents = ckpt.read_contents(12)
