@@ -200,7 +200,7 @@ def run_scatter(a) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from dlrm_jax.embedding.optimizers import sum_duplicates
+  from dlrm_jax.embedding.optimizers import SparseSGD, sum_duplicates
 
   size = SCATTER_SMOKE if a.smoke else SCATTER
   n, rows, dim = size["ids"], size["rows"], size["dim"]
@@ -213,11 +213,10 @@ def run_scatter(a) -> dict:
     return table.at[ids].add(grads)
 
   def deduplicated(method):
-    def update(table, ids, grads):
+    def update(table, ids, grads):  # the kernels' path: SGD's step on the distinct rows
       unique, summed = sum_duplicates(ids, grads, rows, method=method)
-      new = jnp.take(table, unique, axis=0, mode="clip") + summed
-      return table.at[unique].set(new, mode="drop", unique_indices=True,
-                                  indices_are_sorted=True)
+      lr = jnp.float32(-1.0)  # w + g, as the scatter-add
+      return SparseSGD().apply_rows({"stacked": table}, {}, unique, summed, lr, 0)[0]["stacked"]
     return update
 
   variants = {"scatter_add": add, "sort_segment_sum": deduplicated("segment_sum"),

@@ -61,7 +61,9 @@ class EvalSet:
       batch = self.data.batch(i, "eval", self.batch_size)
       if kept is not None:
         size += sum(np.asarray(v).nbytes for v in batch.values())
-        kept = kept + [batch] if size <= self.cache_bytes else None
+        kept = kept if size <= self.cache_bytes else None
+        if kept is not None:
+          kept.append(batch)
       yield batch
     self._cache = kept
 
@@ -100,7 +102,8 @@ def evaluate(task, state, batches: Iterable[Batch], rows: int = 0) -> dict[str, 
     probs = task.predict(state.params, state.tables, inputs)  # dispatched, not awaited
     if pending is not None:
       metrics.add(*map(_host, pending))
-    pending = (batch["label"], probs, batch.get(MASK, np.ones(len(batch["label"]), bool)))
+    mask = batch[MASK] if MASK in batch else np.ones(len(batch["label"]), bool)
+    pending = (batch["label"], probs, mask)
   if pending is not None:
     metrics.add(*map(_host, pending))
   return metrics.result()

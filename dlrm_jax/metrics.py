@@ -153,8 +153,8 @@ class StreamingMetrics:
 
   def result(self, gather: Callable | None = None) -> dict[str, float]:
     """The metrics of every row added. With several processes, `gather(keys, sums)` returns
-    every process's keys (concatenated, a new array) and the element-wise total of `sums` (their log
-    loss, correct and row counts), so the AUC is that of all their rows together."""
+    every process's keys (concatenated, a new array) and the element-wise total of `sums`
+    (their log loss, correct and row counts), so the AUC is that of all their rows."""
     keys = self._keys[:self.rows]
     sums = np.array([self._log_loss, self._correct, self.rows], np.float64)
     if gather is not None:

@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.error("give --input and --output, or --export")
   try:
     return _run(args)
-  except (checkpoint_lib.CheckpointError, InputError, BadLineError, ValueError, OSError) as e:
+  except (checkpoint_lib.CheckpointError, ValueError, OSError) as e:  # InputError, BadLineError
     # One line, no traceback: a damaged input line (FILE:LINE: FIELD: reason), a missing
     # file or checkpoint, an unwritable output.
     print(f"error: {e}", file=sys.stderr)
