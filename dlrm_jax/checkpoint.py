@@ -40,6 +40,7 @@ import errno
 import json
 import logging
 import os
+import sys
 from typing import Callable
 
 import jax
@@ -157,15 +158,57 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
   return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
-class _SavesWithoutMetrics(logging.Filter):
-  """Drops Orbax's warning for a save without metrics: saves between evaluations
-  (`checkpoint.every_steps`) have none by design."""
+def _is_write_failure(e: BaseException) -> bool:
+  """An OSError, or TensorStore's ValueError for a failed write ("RESOURCE_EXHAUSTED:
+  ... No space left on device [os_error_code='28']")."""
+  return isinstance(e, OSError) or (isinstance(e, ValueError) and (
+      "No space left" in str(e) or "os_error_code" in str(e)))
+
+
+def _is_disk_full(e: BaseException) -> bool:
+  return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e)
+
+
+def _chain(e: BaseException | None):
+  """An exception and the ones it was raised from or during."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+class _OrbaxNoise(logging.Filter):
+  """Drops Orbax's warning for a save without metrics (saves between evaluations,
+  `checkpoint.every_steps`, have none by design) and its background threads' error
+  logs of a failed write, tracebacks included: Orbax raises the same failure in the
+  caller's thread at the next save, wait or close, where `Checkpointer` reports it as
+  one CheckpointError."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return "did not provide metrics" not in record.getMessage()
+    if "did not provide metrics" in record.getMessage():
+      return False
+    if record.levelno >= logging.ERROR and "/orbax/" in record.pathname and record.exc_info:
+      return not any(_is_write_failure(e) for e in _chain(record.exc_info[1]))
+    return True
 
 
-logging.getLogger("absl").addFilter(_SavesWithoutMetrics())
+logging.getLogger("absl").addFilter(_OrbaxNoise())
+
+
+def _quiet_closed_loops() -> None:
+  """`sys.unraisablehook`, less the "Event loop is closed" that Orbax's save threads
+  leave when a failed save cancels the others after their event loops closed."""
+  previous = sys.unraisablehook
+
+  def unraisable(info):
+    if not (isinstance(info.exc_value, RuntimeError)
+            and str(info.exc_value) == "Event loop is closed"):
+      previous(info)
+
+  unraisable.quiet_closed_loops = True
+  if not getattr(previous, "quiet_closed_loops", False):
+    sys.unraisablehook = unraisable
 
 
 class Checkpointer:
@@ -177,6 +220,7 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self.log = log or (lambda s: None)
     self._saving = None  # the step of the last save started
+    _quiet_closed_loops()
     cm = ocp.checkpoint_managers
     policies = [cm.LatestN(n=max(1, int(max_to_keep)))]
     if keep_best:
@@ -221,11 +265,9 @@ class Checkpointer:
     try:
       yield
     except (OSError, ValueError) as e:
-      # TensorStore reports a failed write as ValueError("RESOURCE_EXHAUSTED: ...").
-      full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or \
-          "No space left" in str(e)
-      if not isinstance(e, OSError) and not full and "os_error_code" not in str(e):
+      if not _is_write_failure(e):
         raise
+      full = _is_disk_full(e)
       last = self.latest_step()
       reason = "no space left on the device" if full else (getattr(e, "strerror", None) or e)
       raise CheckpointError(

@@ -5,7 +5,9 @@ the same process as everything else; configs from `load_config` use one
 device unless a test asks for more.
 """
 
+import contextlib
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -54,3 +56,25 @@ def small_criteo_config(data_path, devices: int = 1):
   c.test_mini_batch_size, c.test_num_batches = 16, 0
   c.progress_bar = False
   return c
+
+
+@contextlib.contextmanager
+def tmpfs(path, size: int | str):
+  """A tmpfs of `size` bytes ("30m" works too) mounted at `path` (made here) for the
+  block; the test is skipped where mounting is refused (not root, a container
+  without the capability)."""
+  path.mkdir()
+  proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                        capture_output=True, text=True)
+  if proc.returncode != 0:
+    pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+  try:
+    yield path
+  finally:
+    subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def fill(path, leave: int) -> None:
+  """Fills the file system of `path` up to `leave` free bytes (with path/filler)."""
+  st = os.statvfs(path)
+  (path / "filler").write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from checkpoint_worker import inject, resume_config
-from conftest import REPO, load_config, small_criteo_config
+from conftest import REPO, fill, load_config, small_criteo_config, tmpfs
 from dlrm_jax import checkpoint, predict, trainer
 from dlrm_jax.config import ConfigError
 from dlrm_jax.data import RandomData
@@ -75,21 +75,14 @@ def test_a_save_on_a_full_disk_keeps_the_last_checkpoint_and_resumes(tmp_path):
   where it cannot be mounted): its next save fails as one CheckpointError that names the
   intact checkpoint; once space is freed the same run resumes from it and ends as the
   uninterrupted run."""
-  disk = tmp_path / "disk"
-  disk.mkdir()
-  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(disk)],
-                           capture_output=True, text=True)
-  if mounted.returncode != 0:
-    pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-  try:
+  with tmpfs(tmp_path / "disk", "30m") as disk:
     work = disk / "run"
     proc = subprocess.run([sys.executable, WORKER, str(work), "14"], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -9, proc.stderr[-3000:]
     saved = _steps(str(work / "checkpoints"))
     assert saved and max(saved) < 20, saved
-    st = os.statvfs(disk)
-    (disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - 20_000))
+    fill(disk, leave=20_000)
     with pytest.raises(checkpoint.CheckpointError, match=(
         rf"failed: no space left on the device\. The last complete checkpoint, step "
         rf"{max(saved)}, is intact; free some space and rerun")):
@@ -97,11 +90,28 @@ def test_a_save_on_a_full_disk_keeps_the_last_checkpoint_and_resumes(tmp_path):
     assert _steps(str(work / "checkpoints")) == saved
     (disk / "filler").unlink()
     resumed = trainer.train_and_evaluate(resume_config(), str(work))
-  finally:
-    subprocess.run(["umount", str(disk)], capture_output=True)
   whole = trainer.train_and_evaluate(resume_config(), str(tmp_path / "whole"))
   assert _without_speed(resumed.records) == _without_speed(whole.records)
   _assert_states_equal(resumed.state, whole.state)
+
+
+def test_train_py_on_a_full_disk_ends_in_one_line(tmp_path):
+  """train.py whose first save meets a full disk: exit status 1 and one line that says
+  what happened and what to do; none of Orbax's background threads' tracebacks or
+  closed-event-loop messages before or after it."""
+  with tmpfs(tmp_path / "disk", "30m") as disk:
+    fill(disk, leave=20_000)
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={disk}/run",
+         "--config.checkpoint.enabled=True"], cwd=REPO, capture_output=True, text=True,
+        timeout=600)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  out = proc.stdout + proc.stderr
+  assert "Traceback" not in out and "Event loop is closed" not in out, out[-3000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      f"error: saving the checkpoint of step 10 in {disk}/run/checkpoints failed: no space "
+      "left on the device. No checkpoint was completed before it; free some space"), \
+      proc.stderr[-3000:]
 
 
 def test_resume_false_deletes_the_checkpoints_and_starts_afresh(tmp_path, monkeypatch):

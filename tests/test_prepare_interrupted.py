@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, tmpfs
 from dlrm_jax.data.criteo_synth import write_raw
 
 DAYS, ROWS = 3, 3000
@@ -113,14 +113,6 @@ def test_killed_at_random_moments_and_resumed_gives_the_uninterrupted_output(day
   _assert_same(contents(out), want)
 
 
-def _mount_tmpfs(path, size: int) -> None:
-  path.mkdir()
-  proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                        capture_output=True, text=True)
-  if proc.returncode != 0:
-    pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-
-
 def test_a_full_disk_stops_with_a_message_and_resumes_once_space_is_freed(days, tmp_path):
   """The command line on a tmpfs of half the output's size: one line that says what to
   do, no traceback; after the tmpfs grows, the same command finishes the output."""
@@ -133,9 +125,7 @@ def test_a_full_disk_stops_with_a_message_and_resumes_once_space_is_freed(days, 
                  capture_output=True)
   want = contents(tmp_path / "whole")
   size = sum(len(v) for k, v in want.items() if k != "metadata.json")
-  disk = tmp_path / "disk"
-  _mount_tmpfs(disk, size // 2)
-  try:
+  with tmpfs(tmp_path / "disk", size // 2) as disk:
     proc = subprocess.run(cli(disk / "prepared"), capture_output=True, text=True, env=_env(),
                           timeout=300)
     assert proc.returncode != 0
@@ -148,5 +138,3 @@ def test_a_full_disk_stops_with_a_message_and_resumes_once_space_is_freed(days, 
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same(contents(disk / "prepared"), want)
-  finally:
-    subprocess.run(["umount", str(disk)], capture_output=True)
