@@ -1,4 +1,5 @@
-"""The raw Criteo parser against docs/criteo.md's grammar, on generated input (hypothesis).
+"""The raw Criteo parser against README.md's grammar ("Criteo's raw format"), on
+generated input (hypothesis).
 
 `grammar_parse` below is a plain reading of that grammar, one character at a
 time, written for these tests and not derived from the code. Every generated

@@ -21,6 +21,13 @@ Each record holds a block of `block_rows` consecutive rows, not one row:
 TFDS decodes records one by one, so one row per record would cap reading at
 its record rate (docs/criteo.md). Splits: train, test, val as
 the reference makes them.
+
+A malformed raw line stops the build with one `BadLineError` naming
+FILE:LINE and the field (the grammar: README.md, "Criteo's raw format"); a
+config with `skip_bad_lines=True` skips and counts such lines instead:
+
+    config = tfds_criteo.CriteoConfig(name="kaggle_lenient", skip_bad_lines=True)
+    builder = tfds_criteo.CriteoClickLogs(config=config, data_dir=DATA_DIR)
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ class CriteoConfig(tfds.core.BuilderConfig):
   max_ind_range: int = -1
   frequency_threshold: int = 3
   block_rows: int = 1024
+  skip_bad_lines: bool = False  # True: malformed raw lines are skipped and counted
 
 
 class CriteoClickLogs(tfds.core.GeneratorBasedBuilder):
@@ -100,9 +108,16 @@ class CriteoClickLogs(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     c = self.builder_config
     prepared = os.path.join(os.fspath(dl_manager.download_dir), f"criteo_prepared_{c.name}")
-    criteo.prepare(c.dataset, self._raw_files(os.fspath(dl_manager.manual_dir)), prepared,
-                   categorical=c.categorical, max_ind_range=c.max_ind_range,
-                   frequency_threshold=c.frequency_threshold, progress=False)
+    try:
+      criteo.prepare(c.dataset, self._raw_files(os.fspath(dl_manager.manual_dir)), prepared,
+                     categorical=c.categorical, max_ind_range=c.max_ind_range,
+                     frequency_threshold=c.frequency_threshold,
+                     skip_bad_lines=c.skip_bad_lines, progress=False)
+    except criteo.BadLineError as e:  # the same line, with this builder's way to skip it
+      raise criteo.BadLineError(
+          e.path, e.line, e.field, e.message,
+          hint="fix or remove the line, or build a CriteoConfig with skip_bad_lines=True "
+               "to skip, count and report such lines") from None
     return {split: self._generate_examples(prepared, split) for split in ("train", "test", "val")}
 
   def _generate_examples(self, prepared: str, split: str):
