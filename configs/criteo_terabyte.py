@@ -14,9 +14,9 @@ Needs the 24 days prepared into `data.path` with the reference's
 (`--categorical hash` is the fast alternative, as TorchRec does it: every
 table then has 40,000,000 rows.) The table sizes come from the prepared
 directory's metadata.json; `arch_embedding_size` below is what the
-reference's preprocessing gives. The reference evaluates the whole test half
-of day 23 (about 89M rows); the trainer holds its evaluation batches in host
-memory, so this config evaluates the first 500 batches (8.2M rows) of it.
+reference's preprocessing gives. Every evaluation scores the whole test half
+of day 23 (about 89M rows), as the reference does, streamed batch by batch
+with the exact AUC (`dlrm_jax.evaluation`).
 """
 
 from dlrm_jax.config import base_config

@@ -81,6 +81,7 @@ def base_config():
   c.checkpoint = _checkpoint_fields(ml_collections.ConfigDict())
   c.mesh, c.sharding, c.distributed = _device_fields(ml_collections.ConfigDict)
   c.data = _data_fields(ml_collections.ConfigDict())
+  c.logging = _logging_fields(ml_collections.ConfigDict())
   return c
 
 
@@ -121,12 +122,18 @@ def _model_and_training_fields(c) -> None:
   # Steps and evaluation.
   c.mini_batch_size = 128
   c.num_batches = 1000  # training steps.
-  c.test_freq = 0  # evaluate every N steps; 0: only at the end.
+  c.test_freq = 0  # evaluate every N steps; 0: only at the end (and per eval_every_epochs).
+  # Evaluate at every this fraction of an epoch (0.05: 20 evaluations per epoch, as MLPerf);
+  # 0: by test_freq. Data without epochs (the generators) needs data.epoch_rows for it.
+  c.eval_every_epochs = 0.0
   c.test_mini_batch_size = 4096
   c.test_num_batches = 8
   c.target_auc = 0.0  # stop once an evaluation reaches it; 0: never.
   c.seed = 0
   c.progress_bar = True
+  # "START-END": a jax.profiler trace of train steps START..END (1-based) in
+  # WORKDIR/tensorboard, for TensorBoard's profile plugin and Perfetto; "": none.
+  c.profile_steps = ""
 
 
 def _checkpoint_fields(c):
@@ -140,6 +147,17 @@ def _checkpoint_fields(c):
   # A checkpoint of another model (table sizes, widths, optimisers) is refused; True
   # restores the parameters and tables whose shapes match and starts the rest afresh.
   c.restore_partial = False
+  return c
+
+
+def _logging_fields(c):
+  """What a run writes besides metrics.jsonl (dlrm_jax/observe.py)."""
+  c.tensorboard = True  # event files in WORKDIR/tensorboard (needs tensorboardX).
+  c.every_steps = 200  # train loss, learning rate and examples/s every N steps; 0: never.
+  c.mlperf = False  # an MLPerf-format log, WORKDIR/mlperf.log (needs mlperf-logging).
+  c.mlperf_org = ""  # its submission_org.
+  c.mlperf_platform = ""  # its submission_platform; "": "<devices>x<device kind>".
+  c.mlperf_division = "closed"  # its submission_division: closed | open.
   return c
 
 
@@ -180,6 +198,9 @@ def _data_fields(c):
   # hold each sample's bags end to end, [B, sum] (prepared Criteo data: its own hotness).
   c.hotness = config_dict.FieldReference(1, field_type=object)  # an int or a str
   c.variable_hotness = False  # bags of 1..hotness ids, padded to the largest, with a mask.
+  # Generated data: rows per epoch (it has no epochs of its own), for eval_every_epochs and
+  # the MLPerf log's epoch numbers; 0: none. Criteo: ignored (an epoch is its train split).
+  c.epoch_rows = 0
   c.path = ""  # prepared Criteo directory (python -m dlrm_jax.data.criteo prepare).
   c.max_ind_range = -1  # Criteo: the modulus the directory must be prepared with; -1: any.
   c.eval_split = "test"  # Criteo: the split evaluated ("test", as the reference, or "val").

@@ -51,6 +51,14 @@ class EvalSet:
   cache_bytes: int = 64 << 20
   _cache: list | None = dataclasses.field(default=None, init=False, repr=False)
 
+  @property
+  def rows(self) -> int:
+    """Rows scored per pass: the split's own count where the data knows it (the last
+    batch may be partial), else the batches' rows."""
+    whole = self.num_batches * self.batch_size
+    num_rows = getattr(self.data, "num_rows", None)
+    return whole if num_rows is None else min(whole, num_rows("eval"))
+
   def host_batches(self) -> Iterator[Batch]:
     """The batches as the data gives them (this process's rows where it gives only those)."""
     if self._cache is not None:

@@ -12,6 +12,7 @@ by that owner. This module imports no JAX.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from typing import TYPE_CHECKING
 
@@ -42,11 +43,13 @@ class TrainingSpec:
   mini_batch_size: int
   num_batches: int
   test_freq: int
+  eval_every_epochs: float
   test_mini_batch_size: int
   test_num_batches: int
   target_auc: float
   seed: int
   progress_bar: bool
+  profile_steps: tuple[int, int] | None  # first and last step traced (1-based)
 
   def __post_init__(self):
     if self.loss_function == "wbce" and len(self.loss_weights) != 2:
@@ -60,6 +63,12 @@ class TrainingSpec:
     for name in ("lr_num_warmup_steps", "lr_decay_start_step", "lr_num_decay_steps"):
       if getattr(self, name) < 0:
         raise ConfigError(f"{name}={getattr(self, name)} must be >= 0")
+    if self.test_freq < 0 or self.eval_every_epochs < 0:
+      raise ConfigError(f"test_freq={self.test_freq} and eval_every_epochs="
+                        f"{self.eval_every_epochs} must be >= 0 (0: off)")
+    if self.test_freq > 0 and self.eval_every_epochs > 0:
+      raise ConfigError(f"test_freq={self.test_freq} and eval_every_epochs="
+                        f"{self.eval_every_epochs} both set a cadence: set one of them to 0")
     if self.lr_num_decay_steps > 0 and self.lr_decay_start_step < self.lr_num_warmup_steps:
       raise ConfigError(
           f"lr_decay_start_step={self.lr_decay_start_step} is before the end of the warmup "
@@ -83,11 +92,28 @@ class TrainingSpec:
         mini_batch_size=int(c.mini_batch_size),
         num_batches=int(c.num_batches),
         test_freq=int(c.test_freq),
+        eval_every_epochs=float(c.eval_every_epochs),
         test_mini_batch_size=int(c.test_mini_batch_size),
         test_num_batches=int(c.test_num_batches),
         target_auc=float(c.target_auc),
         seed=int(c.seed),
-        progress_bar=bool(c.progress_bar))
+        progress_bar=bool(c.progress_bar),
+        profile_steps=_step_range("profile_steps", c.profile_steps))
+
+
+def _step_range(name: str, text: str) -> tuple[int, int] | None:
+  """"START-END" -> (START, END), 1 <= START <= END; "" -> None."""
+  text = str(text).strip()
+  if not text:
+    return None
+  first, sep, last = text.partition("-")
+  try:
+    start, end = int(first), int(last if sep else first)
+  except ValueError:
+    start = end = 0
+  if not 1 <= start <= end:
+    raise ConfigError(f"{name}={text!r} is not START-END with 1 <= START <= END (e.g. '10-15')")
+  return start, end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +181,7 @@ class DataSpec:
   teacher_dense_scale: float
   hotness: tuple[int, ...]  # ids per feature: one for all, or one per table
   variable_hotness: bool
+  epoch_rows: int
   path: str
   max_ind_range: int
   eval_split: str
@@ -166,6 +193,8 @@ class DataSpec:
   def __post_init__(self):
     if self.eval_split not in ("test", "val"):
       raise ConfigError(f"data.eval_split={self.eval_split!r} is not one of ('test', 'val')")
+    if self.epoch_rows < 0:
+      raise ConfigError(f"data.epoch_rows={self.epoch_rows} must be >= 0 (0: no epochs)")
     if not self.hotness or min(self.hotness) < 1:
       raise ConfigError(f"data.hotness={dash_list(self.hotness)!r}: every value must be >= 1")
 
@@ -201,6 +230,30 @@ class CheckpointSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoggingSpec:
+  tensorboard: bool
+  every_steps: int
+  mlperf: bool
+  mlperf_org: str
+  mlperf_platform: str
+  mlperf_division: str
+
+  def __post_init__(self):
+    if self.every_steps < 0:
+      raise ConfigError(f"logging.every_steps={self.every_steps} must be >= 0 (0: never)")
+    if self.mlperf and importlib.util.find_spec("mlperf_logging") is None:
+      raise ConfigError("logging.mlperf=True needs the mlperf-logging package: pip install "
+                        "'dlrm_jax[mlperf]' (or mlperf-logging), or set logging.mlperf=False")
+    if self.mlperf_division not in ("closed", "open"):
+      raise ConfigError(f"logging.mlperf_division={self.mlperf_division!r} is not one of "
+                        "('closed', 'open')")
+
+  @classmethod
+  def from_config(cls, c) -> "LoggingSpec":
+    return cls(**{f.name: _cast(f.type, c[f.name]) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
 class RunSpec:
   """A whole run, typed; `source` is the config it came from, as JSON (checkpoints keep it)."""
 
@@ -211,6 +264,7 @@ class RunSpec:
   distributed: DistributedSpec
   data: DataSpec
   checkpoint: CheckpointSpec
+  logging: LoggingSpec
   source: dict
 
   @classmethod
@@ -225,6 +279,7 @@ class RunSpec:
                distributed=DistributedSpec.from_config(config.distributed),
                data=DataSpec.from_config(config.data, model.num_tables),
                checkpoint=CheckpointSpec.from_config(config.checkpoint),
+               logging=LoggingSpec.from_config(config.logging),
                source=json.loads(config.to_json()))
 
 

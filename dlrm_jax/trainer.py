@@ -2,15 +2,19 @@
 
 `train_and_evaluate` reads top to bottom: `set_up` builds the task, the data
 and the evaluation set; `resume_or_start` restores the latest checkpoint or
-starts afresh; `train_loop` steps, evaluating every `test_freq` steps and
-checkpointing as `is_save_step` says; `summarize` makes the run summary. The
-pure, jitted steps are `dlrm_jax.task.Task`'s.
+starts afresh; `train_loop` steps, evaluating as the `Cadence` says (every
+`test_freq` steps or every `eval_every_epochs` of an epoch, and at the end) and
+checkpointing as `is_save_step` says, until `num_batches` steps or
+`target_auc`; `summarize` makes the run summary. What a run reports besides
+metrics.jsonl (TensorBoard, the MLPerf log, a profile, warnings) is
+`dlrm_jax.observe`'s. The pure, jitted steps are `dlrm_jax.task.Task`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from typing import Callable, Iterator
@@ -21,6 +25,7 @@ from tqdm.auto import tqdm
 
 from dlrm_jax import checkpoint as checkpoint_lib
 from dlrm_jax import evaluation
+from dlrm_jax import observe
 from dlrm_jax import parallel
 from dlrm_jax.config import ConfigError
 from dlrm_jax.data import configure_data, make_data
@@ -29,6 +34,10 @@ from dlrm_jax.data.source import Batch, BatchStream, DataSource
 from dlrm_jax.specs import RunSpec
 from dlrm_jax.state import TrainState
 from dlrm_jax.task import Task
+
+
+# Fields of an evaluation record that time the run, which no rerun reproduces.
+TIMINGS = ("examples_per_sec", "seconds")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,6 +55,31 @@ class TrainResult:
   records: list[dict]
 
 
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+  """Which steps end with an evaluation: every `every_steps` steps, or at every
+  `every_epochs` of an epoch of `steps_per_epoch` steps (the step nearest each exact
+  fraction); the last step always."""
+
+  num_steps: int
+  every_steps: int = 0
+  every_epochs: float = 0.0
+  steps_per_epoch: int | None = None
+
+  def due(self, step: int) -> bool:
+    if step == self.num_steps:
+      return True
+    if self.every_steps > 0:
+      return step % self.every_steps == 0
+    if self.every_epochs > 0:
+      period = self.every_epochs * self.steps_per_epoch
+      if period <= 1:
+        return True
+      k = round(step / period)
+      return k >= 1 and round(k * period) == step
+    return False
+
+
 @dataclasses.dataclass
 class Run:
   """What a training run is made of, set up once."""
@@ -59,10 +93,13 @@ class Run:
   is_lead: bool  # process 0: logs, metrics and the progress bar
   show_progress: bool
   log: Callable[[str], None]  # process 0's messages; a no-op elsewhere
+  warn: Callable[[str], None]  # process 0's warnings during the run (log, else logging)
   checkpointer: checkpoint_lib.Checkpointer | None
   num_steps: int
-  test_freq: int
+  steps_per_epoch: int | None  # None: the data has no epochs (and none was given)
+  cadence: Cadence
   save_every: int  # checkpoint every N steps; 0: at every evaluation
+  started: float  # time.time() at the start of the set-up
 
   @property
   def metrics_path(self) -> str:
@@ -83,6 +120,8 @@ class Progress:
   data_position: dict | None = None
   compile_seconds: float = 0.0
   train_seconds: float = 0.0
+  seconds_before: float = 0.0  # the run's wall time before this process resumed it
+  loop_start: float = 0.0  # perf_counter() when this process's first step started
   interval_start: float = 0.0
   interval_steps: int = 0  # timed steps of the interval (the first, compiling, is not)
 
@@ -118,6 +157,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None,
 def set_up(config, workdir: str, progress: bool | None,
            log: Callable[[str], None] | None) -> Run:
   """The task, the data, the evaluation set and the checkpointer of a run."""
+  started = time.time()
   config = configure_data(config)  # Criteo: table sizes from the prepared data's metadata.
   spec = RunSpec.from_config(config)  # the one conversion of the config
   parallel.initialize_distributed(spec.distributed)
@@ -130,22 +170,49 @@ def set_up(config, workdir: str, progress: bool | None,
                         "equal slice")
   data = make_data(spec)
   is_lead = jax.process_index() == 0
+  warn = (log if log is not None else logging.getLogger("dlrm_jax").warning) if is_lead \
+      else (lambda _: None)
   log = log if log is not None and is_lead else (lambda _: None)
   log(task.plan.describe())
   os.makedirs(workdir, exist_ok=True)
   eval_set = evaluation.EvalSet(data, spec.training.test_mini_batch_size,
                                 spec.training.test_num_batches, task.batch_sharding)
   teacher_auc = eval_set.teacher_auc()
-  checkpointer = make_checkpointer(spec, workdir, log)
   num_steps = spec.training.num_batches
-  return Run(
+  per_epoch = epoch_steps(spec, data)
+  run = Run(
       spec=spec, workdir=workdir, task=task, data=data, eval_set=eval_set,
       teacher_auc=teacher_auc, is_lead=is_lead,
       show_progress=is_lead and (progress if progress is not None
                                  else spec.training.progress_bar),
-      log=log, checkpointer=checkpointer, num_steps=num_steps,
-      test_freq=spec.training.test_freq or num_steps,
-      save_every=spec.checkpoint.every_steps if checkpointer is not None else 0)
+      log=log, warn=warn, checkpointer=None, num_steps=num_steps,
+      steps_per_epoch=per_epoch,
+      cadence=Cadence(num_steps, spec.training.test_freq, spec.training.eval_every_epochs,
+                      per_epoch),
+      save_every=spec.checkpoint.every_steps if spec.checkpoint.enabled else 0,
+      started=started)
+  run.checkpointer = make_checkpointer(spec, workdir, log)
+  return run
+
+
+def epoch_steps(spec: RunSpec, data: DataSource) -> int | None:
+  """Steps per epoch: the Criteo loader's train batches, or `data.epoch_rows` over the
+  batch for generated data; None without either (a ConfigError if the cadence needs it)."""
+  batch = spec.training.mini_batch_size
+  if hasattr(data, "num_batches"):  # data with a train split
+    return data.num_batches("train", batch) or None
+  rows = spec.data.epoch_rows
+  if rows > 0:
+    if rows < batch:
+      raise ConfigError(f"data.epoch_rows={rows} is less than one batch "
+                        f"(mini_batch_size={batch})")
+    return rows // batch
+  if spec.training.eval_every_epochs > 0:
+    raise ConfigError(
+        f"eval_every_epochs={spec.training.eval_every_epochs} evaluates at fractions of an "
+        f"epoch, but data.kind={spec.data.kind!r} has no epochs: set data.epoch_rows (the "
+        "rows of one epoch), or evaluate every test_freq steps instead")
+  return None
 
 
 def make_checkpointer(spec: RunSpec, workdir: str,
@@ -181,7 +248,9 @@ def resume_or_start(run: Run) -> Progress:
                     steps_done=restored.step,
                     records=[dict(r) for r in c.records], losses=losses,
                     losses_checked=len(losses),
-                    finished=c.finished, data_position=c.data or None)
+                    finished=c.finished, data_position=c.data or None,
+                    seconds_before=float(c.records[-1].get("seconds", 0.0)) if c.records
+                    else 0.0)
     run.log(f"resuming from step {prog.start} ({ckpt.directory}/{prog.start})"
             + (" with only the parts that match the config" if restored.partial else ""))
   if prog.finished or prog.start >= run.num_steps:
@@ -210,24 +279,33 @@ def train_stream(run: Run, prog: Progress) -> BatchStream:
 
 def train_loop(run: Run, prog: Progress, stream: BatchStream) -> None:
   """Steps to `num_steps` (or the target AUC), evaluating and checkpointing on the way."""
+  observers = observe.Observers(run)
   batches = prefetch(host_batches(run, stream), size=2)
   bar = tqdm(total=run.num_steps, initial=prog.start, disable=not run.show_progress,
              unit="step", dynamic_ncols=True, mininterval=0.5, desc="train")
   last = prog.steps_done if prog.finished else run.num_steps
+  target = run.spec.training.target_auc
+  ended = False  # at the last step or the target, rather than by an error
+  prog.loop_start = time.perf_counter()
+  observers.start()
   try:
     with open(run.metrics_path if run.is_lead else os.devnull, "a") as metrics_file:
       while prog.steps_done < last:
+        observers.before_step(prog)
         out = take_step(run, prog, next(batches))
         bar.update(1)
         check_losses(run, prog, len(prog.losses) - 1)  # the previous step's: done by now
-        evaluated, stop, record = is_eval_step(run, prog.steps_done), False, None
+        observers.after_step(prog, out)
+        evaluated, stop, record = run.cadence.due(prog.steps_done), False, None
         if evaluated:
+          observers.before_eval(prog)
           record = evaluate_interval(run, prog, out["lr"])
           metrics_file.write(json.dumps(record) + "\n")
           metrics_file.flush()
           bar.set_postfix(loss=f"{record['train_loss']:.4f}", auc=f"{record['auc']:.4f}",
                           ex_s=f"{record['examples_per_sec']:,.0f}")
-          stop = 0 < run.spec.training.target_auc <= record["auc"]
+          observers.evaluated(record)
+          stop = 0 < target <= record["auc"]
         if run.checkpointer is not None and is_save_step(run, prog.steps_done, evaluated, stop):
           save(run, prog, stream, None if record is None else {"auc": record["auc"]},
                finished=prog.steps_done == run.num_steps or stop)
@@ -235,7 +313,10 @@ def train_loop(run: Run, prog: Progress, stream: BatchStream) -> None:
           break
         if evaluated:
           prog.interval_start = time.perf_counter()
+    ended = True
   finally:
+    reached = bool(prog.records) and 0 < target <= prog.records[-1]["auc"]
+    observers.end(prog, success=reached if target > 0 else ended)
     bar.close()
 
 
@@ -264,10 +345,6 @@ def take_step(run: Run, prog: Progress, host_batch: Batch) -> dict:
   return out
 
 
-def is_eval_step(run: Run, steps_done: int) -> bool:
-  return steps_done % run.test_freq == 0 or steps_done == run.num_steps
-
-
 def is_save_step(run: Run, steps_done: int, evaluated: bool, stop: bool) -> bool:
   """At the end, at a stop, and every `save_every` steps (0: at every evaluation)."""
   every = run.save_every
@@ -283,11 +360,14 @@ def evaluate_interval(run: Run, prog: Progress, lr: jax.Array) -> dict:
   prog.train_seconds += elapsed
   batch = run.spec.training.mini_batch_size
   examples_per_sec = prog.interval_steps * batch / max(elapsed, 1e-9)
-  result = evaluation.evaluate(run.task, prog.state, run.eval_set,
-                               rows=run.eval_set.num_batches * run.eval_set.batch_size)
+  result = evaluation.evaluate(run.task, prog.state, run.eval_set, rows=run.eval_set.rows)
   result["eval_rows"] = result.pop("rows")
   record = {"step": prog.steps_done, **result, "train_loss": mean_loss,
-            "examples_per_sec": examples_per_sec, "lr": float(lr)}
+            "examples_per_sec": examples_per_sec, "lr": float(lr),
+            # The run's wall time so far (set-up left out, evaluations in), across resumes.
+            "seconds": prog.seconds_before + time.perf_counter() - prog.loop_start}
+  if run.steps_per_epoch:
+    record["epoch"] = prog.steps_done / run.steps_per_epoch
   if run.teacher_auc is not None:
     record["teacher_auc"] = run.teacher_auc
   prog.records.append(record)
@@ -336,6 +416,8 @@ def summarize(run: Run, prog: Progress) -> dict:
                       f"{prog.start}, before any evaluation")
   final = prog.records[-1]
   batch = run.spec.training.mini_batch_size
+  target = run.spec.training.target_auc
+  hit = next((r for r in prog.records if 0 < target <= r["auc"]), None)
   return {
       "steps": final["step"],
       "examples": final["step"] * batch,
@@ -347,7 +429,11 @@ def summarize(run: Run, prog: Progress) -> dict:
       "train_seconds": prog.train_seconds,
       "examples_per_sec": max(0, final["step"] - prog.start - 1) * batch
                           / max(prog.train_seconds, 1e-9),
-      "target_auc": run.spec.training.target_auc or None,
+      "target_auc": target or None,
+      # The first evaluation at or above the target: its step, samples and wall time.
+      "target_step": None if hit is None else hit["step"],
+      "target_samples": None if hit is None else hit["step"] * batch,
+      "target_seconds": None if hit is None else hit.get("seconds"),
       "eval_samples": final.get("eval_rows"),  # None in records of older checkpoints
       "workdir": run.workdir,
   }
@@ -373,7 +459,13 @@ def format_summary(summary: dict) -> str:
       f"  metrics          {os.path.join(summary['workdir'], 'metrics.jsonl')}",
   ]
   if summary.get("target_auc"):
-    reached = "reached" if summary["auc"] >= summary["target_auc"] else "not reached"
+    if summary.get("target_step") is None:
+      reached = "not reached"
+    else:
+      seconds = summary.get("target_seconds")
+      reached = (f"reached at step {summary['target_step']:,}, "
+                 f"{summary['target_samples']:,} samples"
+                 + (f", {seconds:,.1f} s" if seconds is not None else ""))
     lines.append(f"  target AUC       {summary['target_auc']:.4f} ({reached})")
   if summary["auc"] < 0.52:
     lines.append("  WARNING: the AUC is close to 0.5, the model has not learned to rank. "

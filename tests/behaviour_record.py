@@ -10,7 +10,7 @@ Records, each from a fresh run:
 - `criteo_run/checkpoints/12`: that run's last checkpoint;
 - `predictions.txt`: `python -m dlrm_jax.predict` of that checkpoint on the
   first 50 raw rows.
-`examples_per_sec` (a timing) is left out of the metrics. `compare` prints
+The timings (`examples_per_sec`, `seconds`) are left out of the metrics. `compare` prints
 one line per record and exits 1 if any differs.
 """
 
@@ -28,12 +28,12 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 RAW_ROWS, PREDICT_ROWS, SEED = 400, 50, 0
+TIMINGS = ("examples_per_sec", "seconds")  # dlrm_jax.trainer.TIMINGS; older trees lack it
 
 
 def _records(path: str) -> list[dict]:
   with open(path) as f:
-    return [{k: v for k, v in json.loads(line).items() if k != "examples_per_sec"}
-            for line in f]
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS} for line in f]
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:

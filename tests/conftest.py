@@ -71,7 +71,8 @@ def tmpfs(path, size: int | str):
   try:
     yield path
   finally:
-    subprocess.run(["umount", str(path)], capture_output=True)
+    if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+      subprocess.run(["umount", "--lazy", str(path)], capture_output=True)  # files still open
 
 
 def fill(path, leave: int) -> None:

@@ -45,7 +45,7 @@ def _contents(config, task) -> checkpoint.Contents:
 
 
 def _without_speed(records):
-  return [{k: v for k, v in r.items() if k != "examples_per_sec"} for r in records]
+  return [{k: v for k, v in r.items() if k not in trainer.TIMINGS} for r in records]
 
 
 def test_sigkilled_run_resumes_to_the_uninterrupted_result(tmp_path):

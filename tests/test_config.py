@@ -113,8 +113,15 @@ def test_mlperf_dcnv2_config_is_the_references():
   assert (t.dense_optimizer, t.embedding_optimizer, t.learning_rate) == ("adagrad", "adagrad",
                                                                          0.005)
   assert "eps=1e-8" in t.dense_optimizer_args and "eps=1e-8" in t.embedding_optimizer_args
-  assert (t.mini_batch_size, t.num_batches, t.test_freq) == (65_536, 64_013, 3_200)
+  assert (t.mini_batch_size, t.num_batches, t.test_freq) == (65_536, 64_013, 0)
   assert t.target_auc == 0.80275 and not d.tables_from_metadata
+  # 20 evaluations in the epoch, each at the step nearest its twentieth, the last at its end.
+  from dlrm_jax.trainer import Cadence
+
+  cadence = Cadence(t.num_batches, t.test_freq, t.eval_every_epochs, steps_per_epoch=64_013)
+  due = [s for s in range(1, t.num_batches + 1) if cadence.due(s)]
+  assert len(due) == 20 and due[-1] == 64_013
+  assert all(abs(s - k * 64_013 / 20) <= 0.5 for k, s in enumerate(due, start=1))
 
 
 # Every field with a fixed set of choices, a bad value for it, and the choices the error
@@ -129,6 +136,7 @@ CHOICE_FIELDS = [
     ("embedding_pooling", ("sum", "mean")),
     ("mesh.axis_types", ("explicit", "auto")),
     ("data.kind", ("synthetic_ctr", "random", "criteo_kaggle", "criteo_terabyte")),
+    ("logging.mlperf_division", ("closed", "open")),
 ]
 
 

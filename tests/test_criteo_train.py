@@ -63,7 +63,7 @@ def _kaggle_head_config(tmp_path):
   c.embedding_optimizer = "rowwise_adagrad"
   c.learning_rate = 0.05
   c.mini_batch_size = 128
-  c.num_batches = 67  # one epoch of the 8,572 train rows
+  c.num_batches = 67  # one epoch of the 8,572 train rows (66 full batches) and a batch
   c.test_freq = 0
   c.test_mini_batch_size = 352  # the 714 test rows: 2 full batches and one of 10 rows
   c.test_num_batches = 0
@@ -78,12 +78,15 @@ def test_training_on_real_kaggle_rows_learns(tmp_path, monkeypatch):
   from dlrm_jax import trainer
 
   c = _kaggle_head_config(tmp_path)
+  c.eval_every_epochs = 0.5  # the loader's epoch: 66 full batches (8,572 // 128)
   seen = {}  # the train batches, as the loader gives them (it reads a few ahead)
   make_data = trainer.make_data
   monkeypatch.setattr(trainer, "make_data", lambda run: Injected(
       make_data(run), lambda i, batch: seen.setdefault(i, batch)))
   result = trainer.train_and_evaluate(c, str(tmp_path / "run"))
   assert result.summary["steps"] == 67
+  assert [(r["step"], r["epoch"]) for r in result.records] == [(33, 0.5), (66, 1.0),
+                                                               (67, 67 / 66)]
   assert result.summary["auc"] > 0.68, result.records  # 0.728 when written
   # Every row of the test split evaluated once: sklearn's metrics of the model's
   # probabilities of those rows, scored here in one batch.
