@@ -76,7 +76,7 @@ def score_keys(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
   return (p.view(np.uint32) << np.uint32(1)) | (labels > 0.5).astype(np.uint32)
 
 
-def auc_of_sorted_keys(keys: np.ndarray, chunk: int = 1 << 22) -> float:
+def auc_of_sorted_keys(keys: np.ndarray, chunk: int = 1 << 20) -> float:
   """Exact ROC AUC, ties as half, of sorted `score_keys`, in chunks of bounded memory.
 
   The Mann-Whitney U: each positive counts the negatives before it in key order
