@@ -50,6 +50,7 @@ from jax.sharding import SingleDeviceSharding
 
 from dlrm_jax.config import ConfigError, base_config, parse_widths
 from dlrm_jax.embedding import EmbeddingCollection
+from dlrm_jax.embedding.collection import unpack
 from dlrm_jax.embedding.planner import Plan
 from dlrm_jax.embedding.sharded import plan_groups, unstack_rows
 from dlrm_jax.state import TrainState
@@ -372,7 +373,7 @@ class Checkpointer:
       if diffs:
         state = self._partial_state(saved, task, contents, fresh())
       else:
-        state = self._state(saved, task, contents)
+        state = self._state(saved, task, contents, s)
       return Restored(state=state, contents=contents, step=s, partial=bool(diffs))
     if failures and step is not None:
       raise CheckpointError("; ".join(failures))
@@ -390,16 +391,26 @@ class Checkpointer:
     self.manager.reload()
     return message
 
+  def _direct(self, step: int, task, saved_plan: Plan) -> bool:
+    """Whether the saved tables read straight into `task`'s: the same layout, stored
+    alike (16-bit tables saved before they were stored packed are re-laid out)."""
+    if not saved_plan.same_layout(task.plan):
+      return False
+    saved = self._host_targets(step, ("tables",))["tables"]
+    want = task.abstract_state().tables
+    return all(np.dtype(saved[k].dtype) == np.dtype(want[k].dtype) for k in want)
+
   def _targets(self, step: int, task, saved_plan: Plan) -> dict:
-    """Restore targets: `task`'s shardings, or for tables of another layout, the host."""
+    """Restore targets: `task`'s shardings, or for tables laid out or stored otherwise,
+    the host."""
     target = task.abstract_state().as_dict()
-    if saved_plan.same_layout(task.plan):
+    if self._direct(step, task, saved_plan):
       return target
     return {**target, **self._host_targets(step, ("tables", "emb_opt_state"))}
 
-  def _state(self, saved: dict, task, contents: Contents) -> TrainState:
+  def _state(self, saved: dict, task, contents: Contents, step: int) -> TrainState:
     """The train state from arrays read with `_targets` (re-laying out tables if needed)."""
-    if not contents.plan.same_layout(task.plan):
+    if not self._direct(step, task, contents.plan):
       saved["tables"], saved["emb_opt_state"] = task.embedding.relayout(
           _collection(contents.config), contents.plan, saved["tables"],
           saved["emb_opt_state"], task.state_shapes.emb_opt_state)
@@ -423,6 +434,7 @@ class Checkpointer:
     old = plan_groups(_collection(contents.config), contents.plan)
     new_tables = task.embedding.to_arrays(fresh.tables)
     for t, a in enumerate(unstack_rows(old, saved["tables"])):
+      a = unpack(a)
       if t < len(new_tables) and a.shape == new_tables[t].shape:
         new_tables[t] = a
     out["tables"] = task.embedding.from_arrays(new_tables)

@@ -209,8 +209,9 @@ def test_interrupted_criteo_run_resumes_to_the_uninterrupted_result(tmp_path, mo
     trainer.train_and_evaluate(reseeded, str(run))
 
 
-def _mesh_config(devices, overrides=""):
+def _mesh_config(devices, overrides="", embedding_dtype="float32"):
   c = load_config("tiny", devices=devices)
+  c.embedding_dtype = embedding_dtype
   c.arch_sparse_feature_size, c.arch_mlp_bot = 8, "13-8-8"
   c.arch_embedding_size = "-".join(str(r) for r in (500, 300, 200, 120, 500, 64, 40, 250))
   c.embedding_optimizer, c.dense_optimizer = "rowwise_adagrad", "adagrad"
@@ -239,8 +240,8 @@ def _slots(task, state):
                       {k: np.asarray(v["accumulator"]) for k, v in state.emb_opt_state.items()})
 
 
-def _save_and_restore_elsewhere(tmp_path, saved_on, restore_on):
-  config = _mesh_config(saved_on, _mixed(saved_on))
+def _save_and_restore_elsewhere(tmp_path, saved_on, restore_on, dtype="float32"):
+  config = _mesh_config(saved_on, _mixed(saved_on), dtype)
   task = Task(config)
   assert {p.kind for p in task.plan.placements} == {"row_wise", "column_wise", "table_wise",
                                                     "replicated"}
@@ -252,7 +253,7 @@ def _save_and_restore_elsewhere(tmp_path, saved_on, restore_on):
   ckpt.wait()
   tables, slots = task.embedding.to_arrays(state.tables), _slots(task, state)
   for devices in restore_on:
-    other = Task(_mesh_config(devices))
+    other = Task(_mesh_config(devices, embedding_dtype=dtype))
     assert not other.plan.same_layout(task.plan)
     restored = ckpt.restore(other)
     assert restored.step == 7
@@ -278,6 +279,30 @@ def test_restore_onto_one_device_and_another_plan(tmp_path):
 
 def test_restore_from_8_devices_onto_1_2_and_4(tmp_path):
   _save_and_restore_elsewhere(tmp_path, 8, (1, 2, 4))
+
+
+def test_16_bit_tables_restore_onto_another_plan_and_from_unpacked_saves(tmp_path):
+  """bfloat16 tables (stored in pairs, column_wise's slices too on 2 devices) restore
+  onto one device; a save whose tables are plain [rows, D] bfloat16 arrays, as they were
+  stored before pairs, restores into the same plan's paired storage, values equal."""
+  from dlrm_jax.embedding.collection import unpack
+
+  _save_and_restore_elsewhere(tmp_path / "a", 2, (1,), dtype="bfloat16")
+  config = _mesh_config(1, embedding_dtype="bfloat16")
+  task = Task(config)
+  state = _random_state(task)
+  plain = TrainState(**{**state.as_dict(), "tables": {
+      k: unpack(v) for k, v in state.tables.items()}})
+  with checkpoint.Checkpointer(str(tmp_path / "b")) as ckpt:
+    ckpt.save(3, plain, _contents(config, task))
+    ckpt.wait()
+    restored = ckpt.restore(task)
+  assert restored.step == 3
+  for kind, table in restored.state.tables.items():
+    assert table.dtype == state.tables[kind].dtype and table.shape == state.tables[kind].shape
+  for got, want in zip(task.embedding.to_arrays(restored.state.tables),
+                       task.embedding.to_arrays(state.tables), strict=True):
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.fixture(scope="module")

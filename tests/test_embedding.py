@@ -377,6 +377,47 @@ def test_stochastic_rounding_is_unbiased_and_picks_a_neighbour(dtype):
   np.testing.assert_array_equal(stochastic_round(exact, dtype, jnp.full(4, 0.999)), exact)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_tables_are_stored_in_pairs_and_updated_in_place(dtype):
+  """16-bit tables of even width are stored two values per 32-bit element: the compiled
+  train step (tables donated) then needs no copy of them (XLA:CPU copies a whole 16-bit
+  array to scatter rows into it: 2x the tables' bytes of temporaries before this), the
+  tables read back as [rows, D] values, and a packed table's update is the unpacked
+  one's, bit for bit."""
+  from dlrm_jax.data import make_data
+  from dlrm_jax.embedding.collection import PACKED, pack, unpack
+  from dlrm_jax.embedding.optimizers import SparseRowWiseAdagrad
+  from dlrm_jax.specs import RunSpec
+
+  c = load_config("tiny")
+  c.arch_embedding_size = "-".join(["50000"] * 8)
+  c.embedding_dtype, c.embedding_optimizer = dtype, "rowwise_adagrad"
+  task = Task(c)
+  state = task.init_state(0)
+  table_bytes = sum(t.nbytes for t in state.tables.values())
+  assert table_bytes == 8 * 50000 * 4 * 2
+  assert {t.dtype for t in state.tables.values()} == {PACKED[jnp.dtype(dtype)]}
+  batch = task.device_batch(make_data(RunSpec.from_config(c)).batch(0))
+  memory = task.lower_train_step(state, batch).compile().memory_analysis()
+  assert memory.temp_size_in_bytes < table_bytes / 20, memory
+  arrays = task.embedding.to_arrays(state.tables)
+  assert arrays[0].shape == (50000, 4) and arrays[0].dtype == jnp.dtype(dtype)
+
+  rng = np.random.default_rng(0)
+  table = jnp.asarray(rng.normal(size=(64, 6)), dtype)
+  rows = jnp.asarray([3, 7, 7, 40], jnp.int32)
+  grads = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+  opt = SparseRowWiseAdagrad()
+  args = (rows, grads, jnp.float32(0.1), jnp.int32(5))
+  plain, plain_state = opt.update({"stacked": table}, opt.init({"stacked": table}), *args)
+  packed = {"stacked": pack(table)}
+  paired, paired_state = opt.update(packed, opt.init(packed), *args)
+  assert paired["stacked"].dtype == PACKED[jnp.dtype(dtype)]
+  np.testing.assert_array_equal(np.asarray(unpack(paired["stacked"])),
+                                np.asarray(plain["stacked"]))
+  np.testing.assert_array_equal(paired_state["accumulator"], plain_state["accumulator"])
+
+
 def test_16_bit_sgd_keeps_updates_smaller_than_half_a_step():
   """lr * g of an eighth of bfloat16's step at 1.0 (2^-7): round-to-nearest would keep
   every row at 1.0; stochastic rounding moves an eighth of the values one step down, so

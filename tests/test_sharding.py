@@ -594,9 +594,16 @@ def test_16_bit_tables_in_every_layout(dtype):
 
   got, want = _train(config(8, MIXED)), _train(config(1))
   full = _train(_config(8, MIXED, optimizer="rowwise_adagrad"))
+  from dlrm_jax.embedding.collection import PACKED, value_dtype
+
   for kind, array in got["state"].tables.items():
-    assert array.dtype == jnp.dtype(dtype), kind
+    assert value_dtype(array) == jnp.dtype(dtype), kind
     assert array.nbytes * 2 == full["state"].tables[kind].nbytes
+    # Stored in pairs of 16-bit values (updated in place on XLA:CPU) but where a device's
+    # slice of the columns is odd: column_wise's 8 columns over 8 devices.
+    packed = got["task"].embedding.groups[kind].packed
+    assert packed == (kind != "column_wise"), kind
+    assert array.dtype == (PACKED[jnp.dtype(dtype)] if packed else jnp.dtype(dtype)), kind
   task = got["task"]
   assert task.collection.nbytes * 2 == full["task"].collection.nbytes
   rows_bytes = [r * 8 for r in task.spec.table_rows]  # 8-wide rows: 16 B vs 32 B of values

@@ -34,7 +34,48 @@ POOLINGS = ("sum", "mean")
 # optimiser state is float32 whatever the storage; 16-bit tables get the update rounded
 # stochastically (dlrm_jax.embedding.optimizers.store_rows).
 STORAGE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# A 16-bit table of even width is stored packed, two values in each 32-bit element
+# ([rows, D / 2]; the 32-bit type names the 16-bit one): XLA:CPU updates rows of a 32-bit
+# array in place but copies a whole 16-bit array to scatter rows into it, which made
+# 16-bit tables slower and larger in memory than float32 ones (benchmarks/RESULTS.md).
+# `pack` / `unpack` convert (on device or host); lookups and updates unpack the rows
+# they touch, and `to_arrays` / `from_arrays` deal in plain [rows, D] 16-bit arrays.
+PACKED = {np.dtype(jnp.bfloat16): np.dtype(np.uint32), np.dtype(jnp.float16): np.dtype(np.int32)}
+UNPACKED = {v: k for k, v in PACKED.items()}
 INIT_BLOCK_ROWS = 1 << 18  # rows initialised at a time (EmbeddingCollection.init_blocked)
+
+
+def is_packed(x) -> bool:
+  """Whether a table array (or its shape struct) holds packed 16-bit values."""
+  return np.dtype(x.dtype) in UNPACKED
+
+
+def value_dtype(x) -> np.dtype:
+  """The type of a table's values: its own, or the 16-bit type packed in it."""
+  return UNPACKED.get(np.dtype(x.dtype), np.dtype(x.dtype))
+
+
+def value_shape(x) -> tuple[int, ...]:
+  """A table's shape in values ([rows, D] for a packed [rows, D / 2])."""
+  return (*x.shape[:-1], 2 * x.shape[-1]) if is_packed(x) else tuple(x.shape)
+
+
+def pack(x):
+  """16-bit values [..., C] (C even) -> [..., C / 2] 32-bit elements (numpy or JAX)."""
+  if isinstance(x, np.ndarray):
+    return np.ascontiguousarray(x).view(PACKED[x.dtype])
+  pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+  return jax.lax.bitcast_convert_type(pairs, PACKED[np.dtype(x.dtype)])
+
+
+def unpack(x):
+  """The inverse of `pack`; any other array as it is."""
+  if not is_packed(x):
+    return x
+  if isinstance(x, np.ndarray):
+    return np.ascontiguousarray(x).view(UNPACKED[x.dtype])
+  pairs = jax.lax.bitcast_convert_type(x, UNPACKED[np.dtype(x.dtype)])
+  return pairs.reshape(*x.shape[:-1], 2 * x.shape[-1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +137,9 @@ class EmbeddingCollection:
     if self.dtype not in [jnp.dtype(d) for d in STORAGE_DTYPES.values()]:
       raise ValueError(f"table storage dtype {self.dtype} is not one of {tuple(STORAGE_DTYPES)}")
     self.dim = specs[0].dim
+    # Packed storage (see PACKED): 16-bit values of an even width.
+    self.packed = self.dtype.itemsize == 2 and self.dim % 2 == 0
+    self.stored_dtype = PACKED[self.dtype] if self.packed else self.dtype
     self.hotness = tuple(s.hotness for s in specs)
     rows = np.array([s.rows for s in specs], dtype=np.int64)
     self.rows = rows
@@ -139,9 +183,10 @@ class EmbeddingCollection:
 
   def init_blocked(self, seed: int | jax.Array, num_rows: int,
                    row_info: Callable[[jax.Array], tuple[jax.Array, jax.Array | None]],
-                   cols: jax.Array, block_rows: int | None = None) -> jax.Array:
+                   cols: jax.Array, block_rows: int | None = None,
+                   packed: bool | None = None) -> jax.Array:
     """`init_rows` of rows 0..num_rows-1, `block_rows` at a time, into one [num_rows, C] array
-    of the storage dtype (each block rounded to it).
+    of the storage dtype (each block rounded to it; `store(..., packed)`).
 
     `row_info(local_rows)` gives (stacked rows, valid) as `init_rows` takes
     them; `block_rows` defaults to INIT_BLOCK_ROWS. Computing block by block
@@ -152,7 +197,7 @@ class EmbeddingCollection:
 
     def values(start):
       rows, valid = row_info(start + jnp.arange(block, dtype=jnp.int32))
-      return self.init_rows(seed, rows, cols, valid).astype(self.dtype)
+      return self.store(self.init_rows(seed, rows, cols, valid), packed)
 
     first = values(0)
     if block == num_rows:
@@ -162,12 +207,19 @@ class EmbeddingCollection:
       start = jnp.minimum(i * block, num_rows - block)  # overlap gets the same values.
       return jax.lax.dynamic_update_slice(out, values(start), (start, 0))
 
-    out = jnp.zeros((num_rows, cols.shape[0]), self.dtype)
+    out = jnp.zeros((num_rows, first.shape[1]), first.dtype)
     varying = tuple(getattr(jax.typeof(first), "vma", ()))  # inside shard_map: per device
     if varying:
       out = jax.lax.pcast(out, varying, to="varying")
     out = jax.lax.dynamic_update_slice(out, first, (0, 0))
     return jax.lax.fori_loop(1, -(-num_rows // block), body, out)
+
+  def store(self, values, packed: bool | None = None):
+    """Values [..., C] (numpy or JAX) as the tables store them: the storage dtype
+    (rounded to nearest; updates round stochastically), packed in pairs if `packed`
+    (None: `self.packed`; a layout whose slices have an odd width stores them unpacked)."""
+    values = values.astype(self.dtype)
+    return pack(values) if (self.packed if packed is None else packed) else values
 
   def init_rows(self, seed: int | jax.Array, rows: jax.Array, cols: jax.Array,
                 valid: jax.Array | None = None) -> jax.Array:
@@ -192,11 +244,11 @@ class EmbeddingCollection:
     for spec, a in zip(self.specs, arrays):
       if a.shape != (spec.rows, spec.dim):
         raise ValueError(f"table {spec.name}: expected shape {(spec.rows, spec.dim)}, got {a.shape}")
-    return {"stacked": jnp.asarray(np.concatenate(arrays, axis=0), self.dtype)}
+    return {"stacked": jnp.asarray(self.store(np.concatenate(arrays, axis=0)))}
 
   def to_arrays(self, tables: Tables) -> list[np.ndarray]:
-    """Splits the stacked storage back into one array per table."""
-    stacked = np.asarray(tables["stacked"])
+    """Splits the stacked storage back into one array per table ([rows, D] values)."""
+    stacked = unpack(np.asarray(tables["stacked"]))
     return [stacked[o:o + r] for o, r in zip(self.offsets, self.rows)]
 
   def bags(self, shape: tuple[int, ...]) -> Bags:
@@ -288,8 +340,8 @@ class EmbeddingCollection:
 
 def gather_rows(table: jax.Array, rows: jax.Array) -> jax.Array:
   """table[rows] for valid rows (checked at the data boundary), as float32 (16-bit tables:
-  the vectors and their gradients are float32 from here on)."""
-  return jnp.take(table, rows, axis=0, mode="clip").astype(jnp.float32)
+  the vectors and their gradients are float32 from here on; packed rows are unpacked)."""
+  return unpack(jnp.take(table, rows, axis=0, mode="clip")).astype(jnp.float32)
 
 
 def _fmix32(h: jax.Array) -> jax.Array:

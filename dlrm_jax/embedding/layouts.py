@@ -46,8 +46,20 @@ class Layout:
     self.rows = np.array([collection.rows[t] for t in self.features], np.int64)
 
   # Layout --------------------------------------------------------------------
-  shape: tuple[int, int]
+  shape: tuple[int, int]  # the stacked tables' rows and values (the slots' shape)
   spec: P
+
+  @property
+  def packed(self) -> bool:
+    """16-bit values stored in pairs (`dlrm_jax.embedding.collection.PACKED`): where the
+    collection packs and each device's slice of the columns is even."""
+    return self.collection.packed and local_shape(self)[1] % 2 == 0
+
+  @property
+  def stored_shape(self) -> tuple[int, int]:
+    """The stacked table array's shape: `shape`, or [rows, D / 2] when packed."""
+    rows, cols = self.shape
+    return (rows, cols // 2) if self.packed else (rows, cols)
 
   def blocks(self, t: int):
     """(storage_row, table_row, count) blocks where table t's rows are stored."""
@@ -63,7 +75,7 @@ class Layout:
   def init_local(self, seed: jax.Array) -> jax.Array:
     """This device's shard of the initial table, equal to `EmbeddingCollection.init`."""
     return self.collection.init_blocked(seed, local_shape(self)[0], self.local_row_info,
-                                        self.local_cols())
+                                        self.local_cols(), packed=self.packed)
 
   # Per-device programs --------------------------------------------------------
   def route(self, table, ids, scale, bags: Bags) -> dict[str, jax.Array]:
@@ -256,7 +268,7 @@ class RowWise(Layout):
     rows = jnp.where(mine, ids - d * block + self._column_const(self.local_offset, bags),
                      table.shape[0])
     if scale is None:
-      scale = mine.astype(table.dtype)
+      scale = mine.astype(jnp.float32)
     else:
       scale = jnp.where(mine, jax.lax.all_gather(scale, self.axes.shard, tiled=True), 0.0)
     return {"vectors": self.kernel.gather(table, rows), "rows": rows, "scale": scale}

@@ -37,7 +37,8 @@ import jax
 import jax.numpy as jnp
 
 from dlrm_jax.config import ConfigError, parse_args
-from dlrm_jax.embedding.collection import Tables, hash_uniform
+from dlrm_jax.embedding.collection import (Tables, gather_rows, hash_uniform, is_packed, pack,
+                                           value_dtype, value_shape)
 
 
 def sum_duplicates(rows: jax.Array, grads: jax.Array, fill_row: int,
@@ -122,14 +123,17 @@ def store_rows(table: jax.Array, rows: jax.Array, values: jax.Array, step: jax.A
   (`element_ids`: (local rows -> those rows, the local columns' numbers), from the
   sharded layout; None: the rows and columns as they are), so that every layout and
   every copy of a replicated table rounds alike."""
-  if table.dtype.itemsize < 4:
+  dtype = value_dtype(table)
+  if dtype.itemsize < 4:
     seed = jnp.asarray(step, jnp.uint32) * jnp.uint32(0x9E3779B1) + jnp.uint32(0x5851F42D)
     if element_ids is None:
       global_rows, cols = rows, jnp.arange(values.shape[1], dtype=jnp.uint32)
     else:
       global_rows, cols = element_ids[0](rows), element_ids[1]
     u = (hash_uniform(seed, global_rows.astype(jnp.uint32)[:, None], cols[None, :]) + 1.0) * 0.5
-    values = stochastic_round(values.astype(jnp.float32), table.dtype, u)
+    values = stochastic_round(values.astype(jnp.float32), dtype, u)
+    if is_packed(table):
+      values = pack(values)
   return _put(table, rows, values)
 
 
@@ -176,7 +180,7 @@ class SparseSGD(_RowUpdates):
 
   def update(self, tables, state, rows, grads, lr, step, column_axis=None, element_ids=None):
     table = tables["stacked"]
-    if table.dtype.itemsize < 4:  # 16-bit rows: sum, step and round each row once
+    if value_dtype(table).itemsize < 4:  # 16-bit rows: sum, step and round each row once
       return super().update(tables, state, rows, grads, lr, step, column_axis, element_ids)
     # Slots with row >= n (padding) add zero to a valid row instead of being
     # dropped: XLA:CPU's scatter-add with mode="drop" is far slower than with
@@ -189,7 +193,7 @@ class SparseSGD(_RowUpdates):
   def apply_rows(self, tables, state, rows, grads, lr, step, column_axis=None, element_ids=None):
     del column_axis
     table = tables["stacked"]
-    w = _take(table, rows) - lr * grads
+    w = gather_rows(table, rows) - lr * grads
     return {"stacked": store_rows(table, rows, w, step, element_ids)}, state
 
 
@@ -206,7 +210,8 @@ class SparseRowWiseAdagrad(_RowUpdates):
 
   def init(self, tables: Tables) -> dict:
     t = tables["stacked"]
-    return {"accumulator": jnp.full(t.shape[:1], self.initial_accumulator_value, jnp.float32)}
+    return {"accumulator": jnp.full(value_shape(t)[:1], self.initial_accumulator_value,
+                                    jnp.float32)}
 
   def apply_rows(self, tables, state, unique, g, lr, step, column_axis=None, element_ids=None):
     table, acc = tables["stacked"], state["accumulator"]
@@ -214,7 +219,7 @@ class SparseRowWiseAdagrad(_RowUpdates):
     if column_axis is not None:  # equal slices of the row on each device: mean of their means
       mean_square = jax.lax.pmean(mean_square, column_axis)
     a = _take(acc, unique) + mean_square
-    w = _take(table, unique) - lr * g / (jnp.sqrt(a)[:, None] + self.eps)
+    w = gather_rows(table, unique) - lr * g / (jnp.sqrt(a)[:, None] + self.eps)
     return ({"stacked": store_rows(table, unique, w, step, element_ids)},
             {"accumulator": _put(acc, unique, a)})
 
@@ -231,13 +236,14 @@ class SparseAdagrad(_RowUpdates):
 
   def init(self, tables: Tables) -> dict:
     t = tables["stacked"]
-    return {"accumulator": jnp.full(t.shape, self.initial_accumulator_value, jnp.float32)}
+    return {"accumulator": jnp.full(value_shape(t), self.initial_accumulator_value,
+                                    jnp.float32)}
 
   def apply_rows(self, tables, state, unique, g, lr, step, column_axis=None, element_ids=None):
     del column_axis  # element-wise: a column slice needs nothing from the others.
     table, acc = tables["stacked"], state["accumulator"]
     a = _take(acc, unique) + jnp.square(g)
-    w = _take(table, unique) - lr * g / (jnp.sqrt(a) + self.eps)
+    w = gather_rows(table, unique) - lr * g / (jnp.sqrt(a) + self.eps)
     return ({"stacked": store_rows(table, unique, w, step, element_ids)},
             {"accumulator": _put(acc, unique, a)})
 
@@ -259,7 +265,8 @@ class SparseLazyAdam(_RowUpdates):
 
   def init(self, tables: Tables) -> dict:
     t = tables["stacked"]
-    return {"mu": jnp.zeros(t.shape, jnp.float32), "nu": jnp.zeros(t.shape, jnp.float32)}
+    return {"mu": jnp.zeros(value_shape(t), jnp.float32),
+            "nu": jnp.zeros(value_shape(t), jnp.float32)}
 
   def apply_rows(self, tables, state, unique, g, lr, step, column_axis=None, element_ids=None):
     del column_axis  # element-wise: a column slice needs nothing from the others.
@@ -269,7 +276,7 @@ class SparseLazyAdam(_RowUpdates):
     v = self.b2 * _take(state["nu"], unique) + (1 - self.b2) * jnp.square(g)
     m_hat = m / (1 - self.b1**t)
     v_hat = v / (1 - self.b2**t)
-    w = _take(table, unique) - lr * m_hat / (jnp.sqrt(v_hat) + self.eps)
+    w = gather_rows(table, unique) - lr * m_hat / (jnp.sqrt(v_hat) + self.eps)
     return ({"stacked": store_rows(table, unique, w, step, element_ids)},
             {"mu": _put(state["mu"], unique, m), "nu": _put(state["nu"], unique, v)})
 

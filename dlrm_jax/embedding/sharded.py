@@ -53,7 +53,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dlrm_jax.embedding.bags import Bags
-from dlrm_jax.embedding.collection import EmbeddingCollection, Tables
+from dlrm_jax.embedding.collection import EmbeddingCollection, Tables, unpack
 from dlrm_jax.embedding.kernels import LocalLookup, local_lookup
 from dlrm_jax.embedding.layouts import Layout, local_shape, plan_groups, stack_rows, unstack_rows
 from dlrm_jax.embedding.planner import Plan
@@ -123,18 +123,23 @@ class ShardedEmbedding:
     """Per-table arrays -> the sharded layout (placed on the mesh)."""
     if len(arrays) != self.collection.num_tables:
       raise ValueError(f"expected {self.collection.num_tables} tables, got {len(arrays)}")
-    arrays = [np.asarray(a).astype(self.collection.dtype) for a in arrays]  # the storage type
+    arrays = [np.asarray(a) for a in arrays]
     for t, a in enumerate(arrays):
       if a.shape != (self.specs[t].rows, self.specs[t].dim):
         raise ValueError(f"table {self.specs[t].name}: expected shape "
                          f"{(self.specs[t].rows, self.specs[t].dim)}, got {a.shape}")
-    stacked = stack_rows(self.groups, arrays, {k: g.shape for k, g in self.groups.items()})
-    return {kind: jax.device_put(stacked[kind], NamedSharding(self.mesh, g.spec))
-            for kind, g in self.groups.items()}
+    out = {}
+    for kind, g in self.groups.items():  # each group in its storage type, packed or not
+      stored = [self.collection.store(a, g.packed) if t in g.features else None
+                for t, a in enumerate(arrays)]
+      stacked = stack_rows({kind: g}, stored, {kind: g.stored_shape})[kind]
+      out[kind] = jax.device_put(stacked, NamedSharding(self.mesh, g.spec))
+    return out
 
   def to_arrays(self, tables: Tables) -> list[np.ndarray]:
-    """The sharded layout -> one host array per table."""
-    return unstack_rows(self.groups, {kind: gather_to_host(tables[kind]) for kind in self.groups})
+    """The sharded layout -> one host array of [rows, D] values per table."""
+    stored = {kind: gather_to_host(tables[kind]) for kind in self.groups}
+    return [unpack(a) for a in unstack_rows(self.groups, stored)]
 
   def relayout(self, collection: EmbeddingCollection, plan: Plan, tables: dict,
                slots: dict, target_slots: dict) -> tuple[Tables, dict]:
@@ -144,7 +149,7 @@ class ShardedEmbedding:
     old, new = plan_groups(collection, plan), self.groups
     shardings = self.state_shardings(target_slots)
     per_table = unstack_rows(old, {k: np.asarray(v) for k, v in tables.items()})
-    placed_tables = self.from_arrays(per_table)
+    placed_tables = self.from_arrays([unpack(a) for a in per_table])
     placed_slots = {k: {} for k in new}
     leaf_names = next(iter(slots.values()), {}).keys()
     for name in leaf_names:
