@@ -16,7 +16,13 @@ checkpoint restores onto any device count.
 (`jax.export` serialisation, batch size symbolic), `params.npz` (dense
 parameters and the tables stacked, with their offsets in `signature.json`).
 `load_exported(DIR)` runs it with jax and numpy alone: no config, no Flax, no
-code of this package.
+code of this package. Its ids are flat bags, each feature's ids end to end
+([B, sum of the hotness]; one-hot data: [B, F]).
+
+`--quantize int8|int4` scores (on one device) and exports with every table
+row-wise quantised, a scale and a bias per row as FBGEMM's fused formats
+(`dlrm_jax.embedding.quantized`: D + 8 bytes per row for int8, D / 2 + 4 for
+int4, against 4 D for float32).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from dlrm_jax.config import base_config
 from dlrm_jax.data.criteo.parse import BadLineError, InputError, parse_block
 from dlrm_jax.data.criteo.vocabulary import load_vocabulary, vocab_rows
 from dlrm_jax.data import format as fmt
+from dlrm_jax.embedding import quantized
 from dlrm_jax.task import Task
 
 
@@ -171,45 +178,94 @@ def raw_batches(path: str, mapper: RawMapper, batch_size: int) -> Iterator[dict]
 
 # Export --------------------------------------------------------------------------
 
-def export(model: Model, directory: str, *, platforms: Sequence[str] | None = None) -> None:
-  """Writes the inference function (jax.export) and its parameters to `directory`.
+@dataclasses.dataclass
+class Inference:
+  """The model as one pure function of host arrays, on one device, for export and for
+  scoring with quantised tables: `fn(param_leaves, tables, dense, sparse)` with the
+  tables stacked ([sum of rows, D], or a quantised set) and flat ids [B, sum of the
+  hotness] (one-hot data: [B, F])."""
 
-  The function takes (dense-parameter leaves, the tables stacked [sum of rows, D],
-  dense [B, 13], sparse [B, F] int32) with a symbolic B and returns
-  probabilities [B] (one-hot ids: one id per feature);
-  `load_exported` wraps it.
-  """
+  fn: Callable
+  leaves: list[np.ndarray]
+  tables: dict[str, np.ndarray]
+  sparse_width: int
+  num_dense: int
+  jitted: Callable = dataclasses.field(init=False, repr=False)
+
+  def __post_init__(self):
+    self.jitted = jax.jit(self.fn)
+
+  def __call__(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
+    return np.asarray(self.jitted(self.leaves, self.tables, dense, sparse))
+
+
+def inference(model: Model, quantize: str | None = None) -> Inference:
+  """`model` as an `Inference`; `quantize` "int8" or "int4" stores its tables row-wise
+  quantised (`dlrm_jax.embedding.quantized`), dequantised row by row in the lookup."""
   task = model.task
   leaves, treedef = jax.tree.flatten(model.params)
   leaves = [np.asarray(parallel.gather_to_host(x)) for x in leaves]
-  tables = task.embedding.to_arrays(model.tables)
+  stacked = np.concatenate(task.embedding.to_arrays(model.tables), axis=0)
+  tables = ({"stacked": stacked} if quantize is None
+            else quantized.quantize(stacked, quantize))  # one gather serves every table
   graphdef, collection = task.graphdef, task.collection
 
-  stacked = np.concatenate(tables, axis=0)  # one gather serves every table
-
-  def infer(param_leaves, stacked, dense, sparse):
+  def infer(param_leaves, tables, dense, sparse):
     params = jax.tree.unflatten(treedef, param_leaves)
-    emb = collection.lookup({"stacked": stacked}, sparse)
+    emb = collection.lookup(tables, sparse)
     return jax.nn.sigmoid(nnx.merge(graphdef, params)(dense, emb))
 
+  return Inference(infer, leaves, tables, sum(collection.hotness), task.spec.num_dense)
+
+
+def score_quantized(model: Model, batches: Iterator[dict], batch_size: int,
+                    fmt: str) -> np.ndarray:
+  """`score` with the tables quantised to `fmt`, on one device."""
+  run = inference(model, fmt)
+  out = []
+  for batch in batches:
+    n = len(batch["dense"])
+    if n:
+      model.task.collection.check_ids(batch["sparse"])
+      padded = {k: _pad(np.asarray(batch[k]), batch_size) for k in ("dense", "sparse")}
+      out.append(run(padded["dense"], padded["sparse"])[:n])
+  return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def export(model: Model, directory: str, *, platforms: Sequence[str] | None = None,
+           quantize: str | None = None) -> None:
+  """Writes the inference function (jax.export) and its parameters to `directory`.
+
+  The function takes (dense-parameter leaves, the tables, dense [B, 13] float32,
+  sparse [B, sum of the hotness] int32: each feature's bag of ids end to end, one id
+  per feature for one-hot data) with a symbolic B and returns probabilities [B];
+  the tables are stacked [sum of rows, D], or with `quantize` ("int8" or "int4")
+  row-wise quantised. `load_exported` wraps it.
+  """
+  run = inference(model, quantize)
   b = jax.export.symbolic_shape("b")[0]
-  args = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves],
-          jax.ShapeDtypeStruct(stacked.shape, stacked.dtype),
-          jax.ShapeDtypeStruct((b, task.spec.num_dense), jnp.float32),
-          jax.ShapeDtypeStruct((b, task.spec.num_tables), jnp.int32))
-  exported = jax.export.export(jax.jit(infer), platforms=platforms)(*args)
+  struct = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+  args = ([struct(x) for x in run.leaves], {k: struct(v) for k, v in run.tables.items()},
+          jax.ShapeDtypeStruct((b, run.num_dense), jnp.float32),
+          jax.ShapeDtypeStruct((b, run.sparse_width), jnp.int32))
+  exported = jax.export.export(jax.jit(run.fn), platforms=platforms)(*args)
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, "model.jaxexport"), "wb") as f:
     f.write(exported.serialize())
-  arrays = {f"param_{i:04d}": x for i, x in enumerate(leaves)}
-  arrays["tables"] = stacked
+  arrays = {f"param_{i:04d}": x for i, x in enumerate(run.leaves)}
+  arrays.update({f"tables_{k}": v for k, v in run.tables.items()})
   np.savez(os.path.join(directory, "params.npz"), **arrays)
+  task = model.task
   with open(os.path.join(directory, "signature.json"), "w") as f:
-    json.dump({"num_params": len(leaves), "num_tables": len(tables),
-               "table_offsets": [int(o) for o in collection.offsets],
-               "num_dense": task.spec.num_dense, "table_rows": list(task.spec.table_rows),
+    json.dump({"num_params": len(run.leaves), "num_tables": task.spec.num_tables,
+               "tables": sorted(run.tables), "quantize": quantize,
+               "table_bytes": int(sum(v.nbytes for v in run.tables.values())),
+               "table_offsets": [int(o) for o in task.collection.offsets],
+               "num_dense": run.num_dense, "table_rows": list(task.spec.table_rows),
+               "hotness": list(task.collection.hotness),
                "step": model.step, "platforms": list(exported.platforms),
-               "inputs": "dense float32 [B, num_dense], sparse int32 [B, num_tables]",
+               "inputs": f"dense float32 [B, {run.num_dense}], sparse int32 "
+                         f"[B, {run.sparse_width}] (each feature's ids end to end)",
                "output": "click probability float32 [B]"}, f, indent=1)
 
 
@@ -221,7 +277,7 @@ def load_exported(directory: str) -> Callable[[np.ndarray, np.ndarray], np.ndarr
     sig = json.load(f)
   arrays = np.load(os.path.join(directory, "params.npz"))
   leaves = [arrays[f"param_{i:04d}"] for i in range(sig["num_params"])]
-  tables = arrays["tables"]
+  tables = {k: arrays[f"tables_{k}"] for k in sig.get("tables", ["stacked"])}
 
   def run(dense, sparse):
     return np.asarray(exported.call(leaves, tables, np.asarray(dense, np.float32),
@@ -247,6 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--devices", type=int, default=0, help="devices to use (0: all)")
   p.add_argument("--platforms", default="", help="export for these platforms, e.g. cpu,cuda "
                  "(default: this machine's)")
+  p.add_argument("--quantize", choices=tuple(quantized.FORMATS), default=None,
+                 help="score and export with the tables row-wise quantised (a scale and a "
+                      "bias per row; on one device)")
   args = p.parse_args(argv)
   if not args.export and not (args.input and args.output):
     p.error("give --input and --output, or --export")
@@ -264,8 +323,8 @@ def _run(args: argparse.Namespace) -> int:
   print(f"model of step {model.step} from {args.workdir} on {model.task.mesh.size} device(s)",
         file=sys.stderr)
   if args.export:
-    export(model, args.export,
-           platforms=[s for s in args.platforms.split(",") if s] or None)
+    export(model, args.export, platforms=[s for s in args.platforms.split(",") if s] or None,
+           quantize=args.quantize)
     print(f"exported to {args.export}", file=sys.stderr)
   if args.input:
     batch_size = -(-args.batch_size // model.task.mesh.size) * model.task.mesh.size
@@ -279,7 +338,8 @@ def _run(args: argparse.Namespace) -> int:
                          f"(--data; the checkpoint names {data_dir!r})")
       mapper = RawMapper(data_dir)
       batches = raw_batches(args.input, mapper, batch_size)
-    probs = score(model, batches, batch_size)
+    probs = (score(model, batches, batch_size) if args.quantize is None
+             else score_quantized(model, batches, batch_size, args.quantize))
     with open(args.output, "w") as f:
       f.writelines(f"{x:.9g}\n" for x in probs)
     print(f"{len(probs):,} rows scored into {args.output}"

@@ -565,22 +565,37 @@ def test_predict_raw_and_prepared_data_and_export_round_trip(tmp_path):
   prepared = list(predict.prepared_batches(str(data), 64, "test"))
   np.save(tmp_path / "dense.npy", np.concatenate([b["dense"] for b in prepared]))
   np.save(tmp_path / "sparse.npy", np.concatenate([b["sparse"] for b in prepared]))
+  # The same model scored and exported with int8 and int4 row-wise quantised tables.
+  for fmt in ("int8", "int4"):
+    run("--input", str(data), "--split", "test", "--output", str(tmp_path / f"{fmt}.txt"),
+        "--export", str(tmp_path / fmt), "--quantize", fmt)
   script = f"""
 import json, sys
 import jax, numpy as np
 assert "dlrm_jax" not in sys.modules and "flax" not in sys.modules
-exported = jax.export.deserialize(bytearray(open({str(tmp_path / 'x' / 'model.jaxexport')!r}, 'rb').read()))
-arrays = np.load({str(tmp_path / 'x' / 'params.npz')!r})
-sig = json.load(open({str(tmp_path / 'x' / 'signature.json')!r}))
-leaves = [arrays[f"param_{{i:04d}}"] for i in range(sig["num_params"])]
-out = exported.call(leaves, arrays["tables"], np.load({str(tmp_path / 'dense.npy')!r}),
-                    np.load({str(tmp_path / 'sparse.npy')!r}))
-np.save({str(tmp_path / 'exported.npy')!r}, np.asarray(out))
+for name in ("x", "int8", "int4"):
+  d = {str(tmp_path)!r} + "/" + name
+  exported = jax.export.deserialize(bytearray(open(d + "/model.jaxexport", "rb").read()))
+  arrays = np.load(d + "/params.npz")
+  sig = json.load(open(d + "/signature.json"))
+  leaves = [arrays[f"param_{{i:04d}}"] for i in range(sig["num_params"])]
+  tables = {{k: arrays["tables_" + k] for k in sig["tables"]}}
+  out = exported.call(leaves, tables, np.load({str(tmp_path / 'dense.npy')!r}),
+                      np.load({str(tmp_path / 'sparse.npy')!r}))
+  np.save({str(tmp_path)!r} + "/exported_" + name + ".npy", np.asarray(out))
 assert "flax" not in sys.modules
 """
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                         env=env, timeout=300, cwd=str(tmp_path))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  np.testing.assert_allclose(np.load(tmp_path / "exported.npy"), from_prepared,
+  np.testing.assert_allclose(np.load(tmp_path / "exported_x.npy"), from_prepared,
                              rtol=1e-6, atol=1e-7)
+  for fmt, near in (("int8", 2e-3), ("int4", 3e-2)):
+    scored = np.loadtxt(tmp_path / f"{fmt}.txt", dtype=np.float32)
+    np.testing.assert_allclose(np.load(tmp_path / f"exported_{fmt}.npy"), scored, rtol=1e-5,
+                               atol=1e-7)  # predict --quantize and its export agree
+    gap = np.abs(scored - from_prepared).max()
+    assert 0 < gap < near, (fmt, gap)  # quantised, and close to the float model
+    sig = json.loads((tmp_path / fmt / "signature.json").read_text())
+    assert sig["quantize"] == fmt and sig["tables"] == sorted([fmt, "scale", "bias"])

@@ -440,3 +440,40 @@ def test_16_bit_sgd_keeps_updates_smaller_than_half_a_step():
   again, _ = SparseSGD().update({"stacked": table}, {}, rows, grads, jnp.float32(1.0),
                                 jnp.int32(3))
   np.testing.assert_array_equal(np.asarray(again["stacked"], np.float32), new)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_row_wise_quantised_tables_against_numpy(fmt):
+  """Each row as unsigned ints with a scale and a bias (FBGEMM's fused formats): the
+  bytes per row, the nibble order, the error bound, and lookups (multi-hot, pooled) of
+  the quantised set equal to lookups of the float table it stands for."""
+  from dlrm_jax.embedding import quantized
+
+  bits, scale_dtype = quantized.FORMATS[fmt]
+  assert [quantized.row_bytes(fmt, d) for d in (16, 128)] == (
+      [24, 136] if fmt == "int8" else [12, 68])
+  rng = np.random.default_rng(0)
+  table = rng.normal(size=(300, 16)).astype(np.float32) * rng.uniform(0.01, 1, (300, 1))
+  table[7] = 0.25  # a constant row
+  q = quantized.quantize(table, fmt)
+  assert sum(v.nbytes for v in q.values()) == 300 * quantized.row_bytes(fmt, 16)
+  assert q["scale"].dtype == scale_dtype and q[fmt].dtype == np.uint8
+  # numpy re-derivation: levels, scale = range / levels, bias = min, round to nearest.
+  levels = 2 ** bits - 1
+  scale = q["scale"].astype(np.float64)[:, None]
+  bias = q["bias"].astype(np.float64)[:, None]
+  want = np.clip(np.rint((table - bias) / scale), 0, levels)
+  np.testing.assert_allclose(q["bias"], table.min(1).astype(scale_dtype))
+  codes = q[fmt] if bits == 8 else np.stack([q[fmt] & 15, q[fmt] >> 4], -1).reshape(300, 16)
+  np.testing.assert_array_equal(codes, want)
+  back = quantized.dequantize(q)
+  np.testing.assert_allclose(back, codes * scale + bias, rtol=1e-6, atol=1e-7)
+  step = (table.max(1) - table.min(1))[:, None] / levels
+  assert np.all(np.abs(back - table) <= 0.5 * step * (1 + 2 ** -9) + 1e-7)  # half a step
+  np.testing.assert_allclose(back[7], 0.25, atol=1e-3)
+  coll = EmbeddingCollection.uniform([100, 120, 80], 16, hotness=[1, 3, 2])
+  flat = jnp.asarray(np.concatenate([rng.integers(0, r, (5, h)) for r, h in
+                                     ((100, 1), (120, 3), (80, 2))], 1), jnp.int32)
+  got = coll.lookup({k: jnp.asarray(v) for k, v in q.items()}, flat)
+  np.testing.assert_allclose(got, coll.lookup({"stacked": jnp.asarray(back)}, flat),
+                             rtol=1e-6, atol=1e-6)

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import small_criteo_config
+from conftest import load_config, small_criteo_config
 from dlrm_jax import predict, trainer
 from dlrm_jax.data import criteo
 from dlrm_jax.data.criteo_synth import write_raw
@@ -270,3 +270,30 @@ def test_exported_function_scores_as_the_model(reference, tmp_path, devices):
   f = predict.load_exported(str(out))
   np.testing.assert_allclose(f(dense, sparse), expected, rtol=1e-6, atol=1e-7)
   np.testing.assert_allclose(f(dense[-5:], sparse[-5:]), expected[-5:], rtol=1e-6, atol=1e-7)
+
+
+def test_export_of_a_multi_hot_model_takes_its_flat_bags(tmp_path):
+  """A model of multi-hot features (hotness 2, 1, 3, ...): the exported function takes
+  each sample's bags end to end, [B, sum of the hotness], and scores as the model does;
+  so does its int8 export, as predict's int8 scoring."""
+  from dlrm_jax.data import make_data
+  from dlrm_jax.specs import RunSpec
+  from dlrm_jax.task import Task
+
+  c = load_config("tiny")
+  c.data.hotness = "2-1-3-1-1-2-1-4"
+  task = Task(c)
+  state = task.init_state(0)
+  model = predict.Model(task=task, params=state.params, tables=state.tables, config=c, step=0)
+  batch = make_data(RunSpec.from_config(c)).batch(0)
+  assert batch["sparse"].shape == (64, 15)
+  for fmt in (None, "int8"):
+    out = tmp_path / str(fmt)
+    predict.export(model, str(out), quantize=fmt)
+    assert json.loads((out / "signature.json").read_text())["hotness"] == [2, 1, 3, 1, 1, 2, 1, 4]
+    if fmt is None:
+      want = predict.score(model, iter([batch]), 64)
+    else:
+      want = predict.score_quantized(model, iter([batch]), 64, fmt)
+    got = predict.load_exported(str(out))(batch["dense"], batch["sparse"])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)

@@ -323,11 +323,13 @@ class EmbeddingCollection:
     """Flat bags [B, sum(hotness)], ids [B, F] or padded bags [B, F, H] (with optional
     per-id weights of the ids' shape, and a mask for padded bags) -> [B, F, D].
 
+    `tables`: {"stacked": [sum of rows, D]}, or a quantised set
+    (`dlrm_jax.embedding.quantized.quantize`) for inference.
     The plain single-array lookup; training on a mesh goes through
     `dlrm_jax.embedding.sharded.ShardedEmbedding`, which this is the reference for.
     """
     bags = self.bags(ids.shape)
-    vectors = gather_rows(tables["stacked"], self.global_rows(ids))
+    vectors = gather_table(tables, self.global_rows(ids))
     if ids.ndim == 3:
       return self.pool(vectors, weights, mask)
     if bags.uniform == 1 and weights is None:
@@ -336,6 +338,16 @@ class EmbeddingCollection:
     if bags.divisors is not None:
       pooled = pooled / jnp.asarray(bags.divisors, pooled.dtype)[None, :, None]
     return pooled
+
+
+def gather_table(tables: Tables, rows: jax.Array) -> jax.Array:
+  """Rows of a table set as float32: the stacked table's, or a quantised set's
+  (`dlrm_jax.embedding.quantized`), dequantised."""
+  if "stacked" in tables:
+    return gather_rows(tables["stacked"], rows)
+  from dlrm_jax.embedding.quantized import dequantize_rows
+
+  return dequantize_rows(tables, rows)
 
 
 def gather_rows(table: jax.Array, rows: jax.Array) -> jax.Array:
