@@ -63,7 +63,8 @@ READABLE_VERSIONS = (2, 3)
 MODEL_KEYS = ("arch_sparse_feature_size", "arch_mlp_bot", "arch_mlp_top", "arch_embedding_size",
               "arch_interaction_op", "arch_interaction_itself", "arch_dot_pair_order",
               "dcn_num_layers", "dcn_low_rank_dim", "embedding_pooling", "embedding_dtype",
-              "dense_optimizer", "embedding_optimizer", "data.num_dense_features")
+              "dense_optimizer", "embedding_optimizer", "data.num_dense_features",
+              "qr_flag", "qr_collisions", "qr_operation", "qr_threshold")
 
 
 class CheckpointError(RuntimeError):
@@ -466,7 +467,8 @@ def _key(path) -> str:
 
 
 def _collection(config: dict) -> EmbeddingCollection:
-  """The tables of a saved config."""
-  rows = parse_widths("arch_embedding_size", config["arch_embedding_size"])
-  return EmbeddingCollection.uniform(rows, int(config["arch_sparse_feature_size"]),
-                                     config.get("embedding_pooling", "sum"))
+  """The tables of a saved config (quotient-remainder pairs included)."""
+  from dlrm_jax.embedding.qr import QRTables
+
+  return EmbeddingCollection(QRTables.from_config(config).table_specs(
+      config.get("embedding_pooling", "sum")))

@@ -104,6 +104,13 @@ def _model_and_training_fields(c) -> None:
   # are float32, optimiser state float32, updates stochastically rounded to the storage).
   c.embedding_dtype = "float32"
   c.embedding_pooling = "sum"  # sum | mean: how a multi-hot bag becomes one vector.
+  # Quotient-remainder tables (the reference's --qr-* flags, dlrm_jax/embedding/qr.py): a
+  # table of more than qr_threshold rows becomes two of ceil(n / c) and c rows (c:
+  # qr_collisions), looked up at id // c and id % c, combined by mult | add | concat.
+  c.qr_flag = False
+  c.qr_collisions = 4
+  c.qr_operation = "mult"
+  c.qr_threshold = 200
   # Loss and optimisation.
   c.loss_function = "bce"
   c.loss_weights = "1.0-1.0"  # wbce weights of label 0 and label 1.

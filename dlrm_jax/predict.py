@@ -101,7 +101,7 @@ def score(model: Model, batches: Iterator[dict], batch_size: int) -> np.ndarray:
     if n == 0:
       continue
     padded = {k: _pad(np.asarray(v), batch_size) for k, v in batch.items() if k != "label"}
-    model.task.collection.check_ids(padded["sparse"], padded.get("sparse_mask"))
+    model.task.check_ids(padded["sparse"], padded.get("sparse_mask"))
     probs = model.task.predict(model.params, model.tables, padded)
     out.append(parallel.gather_to_host(probs)[:n])
   return np.concatenate(out) if out else np.zeros(0, np.float32)
@@ -212,10 +212,11 @@ def inference(model: Model, quantize: str | None = None) -> Inference:
 
   def infer(param_leaves, tables, dense, sparse):
     params = jax.tree.unflatten(treedef, param_leaves)
-    emb = collection.lookup(tables, sparse)
+    ids = task.qr.split({"sparse": sparse})["sparse"]  # quotient-remainder pairs' ids
+    emb = task.qr.combine(collection.lookup(tables, ids))
     return jax.nn.sigmoid(nnx.merge(graphdef, params)(dense, emb))
 
-  return Inference(infer, leaves, tables, sum(collection.hotness), task.spec.num_dense)
+  return Inference(infer, leaves, tables, sum(task.qr.feature_hotness), task.spec.num_dense)
 
 
 def score_quantized(model: Model, batches: Iterator[dict], batch_size: int,
@@ -226,7 +227,7 @@ def score_quantized(model: Model, batches: Iterator[dict], batch_size: int,
   for batch in batches:
     n = len(batch["dense"])
     if n:
-      model.task.collection.check_ids(batch["sparse"])
+      model.task.check_ids(batch["sparse"])
       padded = {k: _pad(np.asarray(batch[k]), batch_size) for k in ("dense", "sparse")}
       out.append(run(padded["dense"], padded["sparse"])[:n])
   return np.concatenate(out) if out else np.zeros(0, np.float32)
@@ -262,7 +263,7 @@ def export(model: Model, directory: str, *, platforms: Sequence[str] | None = No
                "table_bytes": int(sum(v.nbytes for v in run.tables.values())),
                "table_offsets": [int(o) for o in task.collection.offsets],
                "num_dense": run.num_dense, "table_rows": list(task.spec.table_rows),
-               "hotness": list(task.collection.hotness),
+               "hotness": list(task.qr.feature_hotness),
                "step": model.step, "platforms": list(exported.platforms),
                "inputs": f"dense float32 [B, {run.num_dense}], sparse int32 "
                          f"[B, {run.sparse_width}] (each feature's ids end to end)",

@@ -230,6 +230,29 @@ class CheckpointSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class QRSpec:
+  """Quotient-remainder tables (dlrm_jax/embedding/qr.py)."""
+
+  qr_flag: bool
+  qr_collisions: int
+  qr_operation: str
+  qr_threshold: int
+
+  def __post_init__(self):
+    operations = ("mult", "add", "concat")  # dlrm_jax.embedding.qr.OPERATIONS
+    if self.qr_operation not in operations:
+      raise ConfigError(f"qr_operation={self.qr_operation!r} is not one of {operations}")
+    if self.qr_collisions < 1:
+      raise ConfigError(f"qr_collisions={self.qr_collisions} must be >= 1")
+    if self.qr_threshold < 0:
+      raise ConfigError(f"qr_threshold={self.qr_threshold} must be >= 0")
+
+  @classmethod
+  def from_config(cls, c) -> "QRSpec":
+    return cls(**{f.name: _cast(f.type, c[f.name]) for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass(frozen=True)
 class LoggingSpec:
   tensorboard: bool
   every_steps: int
@@ -265,6 +288,7 @@ class RunSpec:
   data: DataSpec
   checkpoint: CheckpointSpec
   logging: LoggingSpec
+  qr: QRSpec
   source: dict
 
   @classmethod
@@ -272,6 +296,9 @@ class RunSpec:
     from dlrm_jax.model import ModelSpec  # JAX, for the interactions' registry
 
     model = ModelSpec.from_config(config)
+    if bool(config.qr_flag) and str(config.qr_operation) == "concat" and model.embedding_dim % 2:
+      raise ConfigError(f"qr_operation='concat' joins two halves of arch_sparse_feature_size="
+                        f"{model.embedding_dim}: it must be even")
     return cls(model=model,
                training=TrainingSpec.from_config(config),
                mesh=MeshSpec.from_config(config.mesh),
@@ -280,6 +307,7 @@ class RunSpec:
                data=DataSpec.from_config(config.data, model.num_tables),
                checkpoint=CheckpointSpec.from_config(config.checkpoint),
                logging=LoggingSpec.from_config(config.logging),
+               qr=QRSpec.from_config(config),
                source=json.loads(config.to_json()))
 
 

@@ -21,6 +21,7 @@ from dlrm_jax.config import ConfigError
 from dlrm_jax.embedding import EmbeddingCollection, Tables, make_sparse_optimizer
 from dlrm_jax.embedding.collection import POOLINGS, STORAGE_DTYPES
 from dlrm_jax.embedding.planner import Plan, PlanError, parse_overrides, plan_tables
+from dlrm_jax.embedding.qr import QRTables
 from dlrm_jax.embedding.sharded import ShardedEmbedding
 from dlrm_jax.model import abstract_model, init_params
 from dlrm_jax.optim import lr_schedule, make_dense_optimizer, make_loss
@@ -43,9 +44,17 @@ class Task:
       raise ConfigError(f"embedding_pooling={training.embedding_pooling!r} is not one of "
                         f"{POOLINGS}")
     self.spec = self.run.model
-    self.collection = EmbeddingCollection.uniform(
-        self.spec.table_rows, self.spec.embedding_dim, training.embedding_pooling,
-        hotness=self.run.data.hotness, dtype=STORAGE_DTYPES[self.spec.embedding_dtype])
+    qr = self.run.qr
+    # The features' tables: one per feature, or quotient-remainder pairs (embedding/qr.py).
+    self.qr = QRTables(self.spec.table_rows, self.run.data.hotness, self.spec.embedding_dim,
+                       enabled=qr.qr_flag, collisions=qr.qr_collisions,
+                       operation=qr.qr_operation, threshold=qr.qr_threshold)
+    self.collection = EmbeddingCollection(self.qr.table_specs(training.embedding_pooling),
+                                          dtype=STORAGE_DTYPES[self.spec.embedding_dtype])
+    # The features' ids are checked against the features' row counts.
+    self.features = (EmbeddingCollection.uniform(self.spec.table_rows, self.spec.embedding_dim,
+                                                 hotness=self.run.data.hotness)
+                     if qr.qr_flag else self.collection)
     self.mesh, self.axes = parallel.make_mesh(self.run.mesh)
     self.plan = make_plan(self.run, self.collection, self.mesh.shape[self.axes.shard])
     self.embedding = ShardedEmbedding(self.collection, self.plan, self.mesh, self.axes)
@@ -110,8 +119,12 @@ class Task:
     return parallel.global_batch(parallel.local_rows(batch, self.batch_sharding),
                                  self.batch_sharding)
 
+  def check_ids(self, sparse, mask=None) -> None:
+    """IdOutOfRangeError for an id outside its feature's rows (at the data boundary)."""
+    self.features.check_ids(sparse, mask)
+
   def logits(self, params: nnx.State, tables: Tables, batch) -> jax.Array:
-    emb = self.embedding.embed(tables, batch)
+    emb = self.qr.combine(self.embedding.embed(tables, self.qr.split(batch)))
     return nnx.merge(self.graphdef, params)(batch["dense"], emb)
 
   def _predict(self, params: nnx.State, tables: Tables, batch) -> jax.Array:
@@ -120,10 +133,10 @@ class Task:
   def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
     # Each device gathers the rows it owns; the loss is differentiated with
     # respect to those looked-up vectors (where they live), never the tables.
-    forward = self.embedding.forward(state.tables, batch)
+    forward = self.embedding.forward(state.tables, self.qr.split(batch))
 
     def loss_fn(params, vectors):
-      emb = forward.embed(vectors)
+      emb = self.qr.combine(forward.embed(vectors))
       with jax.named_scope("dense"):
         logits = nnx.merge(self.graphdef, params)(batch["dense"], emb)
         return self.loss(logits, batch["label"])
@@ -149,7 +162,7 @@ def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int) ->
   try:
     return plan_tables(
         collection.specs, num_shards, batch_size=run.training.mini_batch_size,
-        lookups=run.data.hotness, optimizer=run.training.embedding_optimizer,
+        lookups=collection.hotness, optimizer=run.training.embedding_optimizer,
         memory_budget=budget, min_column_width=sharding.min_column_width,
         overrides=parse_overrides(sharding.overrides), table_itemsize=collection.dtype.itemsize)
   except PlanError as e:

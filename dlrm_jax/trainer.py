@@ -324,7 +324,7 @@ def host_batches(run: Run, stream: BatchStream) -> Iterator[Batch]:
   """The stream's batches with their ids checked, as this process's rows."""
   task = run.task
   for batch in stream:
-    task.collection.check_ids(batch["sparse"], batch.get("sparse_mask"))
+    task.check_ids(batch["sparse"], batch.get("sparse_mask"))
     yield batch if run.data.process_local else parallel.local_rows(batch, task.batch_sharding)
 
 

@@ -86,7 +86,7 @@ MUTATIONS = (
     Mutation(
         "ids_unchecked_in_loop", "the training loop does not check the ids of its batches",
         "dlrm_jax/trainer.py",
-        '    task.collection.check_ids(batch["sparse"], batch.get("sparse_mask"))\n',
+        '    task.check_ids(batch["sparse"], batch.get("sparse_mask"))\n',
         "    pass\n",
         ("tests/test_train.py::test_the_training_loop_checks_ids",)),
     Mutation(

@@ -137,6 +137,7 @@ CHOICE_FIELDS = [
     ("mesh.axis_types", ("explicit", "auto")),
     ("data.kind", ("synthetic_ctr", "random", "criteo_kaggle", "criteo_terabyte")),
     ("logging.mlperf_division", ("closed", "open")),
+    ("qr_operation", ("mult", "add", "concat")),
 ]
 
 
