@@ -4,8 +4,8 @@
 training, before and after each step, after each evaluation and at the end;
 only process 0 writes. Each part is switched by the config:
 
-- `logging.tensorboard`: event files in WORKDIR/tensorboard, written with
-  tensorboardX: every `logging.every_steps` steps `train/loss` (the mean since
+- `logging.tensorboard`: event files in WORKDIR/tensorboard, tensorboardX's event
+  records written synchronously: every `logging.every_steps` steps `train/loss` (the mean since
   the last point), `train/learning_rate` and `train/examples_per_sec`; at
   every evaluation `eval/auc`, `eval/logloss`, `eval/accuracy` and the
   interval's `train/loss_interval`. Without tensorboardX installed a run says

@@ -139,7 +139,6 @@ class EmbeddingCollection:
     self.dim = specs[0].dim
     # Packed storage (see PACKED): 16-bit values of an even width.
     self.packed = self.dtype.itemsize == 2 and self.dim % 2 == 0
-    self.stored_dtype = PACKED[self.dtype] if self.packed else self.dtype
     self.hotness = tuple(s.hotness for s in specs)
     rows = np.array([s.rows for s in specs], dtype=np.int64)
     self.rows = rows

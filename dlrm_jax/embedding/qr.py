@@ -58,7 +58,9 @@ class QRTables:
     names, rows, hot = [], [], []
     for f, (n, h, c) in enumerate(zip(table_rows, hotness, self.collisions)):
       if c is None:
-        names.append(f"t{f}"), rows.append(int(n)), hot.append(int(h))
+        names.append(f"t{f}")
+        rows.append(int(n))
+        hot.append(int(h))
       else:
         names += [f"t{f}q", f"t{f}r"]
         rows += [math.ceil(n / c), min(c, int(n))]
