@@ -367,14 +367,15 @@ class Checkpointer:
         if diffs:
           saved = self._read(s, self._host_targets(s, None))
         else:
-          saved = self._read(s, self._targets(s, task, contents.plan))
+          direct = self._direct(s, task, contents.plan)
+          saved = self._read(s, self._targets(s, task, direct))
       except Exception as e:
         failures.append(self._damaged(s, e))
         continue
       if diffs:
         state = self._partial_state(saved, task, contents, fresh())
       else:
-        state = self._state(saved, task, contents, s)
+        state = self._state(saved, task, contents, direct)
       return Restored(state=state, contents=contents, step=s, partial=bool(diffs))
     if failures and step is not None:
       raise CheckpointError("; ".join(failures))
@@ -401,17 +402,17 @@ class Checkpointer:
     want = task.abstract_state().tables
     return all(np.dtype(saved[k].dtype) == np.dtype(want[k].dtype) for k in want)
 
-  def _targets(self, step: int, task, saved_plan: Plan) -> dict:
-    """Restore targets: `task`'s shardings, or for tables laid out or stored otherwise,
-    the host."""
+  def _targets(self, step: int, task, direct: bool) -> dict:
+    """Restore targets: `task`'s shardings, or (not `direct`: tables laid out or stored
+    otherwise) the host for the tables."""
     target = task.abstract_state().as_dict()
-    if self._direct(step, task, saved_plan):
+    if direct:
       return target
     return {**target, **self._host_targets(step, ("tables", "emb_opt_state"))}
 
-  def _state(self, saved: dict, task, contents: Contents, step: int) -> TrainState:
+  def _state(self, saved: dict, task, contents: Contents, direct: bool) -> TrainState:
     """The train state from arrays read with `_targets` (re-laying out tables if needed)."""
-    if not self._direct(step, task, contents.plan):
+    if not direct:
       saved["tables"], saved["emb_opt_state"] = task.embedding.relayout(
           _collection(contents.config), contents.plan, saved["tables"],
           saved["emb_opt_state"], task.state_shapes.emb_opt_state)

@@ -27,6 +27,7 @@ submission's log is that of one uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 
@@ -40,6 +41,7 @@ RULESET = "6.0.0"
 def _optimizer_keys(spec, c) -> dict:
   """opt_* keys of the run's optimisers (MLPerf's DLRM-DCNv2 trains all with Adagrad)."""
   from dlrm_jax.embedding.optimizers import make_sparse_optimizer
+  from dlrm_jax.optim import scale_by_adagrad
 
   t = spec.training
   name = t.dense_optimizer if t.dense_optimizer == t.embedding_optimizer else \
@@ -53,8 +55,9 @@ def _optimizer_keys(spec, c) -> dict:
     keys.update({c.OPT_ADAGRAD_EPSILON: sparse.eps,
                  c.OPT_ADAGRAD_INITIAL_ACCUMULATOR_VALUE: sparse.initial_accumulator_value,
                  c.OPT_ADAGRAD_LR_DECAY: 0})
-    dense = {"eps": 1e-10, "initial_accumulator_value": 0.0,
-             **parse_args("dense_optimizer_args", t.dense_optimizer_args)}
+    defaults = inspect.signature(scale_by_adagrad).parameters  # the dense Adagrad's own
+    dense = {name: defaults[name].default for name in ("eps", "initial_accumulator_value")}
+    dense.update(parse_args("dense_optimizer_args", t.dense_optimizer_args))
     if t.dense_optimizer == "adagrad" and (dense["eps"], dense["initial_accumulator_value"]) != (
         sparse.eps, sparse.initial_accumulator_value):
       keys[c.OPT_NAME] += (f"; dense eps {dense['eps']:g}, initial accumulator "

@@ -95,6 +95,13 @@ def load_model(workdir: str, *, step: int | None = None, devices: int = 0) -> Mo
 def score(model: Model, batches: Iterator[dict], batch_size: int) -> np.ndarray:
   """Probabilities for every row of `batches` (host batches of at most `batch_size`
   rows; each is padded to `batch_size` so that one compiled program serves all)."""
+  return _score(model, batches, batch_size, lambda padded: parallel.gather_to_host(
+      model.task.predict(model.params, model.tables, padded)))
+
+
+def _score(model: Model, batches: Iterator[dict], batch_size: int,
+           probabilities: Callable[[dict], np.ndarray]) -> np.ndarray:
+  """`probabilities` of each batch padded to `batch_size`, ids checked, padding dropped."""
   out = []
   for batch in batches:
     n = len(batch["dense"])
@@ -102,8 +109,7 @@ def score(model: Model, batches: Iterator[dict], batch_size: int) -> np.ndarray:
       continue
     padded = {k: _pad(np.asarray(v), batch_size) for k, v in batch.items() if k != "label"}
     model.task.check_ids(padded["sparse"], padded.get("sparse_mask"))
-    probs = model.task.predict(model.params, model.tables, padded)
-    out.append(parallel.gather_to_host(probs)[:n])
+    out.append(np.asarray(probabilities(padded))[:n])
   return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
@@ -221,16 +227,11 @@ def inference(model: Model, quantize: str | None = None) -> Inference:
 
 def score_quantized(model: Model, batches: Iterator[dict], batch_size: int,
                     fmt: str) -> np.ndarray:
-  """`score` with the tables quantised to `fmt`, on one device."""
+  """`score` with the tables quantised to `fmt`, on one device (one id per slot: flat
+  bags, no per-id weights)."""
   run = inference(model, fmt)
-  out = []
-  for batch in batches:
-    n = len(batch["dense"])
-    if n:
-      model.task.check_ids(batch["sparse"])
-      padded = {k: _pad(np.asarray(batch[k]), batch_size) for k in ("dense", "sparse")}
-      out.append(run(padded["dense"], padded["sparse"])[:n])
-  return np.concatenate(out) if out else np.zeros(0, np.float32)
+  return _score(model, batches, batch_size, lambda padded: run(padded["dense"],
+                                                              padded["sparse"]))
 
 
 def export(model: Model, directory: str, *, platforms: Sequence[str] | None = None,

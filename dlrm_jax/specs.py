@@ -226,7 +226,7 @@ class CheckpointSpec:
 
   @classmethod
   def from_config(cls, c) -> "CheckpointSpec":
-    return cls(**{f.name: _cast(f.type, c[f.name]) for f in dataclasses.fields(cls)})
+    return _from_fields(cls, c)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +249,7 @@ class QRSpec:
 
   @classmethod
   def from_config(cls, c) -> "QRSpec":
-    return cls(**{f.name: _cast(f.type, c[f.name]) for f in dataclasses.fields(cls)})
+    return _from_fields(cls, c)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,7 +273,7 @@ class LoggingSpec:
 
   @classmethod
   def from_config(cls, c) -> "LoggingSpec":
-    return cls(**{f.name: _cast(f.type, c[f.name]) for f in dataclasses.fields(cls)})
+    return _from_fields(cls, c)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +309,11 @@ class RunSpec:
                logging=LoggingSpec.from_config(config.logging),
                qr=QRSpec.from_config(config),
                source=json.loads(config.to_json()))
+
+
+def _from_fields(cls, c):
+  """`cls` from the config fields of its own names, each cast to its declared type."""
+  return cls(**{f.name: _cast(f.type, c[f.name]) for f in dataclasses.fields(cls)})
 
 
 def _cast(annotation: str, value):
