@@ -17,7 +17,9 @@ checkpoint restores onto any device count.
 parameters and the tables stacked, with their offsets in `signature.json`).
 `load_exported(DIR)` runs it with jax and numpy alone: no config, no Flax, no
 code of this package. Its ids are flat bags, each feature's ids end to end
-([B, sum of the hotness]; one-hot data: [B, F]).
+([B, sum of the hotness]; one-hot data: [B, F]); `bags.jaxexport` beside it
+takes bags of any length, padded to a common H ([B, F, H], H symbolic too),
+with per-id weights and a mask, as `dlrm_jax.predict` scores them.
 
 `--quantize int8|int4` scores (on one device) and exports with every table
 row-wise quantised, a scale and a bias per row as FBGEMM's fused formats
@@ -187,9 +189,10 @@ def raw_batches(path: str, mapper: RawMapper, batch_size: int) -> Iterator[dict]
 @dataclasses.dataclass
 class Inference:
   """The model as one pure function of host arrays, on one device, for export and for
-  scoring with quantised tables: `fn(param_leaves, tables, dense, sparse)` with the
-  tables stacked ([sum of rows, D], or a quantised set) and flat ids [B, sum of the
-  hotness] (one-hot data: [B, F])."""
+  scoring with quantised tables: `fn(param_leaves, tables, dense, sparse, weights,
+  mask)` with the tables stacked ([sum of rows, D], or a quantised set), flat ids
+  [B, sum of the hotness] (one-hot data: [B, F]) or padded bags [B, F, H], optional
+  per-id weights of the ids' shape and, for padded bags, a mask (None: absent)."""
 
   fn: Callable
   leaves: list[np.ndarray]
@@ -201,8 +204,9 @@ class Inference:
   def __post_init__(self):
     self.jitted = jax.jit(self.fn)
 
-  def __call__(self, dense: np.ndarray, sparse: np.ndarray) -> np.ndarray:
-    return np.asarray(self.jitted(self.leaves, self.tables, dense, sparse))
+  def __call__(self, dense: np.ndarray, sparse: np.ndarray, weights: np.ndarray | None = None,
+               mask: np.ndarray | None = None) -> np.ndarray:
+    return np.asarray(self.jitted(self.leaves, self.tables, dense, sparse, weights, mask))
 
 
 def inference(model: Model, quantize: str | None = None) -> Inference:
@@ -216,10 +220,14 @@ def inference(model: Model, quantize: str | None = None) -> Inference:
             else quantized.quantize(stacked, quantize))  # one gather serves every table
   graphdef, collection = task.graphdef, task.collection
 
-  def infer(param_leaves, tables, dense, sparse):
+  def infer(param_leaves, tables, dense, sparse, weights=None, mask=None):
     params = jax.tree.unflatten(treedef, param_leaves)
-    ids = task.qr.split({"sparse": sparse})["sparse"]  # quotient-remainder pairs' ids
-    emb = task.qr.combine(collection.lookup(tables, ids))
+    if mask is not None:  # padding ids may be anything: row 0 of their table, weight 0
+      sparse = jnp.where(mask, sparse, 0)
+    bags = {"sparse": sparse, "sparse_weights": weights, "sparse_mask": mask}
+    bags = task.qr.split({k: v for k, v in bags.items() if v is not None})  # QR pairs' ids
+    emb = task.qr.combine(collection.lookup(tables, bags["sparse"], bags.get("sparse_weights"),
+                                            bags.get("sparse_mask")))
     return jax.nn.sigmoid(nnx.merge(graphdef, params)(dense, emb))
 
   return Inference(infer, leaves, tables, sum(task.qr.feature_hotness), task.spec.num_dense)
@@ -227,33 +235,42 @@ def inference(model: Model, quantize: str | None = None) -> Inference:
 
 def score_quantized(model: Model, batches: Iterator[dict], batch_size: int,
                     fmt: str) -> np.ndarray:
-  """`score` with the tables quantised to `fmt`, on one device (one id per slot: flat
-  bags, no per-id weights)."""
+  """`score` with the tables quantised to `fmt`, on one device."""
   run = inference(model, fmt)
-  return _score(model, batches, batch_size, lambda padded: run(padded["dense"],
-                                                              padded["sparse"]))
+  return _score(model, batches, batch_size, lambda padded: run(
+      padded["dense"], padded["sparse"], padded.get("sparse_weights"),
+      padded.get("sparse_mask")))
 
 
 def export(model: Model, directory: str, *, platforms: Sequence[str] | None = None,
            quantize: str | None = None) -> None:
-  """Writes the inference function (jax.export) and its parameters to `directory`.
+  """Writes the inference functions (jax.export) and their parameters to `directory`.
 
-  The function takes (dense-parameter leaves, the tables, dense [B, 13] float32,
+  `model.jaxexport` takes (dense-parameter leaves, the tables, dense [B, 13] float32,
   sparse [B, sum of the hotness] int32: each feature's bag of ids end to end, one id
   per feature for one-hot data) with a symbolic B and returns probabilities [B];
-  the tables are stacked [sum of rows, D], or with `quantize` ("int8" or "int4")
-  row-wise quantised. `load_exported` wraps it.
+  `bags.jaxexport` takes, after the same leaves and tables, dense, bags padded to H
+  ids [B, F, H] int32, per-id weights [B, F, H] float32 and a mask [B, F, H] bool
+  (padding: False), B and H symbolic. The tables are stacked [sum of rows, D], or
+  with `quantize` ("int8" or "int4") row-wise quantised. `load_exported` wraps both.
   """
   run = inference(model, quantize)
-  b = jax.export.symbolic_shape("b")[0]
+  features = len(model.task.qr.feature_hotness)
   struct = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
-  args = ([struct(x) for x in run.leaves], {k: struct(v) for k, v in run.tables.items()},
-          jax.ShapeDtypeStruct((b, run.num_dense), jnp.float32),
-          jax.ShapeDtypeStruct((b, run.sparse_width), jnp.int32))
-  exported = jax.export.export(jax.jit(run.fn), platforms=platforms)(*args)
+  head = ([struct(x) for x in run.leaves], {k: struct(v) for k, v in run.tables.items()})
+  b = jax.export.symbolic_shape("b")[0]
+  flat = jax.export.export(jax.jit(lambda p, t, d, s: run.fn(p, t, d, s)), platforms=platforms)(
+      *head, jax.ShapeDtypeStruct((b, run.num_dense), jnp.float32),
+      jax.ShapeDtypeStruct((b, run.sparse_width), jnp.int32))
+  b, h = jax.export.symbolic_shape("b, h")
+  bag = lambda dtype: jax.ShapeDtypeStruct((b, features, h), dtype)
+  padded = jax.export.export(jax.jit(run.fn), platforms=platforms)(
+      *head, jax.ShapeDtypeStruct((b, run.num_dense), jnp.float32), bag(jnp.int32),
+      bag(jnp.float32), bag(jnp.bool_))
   os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "model.jaxexport"), "wb") as f:
-    f.write(exported.serialize())
+  for name, exported in (("model", flat), ("bags", padded)):
+    with open(os.path.join(directory, f"{name}.jaxexport"), "wb") as f:
+      f.write(exported.serialize())
   arrays = {f"param_{i:04d}": x for i, x in enumerate(run.leaves)}
   arrays.update({f"tables_{k}": v for k, v in run.tables.items()})
   np.savez(os.path.join(directory, "params.npz"), **arrays)
@@ -265,27 +282,75 @@ def export(model: Model, directory: str, *, platforms: Sequence[str] | None = No
                "table_offsets": [int(o) for o in task.collection.offsets],
                "num_dense": run.num_dense, "table_rows": list(task.spec.table_rows),
                "hotness": list(task.qr.feature_hotness),
-               "step": model.step, "platforms": list(exported.platforms),
+               "step": model.step, "platforms": list(flat.platforms),
                "inputs": f"dense float32 [B, {run.num_dense}], sparse int32 "
                          f"[B, {run.sparse_width}] (each feature's ids end to end)",
+               "bags_inputs": f"dense float32 [B, {run.num_dense}], sparse int32 "
+                              f"[B, {features}, H], weights float32 [B, {features}, H], "
+                              f"mask bool [B, {features}, H] (False: padding)",
                "output": "click probability float32 [B]"}, f, indent=1)
 
 
-def load_exported(directory: str) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-  """The exported model as `f(dense, sparse) -> probabilities`, with jax and numpy only."""
-  with open(os.path.join(directory, "model.jaxexport"), "rb") as f:
-    exported = jax.export.deserialize(bytearray(f.read()))
+def load_exported(directory: str) -> Callable[..., np.ndarray]:
+  """The exported model as `f(dense, sparse, weights=None, mask=None) -> probabilities`,
+  with jax and numpy only.
+
+  `sparse`: flat bags [B, sum of the hotness] (or one id per feature [B, F]) with
+  optional per-id weights of its shape, or bags padded to H [B, F, H] with optional
+  weights and mask (False: padding) of its shape.
+  """
+  def load(name):
+    with open(os.path.join(directory, f"{name}.jaxexport"), "rb") as f:
+      return jax.export.deserialize(bytearray(f.read()))
+
+  flat = load("model")
   with open(os.path.join(directory, "signature.json")) as f:
     sig = json.load(f)
   arrays = np.load(os.path.join(directory, "params.npz"))
   leaves = [arrays[f"param_{i:04d}"] for i in range(sig["num_params"])]
   tables = {k: arrays[f"tables_{k}"] for k in sig.get("tables", ["stacked"])}
+  hotness = sig["hotness"]
+  padded = load("bags") if os.path.exists(os.path.join(directory, "bags.jaxexport")) else None
 
-  def run(dense, sparse):
-    return np.asarray(exported.call(leaves, tables, np.asarray(dense, np.float32),
-                                    np.asarray(sparse, np.int32)))
+  def run(dense, sparse, weights=None, mask=None):
+    dense, sparse = np.asarray(dense, np.float32), np.asarray(sparse, np.int32)
+    if sparse.ndim == 2 and weights is None and mask is None:
+      return np.asarray(flat.call(leaves, tables, dense, sparse))
+    if padded is None:
+      raise ValueError(f"{directory} was exported before weighted and padded bags were: "
+                       "export it again")
+    if sparse.ndim == 2:
+      if mask is not None:
+        raise ValueError("a mask goes with padded bags [batch, features, H]; flat bags "
+                         "[batch, sum(hotness)] have none")
+      sparse, weights, mask = pad_bags(hotness, sparse, weights)
+    ones = np.ones(sparse.shape, np.float32)
+    return np.asarray(padded.call(
+        leaves, tables, dense, sparse, ones if weights is None else np.asarray(weights, np.float32),
+        ones.astype(bool) if mask is None else np.asarray(mask, bool)))
 
   return run
+
+
+def pad_bags(hotness: Sequence[int], sparse: np.ndarray, weights: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Flat bags [B, sum(hotness)] (or one id per feature [B, F]) and their optional weights
+  -> ids, weights and mask [B, F, max(hotness)], with numpy alone."""
+  widths = [1] * len(hotness) if sparse.shape[1] == len(hotness) else list(hotness)
+  if sparse.shape[1] != sum(widths):
+    raise ValueError(f"flat bags must be [batch, {sum(hotness)}] or [batch, {len(hotness)}], "
+                     f"got {sparse.shape}")
+  if weights is not None and np.shape(weights) != sparse.shape:
+    raise ValueError(f"weights {np.shape(weights)} must have the ids' shape {sparse.shape}")
+  n, h = len(sparse), max(widths)
+  ids, w, mask = (np.zeros((n, len(widths), h), t) for t in (np.int32, np.float32, bool))
+  start = 0
+  for f, width in enumerate(widths):
+    ids[:, f, :width] = sparse[:, start:start + width]
+    w[:, f, :width] = 1.0 if weights is None else weights[:, start:start + width]
+    mask[:, f, :width] = True
+    start += width
+  return ids, w, mask
 
 
 # Command line --------------------------------------------------------------------

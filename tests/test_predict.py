@@ -297,3 +297,48 @@ def test_export_of_a_multi_hot_model_takes_its_flat_bags(tmp_path):
       want = predict.score_quantized(model, iter([batch]), 64, fmt)
     got = predict.load_exported(str(out))(batch["dense"], batch["sparse"])
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_export_takes_weighted_and_padded_bags(tmp_path, pooling):
+  """`bags.jaxexport` scores bags of varying length ([B, F, H] with a mask, garbage ids
+  in the padding) and per-id weights as `predict.score` does; flat bags with weights go
+  through it too, and full bags with unit weights give the flat function's numbers."""
+  from dlrm_jax.data import make_data
+  from dlrm_jax.specs import RunSpec
+  from dlrm_jax.task import Task
+
+  c = load_config("tiny")
+  c.data.hotness = "2-1-3-1-1-2-1-4"
+  c.embedding_pooling = pooling
+  task = Task(c)
+  state = task.init_state(0)
+  model = predict.Model(task=task, params=state.params, tables=state.tables, config=c, step=0)
+  batch = make_data(RunSpec.from_config(c)).batch(0)
+  predict.export(model, str(tmp_path))
+  f = predict.load_exported(str(tmp_path))
+  rng = np.random.default_rng(0)
+  dense, flat = batch["dense"], batch["sparse"]
+  weights = rng.uniform(0.2, 2.0, flat.shape).astype(np.float32)
+  want = predict.score(model, iter([{"dense": dense, "sparse": flat,
+                                     "sparse_weights": weights}]), 64)
+  np.testing.assert_allclose(f(dense, flat, weights), want, rtol=1e-5, atol=1e-7)
+
+  ids, unit, full = predict.pad_bags(json.loads((tmp_path / "signature.json").read_text())
+                                     ["hotness"], flat)
+  assert ids.shape == (64, 8, 4) and full.sum() == flat.size
+  np.testing.assert_allclose(f(dense, ids, unit, full), f(dense, flat), rtol=1e-6, atol=1e-7)
+  # Bags of random lengths 0..4 (an empty bag pools to zero), random weights, and padding
+  # ids out of every table's range: only the mask says what is there.
+  mask = np.arange(4)[None, None, :] < rng.integers(0, 5, (64, 8, 1))
+  ids = np.where(mask, rng.integers(0, 50, ids.shape), 10**6).astype(np.int32)
+  weights = rng.uniform(0.2, 2.0, ids.shape).astype(np.float32)
+  padded = {"dense": dense, "sparse": ids, "sparse_weights": weights, "sparse_mask": mask}
+  want = predict.score(model, iter([dict(padded, sparse=np.where(mask, ids, 0))]), 64)
+  np.testing.assert_allclose(f(dense, ids, weights, mask), want, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(want, f(dense, flat))
+  if pooling == "sum":  # a masked id counts as one of weight 0
+    np.testing.assert_allclose(f(dense, np.where(mask, ids, 0), np.where(mask, weights, 0)),
+                               want, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="padded bags"):
+    f(dense, flat, None, np.ones(flat.shape, bool))

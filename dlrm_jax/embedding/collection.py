@@ -327,10 +327,10 @@ class EmbeddingCollection:
     The plain single-array lookup; training on a mesh goes through
     `dlrm_jax.embedding.sharded.ShardedEmbedding`, which this is the reference for.
     """
-    bags = self.bags(ids.shape)
     vectors = gather_table(tables, self.global_rows(ids))
-    if ids.ndim == 3:
+    if ids.ndim == 3:  # before `bags`: an exported function's H is symbolic
       return self.pool(vectors, weights, mask)
+    bags = self.bags(ids.shape)
     if bags.uniform == 1 and weights is None:
       return vectors
     pooled = pool_bags(vectors, weights, bags)
