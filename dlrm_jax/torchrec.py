@@ -14,11 +14,13 @@ triangle, the reference the lower one). Their `state_dict()` names:
 
 A Linear stores W as [out, in] and computes x W^T + b. `from_torchrec` takes
 such arrays as numpy (`{k: v.numpy() for k, v in model.state_dict().items()}`,
-after gathering a sharded model's tables) and `to_torchrec` goes back.
+after gathering a sharded model's tables) and `to_torchrec` goes back;
+`config_from_torchrec` reads the architecture off them.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Mapping, Sequence
 
 import jax.numpy as jnp
@@ -27,7 +29,7 @@ from flax import nnx
 
 from dlrm_jax.embedding import EmbeddingCollection, Tables
 from dlrm_jax.model import ModelSpec, abstract_model
-from dlrm_jax.reference import checked_array
+from dlrm_jax.reference import numbered_layers, checked_array, mlp_widths
 
 TABLE_PREFIX = "sparse_arch.embedding_bag_collection.embedding_bags"
 
@@ -101,4 +103,49 @@ def to_torchrec(params: nnx.State, collection: EmbeddingCollection, tables: Tabl
   names = names or table_names(collection)
   for name, table in zip(names, collection.to_arrays(tables), strict=True):
     out[f"{TABLE_PREFIX}.{name}.weight"] = table
+  return out
+
+
+def torchrec_table_names(arrays: Mapping[str, np.ndarray], prefix: str = "") -> list[str]:
+  """The embedding-bag names in the arrays, in table order: by the number they end in
+  (t0, t1, ..., t10), then by name."""
+  pattern = re.escape(f"{prefix}{TABLE_PREFIX}.") + r"(.+)\.weight"
+  names = [m.group(1) for k in arrays if (m := re.fullmatch(pattern, k))]
+  number = lambda n: (int(m.group(1)) if (m := re.search(r"(\d+)$", n)) else -1, n)
+  return sorted(names, key=number)
+
+
+def config_from_torchrec(arrays: Mapping[str, np.ndarray], prefix: str = "",
+                         tables: Sequence[str] | None = None) -> dict:
+  """The config fields of the `DLRM` (dot, upper pair order) or `DLRM_DCN` (a cross
+  network in `inter_arch.crossnet`) whose state-dict arrays these are."""
+  arrays = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+  names = list(tables or torchrec_table_names(arrays))
+  if not names:
+    raise KeyError(f"TorchRec weights have no {TABLE_PREFIX}.NAME.weight")
+  shapes = [checked_array(arrays, f"{TABLE_PREFIX}.{n}.weight").shape for n in names]
+  dims = {int(s[1]) for s in shapes}
+  if len(dims) != 1:
+    raise ValueError(f"tables of several widths {sorted(dims)}: not loaded")
+  d, f = dims.pop(), len(names)
+  bottom = mlp_widths(numbered_layers(arrays, r"dense_arch\.model\._mlp\.(\d+)\._linear\.weight"),
+                      "dense_arch")
+  hidden = numbered_layers(arrays, r"over_arch\.model\.0\._mlp\.(\d+)\._linear\.weight")
+  top = mlp_widths(hidden + [checked_array(arrays, "over_arch.model.1.weight")], "over_arch")
+  out = {"arch_sparse_feature_size": d,
+         "arch_embedding_size": "-".join(str(int(s[0])) for s in shapes),
+         "arch_mlp_bot": "-".join(map(str, bottom)), "arch_mlp_top": "-".join(map(str, top[1:])),
+         "data.num_dense_features": bottom[0]}
+  crossnet = numbered_layers(arrays, r"inter_arch\.crossnet\.V_kernels\.(\d+)")
+  if crossnet:
+    out.update(arch_interaction_op="dcn", dcn_num_layers=len(crossnet),
+               dcn_low_rank_dim=int(crossnet[0].shape[0]))
+    want = (f + 1) * d
+  else:
+    out.update(arch_interaction_op="dot", arch_interaction_itself=False,
+               arch_dot_pair_order="upper")
+    want = d + f * (f + 1) // 2
+  if top[0] != want:
+    raise ValueError(f"the over arch takes {top[0]} inputs; {out['arch_interaction_op']} of "
+                     f"{f} tables of width {d} gives {want}")
   return out

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import PARITY_DIR
 from dlrm_jax.config import base_config
-from dlrm_jax.reference import from_reference, to_reference
+from dlrm_jax.reference import config_from_reference, from_reference, to_reference
 from dlrm_jax.trainer import Task
 
 if not os.path.isdir(PARITY_DIR):
@@ -83,3 +83,19 @@ def test_untouched_rows_unchanged():
   for k, table in enumerate(task.embedding.to_arrays(state.tables)):
     untouched = np.setdiff1d(np.arange(table.shape[0]), data["cat"][:, k])
     np.testing.assert_array_equal(table[untouched], data[f"init/emb_l.{k}.weight"][untouched])
+
+
+@pytest.mark.parametrize("name", sorted(FIXTURES))
+def test_architecture_is_read_off_the_weights(name):
+  """`config_from_reference` finds each fixture's sizes and interaction (dot, dot with the
+  diagonal, cat) from the shapes alone."""
+  fx, data, *_ = _setup(name)
+  init = {k[len("init/"):]: v for k, v in data.items() if k.startswith("init/")}
+  fields = config_from_reference(init)
+  assert fields == {
+      "arch_sparse_feature_size": fx["arch_sparse_feature_size"],
+      "arch_embedding_size": "-".join([str(fx["rows_per_table"])] * 26),
+      "arch_mlp_bot": fx["arch_mlp_bot"], "arch_mlp_top": fx["arch_mlp_top"],
+      "arch_interaction_op": fx["arch_interaction_op"],
+      "arch_interaction_itself": fx["arch_interaction_itself"] and fx["arch_interaction_op"] == "dot",
+      "arch_dot_pair_order": "lower", "data.num_dense_features": 13}

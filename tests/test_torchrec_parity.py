@@ -18,7 +18,7 @@ import pytest
 from conftest import PARITY_DIR
 from dlrm_jax.config import base_config
 from dlrm_jax.task import Task
-from dlrm_jax.torchrec import from_torchrec, to_torchrec
+from dlrm_jax.torchrec import config_from_torchrec, from_torchrec, to_torchrec
 
 if not os.path.isfile(os.path.join(PARITY_DIR, "dcn_fixtures.json")):
   pytest.skip(f"TorchRec parity fixtures not found in {PARITY_DIR}", allow_module_level=True)
@@ -124,3 +124,18 @@ def test_missing_weight_is_named():
   del init["inter_arch.crossnet.W_kernels.1"]
   with pytest.raises(KeyError, match="W_kernels.1"):
     from_torchrec(task.spec, task.embedding, init)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_architecture_is_read_off_the_weights(name):
+  """`config_from_torchrec` finds DLRM_DCN's cross layers and rank, or DLRM's dot with
+  TorchRec's pair order, and the sizes, from the state-dict names and shapes alone."""
+  fx = FIXTURES[name]
+  data = np.load(os.path.join(PARITY_DIR, f"{name}.npz"))
+  init = {k[len("init/"):]: data[k] for k in data.files if k.startswith("init/")}
+  c = _config(fx)
+  fields = config_from_torchrec(init)
+  assert fields.pop("data.num_dense_features") == 13
+  assert fields == {k: c[k] for k in fields}
+  assert fields["arch_interaction_op"] == fx["interaction"]
+  assert ("dcn_num_layers" in fields) == (fx["interaction"] == "dcn")
