@@ -5,12 +5,13 @@ TorchRec `DLRM` / `DLRM_DCN` state_dicts.
         [--config.KEY=VALUE ...]
 
 writes DIR/checkpoints/0: the weights as a step-0 checkpoint of the config, with
-its architecture (`arch_*`, `dcn_*`, `data.num_dense_features`) read off the
+its architecture (`arch_*`, `dcn_*`, `qr_*`, `data.num_dense_features`) read off the
 weights (`dlrm_jax.reference.config_from_reference`,
 `dlrm_jax.torchrec.config_from_torchrec`); the rest (data, optimisers, steps)
 is the config's. `python -m dlrm_jax.predict --workdir DIR` scores with it,
 `--export` exports it, and `python train.py --config CONFIG --workdir DIR`
-(with the same architecture) trains on from it, with fresh optimiser state.
+with the architecture's fields as overrides (printed) trains on from it, with fresh
+optimiser state.
 
 The file is read with `torch.load(weights_only=True)`: no pickled code runs. A
 `--save-model` file also holds numpy scalars and 0-d arrays (its accuracies
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import sys
 from typing import Mapping, Sequence
 
@@ -91,11 +93,15 @@ def load_torch(path: str) -> TorchWeights:
                    f"DLRM / DLRM_DCN")
 
 
-def architecture(weights: TorchWeights, tables: Sequence[str] | None = None) -> dict:
-  """The config fields of the model the weights are of."""
+def architecture(weights: TorchWeights, config: ConfigDict,
+                 tables: Sequence[str] | None = None) -> dict:
+  """The config fields of the model the weights are of (`config`'s table sizes kept where
+  the weights cannot tell them from those)."""
   if weights.format == "reference":
+    from dlrm_jax.config import parse_widths
     from dlrm_jax.reference import config_from_reference
-    return config_from_reference(weights.arrays)
+    return config_from_reference(weights.arrays, table_rows=parse_widths(
+        "arch_embedding_size", config.arch_embedding_size))
   from dlrm_jax.torchrec import config_from_torchrec
   return config_from_torchrec(weights.arrays, tables=tables)
 
@@ -152,22 +158,31 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  weights = load_torch(f.input)
+  try:
+    weights = load_torch(f.input)
+  except (ImportError, OSError, ValueError, pickle.UnpicklingError) as e:
+    raise SystemExit(f"error: {e}") from None
   if f.format and f.format != weights.format:
     raise SystemExit(f"error: {f.input} holds {weights.format} weights, not {f.format}")
   tables = [t for t in f.tables.split(",") if t] or None
-  config, changes = fit_config(_CONFIG.value, architecture(weights, tables))
+  fields = architecture(weights, _CONFIG.value, tables)
+  config, changes = fit_config(_CONFIG.value, fields)
   print(f"{weights.format} weights from {f.input}"
         + (f" (names under {weights.prefix!r})" if weights.prefix else "")
         + (f"; it recorded {weights.extras}" if weights.extras else ""), file=sys.stderr)
   for change in changes:
     print(f"  from the weights: {change}", file=sys.stderr)
+  if fields.get("qr_flag") and "qr_operation" not in fields:
+    print(f"  quotient-remainder tables: qr_operation={config.qr_operation!r} from the config "
+          "(mult and add have the same shapes)", file=sys.stderr)
   try:
     write_run(config, f.workdir, weights, tables)
   except (ConfigError, checkpoint_lib.CheckpointError, KeyError, ValueError) as e:
     raise SystemExit(f"error: {e}") from None
-  print(f"wrote {f.workdir}/checkpoints/0: python -m dlrm_jax.predict --workdir {f.workdir} "
-        "scores with it, and train.py with the same --workdir and architecture trains on",
+  overrides = "".join(f" --config.{k}={v}" for k, v in fields.items())
+  print(f"wrote {f.workdir}/checkpoints/0; python -m dlrm_jax.predict --workdir {f.workdir} "
+        f"scores with it, and this trains on from it:\n  python train.py "
+        f"--config {flags.FLAGS['config'].config_filename} --workdir {f.workdir}{overrides}",
         file=sys.stderr)
 
 

@@ -13,7 +13,7 @@ reference's flags were), so that a config can be made to fit them.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -42,9 +42,19 @@ def from_reference(spec: ModelSpec, collection: EmbeddingCollection,
       layer["bias"] = jnp.asarray(b, jnp.float32)
   nnx.replace_by_pure_dict(state, values)
   tables = collection.from_arrays([
-      checked_array(arrays, f"{prefix}emb_l.{k}.weight", (s.rows, s.dim))
+      checked_array(arrays, prefix + table_name(k, s.name), (s.rows, s.dim))
       for k, s in enumerate(collection.specs)])
   return state, tables
+
+
+def table_name(k: int, name: str) -> str:
+  """The reference's name of table `k` (ours: `name`): `emb_l.F.weight`, or for the
+  quotient-remainder pair of feature F (`tFq`, `tFr`) its QREmbeddingBag's
+  `emb_l.F.weight_q` and `emb_l.F.weight_r`."""
+  m = re.fullmatch(r"t(\d+)([qr]?)", name)
+  if m is None:
+    return f"emb_l.{k}.weight"
+  return f"emb_l.{m.group(1)}.weight" + (f"_{m.group(2)}" if m.group(2) else "")
 
 
 def to_reference(params: nnx.State, collection: EmbeddingCollection,
@@ -57,8 +67,8 @@ def to_reference(params: nnx.State, collection: EmbeddingCollection,
       layer = values[ours]["layers"][i]
       out[f"{theirs}.{2 * i}.weight"] = np.asarray(layer["kernel"]).T.copy()
       out[f"{theirs}.{2 * i}.bias"] = np.asarray(layer["bias"])
-  for k, table in enumerate(collection.to_arrays(tables)):
-    out[f"emb_l.{k}.weight"] = table
+  for k, (spec, table) in enumerate(zip(collection.specs, collection.to_arrays(tables))):
+    out[table_name(k, spec.name)] = table
   return out
 
 
@@ -95,38 +105,78 @@ def mlp_widths(weights: list[np.ndarray], name: str) -> list[int]:
   return widths
 
 
-def config_from_reference(arrays: Mapping[str, np.ndarray], prefix: str = "") -> dict:
-  """The config fields (`arch_*`, `data.num_dense_features`) of the model whose
+def config_from_reference(arrays: Mapping[str, np.ndarray], prefix: str = "",
+                          table_rows: Sequence[int] | None = None) -> dict:
+  """The config fields (`arch_*`, `qr_*`, `data.num_dense_features`) of the model whose
   reference state-dict arrays these are: sizes from the shapes, the interaction
   from the top MLP's input width (dot: D + F (F + 1) / 2 pairs, or with the
-  diagonal D + (F + 1) (F + 2) / 2; cat: (F + 1) D for F tables).
+  diagonal D + (F + 1) (F + 2) / 2; cat: (F + 1) D for F features).
 
-  Raises KeyError / ValueError for weights of no DLRM_Net this package builds
-  (the reference's quotient-remainder and mixed-dimension tables among them).
+  Quotient-remainder tables (`emb_l.F.weight_q` / `weight_r`) set `qr_flag`, the
+  collisions (the remainder tables' rows) and a threshold between the plain and
+  the split tables; `qr_operation` is "concat" where the halves make the bottom
+  MLP's width, else mult or add, which the shapes cannot tell (left out). A split
+  table's row count is known only to within the collisions: `table_rows` (the
+  config's) is kept where it fits, else ceil(n / c) c is used. Raises KeyError /
+  ValueError for weights of no DLRM_Net this package builds (the reference's
+  mixed-dimension tables among them).
   """
   arrays = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-  if any(re.fullmatch(r"emb_l\.\d+\.(weight_q|weight_r|embs\..*|proj.*)", k) for k in arrays):
-    raise ValueError("these are the reference's quotient-remainder or mixed-dimension "
-                     "tables: they are not loaded (train those variants here)")
-  tables = numbered_layers(arrays, r"emb_l\.(\d+)\.weight")
-  if not tables:
-    raise KeyError("reference weights have no 'emb_l.0.weight'")
-  dims = {int(t.shape[1]) for t in tables}
+  if any(re.fullmatch(r"emb_l\.\d+\.(embs\..*|proj.*)", k) for k in arrays):
+    raise ValueError("these are the reference's mixed-dimension tables: they are not loaded")
+  plain = {int(m.group(1)): np.asarray(v) for k, v in arrays.items()
+           if (m := re.fullmatch(r"emb_l\.(\d+)\.weight", k))}
+  split = {int(m.group(1)): (np.asarray(v), checked_array(arrays, f"emb_l.{m.group(1)}.weight_r"))
+           for k, v in arrays.items() if (m := re.fullmatch(r"emb_l\.(\d+)\.weight_q", k))}
+  f = len(plain) + len(split)
+  if not f or sorted({*plain, *split}) != list(range(f)):
+    raise KeyError("reference weights need emb_l.0 .. emb_l.F-1 (weight, or weight_q and "
+                   f"weight_r), got tables {sorted({*plain, *split})}")
+  dims = {int(t.shape[1]) for t in plain.values()} | {
+      int(t.shape[1]) for pair in split.values() for t in pair}
   if len(dims) != 1:
     raise ValueError(f"tables of several widths {sorted(dims)}: not loaded")
-  d, f = dims.pop(), len(tables)
+  d = dims.pop()
   bottom = mlp_widths(numbered_layers(arrays, r"bot_l\.(\d+)\.weight"), "bot_l")
   top = mlp_widths(numbered_layers(arrays, r"top_l\.(\d+)\.weight"), "top_l")
+  out = {}
+  if split:
+    collisions = {int(r.shape[0]) for _, r in split.values()}
+    if len(collisions) != 1:
+      raise ValueError(f"quotient-remainder tables of several collisions {sorted(collisions)}")
+    c = collisions.pop()
+    concat = bottom[-1] == 2 * d and not plain
+    if concat:
+      d *= 2
+    rows = []
+    for k in range(f):
+      if k in plain:
+        rows.append(int(plain[k].shape[0]))
+        continue
+      q = int(split[k][0].shape[0])
+      hint = None if table_rows is None or k >= len(table_rows) else int(table_rows[k])
+      rows.append(hint if hint is not None and -(-hint // c) == q else q * c)
+    smallest = min(rows[k] for k in split)
+    threshold = max((rows[k] for k in plain), default=smallest - 1)
+    if threshold >= smallest:
+      raise ValueError(f"a plain table of {threshold} rows and a split one of {smallest}: "
+                       "no threshold splits them so")
+    out.update(qr_flag=True, qr_collisions=c, qr_threshold=threshold,
+               **({"qr_operation": "concat"} if concat else {}))
+  else:
+    rows = [int(plain[k].shape[0]) for k in range(f)]
+    out["qr_flag"] = False
   if bottom[-1] != d:
     raise ValueError(f"the bottom MLP ends in {bottom[-1]}, the tables are {d} wide")
   interactions = {d + f * (f + 1) // 2: ("dot", False),
                   d + (f + 1) * (f + 2) // 2: ("dot", True), (f + 1) * d: ("cat", False)}
   if top[0] not in interactions:
     raise ValueError(f"the top MLP takes {top[0]} inputs: no dot or cat interaction of "
-                     f"{f} tables of width {d} gives that")
+                     f"{f} features of width {d} gives that")
   op, itself = interactions[top[0]]
-  return {"arch_sparse_feature_size": d, "arch_embedding_size": "-".join(
-              str(int(t.shape[0])) for t in tables),
-          "arch_mlp_bot": "-".join(map(str, bottom)), "arch_mlp_top": "-".join(map(str, top[1:])),
-          "arch_interaction_op": op, "arch_interaction_itself": itself,
-          "arch_dot_pair_order": "lower", "data.num_dense_features": bottom[0]}
+  out.update({"arch_sparse_feature_size": d, "arch_embedding_size": "-".join(map(str, rows)),
+              "arch_mlp_bot": "-".join(map(str, bottom)),
+              "arch_mlp_top": "-".join(map(str, top[1:])),
+              "arch_interaction_op": op, "arch_interaction_itself": itself,
+              "arch_dot_pair_order": "lower", "data.num_dense_features": bottom[0]})
+  return out

@@ -18,7 +18,6 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from conftest import load_config  # noqa: E402
 from dlrm_jax import from_torch, predict  # noqa: E402
 from dlrm_jax.data import make_data  # noqa: E402
 from dlrm_jax.specs import RunSpec  # noqa: E402
@@ -40,13 +39,18 @@ class ReferenceNet(nn.Module):
   """The reference's DLRM_Net: bot_l / top_l (Linear, ReLU, ...; a sigmoid at the end),
   emb_l a list of EmbeddingBags, dot products of [x, e_0 ..] for i > j in row order."""
 
-  def __init__(self, bottom=(13, 8, 4), top=(40, 8, 1)):
+  def __init__(self, bottom=(13, 8, 4), top=(40, 8, 1), qr_collisions=0):
     super().__init__()
-    self.emb_l = nn.ModuleList(nn.EmbeddingBag(ROWS, D, mode="sum") for _ in range(F))
+    # With qr_collisions c, features 0-3 get the reference's QREmbeddingBag (mult) of
+    # ROWS rows and features 4-7 plain tables of ROWS // 2 rows (below its threshold).
+    self.emb_l = nn.ModuleList(
+        (QRBag(ROWS, qr_collisions) if qr_collisions and k < 4 else
+         nn.EmbeddingBag(ROWS // 2 if qr_collisions else ROWS, D, mode="sum"))
+        for k in range(F))
     self.bot_l = nn.Sequential(*_mlp(bottom, last_relu=True))
     self.top_l = nn.Sequential(*_mlp(top, last_relu=False), nn.Sigmoid())
-    for emb in self.emb_l:
-      nn.init.uniform_(emb.weight, -0.5, 0.5)
+    for p in self.emb_l.parameters():
+      nn.init.uniform_(p, -0.5, 0.5)
 
   def forward(self, dense, ids):
     x = self.bot_l(dense)
@@ -54,6 +58,20 @@ class ReferenceNet(nn.Module):
     z = torch.bmm(t, t.transpose(1, 2))
     pairs = [z[:, i, j] for i in range(F + 1) for j in range(i)]
     return self.top_l(torch.cat([x, torch.stack(pairs, dim=1)], dim=1))[:, 0]
+
+
+class QRBag(nn.Module):
+  """The reference's QREmbeddingBag with operation "mult": rows id // c and id % c."""
+
+  def __init__(self, n, c):
+    super().__init__()
+    self.c = c
+    self.weight_q = nn.Parameter(torch.empty(-(-n // c), D))
+    self.weight_r = nn.Parameter(torch.empty(c, D))
+
+  def forward(self, ids):
+    q = nn.functional.embedding_bag(ids // self.c, self.weight_q, mode="sum")
+    return q * nn.functional.embedding_bag(ids % self.c, self.weight_r, mode="sum")
 
 
 class _Perceptron(nn.Module):
@@ -129,9 +147,8 @@ def _convert(path, workdir, *overrides):
   return proc.stderr
 
 
-def _batch():
-  c = load_config("tiny")
-  return make_data(RunSpec.from_config(c)).batch(0)
+def _batch(model):
+  return make_data(RunSpec.from_config(model.config)).batch(0)
 
 
 def _torch_probabilities(net, batch):
@@ -140,10 +157,9 @@ def _torch_probabilities(net, batch):
                ).numpy()
 
 
-def test_reference_save_model_file_predicts_and_trains_on(tmp_path):
+def test_reference_save_model_file_predicts_as_torch(tmp_path):
   """A file of the reference's --save-model dict (state_dict, SGD state, numpy scalars and
-  a 0-d array among the metrics) -> a run that scores as the torch model and that
-  train.py trains on from step 0."""
+  a 0-d array among the metrics) -> a run that scores as the torch model."""
   torch.manual_seed(0)
   net = ReferenceNet()
   opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -156,13 +172,33 @@ def test_reference_save_model_file_predicts_and_trains_on(tmp_path):
   log = _convert(path, tmp_path / "run")
   assert "'test_acc': 0.7" in log and "'iter': 20" in log
   model = predict.load_model(str(tmp_path / "run"))
-  batch = _batch()
+  batch = _batch(model)
   np.testing.assert_allclose(predict.score(model, iter([batch]), 64),
                              _torch_probabilities(net, batch), rtol=1e-5, atol=1e-6)
+
+
+def test_reference_quotient_remainder_tables_load(tmp_path):
+  """The reference's QREmbeddingBags (weight_q, weight_r) become our pairs: collisions
+  and a threshold between the plain and the split tables read off the shapes, the
+  config's table sizes kept, the probabilities the torch model's; train.py trains on."""
+  torch.manual_seed(2)
+  net = ReferenceNet(qr_collisions=8)
+  path = tmp_path / "model.pt"
+  torch.save({"state_dict": net.state_dict(), "iter": 1}, path)
+  log = _convert(path, tmp_path / "run", "--config.arch_embedding_size=50-50-50-50-25-25-25-25")
+  assert "qr_collisions: 4 -> 8" in log and "qr_operation='mult' from the config" in log
+  model = predict.load_model(str(tmp_path / "run"))
+  assert (model.config.qr_flag, model.config.qr_threshold) == (True, 25)
+  assert model.task.qr.table_rows == [7, 8] * 4 + [25] * 4
+  batch = _batch(model)
+  np.testing.assert_allclose(predict.score(model, iter([batch]), 64),
+                             _torch_probabilities(net, batch), rtol=1e-5, atol=1e-6)
+  # The command from_torch prints (the architecture's overrides) trains on from step 0.
+  command = log.split("this trains on from it:\n")[1].split()
+  assert command[:2] == ["python", "train.py"] and "--config.qr_flag=True" in command
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run(
-      [sys.executable, "train.py", f"--config={ROOT}/configs/tiny.py",
-       f"--workdir={tmp_path / 'run'}", "--config.checkpoint.enabled=True",
+      [sys.executable, *command[1:], "--config.checkpoint.enabled=True",
        "--config.num_batches=4", "--config.test_freq=4"],
       capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -185,7 +221,7 @@ def test_torchrec_state_dict_predicts_as_torchrec(tmp_path, dcn):
   assert "arch_interaction_op: 'dot' -> 'dcn'" in log if dcn else "'lower' -> 'upper'" in log
   model = predict.load_model(str(tmp_path / "run"))
   assert model.config.arch_interaction_op == ("dcn" if dcn else "dot")
-  batch = _batch()
+  batch = _batch(model)
   np.testing.assert_allclose(predict.score(model, iter([batch]), 64),
                              _torch_probabilities(net, batch), rtol=1e-5, atol=1e-6)
 

@@ -158,3 +158,45 @@ def test_qr_model_exports_and_scores_quantised(tmp_path):
       batch["dense"], batch["sparse"]), want, rtol=1e-6, atol=1e-7)
   int8 = predict.score_quantized(model, iter([batch]), 64, "int8")
   np.testing.assert_allclose(int8, want, atol=5e-3)
+
+
+@pytest.mark.parametrize("operation", ["mult", "concat"])
+def test_qr_weights_round_trip_through_the_reference_names(operation):
+  """`to_reference` names a pair emb_l.F.weight_q / weight_r as the reference's
+  QREmbeddingBag; `config_from_reference` reads qr_flag, the collisions, a threshold
+  (and concat, from the bottom MLP's width) back off the shapes, and `from_reference`
+  loads the tables into a task of that config with the same predictions."""
+  from dlrm_jax.data import make_data
+  from dlrm_jax.reference import config_from_reference, from_reference, to_reference
+  from dlrm_jax.specs import RunSpec
+
+  c = load_config("tiny")
+  c.qr_flag, c.qr_collisions, c.qr_threshold, c.qr_operation = True, 6, 30, operation
+  c.arch_embedding_size = ("50-50-50-50-50-50-50-50" if operation == "concat"
+                           else "50-50-50-50-20-20-20-20")
+  task = Task(c)
+  state = task.init_state(0)
+  arrays = to_reference(state.params, task.embedding, state.tables)
+  assert arrays["emb_l.0.weight_q"].shape == (9, task.qr.table_dim)
+  assert arrays["emb_l.0.weight_r"].shape == (6, task.qr.table_dim)
+  fields = config_from_reference(arrays, table_rows=[50] * 8)
+  want = {"qr_flag": True, "qr_collisions": 6, "arch_sparse_feature_size": 4,
+          "qr_threshold": 49 if operation == "concat" else 20,
+          "arch_embedding_size": c.arch_embedding_size}
+  if operation == "concat":
+    want["qr_operation"] = "concat"
+  assert {k: fields[k] for k in want} == want and ("qr_operation" in fields) == (
+      operation == "concat")
+  assert config_from_reference(arrays)["arch_embedding_size"].startswith(
+      "54-54-54-54")  # sizes unknown within the collisions: ceil(n / c) c
+  again = load_config("tiny")
+  for key, value in fields.items():
+    section, _, name = key.rpartition(".")
+    (again[section] if section else again)[name] = value
+  again.qr_operation = operation
+  other = Task(again)
+  params, tables = from_reference(other.spec, other.embedding, arrays)
+  batch = make_data(RunSpec.from_config(c)).batch(0)
+  np.testing.assert_allclose(np.asarray(other.predict(params, tables, batch)),
+                             np.asarray(task.predict(state.params, state.tables, batch)),
+                             rtol=1e-6, atol=1e-7)
