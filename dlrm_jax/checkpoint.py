@@ -64,7 +64,8 @@ MODEL_KEYS = ("arch_sparse_feature_size", "arch_mlp_bot", "arch_mlp_top", "arch_
               "arch_interaction_op", "arch_interaction_itself", "arch_dot_pair_order",
               "dcn_num_layers", "dcn_low_rank_dim", "embedding_pooling", "embedding_dtype",
               "dense_optimizer", "embedding_optimizer", "data.num_dense_features",
-              "qr_flag", "qr_collisions", "qr_operation", "qr_threshold")
+              "qr_flag", "qr_collisions", "qr_operation", "qr_threshold",
+              "md_flag", "md_temperature", "md_round_dims", "md_threshold", "md_dims")
 
 
 class CheckpointError(RuntimeError):
@@ -468,7 +469,7 @@ def _key(path) -> str:
 
 
 def _collection(config: dict) -> EmbeddingCollection:
-  """The tables of a saved config (quotient-remainder pairs included)."""
+  """The tables of a saved config (quotient-remainder pairs and mixed widths included)."""
   from dlrm_jax.embedding.qr import QRTables
 
   return EmbeddingCollection(QRTables.from_config(config).table_specs(

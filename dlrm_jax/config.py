@@ -111,6 +111,15 @@ def _model_and_training_fields(c) -> None:
   c.qr_collisions = 4
   c.qr_operation = "mult"
   c.qr_threshold = 200
+  # Mixed-dimension tables (the reference's --md-* flags, dlrm_jax/embedding/mixed.py): a
+  # table of n > md_threshold rows gets round(D * (n_min / n) ** md_temperature) columns
+  # (md_round_dims: to a power of two) and a learned projection to D; md_dims "16-4-..."
+  # gives the widths instead. Not together with qr_flag.
+  c.md_flag = False
+  c.md_temperature = 0.3
+  c.md_round_dims = False
+  c.md_threshold = 200
+  c.md_dims = ""
   # Loss and optimisation.
   c.loss_function = "bce"
   c.loss_weights = "1.0-1.0"  # wbce weights of label 0 and label 1.

@@ -5,7 +5,7 @@ TorchRec `DLRM` / `DLRM_DCN` state_dicts.
         [--config.KEY=VALUE ...]
 
 writes DIR/checkpoints/0: the weights as a step-0 checkpoint of the config, with
-its architecture (`arch_*`, `dcn_*`, `qr_*`, `data.num_dense_features`) read off the
+its architecture (`arch_*`, `dcn_*`, `qr_*`, `md_*`, `data.num_dense_features`) read off the
 weights (`dlrm_jax.reference.config_from_reference`,
 `dlrm_jax.torchrec.config_from_torchrec`); the rest (data, optimisers, steps)
 is the config's. `python -m dlrm_jax.predict --workdir DIR` scores with it,

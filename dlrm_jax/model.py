@@ -88,8 +88,17 @@ def init_params(spec: ModelSpec, seed: int) -> nnx.State:
   host_init = INTERACTIONS[spec.interaction].host_init
   if host_init is not None:
     host_init(values["interaction"], rng)
+  if "projection" in values:
+    _projection_host_init(values["projection"], rng, spec.embedding_dim)
   nnx.replace_by_pure_dict(state, values)
   return state
+
+
+def xavier_uniform_host(rng: np.random.Generator, fan_in: int, fan_out: int) -> np.ndarray:
+  """An [in, out] matrix U(+-sqrt(6 / (in + out))), torch's `xavier_uniform_` drawn as
+  torch lays the matrix out ([out, in]) and transposed."""
+  bound = np.sqrt(6.0 / (fan_in + fan_out))
+  return rng.uniform(-bound, bound, (fan_out, fan_in)).T
 
 
 class MLP(nnx.Module):
@@ -217,6 +226,47 @@ def _cross_host_init(values: dict, rng: np.random.Generator) -> None:
     layer["w"]["bias"] = jnp.zeros_like(layer["w"]["bias"])
 
 
+class Projection(nnx.Module):
+  """Mixed-dimension tables' projections to D (dlrm_jax.embedding.mixed): feature f's
+  vector, the first d_f values of its zero-padded [D], times its own [d_f, D] matrix
+  (no bias, the reference's `PrEmbeddingBag`); features of width D pass unchanged.
+  One [n_w, w, D] kernel per narrower width w (its n_w features in order)."""
+
+  def __init__(self, dims: tuple[int, ...], dim: int, *, rngs: nnx.Rngs):
+    self.dims, self.dim = tuple(int(d) for d in dims), int(dim)
+    self.widths = tuple(sorted({d for d in self.dims if d < self.dim}, reverse=True))
+    init = nnx.initializers.xavier_uniform(in_axis=-2, out_axis=-1, batch_axis=(0,))
+    self.kernels = nnx.List([
+        nnx.Param(init(rngs.params(), (len(self.features(w)), w, self.dim), jnp.float32))
+        for w in self.widths])
+
+  def features(self, width: int) -> list[int]:
+    return [f for f, d in enumerate(self.dims) if d == width]
+
+  def __call__(self, emb: jax.Array) -> jax.Array:
+    """[B, F, D] (each narrow feature's vector zero-padded), in the compute dtype ->
+    [B, F, D] projected."""
+    parts, order = [], self.features(self.dim)
+    if order:
+      parts.append(take_static(emb, order, axis=1))
+    for w, kernel in zip(self.widths, self.kernels):
+      features = self.features(w)
+      x = take_static(emb, features, axis=1)[..., :w]
+      parts.append(jnp.einsum("bfw,fwd->bfd", x, kernel[...].astype(x.dtype),
+                              preferred_element_type=accumulation_dtype(x.dtype)
+                              ).astype(x.dtype))
+      order = order + features
+    return take_static(jnp.concatenate(parts, axis=1), np.argsort(order), axis=1)
+
+
+def _projection_host_init(values: dict, rng: np.random.Generator, dim: int) -> None:
+  """The projections as the reference draws them: xavier-uniform, feature by feature."""
+  for i in sorted(values["kernels"]):
+    n, w, _ = values["kernels"][i].shape
+    values["kernels"][i] = jnp.asarray(
+        np.stack([xavier_uniform_host(rng, w, dim) for _ in range(n)]), jnp.float32)
+
+
 def _cat_width(spec: "ModelSpec") -> int:
   return (spec.num_tables + 1) * spec.embedding_dim
 
@@ -273,6 +323,8 @@ class ModelSpec:
       interaction (parameters stay float32).
     embedding_dtype: "float32", "bfloat16" or "float16", the tables' storage
       (lookups give float32 vectors; optimiser state is float32).
+    table_dims: each table's width (mixed-dimension tables, dlrm_jax.embedding.mixed:
+      those narrower than D are projected to D); () for D each.
   """
 
   num_dense: int
@@ -287,6 +339,7 @@ class ModelSpec:
   dcn_low_rank_dim: int = 512
   compute_dtype: str = "float32"
   embedding_dtype: str = "float32"
+  table_dims: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.embedding_dim <= 0:
@@ -325,6 +378,15 @@ class ModelSpec:
     if self.embedding_dtype not in EMBEDDING_DTYPES:
       raise ConfigError(f"embedding_dtype={self.embedding_dtype!r} is not one of "
                         f"{EMBEDDING_DTYPES}")
+    if self.table_dims and (len(self.table_dims) != self.num_tables or not all(
+        1 <= d <= self.embedding_dim for d in self.table_dims)):
+      raise ConfigError(f"table widths {dash_list(self.table_dims)} must be one per table "
+                        f"({self.num_tables}), each in [1, {self.embedding_dim}]")
+
+  @property
+  def dims(self) -> tuple[int, ...]:
+    """Each table's width (D where `table_dims` is empty)."""
+    return self.table_dims or (self.embedding_dim,) * self.num_tables
 
   @property
   def dtype(self):
@@ -356,7 +418,16 @@ class ModelSpec:
         dcn_low_rank_dim=int(config.dcn_low_rank_dim),
         compute_dtype=str(config.compute_dtype),
         embedding_dtype=str(config.embedding_dtype),
+        table_dims=_mixed_dims(config),
     )
+
+
+def _mixed_dims(config) -> tuple[int, ...]:
+  """The tables' widths of a config with md_flag; () without."""
+  from dlrm_jax.embedding.mixed import dims_from_config
+
+  dims = dims_from_config(config)
+  return dims if any(d != int(config.arch_sparse_feature_size) for d in dims) else ()
 
 
 class DLRM(nnx.Module):
@@ -364,6 +435,8 @@ class DLRM(nnx.Module):
 
   def __init__(self, spec: ModelSpec, *, rngs: nnx.Rngs):
     self.spec = spec
+    if spec.table_dims:  # mixed-dimension tables: their projections to D
+      self.projection = Projection(spec.table_dims, spec.embedding_dim, rngs=rngs)
     self.bottom = MLP(spec.bottom, relu_last=True, rngs=rngs, dtype=spec.dtype)
     self.interaction = INTERACTIONS[spec.interaction].make(spec, rngs)
     self.top = MLP((spec.interaction_width,) + spec.top, relu_last=False, rngs=rngs,
@@ -373,5 +446,8 @@ class DLRM(nnx.Module):
     """dense [B, num_dense], emb [B, F, D] -> float32 click logits [B]."""
     dtype = self.spec.dtype
     x = self.bottom(dense.astype(dtype)).astype(dtype)
-    logits = self.top(self.interaction(x, emb.astype(dtype)))[:, 0]
+    emb = emb.astype(dtype)
+    if self.spec.table_dims:
+      emb = self.projection(emb)
+    logits = self.top(self.interaction(x, emb))[:, 0]
     return logits.astype(jnp.float32)

@@ -215,10 +215,12 @@ def inference(model: Model, quantize: str | None = None) -> Inference:
   task = model.task
   leaves, treedef = jax.tree.flatten(model.params)
   leaves = [np.asarray(parallel.gather_to_host(x)) for x in leaves]
-  stacked = np.concatenate(task.embedding.to_arrays(model.tables), axis=0)
-  tables = ({"stacked": stacked} if quantize is None
-            else quantized.quantize(stacked, quantize))  # one gather serves every table
   graphdef, collection = task.graphdef, task.collection
+  arrays, tables = task.embedding.to_arrays(model.tables), {}
+  for w in collection.widths:  # one gather serves every table (of a width)
+    stacked = np.concatenate([arrays[t] for t in collection.features_of(w)], axis=0)
+    part = {"stacked": stacked} if quantize is None else quantized.quantize(stacked, quantize)
+    tables.update({collection.key(w, name): v for name, v in part.items()})
 
   def infer(param_leaves, tables, dense, sparse, weights=None, mask=None):
     params = jax.tree.unflatten(treedef, param_leaves)

@@ -2,7 +2,9 @@
 
 The reference's `DLRM_Net.state_dict()` names its layers `bot_l.I.weight`,
 `top_l.I.weight` (I = 0, 2, 4, ...: the odd entries are activations) and
-`emb_l.K.weight`; a Linear stores W as [out, in] and computes x W^T + b.
+`emb_l.K.weight` (a quotient-remainder table `emb_l.K.weight_q` and `weight_r`, a
+mixed-dimension one `emb_l.K.embs.weight` and, if narrower than D, its projection
+`emb_l.K.proj.weight`); a Linear stores W as [out, in] and computes x W^T + b.
 `from_reference` maps such arrays (as numpy, e.g. `{k: v.numpy() for k, v in
 state_dict.items()}`) onto our dense parameters and embedding tables, and
 `to_reference` goes back, so a model trained by either loads in the other.
@@ -40,11 +42,20 @@ def from_reference(spec: ModelSpec, collection: EmbeddingCollection,
       b = checked_array(arrays, f"{prefix}{theirs}.{2 * i}.bias", layer["bias"].shape)
       layer["kernel"] = jnp.asarray(w.T, jnp.float32)
       layer["bias"] = jnp.asarray(b, jnp.float32)
+  if "projection" in values:  # mixed-dimension tables: [D, d] Linear weights, stacked
+    kernels = values["projection"]["kernels"]
+    for i in sorted(kernels):
+      n, w, d = kernels[i].shape
+      features = [f for f, dim in enumerate(spec.dims) if dim == w]
+      kernels[i] = jnp.asarray(np.stack([checked_array(
+          arrays, f"{prefix}emb_l.{f}.proj.weight", (d, w)).T for f in features]), jnp.float32)
   nnx.replace_by_pure_dict(state, values)
-  tables = collection.from_arrays([
-      checked_array(arrays, prefix + table_name(k, s.name), (s.rows, s.dim))
-      for k, s in enumerate(collection.specs)])
-  return state, tables
+  tables = []
+  for k, s in enumerate(collection.specs):
+    name = prefix + table_name(k, s.name)
+    mixed = name.replace(".weight", ".embs.weight")  # PrEmbeddingBag's table
+    tables.append(checked_array(arrays, mixed if mixed in arrays else name, (s.rows, s.dim)))
+  return state, collection.from_arrays(tables)
 
 
 def table_name(k: int, name: str) -> str:
@@ -67,8 +78,17 @@ def to_reference(params: nnx.State, collection: EmbeddingCollection,
       layer = values[ours]["layers"][i]
       out[f"{theirs}.{2 * i}.weight"] = np.asarray(layer["kernel"]).T.copy()
       out[f"{theirs}.{2 * i}.bias"] = np.asarray(layer["bias"])
+  mixed = "projection" in values  # every table a PrEmbeddingBag, as the reference's
   for k, (spec, table) in enumerate(zip(collection.specs, collection.to_arrays(tables))):
-    out[table_name(k, spec.name)] = table
+    name = table_name(k, spec.name)
+    out[name.replace(".weight", ".embs.weight") if mixed else name] = table
+  if mixed:
+    kernels = values["projection"]["kernels"]
+    dim = next(iter(kernels.values())).shape[-1]
+    dims = [s.dim for s in collection.specs]
+    for i, w in enumerate(sorted({d for d in dims if d < dim}, reverse=True)):
+      for j, f in enumerate(f for f, d in enumerate(dims) if d == w):
+        out[f"emb_l.{f}.proj.weight"] = np.asarray(kernels[i][j]).T.copy()
   return out
 
 
@@ -107,65 +127,44 @@ def mlp_widths(weights: list[np.ndarray], name: str) -> list[int]:
 
 def config_from_reference(arrays: Mapping[str, np.ndarray], prefix: str = "",
                           table_rows: Sequence[int] | None = None) -> dict:
-  """The config fields (`arch_*`, `qr_*`, `data.num_dense_features`) of the model whose
-  reference state-dict arrays these are: sizes from the shapes, the interaction
-  from the top MLP's input width (dot: D + F (F + 1) / 2 pairs, or with the
-  diagonal D + (F + 1) (F + 2) / 2; cat: (F + 1) D for F features).
+  """The config fields (`arch_*`, `qr_*`, `md_*`, `data.num_dense_features`) of the model
+  whose reference state-dict arrays these are: sizes from the shapes, the
+  interaction from the top MLP's input width (dot: D + F (F + 1) / 2 pairs, or with
+  the diagonal D + (F + 1) (F + 2) / 2; cat: (F + 1) D for F features).
 
   Quotient-remainder tables (`emb_l.F.weight_q` / `weight_r`) set `qr_flag`, the
   collisions (the remainder tables' rows) and a threshold between the plain and
   the split tables; `qr_operation` is "concat" where the halves make the bottom
   MLP's width, else mult or add, which the shapes cannot tell (left out). A split
   table's row count is known only to within the collisions: `table_rows` (the
-  config's) is kept where it fits, else ceil(n / c) c is used. Raises KeyError /
-  ValueError for weights of no DLRM_Net this package builds (the reference's
-  mixed-dimension tables among them).
+  config's) is kept where it fits, else ceil(n / c) c is used. Mixed-dimension
+  tables (`emb_l.F.embs.weight`, `proj.weight` where narrower than D) set `md_flag`
+  and their widths as `md_dims`. Raises KeyError / ValueError for weights of no
+  DLRM_Net this package builds.
   """
   arrays = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-  if any(re.fullmatch(r"emb_l\.\d+\.(embs\..*|proj.*)", k) for k in arrays):
-    raise ValueError("these are the reference's mixed-dimension tables: they are not loaded")
   plain = {int(m.group(1)): np.asarray(v) for k, v in arrays.items()
-           if (m := re.fullmatch(r"emb_l\.(\d+)\.weight", k))}
+           if (m := re.fullmatch(r"emb_l\.(\d+)\.(?:embs\.)?weight", k))}
   split = {int(m.group(1)): (np.asarray(v), checked_array(arrays, f"emb_l.{m.group(1)}.weight_r"))
            for k, v in arrays.items() if (m := re.fullmatch(r"emb_l\.(\d+)\.weight_q", k))}
   f = len(plain) + len(split)
   if not f or sorted({*plain, *split}) != list(range(f)):
     raise KeyError("reference weights need emb_l.0 .. emb_l.F-1 (weight, or weight_q and "
-                   f"weight_r), got tables {sorted({*plain, *split})}")
-  dims = {int(t.shape[1]) for t in plain.values()} | {
-      int(t.shape[1]) for pair in split.values() for t in pair}
-  if len(dims) != 1:
-    raise ValueError(f"tables of several widths {sorted(dims)}: not loaded")
-  d = dims.pop()
+                   f"weight_r, or embs.weight), got tables {sorted({*plain, *split})}")
   bottom = mlp_widths(numbered_layers(arrays, r"bot_l\.(\d+)\.weight"), "bot_l")
   top = mlp_widths(numbered_layers(arrays, r"top_l\.(\d+)\.weight"), "top_l")
-  out = {}
-  if split:
-    collisions = {int(r.shape[0]) for _, r in split.values()}
-    if len(collisions) != 1:
-      raise ValueError(f"quotient-remainder tables of several collisions {sorted(collisions)}")
-    c = collisions.pop()
-    concat = bottom[-1] == 2 * d and not plain
-    if concat:
-      d *= 2
-    rows = []
-    for k in range(f):
-      if k in plain:
-        rows.append(int(plain[k].shape[0]))
-        continue
-      q = int(split[k][0].shape[0])
-      hint = None if table_rows is None or k >= len(table_rows) else int(table_rows[k])
-      rows.append(hint if hint is not None and -(-hint // c) == q else q * c)
-    smallest = min(rows[k] for k in split)
-    threshold = max((rows[k] for k in plain), default=smallest - 1)
-    if threshold >= smallest:
-      raise ValueError(f"a plain table of {threshold} rows and a split one of {smallest}: "
-                       "no threshold splits them so")
-    out.update(qr_flag=True, qr_collisions=c, qr_threshold=threshold,
-               **({"qr_operation": "concat"} if concat else {}))
-  else:
+  if any(k.startswith("emb_l.") and ".embs." in k for k in arrays):
+    if split:
+      raise ValueError("quotient-remainder and mixed-dimension tables together: not loaded")
+    d, out = int(bottom[-1]), _mixed_fields(arrays, plain, int(bottom[-1]))
     rows = [int(plain[k].shape[0]) for k in range(f)]
-    out["qr_flag"] = False
+  else:
+    dims = {int(t.shape[1]) for t in plain.values()} | {
+        int(t.shape[1]) for pair in split.values() for t in pair}
+    if len(dims) != 1:
+      raise ValueError(f"plain tables of several widths {sorted(dims)}: not loaded")
+    d, rows, out = _split_fields(plain, split, dims.pop(), bottom, table_rows)
+    out["md_flag"] = False
   if bottom[-1] != d:
     raise ValueError(f"the bottom MLP ends in {bottom[-1]}, the tables are {d} wide")
   interactions = {d + f * (f + 1) // 2: ("dot", False),
@@ -180,3 +179,43 @@ def config_from_reference(arrays: Mapping[str, np.ndarray], prefix: str = "",
               "arch_interaction_op": op, "arch_interaction_itself": itself,
               "arch_dot_pair_order": "lower", "data.num_dense_features": bottom[0]})
   return out
+
+
+def _mixed_fields(arrays, tables: dict[int, np.ndarray], dim: int) -> dict:
+  """`md_*` of mixed-dimension tables of D = `dim`: each narrower one needs its [D, d]
+  projection."""
+  widths = [int(tables[k].shape[1]) for k in range(len(tables))]
+  for k, w in enumerate(widths):
+    if w > dim:
+      raise ValueError(f"emb_l.{k}.embs.weight is {w} wide, over the bottom MLP's {dim}")
+    if w < dim:
+      checked_array(arrays, f"emb_l.{k}.proj.weight", (dim, w))
+  return {"qr_flag": False, "md_flag": True, "md_dims": "-".join(map(str, widths))}
+
+
+def _split_fields(plain, split, d: int, bottom, table_rows) -> tuple[int, list[int], dict]:
+  """(D, the tables' rows, `qr_*`) of plain and quotient-remainder tables of width d."""
+  f = len(plain) + len(split)
+  if not split:
+    return d, [int(plain[k].shape[0]) for k in range(f)], {"qr_flag": False}
+  collisions = {int(r.shape[0]) for _, r in split.values()}
+  if len(collisions) != 1:
+    raise ValueError(f"quotient-remainder tables of several collisions {sorted(collisions)}")
+  c = collisions.pop()
+  concat = bottom[-1] == 2 * d and not plain
+  rows = []
+  for k in range(f):
+    if k in plain:
+      rows.append(int(plain[k].shape[0]))
+      continue
+    q = int(split[k][0].shape[0])
+    hint = None if table_rows is None or k >= len(table_rows) else int(table_rows[k])
+    rows.append(hint if hint is not None and -(-hint // c) == q else q * c)
+  smallest = min(rows[k] for k in split)
+  threshold = max((rows[k] for k in plain), default=smallest - 1)
+  if threshold >= smallest:
+    raise ValueError(f"a plain table of {threshold} rows and a split one of {smallest}: "
+                     "no threshold splits them so")
+  return 2 * d if concat else d, rows, {
+      "qr_flag": True, "qr_collisions": c, "qr_threshold": threshold,
+      **({"qr_operation": "concat"} if concat else {})}

@@ -296,6 +296,9 @@ class RunSpec:
     from dlrm_jax.model import ModelSpec  # JAX, for the interactions' registry
 
     model = ModelSpec.from_config(config)
+    if bool(config.qr_flag) and bool(config.md_flag):
+      raise ConfigError("qr_flag and md_flag together are not supported: quotient-remainder "
+                        "tables keep D columns, mixed-dimension ones narrow them; pick one")
     if bool(config.qr_flag) and str(config.qr_operation) == "concat" and model.embedding_dim % 2:
       raise ConfigError(f"qr_operation='concat' joins two halves of arch_sparse_feature_size="
                         f"{model.embedding_dim}: it must be even")

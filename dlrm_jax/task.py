@@ -45,10 +45,12 @@ class Task:
                         f"{POOLINGS}")
     self.spec = self.run.model
     qr = self.run.qr
-    # The features' tables: one per feature, or quotient-remainder pairs (embedding/qr.py).
+    # The features' tables: one per feature (of its own width with mixed-dimension
+    # tables, embedding/mixed.py), or quotient-remainder pairs (embedding/qr.py).
     self.qr = QRTables(self.spec.table_rows, self.run.data.hotness, self.spec.embedding_dim,
                        enabled=qr.qr_flag, collisions=qr.qr_collisions,
-                       operation=qr.qr_operation, threshold=qr.qr_threshold)
+                       operation=qr.qr_operation, threshold=qr.qr_threshold,
+                       dims=self.spec.dims)  # mixed-dimension tables: their widths
     self.collection = EmbeddingCollection(self.qr.table_specs(training.embedding_pooling),
                                           dtype=STORAGE_DTYPES[self.spec.embedding_dtype])
     # The features' ids are checked against the features' row counts.

@@ -135,7 +135,7 @@ def config_from_torchrec(arrays: Mapping[str, np.ndarray], prefix: str = "",
   out = {"arch_sparse_feature_size": d,
          "arch_embedding_size": "-".join(str(int(s[0])) for s in shapes),
          "arch_mlp_bot": "-".join(map(str, bottom)), "arch_mlp_top": "-".join(map(str, top[1:])),
-         "data.num_dense_features": bottom[0], "qr_flag": False}
+         "data.num_dense_features": bottom[0], "qr_flag": False, "md_flag": False}
   crossnet = numbered_layers(arrays, r"inter_arch\.crossnet\.V_kernels\.(\d+)")
   if crossnet:
     out.update(arch_interaction_op="dcn", dcn_num_layers=len(crossnet),

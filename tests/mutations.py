@@ -142,6 +142,26 @@ MUTATIONS = (
         "      pass\n",
         ("tests/test_predict.py::"
          "test_unseen_values_map_to_row_0_are_counted_and_scored_as_row_0",)),
+    Mutation(
+        "md_projection_skipped", "mixed-dimension tables' vectors reach the interaction "
+        "zero-padded, never projected",
+        "dlrm_jax/model.py",
+        "      emb = self.projection(emb)\n",
+        "      pass\n",
+        ("tests/test_from_torch.py::test_reference_mixed_dimension_tables_load",)),
+    Mutation(
+        "md_widths_out_of_order", "a lookup of tables of several widths returns the features "
+        "grouped by width, not in order",
+        "dlrm_jax/embedding/collection.py",
+        "    return take_static(jnp.concatenate(parts, axis=1), np.argsort(order), axis=1)\n",
+        "    return jnp.concatenate(parts, axis=1)\n",
+        ("tests/test_mixed.py::test_mixed_lookup_against_numpy",)),
+    Mutation(
+        "md_small_tables_narrowed", "tables at or below md_threshold get the rule's width too",
+        "dlrm_jax/embedding/mixed.py",
+        "  return tuple(int(dim) if n <= threshold else d for n, d in zip(rows, solved))\n",
+        "  return tuple(solved)\n",
+        ("tests/test_mixed.py::test_small_tables_keep_d_and_explicit_widths",)),
 )
 
 

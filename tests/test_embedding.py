@@ -198,8 +198,8 @@ def test_table_spec_validation():
     TableSpec("x", 3, 2, pooling="max")
   with pytest.raises(ValueError, match="rows"):
     TableSpec("x", 0, 2)
-  with pytest.raises(ValueError, match="width"):
-    EmbeddingCollection([TableSpec("x", 3, 2), TableSpec("y", 3, 4)])
+  mixed = EmbeddingCollection([TableSpec("x", 3, 2), TableSpec("y", 3, 4)])  # test_mixed.py
+  assert (mixed.dim, mixed.widths, mixed.nbytes) == (4, (4, 2), 3 * 6 * 4)
 
 
 def _bag_batch(task, rng, hot=3, batch=32):

@@ -39,12 +39,14 @@ class ReferenceNet(nn.Module):
   """The reference's DLRM_Net: bot_l / top_l (Linear, ReLU, ...; a sigmoid at the end),
   emb_l a list of EmbeddingBags, dot products of [x, e_0 ..] for i > j in row order."""
 
-  def __init__(self, bottom=(13, 8, 4), top=(40, 8, 1), qr_collisions=0):
+  def __init__(self, bottom=(13, 8, 4), top=(40, 8, 1), qr_collisions=0, md_dims=()):
     super().__init__()
     # With qr_collisions c, features 0-3 get the reference's QREmbeddingBag (mult) of
-    # ROWS rows and features 4-7 plain tables of ROWS // 2 rows (below its threshold).
+    # ROWS rows and features 4-7 plain tables of ROWS // 2 rows (below its threshold);
+    # with md_dims, every feature its PrEmbeddingBag of that width.
     self.emb_l = nn.ModuleList(
         (QRBag(ROWS, qr_collisions) if qr_collisions and k < 4 else
+         PrBag(ROWS, md_dims[k]) if md_dims else
          nn.EmbeddingBag(ROWS // 2 if qr_collisions else ROWS, D, mode="sum"))
         for k in range(F))
     self.bot_l = nn.Sequential(*_mlp(bottom, last_relu=True))
@@ -72,6 +74,19 @@ class QRBag(nn.Module):
   def forward(self, ids):
     q = nn.functional.embedding_bag(ids // self.c, self.weight_q, mode="sum")
     return q * nn.functional.embedding_bag(ids % self.c, self.weight_r, mode="sum")
+
+
+class PrBag(nn.Module):
+  """The reference's PrEmbeddingBag: a table of width d, then a Linear(d, D, bias=False)
+  where d < D (an Identity, with no weights, where d = D)."""
+
+  def __init__(self, n, d):
+    super().__init__()
+    self.embs = nn.EmbeddingBag(n, d, mode="sum")
+    self.proj = nn.Linear(d, D, bias=False) if d < D else nn.Identity()
+
+  def forward(self, ids):
+    return self.proj(self.embs(ids))
 
 
 class _Perceptron(nn.Module):
@@ -207,6 +222,26 @@ def test_reference_quotient_remainder_tables_load(tmp_path):
   assert trained.step == 4
   assert not np.allclose(predict.score(trained, iter([batch]), 64),
                          predict.score(model, iter([batch]), 64))
+
+
+def test_reference_mixed_dimension_tables_load(tmp_path):
+  """The reference's PrEmbeddingBags (embs.weight, proj.weight where narrower than D)
+  become our mixed-dimension tables and projections: md_flag and the widths read off the
+  shapes, the probabilities the torch model's."""
+  torch.manual_seed(3)
+  net = ReferenceNet(md_dims=(2, 4, 1, 4, 3, 2, 4, 1))
+  for name, p in net.named_parameters():
+    if ".proj." in name:
+      nn.init.uniform_(p, -1, 1)
+  path = tmp_path / "model.pt"
+  torch.save({"state_dict": net.state_dict(), "iter": 1}, path)
+  log = _convert(path, tmp_path / "run")
+  assert "md_flag: False -> True" in log and "md_dims: '' -> '2-4-1-4-3-2-4-1'" in log
+  model = predict.load_model(str(tmp_path / "run"))
+  assert model.task.spec.dims == (2, 4, 1, 4, 3, 2, 4, 1)
+  batch = _batch(model)
+  np.testing.assert_allclose(predict.score(model, iter([batch]), 64),
+                             _torch_probabilities(net, batch), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dcn", [False, True], ids=["DLRM", "DLRM_DCN"])

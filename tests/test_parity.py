@@ -98,4 +98,5 @@ def test_architecture_is_read_off_the_weights(name):
       "arch_mlp_bot": fx["arch_mlp_bot"], "arch_mlp_top": fx["arch_mlp_top"],
       "arch_interaction_op": fx["arch_interaction_op"],
       "arch_interaction_itself": fx["arch_interaction_itself"] and fx["arch_interaction_op"] == "dot",
-      "arch_dot_pair_order": "lower", "data.num_dense_features": 13, "qr_flag": False}
+      "arch_dot_pair_order": "lower", "data.num_dense_features": 13, "qr_flag": False,
+      "md_flag": False}

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dlrm_jax.embedding.bags import Bags, batch_bags, pool as pool_bags
+from dlrm_jax.embedding.mixed import split_width_key, width_key
+from dlrm_jax.ops import take_static
 
 
 class IdOutOfRangeError(ValueError):
@@ -129,16 +131,18 @@ class EmbeddingCollection:
   def __init__(self, specs: Sequence[TableSpec], dtype=jnp.float32):
     if not specs:
       raise ValueError("an embedding collection needs at least one table")
-    dims = {s.dim for s in specs}
-    if len(dims) != 1:
-      raise ValueError(f"all tables must share one embedding width, got widths {sorted(dims)}")
     self.specs = tuple(specs)
     self.dtype = jnp.dtype(dtype)
     if self.dtype not in [jnp.dtype(d) for d in STORAGE_DTYPES.values()]:
       raise ValueError(f"table storage dtype {self.dtype} is not one of {tuple(STORAGE_DTYPES)}")
-    self.dim = specs[0].dim
+    # Tables may differ in width (mixed-dimension tables, dlrm_jax.embedding.mixed): those
+    # of one width are stacked together, and lookups give D = the widest's vectors, the
+    # narrower ones zero-padded to it.
+    self.dims = np.array([s.dim for s in specs], np.int64)
+    self.dim = int(self.dims.max())
+    self.widths = tuple(sorted({int(d) for d in self.dims}, reverse=True))
     # Packed storage (see PACKED): 16-bit values of an even width.
-    self.packed = self.dtype.itemsize == 2 and self.dim % 2 == 0
+    self.packed = self.packs(self.dim)
     self.hotness = tuple(s.hotness for s in specs)
     rows = np.array([s.rows for s in specs], dtype=np.int64)
     self.rows = rows
@@ -148,6 +152,22 @@ class EmbeddingCollection:
       raise ValueError(
           f"{self.total_rows:,} rows in total do not fit int32 row indices; "
           "split the tables over several collections")
+    self._of_width: dict[int, EmbeddingCollection] = {}
+
+  def packs(self, width: int) -> bool:
+    """Whether tables (or slices) `width` values wide are stored packed (see PACKED)."""
+    return self.dtype.itemsize == 2 and width % 2 == 0
+
+  def features_of(self, width: int) -> list[int]:
+    """The tables `width` values wide, in order."""
+    return [t for t, d in enumerate(self.dims) if d == width]
+
+  def of_width(self, width: int) -> "EmbeddingCollection":
+    """A collection of just the tables `width` values wide (their own stacked array)."""
+    if width not in self._of_width:
+      self._of_width[width] = (self if self.widths == (width,) else EmbeddingCollection(
+          [self.specs[t] for t in self.features_of(width)], self.dtype))
+    return self._of_width[width]
 
   @classmethod
   def uniform(cls, table_rows: Sequence[int], dim: int, pooling: str = "sum",
@@ -166,7 +186,7 @@ class EmbeddingCollection:
 
   @property
   def nbytes(self) -> int:
-    return self.total_rows * self.dim * self.dtype.itemsize
+    return int((self.rows * self.dims).sum()) * self.dtype.itemsize
 
   def init(self, seed: int | jax.Array) -> Tables:
     """Fresh tables, each row U(-sqrt(1/rows), sqrt(1/rows)) of its own table.
@@ -175,10 +195,36 @@ class EmbeddingCollection:
     the same whatever the device layout it is created in, and it can be
     created in place, shard by shard, under `jax.jit` with output shardings.
     (jax.random's threefry takes XLA:CPU seconds to compile per call and
-    would give layout-dependent values under some partitionings.)
+    would give layout-dependent values under some partitionings.) The row is
+    the table's offset plus its own row, whatever the tables' widths.
     """
-    cols = jnp.arange(self.dim, dtype=jnp.uint32)
-    return {"stacked": self.init_blocked(seed, self.total_rows, lambda rows: (rows, None), cols)}
+    out = {}
+    for w in self.widths:
+      part = self.of_width(w)
+      starts = jnp.asarray(part.offsets.astype(np.int32))
+      firsts = jnp.asarray(self.offsets[self.features_of(w)].astype(np.int32))
+
+      def row_info(rows, starts=starts, firsts=firsts):
+        t = jnp.clip(jnp.searchsorted(starts, rows, side="right") - 1, 0)
+        return firsts[t] + rows - starts[t], None
+
+      out[self.key(w)] = self.init_blocked(
+          seed, part.total_rows, (lambda rows: (rows, None)) if part is self else row_info,
+          jnp.arange(w, dtype=jnp.uint32), packed=self.packs(w))
+    return out
+
+  def key(self, width: int, name: str = "stacked") -> str:
+    """The key of the stacked array (or quantised set's array `name`) of a width."""
+    return width_key(name, width, self.dim)
+
+  def tables_of(self, tables: Tables, width: int) -> Tables:
+    """The arrays of one width of a table set, under their plain names."""
+    out = {}
+    for k, v in tables.items():
+      name, w = split_width_key(k, self.dim)
+      if w == width:
+        out[name] = v
+    return out
 
   def init_blocked(self, seed: int | jax.Array, num_rows: int,
                    row_info: Callable[[jax.Array], tuple[jax.Array, jax.Array | None]],
@@ -243,12 +289,18 @@ class EmbeddingCollection:
     for spec, a in zip(self.specs, arrays):
       if a.shape != (spec.rows, spec.dim):
         raise ValueError(f"table {spec.name}: expected shape {(spec.rows, spec.dim)}, got {a.shape}")
-    return {"stacked": jnp.asarray(self.store(np.concatenate(arrays, axis=0)))}
+    return {self.key(w): jnp.asarray(self.store(np.concatenate(
+        [arrays[t] for t in self.features_of(w)], axis=0), self.packs(w))) for w in self.widths}
 
   def to_arrays(self, tables: Tables) -> list[np.ndarray]:
     """Splits the stacked storage back into one array per table ([rows, D] values)."""
-    stacked = unpack(np.asarray(tables["stacked"]))
-    return [stacked[o:o + r] for o, r in zip(self.offsets, self.rows)]
+    out: list[np.ndarray] = [None] * self.num_tables
+    for w in self.widths:
+      part = self.of_width(w)
+      stacked = unpack(np.asarray(tables[self.key(w)]))
+      for t, o, r in zip(self.features_of(w), part.offsets, part.rows):
+        out[t] = stacked[o:o + r]
+    return out
 
   def bags(self, shape: tuple[int, ...]) -> Bags:
     """The layout of ids of `shape`: flat bags [B, sum(hotness)], one id per feature
@@ -323,10 +375,13 @@ class EmbeddingCollection:
     per-id weights of the ids' shape, and a mask for padded bags) -> [B, F, D].
 
     `tables`: {"stacked": [sum of rows, D]}, or a quantised set
-    (`dlrm_jax.embedding.quantized.quantize`) for inference.
+    (`dlrm_jax.embedding.quantized.quantize`) for inference; tables of several widths
+    have one of each per width (`key`), and their vectors come zero-padded to D.
     The plain single-array lookup; training on a mesh goes through
     `dlrm_jax.embedding.sharded.ShardedEmbedding`, which this is the reference for.
     """
+    if len(self.widths) > 1:
+      return self._lookup_widths(tables, ids, weights, mask)
     vectors = gather_table(tables, self.global_rows(ids))
     if ids.ndim == 3:  # before `bags`: an exported function's H is symbolic
       return self.pool(vectors, weights, mask)
@@ -337,6 +392,26 @@ class EmbeddingCollection:
     if bags.divisors is not None:
       pooled = pooled / jnp.asarray(bags.divisors, pooled.dtype)[None, :, None]
     return pooled
+
+  def _lookup_widths(self, tables, ids, weights, mask) -> jax.Array:
+    """`lookup` of tables of several widths: each width's own, padded to D."""
+    columns = None if ids.ndim == 3 else self.bags(ids.shape).columns
+    parts, order = [], []
+    for w in self.widths:
+      features = self.features_of(w)
+      index = np.array(features) if columns is None else columns(features)
+      pick = lambda x: None if x is None else jnp.take(x, jnp.asarray(index), axis=1)
+      vectors = self.of_width(w).lookup(self.tables_of(tables, w), pick(ids), pick(weights),
+                                        pick(mask))
+      parts.append(pad_to(vectors, self.dim))
+      order += features
+    return take_static(jnp.concatenate(parts, axis=1), np.argsort(order), axis=1)
+
+
+def pad_to(vectors: jax.Array, dim: int) -> jax.Array:
+  """Vectors [..., d] -> [..., dim], zeros after the first d (narrower tables' vectors)."""
+  pad = dim - vectors.shape[-1]
+  return vectors if pad == 0 else jnp.pad(vectors, [(0, 0)] * (vectors.ndim - 1) + [(0, pad)])
 
 
 def gather_table(tables: Tables, rows: jax.Array) -> jax.Array:

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 from dlrm_jax.embedding.bags import Bags
 from dlrm_jax.embedding.collection import EmbeddingCollection
 from dlrm_jax.embedding.kernels import LocalLookup, PortableLookup
+from dlrm_jax.embedding.mixed import width_key
 from dlrm_jax.embedding.planner import (COLUMN_WISE, REPLICATED, ROW_WISE, SHARDING_TYPES,
                                         TABLE_WISE, Plan)
 from dlrm_jax.ops import take_static
@@ -42,7 +43,10 @@ class Layout:
                axes: MeshAxes, kernel: LocalLookup | None = None):
     self.collection, self.features, self.n, self.axes = collection, tuple(features), n, axes
     self.kernel = kernel or PortableLookup()
-    self.dim = collection.dim
+    widths = {int(collection.dims[t]) for t in self.features}
+    if len(widths) != 1:
+      raise ValueError(f"a layout's tables share one width, got {sorted(widths)}")
+    self.dim = widths.pop()  # its tables' width (mixed-dimension tables: one layout per width)
     self.rows = np.array([collection.rows[t] for t in self.features], np.int64)
 
   # Layout --------------------------------------------------------------------
@@ -53,7 +57,7 @@ class Layout:
   def packed(self) -> bool:
     """16-bit values stored in pairs (`dlrm_jax.embedding.collection.PACKED`): where the
     collection packs and each device's slice of the columns is even."""
-    return self.collection.packed and local_shape(self)[1] % 2 == 0
+    return self.collection.packs(local_shape(self)[1])
 
   @property
   def stored_shape(self) -> tuple[int, int]:
@@ -84,7 +88,7 @@ class Layout:
     raise NotImplementedError
 
   def exchange(self, lookup: dict[str, jax.Array], bags: Bags) -> jax.Array:
-    """What `route` gathered -> pooled vectors of this device's samples, [b, F_g, D]."""
+    """What `route` gathered -> pooled vectors of this device's samples, [b, F_g, dim]."""
     raise NotImplementedError
 
   def update(self, opt, table, state, lookup, grads, lr, step):
@@ -365,20 +369,24 @@ class Replicated(WholeTables):
 
 def plan_groups(collection: EmbeddingCollection, plan: Plan, axes: MeshAxes = MeshAxes(),
                 kernel: LocalLookup | None = None) -> dict[str, Layout]:
-  """The stacked layout of each sharding type of `plan`; needs no mesh (checkpoints
+  """The stacked layout of each sharding type (and table width, for tables of several:
+  keys `kind`, `kind_dW`, dlrm_jax.embedding.mixed) of `plan`; needs no mesh (checkpoints
   re-lay out saved tables of another plan with it, on the host)."""
   n = plan.num_shards
   groups: dict[str, Layout] = {}
   for kind in SHARDING_TYPES:
-    features = [t for t, p in enumerate(plan.placements) if p.kind == kind]
-    if not features:
-      continue
-    if kind == TABLE_WISE:
-      owners = [plan.placements[t].device for t in features]
-      groups[kind] = TableWise(collection, features, n, axes, owners, kernel)
-    else:
-      cls = {ROW_WISE: RowWise, COLUMN_WISE: ColumnWise, REPLICATED: Replicated}[kind]
-      groups[kind] = cls(collection, features, n, axes, kernel)
+    for width in collection.widths:
+      features = [t for t, p in enumerate(plan.placements)
+                  if p.kind == kind and collection.dims[t] == width]
+      if not features:
+        continue
+      key = width_key(kind, width, collection.dim)
+      if kind == TABLE_WISE:
+        owners = [plan.placements[t].device for t in features]
+        groups[key] = TableWise(collection, features, n, axes, owners, kernel)
+      else:
+        cls = {ROW_WISE: RowWise, COLUMN_WISE: ColumnWise, REPLICATED: Replicated}[kind]
+        groups[key] = cls(collection, features, n, axes, kernel)
   return groups
 
 

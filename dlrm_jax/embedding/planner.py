@@ -22,10 +22,12 @@ order, for each table (largest first):
 3. `replicated` if all-reducing its dense gradient moves fewer bytes than
    serving its lookups table-wise, and a copy fits on every device;
 4. `table_wise` if it is no bigger than half an even share of all
-   non-replicated bytes (table-wise storage is one array with an equal share
-   per device, so one big table would pad every device up to its size), on the device with
-   room that holds the least so far: its share of all table bytes plus its
-   share of all lookup traffic;
+   non-replicated bytes (table-wise storage is one array per table width with
+   an equal share per device, so one big table would pad every device up to
+   its size), on the device with room where it grows its width's array least
+   (not at all, where it fits under the fullest device's share), then that
+   holds the least so far: its share of the width's table bytes plus its share
+   of all lookup traffic;
 5. otherwise split it: `column_wise` when its width splits into slices of at
    least `min_column_width` values, else `row_wise`.
 """
@@ -97,13 +99,14 @@ class Plan:
   def device_bytes(self) -> list[int]:
     """Bytes of tables and optimiser state that each device holds.
 
-    Table-wise tables are stacked into one array with an equal share per
-    device, so every device holds as many table-wise bytes as the fullest one.
+    Table-wise tables (of one width) are stacked into one array with an equal
+    share per device, so every device holds as many table-wise bytes (of each
+    width) as the fullest one.
     """
-    table_wise, other = [0] * self.num_shards, [0] * self.num_shards
-    for p, size in zip(self.placements, self.table_bytes):
-      _account(p, size, self.num_shards, table_wise, other)
-    return [max(table_wise) + o for o in other]
+    table_wise, other = {}, [0] * self.num_shards
+    for p, size, dim in zip(self.placements, self.table_bytes, self.dims):
+      _account(p, size, dim, self.num_shards, table_wise, other)
+    return [_stacked(table_wise) + o for o in other]
 
   def table_device_bytes(self, k: int) -> int:
     """Bytes of table k on each device that holds part of it."""
@@ -262,7 +265,7 @@ class _Placer:
     self.specs, self.n, self.batch_size, self.hot = specs, n, batch_size, hot
     self.sizes, self.budget = sizes, budget
     self.placements: list[Placement | None] = [None] * len(specs)
-    self.table_wise = [0] * n  # table-wise bytes per device
+    self.table_wise: dict[int, list[int]] = {}  # table-wise bytes per device, per width
     self.other = [0] * n  # bytes of split and replicated tables per device
     self.load = [0.0] * n  # lookup bytes served per device
     # A table bigger than half an even share of the sharded bytes would pad
@@ -279,7 +282,7 @@ class _Placer:
 
   def add(self, k: int, p: Placement) -> None:
     self.placements[k] = p
-    _account(p, self.sizes[k], self.n, self.table_wise, self.other)
+    _account(p, self.sizes[k], self.specs[k].dim, self.n, self.table_wise, self.other)
     traffic = self.batch_size * self.hot[k] * self.specs[k].dim
     if p.kind == TABLE_WISE:
       self.load[p.device] += traffic
@@ -287,9 +290,17 @@ class _Placer:
       for d in range(self.n):
         self.load[d] += traffic / self.n
 
+  def width_bytes(self, k: int) -> list[int]:
+    """Table-wise bytes per device of table k's width (tables of one width share an array)."""
+    return self.table_wise.get(self.specs[k].dim, [0] * self.n)
+
+  def growth(self, k: int, d: int) -> int:
+    """Bytes table k on device d adds to every device (its width's array grows to it)."""
+    mine = self.width_bytes(k)
+    return max(0, mine[d] + self.sizes[k] - max(mine))
+
   def fits_table_wise(self, k: int, d: int) -> bool:
-    return (max(max(self.table_wise), self.table_wise[d] + self.sizes[k]) + max(self.other)
-            <= self.budget)
+    return _stacked(self.table_wise) + self.growth(k, d) + max(self.other) <= self.budget
 
   def place_overrides(self, overrides: Mapping[str, str]) -> set[int]:
     """Places the overridden tables; returns those pinned table-wise with no device named."""
@@ -313,15 +324,19 @@ class _Placer:
     if n == 1:
       return self.add(k, Placement(TABLE_WISE, 0))
     if (not pinned_table_wise and self.replicable(k)
-        and max(self.table_wise) + max(self.other) + self.sizes[k] <= self.budget):
+        and _stacked(self.table_wise) + max(self.other) + self.sizes[k] <= self.budget):
       return self.add(k, Placement(REPLICATED))
     room = [d for d in range(n) if self.fits_table_wise(k, d)]
     if room and (self.sizes[k] <= self.fair_share or pinned_table_wise):
-      # The device holding the least memory and lookup traffic, each as a share of all.
+      # The device where the table pads its width's stacked array least, then the one
+      # holding the least memory (of that width) and lookup traffic, each as a share of all.
+      mine = self.width_bytes(k)
       return self.add(k, Placement(TABLE_WISE, min(room, key=lambda d: (
-          self.table_wise[d] / self.total_bytes + self.load[d] / self.total_load, d))))
+          self.growth(k, d), mine[d] / self.total_bytes + self.load[d] / self.total_load, d))))
     if pinned_table_wise:
-      free = self.budget - max(self.other) - min(self.table_wise)
+      mine = self.width_bytes(k)
+      free = (self.budget - max(self.other) - _stacked(self.table_wise) + max(mine)
+              - min(mine))
       raise PlanError(f"table {spec.name} ({spec.rows:,} rows x {spec.dim}) needs "
                       f"{_fmt_bytes(self.sizes[k])} for a whole copy on one device, but the "
                       f"most any device has left is {_fmt_bytes(free)} of its "
@@ -331,11 +346,17 @@ class _Placer:
     return self.add(k, Placement(ROW_WISE))
 
 
-def _account(p: Placement, size: int, n: int, table_wise: list[int], other: list[int]):
-  """Adds a table's bytes to the devices that hold it."""
+def _account(p: Placement, size: int, dim: int, n: int, table_wise: dict[int, list[int]],
+             other: list[int]):
+  """Adds a table's bytes to the devices that hold it (table-wise: per width)."""
   if p.kind == TABLE_WISE:
-    table_wise[p.device] += size
+    table_wise.setdefault(dim, [0] * n)[p.device] += size
     return
   share = size if p.kind == REPLICATED else -(-size // n)
   for d in range(n):
     other[d] += share
+
+
+def _stacked(table_wise: dict[int, list[int]]) -> int:
+  """Bytes of the table-wise arrays on every device: the fullest device's, per width."""
+  return sum(max(v) for v in table_wise.values())

@@ -43,7 +43,9 @@ class QRTables:
 
   def __init__(self, table_rows: Sequence[int], hotness: Sequence[int], dim: int, *,
                enabled: bool = False, collisions: int = 4, operation: str = "mult",
-               threshold: int = 200):
+               threshold: int = 200, dims: Sequence[int] | None = None):
+    """`dims`: the width of each feature's plain table (mixed-dimension tables,
+    dlrm_jax.embedding.mixed); None: D for all."""
     self.feature_rows, self.feature_hotness = tuple(table_rows), tuple(hotness)
     self.enabled, self.operation = enabled, operation
     self.collisions = []  # per feature: c, or None for a plain table
@@ -55,34 +57,39 @@ class QRTables:
       else:
         self.collisions.append(int(n) if operation == "concat" else None)
     self.table_dim = dim // 2 if enabled and operation == "concat" else dim
-    names, rows, hot = [], [], []
+    names, rows, hot, widths = [], [], [], []
     for f, (n, h, c) in enumerate(zip(table_rows, hotness, self.collisions)):
       if c is None:
         names.append(f"t{f}")
         rows.append(int(n))
         hot.append(int(h))
+        widths.append(self.table_dim if dims is None else int(dims[f]))
       else:
         names += [f"t{f}q", f"t{f}r"]
         rows += [math.ceil(n / c), min(c, int(n))]
         hot += [int(h), int(h)]
+        widths += [self.table_dim] * 2
     self.table_names, self.table_rows, self.table_hotness = names, rows, hot
+    self.table_dims = widths
 
   def table_specs(self, pooling: str = "sum") -> list[TableSpec]:
     """The tables, in order (a feature's pair side by side)."""
-    return [TableSpec(name, rows, self.table_dim, pooling, hotness=h)
-            for name, rows, h in zip(self.table_names, self.table_rows, self.table_hotness)]
+    return [TableSpec(name, rows, d, pooling, hotness=h) for name, rows, d, h in zip(
+        self.table_names, self.table_rows, self.table_dims, self.table_hotness)]
 
   @classmethod
   def from_config(cls, config, hotness: Sequence[int] | None = None) -> "QRTables":
-    """The tables of a config (a ConfigDict or its JSON; fields it lacks: the defaults)."""
+    """The tables of a config (a ConfigDict or its JSON; fields it lacks: the defaults),
+    mixed-dimension widths included."""
     from dlrm_jax.config import parse_widths
+    from dlrm_jax.embedding.mixed import dims_from_config
 
     rows = parse_widths("arch_embedding_size", config["arch_embedding_size"])
     get = lambda key, default: config[key] if key in config else default
     return cls(rows, hotness or [1] * len(rows), int(config["arch_sparse_feature_size"]),
                enabled=bool(get("qr_flag", False)), collisions=int(get("qr_collisions", 4)),
                operation=str(get("qr_operation", "mult")),
-               threshold=int(get("qr_threshold", 200)))
+               threshold=int(get("qr_threshold", 200)), dims=dims_from_config(config))
 
   def split(self, batch: dict) -> dict:
     """A batch with "sparse" (flat [B, sum hotness], or padded [B, F, H]) and its optional

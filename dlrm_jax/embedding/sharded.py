@@ -9,6 +9,9 @@ laid out over the mesh's shard axis:
   column_wise  [R, D]               split on columns
   replicated   [R, D]               a copy on every device
 
+(Tables of several widths, dlrm_jax.embedding.mixed: one such array per type and
+width, and the exchange pads the narrower vectors to D.)
+
 A train step runs three `jax.shard_map` programs, each a per-device function
 whose communication is explicit:
 
@@ -53,7 +56,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dlrm_jax.embedding.bags import Bags
-from dlrm_jax.embedding.collection import EmbeddingCollection, Tables, unpack
+from dlrm_jax.embedding.collection import EmbeddingCollection, Tables, pad_to, unpack
 from dlrm_jax.embedding.kernels import LocalLookup, local_lookup
 from dlrm_jax.embedding.layouts import Layout, local_shape, plan_groups, stack_rows, unstack_rows
 from dlrm_jax.embedding.planner import Plan
@@ -218,7 +221,8 @@ class ShardedEmbedding:
     """Step 2 (differentiable): pooled vectors to their samples' devices -> [B, F, D];
     `bags`: the layout of the looked-up batch's ids (`bags(batch)`)."""
     def exchange(lookups):
-      parts = [g.exchange(lookups[kind], bags.select(g.features))
+      dim = self.collection.dim  # narrower tables' vectors zero-padded to D
+      parts = [pad_to(g.exchange(lookups[kind], bags.select(g.features)), dim)
                for kind, g in self.groups.items()]
       emb = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
       emb = take_static(emb, self._feature_order, axis=1)
