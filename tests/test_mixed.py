@@ -233,6 +233,25 @@ def test_mixed_on_8_devices_equals_1_resumes_and_restores_on_one(tmp_path, monke
     np.testing.assert_array_equal(a, b)
 
 
+def test_16_bit_mixed_tables_on_8_devices_equal_1(tmp_path):
+  """bfloat16 tables of odd and even widths (packed two to a 32-bit element where even)
+  over 8 devices end bit-equal to one device's: the stochastic rounding of their
+  updates draws by global row and column in every layout."""
+  runs = []
+  for devices in (8, 1):
+    c = _md_config(devices)
+    c.embedding_dtype, c.embedding_optimizer, c.num_batches = "bfloat16", "rowwise_adagrad", 6
+    if devices == 8:
+      c.sharding.overrides = "t0:row_wise,t6:column_wise,t2:table_wise:3,t4:replicated"
+    runs.append(trainer.train_and_evaluate(c, str(tmp_path / str(devices))))
+  tables = runs[1].state.tables
+  assert tables["table_wise_d4"].dtype == np.uint32  # packed
+  assert tables["table_wise_d3"].dtype == jnp.bfloat16
+  for a, b in zip(*(r.task.embedding.to_arrays(r.state.tables) for r in runs), strict=True):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(a, b)
+
+
 def test_mixed_model_exports_and_scores_quantised(tmp_path):
   """The export (flat and padded bags) and predict's int8 scoring look up each width's
   stacked tables and project as the model does."""
