@@ -32,6 +32,29 @@ def resume_config():
   return c
 
 
+def run_interrupted_then_resumed(config, workdir, monkeypatch, fail_at=14):
+  """Trains `config` (checkpoints on) in `workdir` until a failure injected when train
+  batch `fail_at` is read, then reruns it there: the resumed run's result."""
+  from dlrm_jax import trainer
+
+  def fail(i, batch):
+    if i == fail_at:
+      raise RuntimeError("injected")
+    return batch
+
+  config.checkpoint.enabled = True
+  make_data = trainer.make_data
+  monkeypatch.setattr(trainer, "make_data", lambda run: Injected(make_data(run), fail))
+  try:
+    trainer.train_and_evaluate(config, workdir)
+  except RuntimeError as e:
+    assert str(e) == "injected", e
+  else:
+    raise AssertionError(f"the run did not reach batch {fail_at}")
+  monkeypatch.setattr(trainer, "make_data", make_data)
+  return trainer.train_and_evaluate(config, workdir)
+
+
 class Injected:
   """Wraps a data source: `hook(index, batch)` sees each train batch as it is read."""
 

@@ -212,20 +212,9 @@ def test_mixed_on_8_devices_equals_1_resumes_and_restores_on_one(tmp_path, monke
                   eight.task.embedding.to_arrays(eight.state.tables), strict=True):
     np.testing.assert_array_equal(a, b)
 
-  from checkpoint_worker import Injected
+  from checkpoint_worker import run_interrupted_then_resumed
 
-  def fail_at_14(i, batch):
-    if i == 14:
-      raise RuntimeError("injected")
-    return batch
-
-  c1.checkpoint.enabled = True
-  make_data = trainer.make_data
-  monkeypatch.setattr(trainer, "make_data", lambda run: Injected(make_data(run), fail_at_14))
-  with pytest.raises(RuntimeError, match="injected"):
-    trainer.train_and_evaluate(c1, str(tmp_path / "resumed"))
-  monkeypatch.setattr(trainer, "make_data", make_data)
-  resumed = trainer.train_and_evaluate(c1, str(tmp_path / "resumed"))
+  resumed = run_interrupted_then_resumed(c1, str(tmp_path / "resumed"), monkeypatch)
   strip = lambda rs: [{k: v for k, v in r.items() if k not in trainer.TIMINGS} for r in rs]
   assert strip(resumed.records) == strip(one.records)
   for a, b in zip(resumed.task.embedding.to_arrays(resumed.state.tables),

@@ -99,20 +99,9 @@ def test_qr_on_8_devices_equals_1_and_resumes(tmp_path, monkeypatch):
   assert [r["auc"] for r in eight.records] == pytest.approx([r["auc"] for r in one.records],
                                                             abs=1e-4)
   # Resume: a run that fails after its step-10 checkpoint, rerun, ends as the whole run.
-  from checkpoint_worker import Injected
+  from checkpoint_worker import run_interrupted_then_resumed
 
-  def fail_at_14(i, batch):
-    if i == 14:
-      raise RuntimeError("injected")
-    return batch
-
-  c1.checkpoint.enabled = True
-  make_data = trainer.make_data
-  monkeypatch.setattr(trainer, "make_data", lambda run: Injected(make_data(run), fail_at_14))
-  with pytest.raises(RuntimeError, match="injected"):
-    trainer.train_and_evaluate(c1, str(tmp_path / "resumed"))
-  monkeypatch.setattr(trainer, "make_data", make_data)
-  resumed = trainer.train_and_evaluate(c1, str(tmp_path / "resumed"))
+  resumed = run_interrupted_then_resumed(c1, str(tmp_path / "resumed"), monkeypatch)
   c1.checkpoint.enabled = False
   whole = trainer.train_and_evaluate(c1, str(tmp_path / "whole"))
   strip = lambda rs: [{k: v for k, v in r.items() if k not in trainer.TIMINGS} for r in rs]
