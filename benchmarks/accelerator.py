@@ -102,18 +102,22 @@ def embedding_bytes(task, host_batches) -> dict:
   the gathered vectors, and each touched row and its optimiser state read and written."""
   import numpy as np
 
-  dim, itemsize = task.collection.dim, 4
-  state_per_row = task.sparse_opt.slot_values_per_row(dim) * 4
-  ids, touched = [], []
+  coll, itemsize = task.collection, 4
+  state = {int(d): task.sparse_opt.slot_values_per_row(int(d)) * itemsize for d in coll.widths}
+  ids, touched, gather, update = [], [], [], []
   for b in host_batches:  # flat bags [B, sum(hotness)] or one id per feature: every id real
-    rows = np.asarray(task.collection.global_rows(np.asarray(b["sparse"]))).reshape(-1)
+    rows = np.asarray(coll.global_rows(np.asarray(b["sparse"]))).reshape(-1)
+    unique = np.unique(rows)
+    # Each row's own width (mixed-dimension tables): its table's.
+    width = lambda r: coll.dims[np.searchsorted(coll.offsets, r, side="right") - 1]
     ids.append(rows.size)
-    touched.append(np.unique(rows).size)
-  n_ids, n_rows = float(np.mean(ids)), float(np.mean(touched))
-  gather = n_ids * dim * itemsize
-  update = n_rows * (2 * dim * itemsize + 2 * state_per_row)
-  return {"ids_per_step": n_ids, "touched_rows_per_step": n_rows, "gather_bytes": gather,
-          "update_bytes": update, "embedding_bytes": gather + update}
+    touched.append(unique.size)
+    gather.append(width(rows).sum() * itemsize)
+    w = width(unique)
+    update.append((2 * w * itemsize + 2 * np.vectorize(state.get)(w)).sum())
+  gather, update = float(np.mean(gather)), float(np.mean(update))
+  return {"ids_per_step": float(np.mean(ids)), "touched_rows_per_step": float(np.mean(touched)),
+          "gather_bytes": gather, "update_bytes": update, "embedding_bytes": gather + update}
 
 
 def _dry_run(task, batch) -> dict:

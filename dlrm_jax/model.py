@@ -228,7 +228,7 @@ def _cross_host_init(values: dict, rng: np.random.Generator) -> None:
 
 class Projection(nnx.Module):
   """Mixed-dimension tables' projections to D (dlrm_jax.embedding.mixed): feature f's
-  vector, the first d_f values of its zero-padded [D], times its own [d_f, D] matrix
+  vector, the first d_f values of its zero-padded one, times its own [d_f, D] matrix
   (no bias, the reference's `PrEmbeddingBag`); features of width D pass unchanged.
   One [n_w, w, D] kernel per narrower width w (its n_w features in order)."""
 
@@ -244,7 +244,8 @@ class Projection(nnx.Module):
     return [f for f, d in enumerate(self.dims) if d == width]
 
   def __call__(self, emb: jax.Array) -> jax.Array:
-    """[B, F, D] (each narrow feature's vector zero-padded), in the compute dtype ->
+    """[B, F, W] (each narrow feature's vector zero-padded to the widest table's W, which
+    is D whenever a table keeps D), in the compute dtype ->
     [B, F, D] projected."""
     parts, order = [], self.features(self.dim)
     if order:

@@ -23,7 +23,7 @@ with per-id weights and a mask, as `dlrm_jax.predict` scores them.
 
 `--quantize int8|int4` scores (on one device) and exports with every table
 row-wise quantised, a scale and a bias per row as FBGEMM's fused formats
-(`dlrm_jax.embedding.quantized`: D + 8 bytes per row for int8, D / 2 + 4 for
+(`dlrm_jax.embedding.quantized`: D + 8 bytes per row for int8, ceil(D / 2) + 4 for
 int4, against 4 D for float32).
 """
 

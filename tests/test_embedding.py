@@ -466,7 +466,7 @@ def test_row_wise_quantised_tables_against_numpy(fmt):
   np.testing.assert_allclose(q["bias"], table.min(1).astype(scale_dtype))
   codes = q[fmt] if bits == 8 else np.stack([q[fmt] & 15, q[fmt] >> 4], -1).reshape(300, 16)
   np.testing.assert_array_equal(codes, want)
-  back = quantized.dequantize(q)
+  back = quantized.dequantize(q, 16)
   np.testing.assert_allclose(back, codes * scale + bias, rtol=1e-6, atol=1e-7)
   step = (table.max(1) - table.min(1))[:, None] / levels
   assert np.all(np.abs(back - table) <= 0.5 * step * (1 + 2 ** -9) + 1e-7)  # half a step
@@ -477,3 +477,27 @@ def test_row_wise_quantised_tables_against_numpy(fmt):
   got = coll.lookup({k: jnp.asarray(v) for k, v in q.items()}, flat)
   np.testing.assert_allclose(got, coll.lookup({"stacked": jnp.asarray(back)}, flat),
                              rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("dim", [1, 3, 5])
+def test_row_wise_quantised_tables_of_odd_width(fmt, dim):
+  """Odd widths (mixed-dimension tables): int4 rows take ceil(D / 2) bytes, the last
+  high nibble 0 and unused; the dequantised rows are D wide and match the codes."""
+  from dlrm_jax.embedding import quantized
+
+  bits, _ = quantized.FORMATS[fmt]
+  table = np.random.default_rng(dim).normal(size=(40, dim)).astype(np.float32)
+  q = quantized.quantize(table, fmt)
+  assert quantized.row_bytes(fmt, dim) == (dim if bits == 8 else (dim + 1) // 2) + (
+      8 if bits == 8 else 4)
+  assert sum(v.nbytes for v in q.values()) == 40 * quantized.row_bytes(fmt, dim)
+  codes = q[fmt]
+  if bits == 4:
+    assert dim % 2 == 0 or np.all(codes[:, -1] >> 4 == 0)
+    codes = np.stack([codes & 15, codes >> 4], -1).reshape(40, -1)[:, :dim]
+  scale, bias = (q[k].astype(np.float64)[:, None] for k in ("scale", "bias"))
+  np.testing.assert_array_equal(codes, np.clip(np.rint((table - bias) / scale), 0, 2 ** bits - 1))
+  back = quantized.dequantize(q, dim)
+  assert back.shape == (40, dim)
+  np.testing.assert_allclose(back, codes * scale + bias, rtol=1e-6, atol=1e-7)

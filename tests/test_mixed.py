@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -242,8 +243,8 @@ def test_16_bit_mixed_tables_on_8_devices_equal_1(tmp_path):
 
 
 def test_mixed_model_exports_and_scores_quantised(tmp_path):
-  """The export (flat and padded bags) and predict's int8 scoring look up each width's
-  stacked tables and project as the model does."""
+  """The export (flat and padded bags) and predict's int8 / int4 scoring look up each
+  width's stacked tables (odd widths among them) and project as the model does."""
   from dlrm_jax.data import make_data
 
   c = _md_config(1)
@@ -262,6 +263,39 @@ def test_mixed_model_exports_and_scores_quantised(tmp_path):
                              atol=1e-7)
   int8 = predict.score_quantized(model, iter([batch]), 64, "int8")
   np.testing.assert_allclose(int8, want, atol=5e-3)
+  int4 = predict.score_quantized(model, iter([batch]), 64, "int4")
+  np.testing.assert_allclose(int4, want, atol=5e-2)
+  assert np.abs(int4 - want).max() > np.abs(int8 - want).max()  # coarser, and quantised
+  predict.export(model, str(tmp_path / "q4"), quantize="int4")
+  sig = json.loads((tmp_path / "q4" / "signature.json").read_text())
+  assert "int4_d3" in sig["tables"] and "int4_d1" in sig["tables"]
+  np.testing.assert_allclose(predict.load_exported(str(tmp_path / "q4"))(
+      batch["dense"], batch["sparse"]), int4, rtol=1e-6, atol=1e-7)
+
+
+
+def test_every_width_below_d():
+  """With `md_dims` all narrower than D the lookup is the widest table's width (the
+  exchange moves 4 values a vector, not 8) and the model projects every feature to D:
+  its output equals the model's on the numpy lookup zero-padded to D."""
+  from dlrm_jax.data import make_data
+
+  c = _md_config(1)
+  c.md_dims = "4-2-4-1-2-4-3-1"
+  task = Task(c)
+  assert task.collection.dim == 4 and task.spec.dims == (4, 2, 4, 1, 2, 4, 3, 1)
+  state = task.init_state(0)
+  model = predict.Model(task=task, params=state.params, tables=state.tables, config=c, step=0)
+  batch = make_data(RunSpec.from_config(c)).batch(0)
+  got = predict.score(model, iter([batch]), 64)
+  arrays = task.embedding.to_arrays(state.tables)
+  ids = np.asarray(batch["sparse"])
+  emb = np.zeros((len(ids), len(arrays), 8), np.float32)
+  for f, a in enumerate(arrays):
+    emb[:, f, :a.shape[1]] = a[ids[:, f]]
+  net = nnx.merge(task.graphdef, state.params)
+  want = np.asarray(jax.nn.sigmoid(net(jnp.asarray(batch["dense"]), jnp.asarray(emb))))
+  np.testing.assert_allclose(got, want.reshape(got.shape), rtol=1e-5, atol=1e-6)
 
 
 KAGGLE_HEAD = os.path.join(CRITEO_DIR, "kaggle_train_head10k.tsv")

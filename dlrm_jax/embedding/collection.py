@@ -136,8 +136,8 @@ class EmbeddingCollection:
     if self.dtype not in [jnp.dtype(d) for d in STORAGE_DTYPES.values()]:
       raise ValueError(f"table storage dtype {self.dtype} is not one of {tuple(STORAGE_DTYPES)}")
     # Tables may differ in width (mixed-dimension tables, dlrm_jax.embedding.mixed): those
-    # of one width are stacked together, and lookups give D = the widest's vectors, the
-    # narrower ones zero-padded to it.
+    # of one width are stacked together, and lookups give vectors `dim` = the widest
+    # table's width wide, the narrower ones zero-padded to it.
     self.dims = np.array([s.dim for s in specs], np.int64)
     self.dim = int(self.dims.max())
     self.widths = tuple(sorted({int(d) for d in self.dims}, reverse=True))
@@ -376,13 +376,14 @@ class EmbeddingCollection:
 
     `tables`: {"stacked": [sum of rows, D]}, or a quantised set
     (`dlrm_jax.embedding.quantized.quantize`) for inference; tables of several widths
-    have one of each per width (`key`), and their vectors come zero-padded to D.
+    have one of each per width (`key`), and their vectors come zero-padded to the
+    widest, `dim`.
     The plain single-array lookup; training on a mesh goes through
     `dlrm_jax.embedding.sharded.ShardedEmbedding`, which this is the reference for.
     """
     if len(self.widths) > 1:
       return self._lookup_widths(tables, ids, weights, mask)
-    vectors = gather_table(tables, self.global_rows(ids))
+    vectors = gather_table(tables, self.global_rows(ids), self.dim)
     if ids.ndim == 3:  # before `bags`: an exported function's H is symbolic
       return self.pool(vectors, weights, mask)
     bags = self.bags(ids.shape)
@@ -394,7 +395,7 @@ class EmbeddingCollection:
     return pooled
 
   def _lookup_widths(self, tables, ids, weights, mask) -> jax.Array:
-    """`lookup` of tables of several widths: each width's own, padded to D."""
+    """`lookup` of tables of several widths: each width's own, padded to `dim`."""
     columns = None if ids.ndim == 3 else self.bags(ids.shape).columns
     parts, order = [], []
     for w in self.widths:
@@ -414,14 +415,14 @@ def pad_to(vectors: jax.Array, dim: int) -> jax.Array:
   return vectors if pad == 0 else jnp.pad(vectors, [(0, 0)] * (vectors.ndim - 1) + [(0, pad)])
 
 
-def gather_table(tables: Tables, rows: jax.Array) -> jax.Array:
-  """Rows of a table set as float32: the stacked table's, or a quantised set's
-  (`dlrm_jax.embedding.quantized`), dequantised."""
+def gather_table(tables: Tables, rows: jax.Array, dim: int) -> jax.Array:
+  """Rows of a table set of width `dim` as float32: the stacked table's, or a quantised
+  set's (`dlrm_jax.embedding.quantized`), dequantised."""
   if "stacked" in tables:
     return gather_rows(tables["stacked"], rows)
   from dlrm_jax.embedding.quantized import dequantize_rows
 
-  return dequantize_rows(tables, rows)
+  return dequantize_rows(tables, rows, dim)
 
 
 def gather_rows(table: jax.Array, rows: jax.Array) -> jax.Array:

@@ -19,8 +19,12 @@ widths to a plain table). `md_dims` gives the widths explicitly instead.
 Tables of one width are stacked and sharded together: the planner places every
 table as usual, `dlrm_jax.embedding.layouts.plan_groups` makes one stacked array
 per sharding type and width (keys `table_wise`, `table_wise_d4`, ...; D's keep the
-plain name), and the exchange hands the model [B, F, D] vectors, each narrow
-table's zero-padded to D, which the projection reads the first d_f columns of.
+plain name), and the exchange hands the model [B, F, W] vectors, each narrow
+table's zero-padded to W, which the projection reads the first d_f columns of. W
+is the widest table's width (`EmbeddingCollection.dim`): D whenever a table keeps
+D, as the rule's smallest table always does; with `md_dims` all below D it is the
+widest of them (which is then projected too, and the exchange moves W, not D,
+values a vector).
 """
 
 from __future__ import annotations

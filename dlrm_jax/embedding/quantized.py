@@ -6,13 +6,14 @@ column in the low nibble) with `x ~ q * scale[r] + bias[r]`, bias the row's
 minimum and scale its range over 255 (int8) or 15 (int4). The scale and bias are
 float32 for int8 and float16 for int4, so a row of D values takes
 
-    int8: D + 8 bytes        int4: D / 2 + 4 bytes        (float32: 4 D)
+    int8: D + 8 bytes        int4: ceil(D / 2) + 4 bytes        (float32: 4 D)
 
 that is 2.7x smaller than float32 at D=16 and 3.8x at D=128 for int8, 5.3x and
-7.5x for int4. A quantised table set is a dict `{"int8" or "int4": q [rows, D or
-D / 2] uint8, "scale": [rows], "bias": [rows]}` over the stacked rows;
-`dlrm_jax.embedding.collection.gather_table` dequantises the rows a lookup
-touches (only those) to float32.
+7.5x for int4. A table of odd width (mixed-dimension tables often have one) takes
+a last, unused nibble of code 0 per row in int4. A quantised table set is a dict
+`{"int8" or "int4": q [rows, D or ceil(D / 2)] uint8, "scale": [rows], "bias":
+[rows]}` over the stacked rows; `dlrm_jax.embedding.collection.gather_table`
+dequantises the rows a lookup touches (only those) to float32.
 """
 
 from __future__ import annotations
@@ -27,17 +28,15 @@ FORMATS = {"int8": (8, np.float32), "int4": (4, np.float16)}  # bits, scale and 
 def row_bytes(fmt: str, dim: int) -> int:
   """Bytes of one quantised row of `dim` values, its scale and bias included."""
   bits, scale_dtype = FORMATS[fmt]
-  return dim * bits // 8 + 2 * np.dtype(scale_dtype).itemsize
+  return -(-dim * bits // 8) + 2 * np.dtype(scale_dtype).itemsize
 
 
 def quantize(table: np.ndarray, fmt: str) -> dict[str, np.ndarray]:
-  """A float table [rows, D] (D even for int4) in the row-wise format `fmt`."""
+  """A float table [rows, D] in the row-wise format `fmt`."""
   if fmt not in FORMATS:
     raise ValueError(f"quantize={fmt!r} is not one of {tuple(FORMATS)}")
   bits, scale_dtype = FORMATS[fmt]
   x = np.asarray(table, np.float32)
-  if bits == 4 and x.shape[1] % 2:
-    raise ValueError(f"int4 tables need an even width, not {x.shape[1]}")
   levels = (1 << bits) - 1
   low, high = x.min(axis=1), x.max(axis=1)
   scale = ((high - low) / levels).astype(scale_dtype)
@@ -47,6 +46,7 @@ def quantize(table: np.ndarray, fmt: str) -> dict[str, np.ndarray]:
   q = np.rint((x - bias[:, None].astype(np.float32)) / scale[:, None].astype(np.float32))
   q = np.clip(q, 0, levels).astype(np.uint8)
   if bits == 4:
+    q = np.pad(q, [(0, 0), (0, q.shape[1] % 2)])  # odd widths: a last nibble of 0
     q = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
   return {fmt: q, "scale": scale, "bias": bias}
 
@@ -56,18 +56,20 @@ def format_of(tables: dict) -> str | None:
   return next((f for f in FORMATS if f in tables), None)
 
 
-def dequantize_rows(tables: dict, rows: jax.Array) -> jax.Array:
-  """Rows [...] of a quantised table set -> float32 [..., D] (rows past the end clip)."""
+def dequantize_rows(tables: dict, rows: jax.Array, dim: int) -> jax.Array:
+  """Rows [...] of a quantised table set of width `dim` -> float32 [..., dim] (rows past
+  the end clip)."""
   fmt = format_of(tables)
   q = jnp.take(tables[fmt], rows, axis=0, mode="clip")
   if fmt == "int4":
     q = jnp.stack([q & 15, q >> 4], axis=-1).reshape(*q.shape[:-1], 2 * q.shape[-1])
+    q = q[..., :dim]
   scale = jnp.take(tables["scale"], rows, axis=0, mode="clip").astype(jnp.float32)
   bias = jnp.take(tables["bias"], rows, axis=0, mode="clip").astype(jnp.float32)
   return q.astype(jnp.float32) * scale[..., None] + bias[..., None]
 
 
-def dequantize(tables: dict) -> np.ndarray:
-  """The whole float32 table a quantised set stands for."""
+def dequantize(tables: dict, dim: int) -> np.ndarray:
+  """The whole float32 table [rows, dim] a quantised set stands for."""
   rows = np.arange(len(tables["scale"]))
-  return np.asarray(dequantize_rows({k: jnp.asarray(v) for k, v in tables.items()}, rows))
+  return np.asarray(dequantize_rows({k: jnp.asarray(v) for k, v in tables.items()}, rows, dim))

@@ -10,7 +10,7 @@ laid out over the mesh's shard axis:
   replicated   [R, D]               a copy on every device
 
 (Tables of several widths, dlrm_jax.embedding.mixed: one such array per type and
-width, and the exchange pads the narrower vectors to D.)
+width, and the exchange pads the narrower vectors to the widest table's width.)
 
 A train step runs three `jax.shard_map` programs, each a per-device function
 whose communication is explicit:
@@ -221,7 +221,7 @@ class ShardedEmbedding:
     """Step 2 (differentiable): pooled vectors to their samples' devices -> [B, F, D];
     `bags`: the layout of the looked-up batch's ids (`bags(batch)`)."""
     def exchange(lookups):
-      dim = self.collection.dim  # narrower tables' vectors zero-padded to D
+      dim = self.collection.dim  # narrower tables' vectors zero-padded to the widest's
       parts = [pad_to(g.exchange(lookups[kind], bags.select(g.features)), dim)
                for kind, g in self.groups.items()]
       emb = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
