@@ -40,6 +40,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 from typing import Callable
 
@@ -51,8 +52,10 @@ from jax.sharding import SingleDeviceSharding
 from dlrm_jax.config import ConfigError, base_config, parse_widths
 from dlrm_jax.embedding import EmbeddingCollection
 from dlrm_jax.embedding.collection import unpack
+from dlrm_jax.embedding.mixed import dims_from_config
 from dlrm_jax.embedding.planner import Plan
 from dlrm_jax.embedding.sharded import plan_groups, unstack_rows
+from dlrm_jax.parallel import gather_to_host
 from dlrm_jax.state import TrainState
 
 FORMAT_VERSION = 3  # 3: items state, config, data, run; 2: state and one "meta" item
@@ -64,8 +67,10 @@ MODEL_KEYS = ("arch_sparse_feature_size", "arch_mlp_bot", "arch_mlp_top", "arch_
               "arch_interaction_op", "arch_interaction_itself", "arch_dot_pair_order",
               "dcn_num_layers", "dcn_low_rank_dim", "embedding_pooling", "embedding_dtype",
               "dense_optimizer", "embedding_optimizer", "data.num_dense_features",
-              "qr_flag", "qr_collisions", "qr_operation", "qr_threshold",
-              "md_flag", "md_temperature", "md_round_dims", "md_threshold", "md_dims")
+              "qr_flag", "qr_collisions", "qr_operation", "qr_threshold")
+# Fields that matter only with a flag on (compared when either config has it on).
+GATED_KEYS = {"qr_collisions": "qr_flag", "qr_operation": "qr_flag", "qr_threshold": "qr_flag"}
+# The md_* fields matter through the table widths they give, which are compared instead.
 
 
 class CheckpointError(RuntimeError):
@@ -88,12 +93,19 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   """The model-defining fields (MODEL_KEYS) on which two configs (as JSON) differ; a
   field that an older checkpoint's config lacks has its default (base_config's)."""
   defaults = json.loads(base_config().to_json())
+  saved_value = lambda key: _get(defaults, key) if _get(saved, key) is None else _get(saved, key)
   out = []
   for key in MODEL_KEYS:
-    a, b = _get(saved, key), _get(current, key)
-    a = _get(defaults, key) if a is None else a
-    if a != b:
+    a, b = saved_value(key), _get(current, key)
+    gate = GATED_KEYS.get(key)
+    if a != b and (gate is None or saved_value(gate) or _get(current, gate)):
       out.append(f"{key}: checkpoint {a!r}, config {b!r}")
+  shape = ("arch_embedding_size", "arch_sparse_feature_size")
+  if all(saved_value(k) == _get(current, k) for k in shape):
+    a, b = dims_from_config({**defaults, **saved}), dims_from_config(current)
+    if a != b:
+      out.append(f"table widths (md_*): checkpoint {'-'.join(map(str, a))}, "
+                 f"config {'-'.join(map(str, b))}")
   return out
 
 
@@ -424,11 +436,15 @@ class Checkpointer:
     matches; everything else (and the sparse optimiser slots) as in `fresh`."""
     out = {"step": jax.device_put(np.asarray(saved["step"], np.int32), fresh.step.sharding),
            "emb_opt_state": fresh.emb_opt_state}
+    dims = (dims_from_config(contents.config), task.spec.dims)
     for name in ("params", "opt_state"):
       saved_flat = {_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(saved[name])[0]}
 
       def pick(path, leaf):
-        v = saved_flat.get(_key(path))
+        key = _key(path)
+        v = saved_flat.get(key)
+        if _PROJECTION.search(key):  # mixed-dimension projections: feature by feature
+          v = _projection_rows(key, saved_flat, *dims, gather_to_host(leaf))
         if v is None or np.shape(v) != leaf.shape:
           return leaf
         return jax.device_put(np.asarray(v, leaf.dtype), leaf.sharding)
@@ -466,6 +482,31 @@ def _key(path) -> str:
     if name != "value":  # an NNX Variable's payload
       parts.append(str(name))
   return "/".join(parts)
+
+
+_PROJECTION = re.compile(r"projection/kernels/(\d+)$")
+
+
+def _projection_rows(key: str, saved_flat: dict, saved_dims, dims, fresh: np.ndarray):
+  """A projection kernel [n_w, w, D] (or its optimiser slot at `key`) for the features of
+  width w now: each feature's own [w, D] from the checkpoint where the feature had width
+  w there too, else `fresh`'s (the kernels of a width are in feature order)."""
+  narrow = lambda ds: sorted({d for d in ds if d < fresh.shape[-1]}, reverse=True)  # < D
+  features = lambda ds, w: [f for f, d in enumerate(ds) if d == w]
+  i = int(_PROJECTION.search(key).group(1))
+  w = narrow(dims)[i]
+  if w not in narrow(saved_dims):
+    return fresh
+  old = features(saved_dims, w)
+  saved = saved_flat.get(_PROJECTION.sub(f"projection/kernels/{narrow(saved_dims).index(w)}",
+                                         key))
+  if saved is None or np.shape(saved)[1:] != fresh.shape[1:]:
+    return fresh
+  out = fresh.copy()
+  for j, f in enumerate(features(dims, w)):
+    if f in old:
+      out[j] = np.asarray(saved)[old.index(f)]
+  return out
 
 
 def _collection(config: dict) -> EmbeddingCollection:

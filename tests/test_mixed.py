@@ -72,6 +72,34 @@ def test_small_tables_keep_d_and_explicit_widths():
     RunSpec.from_config(c)
 
 
+
+def test_checkpoints_compare_the_widths_not_the_md_fields():
+  """A checkpoint's config and the run's differ only where the saved arrays would: the
+  md_* fields through the widths they give (none with md_flag off), the qr_* ones only
+  with qr_flag on."""
+  from dlrm_jax.checkpoint import config_differences
+
+  def config(**fields):
+    c = _md_config(1)
+    c.md_flag = False
+    for k, v in fields.items():
+      setattr(c, k, v)
+    return json.loads(c.to_json())
+
+  diff = lambda saved, current: config_differences(config(**saved), config(**current))
+  assert diff({"md_temperature": 0.3}, {"md_temperature": 0.9, "md_dims": "1-1-1-1-1-1-1-1",
+                                         "qr_collisions": 7}) == []
+  assert diff({"md_flag": True, "md_dims": "2-8-3-8-3-1-8-4"},
+              {"md_flag": True, "md_temperature": 0.9, "md_dims": "2-8-3-8-3-1-8-4"}) == []
+  # threshold 500: the 400- and 250-row tables keep D too
+  assert diff({"md_flag": True, "md_threshold": 100}, {"md_flag": True, "md_threshold": 500}
+              ) == ["table widths (md_*): checkpoint 2-8-3-8-3-1-8-4, config 2-8-3-8-8-1-8-8"]
+  assert diff({}, {"md_flag": True, "md_threshold": 100}) == [
+      "table widths (md_*): checkpoint 8-8-8-8-8-8-8-8, config 2-8-3-8-3-1-8-4"]
+  assert diff({"qr_flag": True}, {"qr_flag": True, "qr_collisions": 7}) == [
+      "qr_collisions: checkpoint 4, config 7"]
+
+
 SPECS = [TableSpec("a", 30, 8, hotness=2), TableSpec("b", 1000, 2),
          TableSpec("c", 500, 3, hotness=3), TableSpec("d", 40, 8)]
 
@@ -296,6 +324,52 @@ def test_every_width_below_d():
   net = nnx.merge(task.graphdef, state.params)
   want = np.asarray(jax.nn.sigmoid(net(jnp.asarray(batch["dense"]), jnp.asarray(emb))))
   np.testing.assert_allclose(got, want.reshape(got.shape), rtol=1e-5, atol=1e-6)
+
+
+
+def test_partial_restore_keeps_each_features_own_projection(tmp_path):
+  """Widths changed under a partial restore (t0 and t2 swap 2 and 3 columns, so each
+  width's kernel keeps its shape): a feature's projection (and its Adam moments) comes
+  back only where the feature had the same width; the rest are fresh."""
+  from test_checkpoint import _contents, _random_state
+  from dlrm_jax import checkpoint
+
+  saved_c, new_c = _md_config(1), _md_config(1)
+  saved_c.dense_optimizer = new_c.dense_optimizer = "adam"
+  new_c.md_dims = "3-8-2-8-3-1-8-4"
+  saved_task, task = Task(saved_c), Task(new_c)
+  state = _random_state(saved_task, seed=1)
+  with checkpoint.Checkpointer(str(tmp_path / "ckpt")) as ckpt:
+    ckpt.save(3, state, _contents(saved_c, saved_task))
+    ckpt.wait()
+  fresh = task.init_state(7)
+  with checkpoint.Checkpointer(str(tmp_path / "ckpt")) as ckpt:
+    restored = ckpt.restore(task, partial=True, fresh=lambda: fresh).state
+
+  def kernels(tree):  # width -> [n_w, w, D] of every projection leaf (params, moments)
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    out = {}
+    for path, leaf in leaves:
+      key = checkpoint._key(path)
+      if "projection/kernels/" in key:
+        out.setdefault(key.split("projection/")[0], {})[leaf.shape[1]] = np.asarray(leaf)
+    return out
+
+  old, new, got = (kernels(x) for x in ((state.params, state.opt_state),
+                                        (fresh.params, fresh.opt_state),
+                                        (restored.params, restored.opt_state)))
+  assert sorted(got) == sorted(old) and len(got) == 3  # params, Adam's mu and nu
+  for prefix in got:
+    # width 3: features (2, 4) saved, (0, 4) now; width 2: feature 0 saved, 2 now
+    np.testing.assert_array_equal(got[prefix][3][1], old[prefix][3][1])  # feature 4
+    np.testing.assert_array_equal(got[prefix][3][0], new[prefix][3][0])  # feature 0
+    np.testing.assert_array_equal(got[prefix][2], new[prefix][2])  # feature 2
+    for w in (4, 1):
+      np.testing.assert_array_equal(got[prefix][w], old[prefix][w])
+  tables = task.embedding.to_arrays(restored.tables)
+  saved_tables = saved_task.embedding.to_arrays(state.tables)
+  np.testing.assert_array_equal(tables[4], saved_tables[4])
+  np.testing.assert_array_equal(tables[0], task.embedding.to_arrays(fresh.tables)[0])
 
 
 KAGGLE_HEAD = os.path.join(CRITEO_DIR, "kaggle_train_head10k.tsv")
