@@ -14,7 +14,8 @@ checkpoint restores onto any device count.
 
 `--export` writes the inference function and its parameters: `model.jaxexport`
 (`jax.export` serialisation, batch size symbolic), `params.npz` (dense
-parameters and the tables stacked, with their offsets in `signature.json`).
+parameters and the tables stacked, one array per width, with which tables each holds
+at which offsets in `signature.json`).
 `load_exported(DIR)` runs it with jax and numpy alone: no config, no Flax, no
 code of this package. Its ids are flat bags, each feature's ids end to end
 ([B, sum of the hotness]; one-hot data: [B, F]); `bags.jaxexport` beside it
@@ -190,9 +191,10 @@ def raw_batches(path: str, mapper: RawMapper, batch_size: int) -> Iterator[dict]
 class Inference:
   """The model as one pure function of host arrays, on one device, for export and for
   scoring with quantised tables: `fn(param_leaves, tables, dense, sparse, weights,
-  mask)` with the tables stacked ([sum of rows, D], or a quantised set), flat ids
-  [B, sum of the hotness] (one-hot data: [B, F]) or padded bags [B, F, H], optional
-  per-id weights of the ids' shape and, for padded bags, a mask (None: absent)."""
+  mask)` with the tables stacked (per width: [sum of its tables' rows, w], or a
+  quantised set; `table_sets`), flat ids [B, sum of the hotness] (one-hot data: [B, F])
+  or padded bags [B, F, H], optional per-id weights of the ids' shape and, for padded
+  bags, a mask (None: absent)."""
 
   fn: Callable
   leaves: list[np.ndarray]
@@ -253,8 +255,10 @@ def export(model: Model, directory: str, *, platforms: Sequence[str] | None = No
   per feature for one-hot data) with a symbolic B and returns probabilities [B];
   `bags.jaxexport` takes, after the same leaves and tables, dense, bags padded to H
   ids [B, F, H] int32, per-id weights [B, F, H] float32 and a mask [B, F, H] bool
-  (padding: False), B and H symbolic. The tables are stacked [sum of rows, D], or
-  with `quantize` ("int8" or "int4") row-wise quantised. `load_exported` wraps both.
+  (padding: False), B and H symbolic. The tables are stacked, one array per width
+  ([sum of its tables' rows, w]; `signature.json`'s `table_sets` say which tables at
+  which offsets), or with `quantize` ("int8" or "int4") row-wise quantised.
+  `load_exported` wraps both.
   """
   run = inference(model, quantize)
   features = len(model.task.qr.feature_hotness)
@@ -281,7 +285,7 @@ def export(model: Model, directory: str, *, platforms: Sequence[str] | None = No
     json.dump({"num_params": len(run.leaves), "num_tables": task.spec.num_tables,
                "tables": sorted(run.tables), "quantize": quantize,
                "table_bytes": int(sum(v.nbytes for v in run.tables.values())),
-               "table_offsets": [int(o) for o in task.collection.offsets],
+               "table_sets": table_sets(task.collection),
                "num_dense": run.num_dense, "table_rows": list(task.spec.table_rows),
                "hotness": list(task.qr.feature_hotness),
                "step": model.step, "platforms": list(flat.platforms),
@@ -291,6 +295,20 @@ def export(model: Model, directory: str, *, platforms: Sequence[str] | None = No
                               f"[B, {features}, H], weights float32 [B, {features}, H], "
                               f"mask bool [B, {features}, H] (False: padding)",
                "output": "click probability float32 [B]"}, f, indent=1)
+
+
+def table_sets(collection) -> list[dict]:
+  """`signature.json`'s description of the table arrays: one set per width (every table's
+  width D: one set), each with the suffix of its arrays' keys (`stacked`, or `int8`,
+  `scale`, `bias`, then the suffix: "" for the widest, `_dW` for narrower), its tables
+  (features, in order) and where each starts in the set's stacked rows."""
+  out = []
+  for w in collection.widths:
+    part = collection.of_width(w)
+    out.append({"width": int(w), "suffix": collection.key(w, ""),
+                "features": [int(f) for f in collection.features_of(w)],
+                "offsets": [int(o) for o in part.offsets]})
+  return out
 
 
 def load_exported(directory: str) -> Callable[..., np.ndarray]:

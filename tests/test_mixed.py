@@ -284,6 +284,13 @@ def test_mixed_model_exports_and_scores_quantised(tmp_path):
   predict.export(model, str(tmp_path / "x"))
   sig = json.loads((tmp_path / "x" / "signature.json").read_text())
   assert sig["tables"] == ["stacked", "stacked_d1", "stacked_d2", "stacked_d3", "stacked_d4"]
+  sets = {s["suffix"]: s for s in sig["table_sets"]}  # widths 2 8 3 8 3 1 8 4
+  assert sets["_d3"] == {"width": 3, "suffix": "_d3", "features": [2, 4], "offsets": [0, 900]}
+  assert sets[""] == {"width": 8, "suffix": "", "features": [1, 3, 6], "offsets": [0, 50, 70]}
+  assert [sets[k]["features"] for k in ("_d4", "_d2", "_d1")] == [[7], [0], [5]]
+  np.testing.assert_array_equal(  # a table found through its set: t4, 400 rows of 3
+      np.load(tmp_path / "x" / "params.npz")["tables_stacked_d3"][900:1300],
+      task.embedding.to_arrays(state.tables)[4])
   run = predict.load_exported(str(tmp_path / "x"))
   np.testing.assert_allclose(run(batch["dense"], batch["sparse"]), want, rtol=1e-6, atol=1e-7)
   padded, weights, mask = predict.pad_bags(task.collection.hotness, batch["sparse"])

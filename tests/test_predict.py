@@ -258,6 +258,9 @@ def test_exported_function_scores_as_the_model(reference, tmp_path, devices):
   rows = np.asarray(model.task.spec.table_rows)
   sig = json.loads((out / "signature.json").read_text())
   assert sig["table_rows"] == rows.tolist() and sig["step"] == model.step
+  assert sig["table_sets"] == [{"width": model.task.spec.embedding_dim, "suffix": "",
+                                "features": list(range(len(rows))),
+                                "offsets": np.concatenate([[0], np.cumsum(rows)[:-1]]).tolist()}]
 
   prepared = list(predict.prepared_batches(reference.data, BATCH, "test"))
   rng = np.random.default_rng(2)
