@@ -221,6 +221,21 @@ def test_plan_counts_each_widths_stacked_arrays():
   assert {plan.placements[3].device, plan.placements[4].device} == {0, 1}  # the two 4-wide
 
 
+def test_plan_bounds_the_padding_of_tables_alone_in_their_width():
+  """Six tables of six widths, S = 336,000 bytes each, over 2 devices: table-wise, each
+  pads the other device by its size (every device would hold 6 S, all six tables). The
+  padding over all widths stays within half an even share (6 S / 2 / 2 = 1.5 S): three
+  go table-wise (S / 2 padding each), three row-wise, and each device holds 3 S + 1.5 S."""
+  from dlrm_jax.embedding.planner import ROW_WISE, TABLE_WISE, plan_tables
+
+  specs = [TableSpec(f"t{i}", 84_000 // d, d) for i, d in enumerate([8, 7, 6, 5, 4, 3])]
+  size = 336_000
+  assert {s.rows * s.dim * 4 for s in specs} == {size}
+  plan = plan_tables(specs, 2, batch_size=8)
+  assert [p.kind for p in plan.placements] == [TABLE_WISE] * 3 + [ROW_WISE] * 3
+  assert plan.device_bytes() == [3 * size + 3 * size // 2] * 2
+
+
 SIZES = "3000-50-900-20-400-7000-60-250"  # widths 2 8 3 8 3 1 8 4 at D = 8
 
 

@@ -243,6 +243,20 @@ def test_planner_replicates_small_tables_and_balances_the_rest():
   assert "200,000" in text and "table_wise" in text and "all_to_all" in text
 
 
+def test_planner_balances_one_width_by_memory_and_traffic():
+  """Tables of one width go where the memory and lookup traffic so far are least, even
+  where the stacked array then grows (the rule before tables of several widths, kept
+  so that such plans, and the checkpoints laid out by them, stay as they were): after
+  t0 t2 t4 on device 0 (2,500 rows) and t1 t3 on device 1 (2,000 rows, but t3 takes 30
+  ids a sample), t5 goes to device 0, padding device 1 by its 100 rows."""
+  specs = _specs([1000, 1000, 1000, 1000, 500, 100])
+  plan = plan_tables(specs, 2, batch_size=8, lookups=[1, 1, 1, 30, 1, 1])
+  assert [(p.kind, p.device) for p in plan.placements] == [
+      (TABLE_WISE, 0), (TABLE_WISE, 1), (TABLE_WISE, 0), (TABLE_WISE, 1), (TABLE_WISE, 0),
+      (TABLE_WISE, 0)]
+  assert plan.device_bytes() == [2600 * specs[0].dim * 4] * 2
+
+
 def test_planner_splits_tables_too_big_for_one_device():
   mb = 2**20
   specs = EmbeddingCollection.uniform([1_000_000, 1_000_000], 64).specs  # 244 MiB each

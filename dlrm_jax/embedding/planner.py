@@ -24,10 +24,13 @@ order, for each table (largest first):
 4. `table_wise` if it is no bigger than half an even share of all
    non-replicated bytes (table-wise storage is one array per table width with
    an equal share per device, so one big table would pad every device up to
-   its size), on the device with room where it grows its width's array least
-   (not at all, where it fits under the fullest device's share), then that
-   holds the least so far: its share of the width's table bytes plus its share
-   of all lookup traffic;
+   its size), on the device with room that holds the least so far: its share
+   of the width's table bytes plus its share of all lookup traffic. With
+   tables of several widths, where a table alone in its width pads every
+   device by its size, the padding of all the widths' arrays together (each
+   array's fullest device less its mean) must stay within that half share
+   too, and the device where the table grows its width's array least (not at
+   all, where it fits under the fullest device's share) comes first;
 5. otherwise split it: `column_wise` when its width splits into slices of at
    least `min_column_width` values, else `row_wise`.
 """
@@ -272,6 +275,7 @@ class _Placer:
     # every device's table-wise storage up towards its size: such tables are split.
     self.fair_share = sum(sizes[k] for k in range(len(specs)) if not self.replicable(k)) / n / 2
     self.total_bytes = max(1, sum(sizes))
+    self.mixed = len({s.dim for s in specs}) > 1  # tables of several widths
     self.total_load = max(1.0, sum(batch_size * h * s.dim for h, s in zip(hot, specs)))
 
   def replicable(self, k: int) -> bool:
@@ -298,6 +302,17 @@ class _Placer:
     """Bytes table k on device d adds to every device (its width's array grows to it)."""
     mine = self.width_bytes(k)
     return max(0, mine[d] + self.sizes[k] - max(mine))
+
+  def padding(self, k: int, d: int) -> float:
+    """Bytes of padding per device over every width's table-wise array, with table k on
+    device d: each array's fullest device's bytes less its mean."""
+    out = 0.0
+    for w, v in self.table_wise.items():
+      if w != self.specs[k].dim:
+        out += max(v) - sum(v) / self.n
+    v = list(self.width_bytes(k))
+    v[d] += self.sizes[k]
+    return out + max(v) - sum(v) / self.n
 
   def fits_table_wise(self, k: int, d: int) -> bool:
     return _stacked(self.table_wise) + self.growth(k, d) + max(self.other) <= self.budget
@@ -327,12 +342,16 @@ class _Placer:
         and _stacked(self.table_wise) + max(self.other) + self.sizes[k] <= self.budget):
       return self.add(k, Placement(REPLICATED))
     room = [d for d in range(n) if self.fits_table_wise(k, d)]
+    if self.mixed and not pinned_table_wise:  # the padding over all widths' arrays, bounded
+      room = [d for d in room if self.padding(k, d) <= self.fair_share]
     if room and (self.sizes[k] <= self.fair_share or pinned_table_wise):
-      # The device where the table pads its width's stacked array least, then the one
-      # holding the least memory (of that width) and lookup traffic, each as a share of all.
+      # The device holding the least memory (of the table's width) and lookup traffic,
+      # each as a share of all; with tables of several widths, first the device where
+      # the table pads its width's stacked array least.
       mine = self.width_bytes(k)
       return self.add(k, Placement(TABLE_WISE, min(room, key=lambda d: (
-          self.growth(k, d), mine[d] / self.total_bytes + self.load[d] / self.total_load, d))))
+          self.growth(k, d) if self.mixed else 0,
+          mine[d] / self.total_bytes + self.load[d] / self.total_load, d))))
     if pinned_table_wise:
       mine = self.width_bytes(k)
       free = (self.budget - max(self.other) - _stacked(self.table_wise) + max(mine)
