@@ -103,18 +103,20 @@ def embedding_bytes(task, host_batches) -> dict:
   import numpy as np
 
   coll, itemsize = task.collection, 4
-  state = {int(d): task.sparse_opt.slot_values_per_row(int(d)) * itemsize for d in coll.widths}
+  # Per table (each its own width with mixed-dimension tables): a vector's bytes, and a
+  # touched row's read and written with its optimiser state.
+  vector = coll.dims * itemsize
+  row = 2 * vector + 2 * itemsize * np.array([task.sparse_opt.slot_values_per_row(int(d))
+                                              for d in coll.dims])
+  table_of = lambda rows: np.searchsorted(coll.offsets, rows, side="right") - 1
   ids, touched, gather, update = [], [], [], []
   for b in host_batches:  # flat bags [B, sum(hotness)] or one id per feature: every id real
     rows = np.asarray(coll.global_rows(np.asarray(b["sparse"]))).reshape(-1)
     unique = np.unique(rows)
-    # Each row's own width (mixed-dimension tables): its table's.
-    width = lambda r: coll.dims[np.searchsorted(coll.offsets, r, side="right") - 1]
     ids.append(rows.size)
     touched.append(unique.size)
-    gather.append(width(rows).sum() * itemsize)
-    w = width(unique)
-    update.append((2 * w * itemsize + 2 * np.vectorize(state.get)(w)).sum())
+    gather.append(vector[table_of(rows)].sum())
+    update.append(row[table_of(unique)].sum())
   gather, update = float(np.mean(gather)), float(np.mean(update))
   return {"ids_per_step": float(np.mean(ids)), "touched_rows_per_step": float(np.mean(touched)),
           "gather_bytes": gather, "update_bytes": update, "embedding_bytes": gather + update}

@@ -13,6 +13,8 @@ import statistics
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The real Criteo rows beside the project (`--kaggle` of the scripts that train on them).
+KAGGLE_HEAD = os.path.join(REPO, "..", "shared", "data", "criteo", "kaggle_train_head10k.tsv")
 
 
 def child_result(cmd: list[str], timeout: float | None = None, env: dict | None = None) -> dict:

@@ -84,8 +84,7 @@ def plan() -> dict:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--kaggle", default=os.path.join(
-      common.REPO, "..", "shared", "data", "criteo", "kaggle_train_head10k.tsv"))
+  parser.add_argument("--kaggle", default=common.KAGGLE_HEAD)
   args = parser.parse_args()
   work = tempfile.mkdtemp()
   results = {"kaggle": kaggle(args.kaggle, work), "synthetic": synthetic(work), "plan": plan()}

@@ -55,8 +55,7 @@ def trained(config, workdir):
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--kaggle", default=os.path.join(
-      common.REPO, "..", "shared", "data", "criteo", "kaggle_train_head10k.tsv"))
+  parser.add_argument("--kaggle", default=common.KAGGLE_HEAD)
   args = parser.parse_args()
   from dlrm_jax import predict
   from dlrm_jax.data import criteo, make_data

@@ -102,7 +102,6 @@ def test_small_tables_keep_d_and_explicit_widths():
     RunSpec.from_config(c)
 
 
-
 def test_checkpoints_compare_the_widths_not_the_md_fields():
   """A checkpoint's config and the run's differ only where the saved arrays would: the
   md_* fields through the widths they give (none with md_flag off), the qr_* ones only
@@ -353,7 +352,6 @@ def test_mixed_model_exports_and_scores_quantised(tmp_path):
       batch["dense"], batch["sparse"]), int4, rtol=1e-6, atol=1e-7)
 
 
-
 def test_every_width_below_d():
   """With `md_dims` all narrower than D the lookup is the widest table's width (the
   exchange moves 4 values a vector, not 8) and the model projects every feature to D:
@@ -376,7 +374,6 @@ def test_every_width_below_d():
   net = nnx.merge(task.graphdef, state.params)
   want = np.asarray(jax.nn.sigmoid(net(jnp.asarray(batch["dense"]), jnp.asarray(emb))))
   np.testing.assert_allclose(got, want.reshape(got.shape), rtol=1e-5, atol=1e-6)
-
 
 
 def test_partial_restore_keeps_each_features_own_projection(tmp_path):
