@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 from typing import Any, Callable
 
@@ -62,12 +63,32 @@ def initialize_distributed(dist: DistributedSpec) -> None:
   # asking which backend is the default would start it too early).
   jax.config.update("jax_cpu_collectives_implementation", dist.cpu_collectives)
   jax.distributed.initialize(**kwargs)
+  _no_persistent_cache_on_cpu_collectives()
   # Gloo gives processes 30 s to meet when a group of devices first
   # communicates; set up the groups used most (all devices, and one device per
   # process) now, while the processes are in step, rather than at the first
   # train step, which processes may reach a compile apart.
   multihost_utils.sync_global_devices("dlrm_jax: start")
   multihost_utils.assert_equal(np.int32(jax.process_count()), "dlrm_jax: process count")
+
+
+def _no_persistent_cache_on_cpu_collectives() -> None:
+  """Turns JAX's persistent compilation cache off in a multi-process run on CPU devices.
+
+  With jax/jaxlib 0.12.1, a program with cross-process collectives that the processes
+  load from the persistent cache (JAX_COMPILATION_CACHE_DIR), rather than compile,
+  never finishes on CPU devices: every process waits in its first gloo all-gather
+  (seen with a 2-process, 2-device `jit` of one resharding, its second run; 0.10.2
+  runs it). No upstream report of it was found; a resumed multi-process run met it
+  whenever the first run had filled the cache. Compiling again costs seconds on CPU.
+  """
+  cached = jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache
+  if not cached or jax.default_backend() != "cpu":
+    return
+  jax.config.update("jax_enable_compilation_cache", False)
+  logging.getLogger("dlrm_jax").info(
+      "the persistent compilation cache is off in this multi-process CPU run (a program "
+      "loaded from it hangs in its first collective with jax %s)", jax.__version__)
 
 
 def make_mesh(spec: MeshSpec) -> tuple[Mesh, MeshAxes]:

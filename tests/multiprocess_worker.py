@@ -7,7 +7,9 @@ config's) is where the run ends. With CRITEO_DATA=DIR in the environment it
 trains `criteo_config(DIR)` instead (each process reads its own rows).
 """
 
+import faulthandler
 import os
+import signal
 import sys
 
 import numpy as np
@@ -18,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(port: str, num_processes: str, process_id: str, workdir: str, steps: str = ""):
+  faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's view of a hang
   from dlrm_jax import trainer
   from test_multiprocess import criteo_config, make_config
 
