@@ -91,14 +91,16 @@ def _no_persistent_cache_on_cpu_collectives() -> None:
       "loaded from it hangs in its first collective with jax %s)", jax.__version__)
 
 
-def make_mesh(spec: MeshSpec) -> tuple[Mesh, MeshAxes]:
-  """The mesh the spec asks for: `num_devices` (0: all) of `platform` (""; the default
-  backend's), `replicas`, `axis_types`."""
+def make_mesh(spec: MeshSpec, devices: list | None = None) -> tuple[Mesh, MeshAxes]:
+  """The mesh the spec asks for: `num_devices` (0: all) of `devices` (default: those of
+  `platform`, "" the default backend's), `replicas`, `axis_types`. `devices` may be a
+  described accelerator's compile-only devices (`dlrm_jax.targets`)."""
   count, replicas = spec.num_devices, spec.replicas
-  try:
-    devices = jax.devices(spec.platform or None)
-  except RuntimeError as e:
-    raise ConfigError(f"mesh.platform={spec.platform!r}: {e}") from None
+  if devices is None:
+    try:
+      devices = jax.devices(spec.platform or None)
+    except RuntimeError as e:
+      raise ConfigError(f"mesh.platform={spec.platform!r}: {e}") from None
   if count > len(devices):
     raise ConfigError(f"mesh.num_devices={count}, but there are {len(devices)} devices "
                       "(0 uses them all)")

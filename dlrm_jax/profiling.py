@@ -23,6 +23,7 @@ import collections
 import glob
 import os
 import re
+import warnings
 
 PHASES = ("lookup", "exchange", "dense", "dense update", "sparse update")
 # Phases that run in the forward and the backward pass, reported apart.
@@ -71,7 +72,11 @@ def op_events(path: str):
   lines = device_lines or [line for plane in planes for line in plane.lines]
   for line in lines:
     for event in line.events:
-      stats = dict(event.stats)
+      with warnings.catch_warnings():
+        # jaxlib >= 0.12's stats iterator is a type without __module__, which Python
+        # 3.12 warns about when it is first made (jaxlib's, not ours to change).
+        warnings.filterwarnings("ignore", "builtin type event_stats", DeprecationWarning)
+        stats = dict(event.stats)
       if "hlo_op" in stats:
         yield str(stats["hlo_op"]), str(stats.get("hlo_module", "")), event.duration_ns * 1e-9
 

@@ -36,8 +36,10 @@ class Task:
   definition, optimiser definitions); all state lives in `TrainState`.
   """
 
-  def __init__(self, run: RunSpec | ConfigDict):
-    """`run`: the run's spec, or its config (converted here, once)."""
+  def __init__(self, run: RunSpec | ConfigDict, devices: list | None = None):
+    """`run`: the run's spec, or its config (converted here, once); `devices`: those of
+    the mesh (default: the config's `mesh.platform`), e.g. a described accelerator's
+    compile-only devices to lower and compile for (`dlrm_jax.compile`)."""
     self.run = run if isinstance(run, RunSpec) else RunSpec.from_config(run)
     training = self.run.training
     if training.embedding_pooling not in POOLINGS:
@@ -57,8 +59,9 @@ class Task:
     self.features = (EmbeddingCollection.uniform(self.spec.table_rows, self.spec.embedding_dim,
                                                  hotness=self.run.data.hotness)
                      if qr.qr_flag else self.collection)
-    self.mesh, self.axes = parallel.make_mesh(self.run.mesh)
-    self.plan = make_plan(self.run, self.collection, self.mesh.shape[self.axes.shard])
+    self.mesh, self.axes = parallel.make_mesh(self.run.mesh, devices)
+    self.plan = make_plan(self.run, self.collection, self.mesh.shape[self.axes.shard],
+                          device_memory(self.mesh.devices.flat[0]))
     self.embedding = ShardedEmbedding(self.collection, self.plan, self.mesh, self.axes)
     self.schedule = lr_schedule(training)
     self.tx = make_dense_optimizer(training)
@@ -156,11 +159,14 @@ class Task:
     return new_state, {"loss": loss, "lr": lr}
 
 
-def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int) -> Plan:
-  """The sharding plan for the run's tables over `num_shards` devices."""
+def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
+              memory: int | None = None) -> Plan:
+  """The sharding plan for the run's tables over `num_shards` devices of `memory` bytes
+  each (None: unknown): within `sharding.memory_budget_mb`, else 90% of `memory`."""
   sharding = run.sharding
   budget_mb = sharding.memory_budget_mb
-  budget = int(budget_mb * 2**20) if budget_mb > 0 else device_memory_budget()
+  budget = int(budget_mb * 2**20) if budget_mb > 0 else (
+      int(0.9 * memory) if memory else None)
   try:
     return plan_tables(
         collection.specs, num_shards, batch_size=run.training.mini_batch_size,
@@ -171,8 +177,16 @@ def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int) ->
     raise ConfigError(str(e)) from None
 
 
-def device_memory_budget() -> int | None:
-  """90% of a device's memory when the backend reports it (GPU, TPU); None on CPU."""
-  stats = jax.local_devices()[0].memory_stats() or {}
-  limit = stats.get("bytes_limit")
-  return int(0.9 * limit) if limit else None
+def device_memory(device) -> int | None:
+  """A device's memory in bytes: what the backend reports (GPU, TPU), else the chip's
+  figure in `dlrm_jax.targets` (compile-only devices); None on CPU."""
+  from dlrm_jax import targets
+
+  try:
+    stats = device.memory_stats() or {}
+  except Exception:  # compile-only devices have no memory to report
+    stats = {}
+  if stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  chip = targets.chip_of(device.device_kind)
+  return None if chip is None else chip.memory_bytes

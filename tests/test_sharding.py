@@ -626,11 +626,12 @@ def test_16_bit_tables_in_every_layout(dtype):
   for a, b in zip(got["tables"], want["tables"], strict=True):
     assert a.dtype == jnp.dtype(dtype)
     # Equal but where the float32 sums' order flips a rounding (1 of 2,000 values when
-    # written), and then by one step of the type.
+    # written), and then by one step of the type, or by 1e-6 where an update all but
+    # cancels a value (jax 0.12.1: -2.98e-7 against -2.79e-7, in rows of about 0.1).
     assert np.mean(a != b) < 0.005
     step = 2.0 ** (-7 if dtype == "bfloat16" else -10)
     np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=step,
-                               atol=1e-8)
+                               atol=1e-6)
   np.testing.assert_allclose(got["predictions"], want["predictions"], rtol=1e-5, atol=1e-6)
   # The 16-bit run follows the float32 one closely.
   np.testing.assert_allclose(got["predictions"], full["predictions"], rtol=2e-2, atol=2e-3)
