@@ -49,6 +49,8 @@ def prepare_backends() -> None:
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # any: it only quiets start-up
   jax.config.update("jax_platforms", "cpu")
+  # A compile-only executable cannot be stored or loaded without the device's client.
+  jax.config.update("jax_enable_compilation_cache", False)
 
 
 def batch_shapes(run) -> dict[str, Any]:
