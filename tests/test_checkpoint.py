@@ -514,10 +514,16 @@ def test_keep_best_keeps_the_best_auc_of_a_reopened_directory(tmp_path):
   assert _save_aucs(tmp_path, True, (6, 0.95), (7, None)) == [6, 7]
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, bad):
+  """Step 14's loss is NaN (NaN inputs) or infinite (a squared error against a label of
+  1e20, over float32's range): either stops the run with the step named, and the
+  checkpoints before it stay."""
   def hook(i, batch):
     if i == 13:
-      batch = dict(batch, dense=np.full_like(batch["dense"], np.nan))
+      batch = (dict(batch, dense=np.full_like(batch["dense"], np.nan)) if bad == "nan" else
+               dict(batch, label=np.full_like(batch["label"], 1e20)))
     return batch
 
   from dlrm_jax import trainer as trainer_module
@@ -526,7 +532,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_p
   inject(hook)
   try:
     c = resume_config()
-    with pytest.raises(trainer.NonFiniteLossError, match=r"loss is nan at step 14: .*"
+    c.loss_function = "bce" if bad == "nan" else "mse"
+    with pytest.raises(trainer.NonFiniteLossError, match=rf"loss is {bad} at step 14: .*"
                        r"last good checkpoint is step 10"):
       trainer.train_and_evaluate(c, str(tmp_path))
   finally:

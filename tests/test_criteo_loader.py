@@ -80,6 +80,26 @@ def test_every_train_row_once_per_epoch_across_processes(tmp_path, processes, dr
   assert e0 != sorted(e0) and e0 != e1
 
 
+def test_each_epoch_deals_the_blocks_into_new_batches(tmp_path):
+  """With a shuffle buffer smaller than the data (4 blocks of 64 rows of 32), the blocks
+  that meet in a batch change from epoch to epoch: a new order within the same windows
+  would keep every batch's rows within the same 4 blocks. The pairs of blocks that share
+  a batch overlap by about 1 in 10 between two epochs when dealt at random."""
+  write_prepared(str(tmp_path), [2048], train_rows=2048)
+  data = CriteoData(str(tmp_path), 32, seed=7, block_rows=64, shuffle_buffer=256)
+
+  def block_pairs(epoch):
+    pairs = set()
+    for b in iterate_epoch(data, epoch):
+      blocks = sorted({i // 64 for i in ids(b)})
+      pairs |= {(x, y) for x in blocks for y in blocks if x < y}
+    return pairs
+
+  first, second = block_pairs(0), block_pairs(1)
+  assert len(first) >= 32 and len(second) >= 32  # batches span several blocks
+  assert len(first & second) < 0.5 * len(second), (len(first & second), len(second))
+
+
 def test_order_is_seeded_and_unshuffled_reads_in_order(tmp_path):
   write_prepared(str(tmp_path), [500, 500])
   a = [ids(b) for b in iterate_epoch(CriteoData(str(tmp_path), 32, seed=1), 0)]
