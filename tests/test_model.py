@@ -200,6 +200,30 @@ def test_interaction_config_errors(field, value, match):
     ModelSpec.from_config(c)
 
 
+@pytest.mark.parametrize("op", ["dot", "cat", "dcn"])
+def test_bfloat16_products_accumulate_and_return_float32(op):
+  """The promise of bfloat16 compute (`accumulation_dtype`), read off the program: every
+  matrix product of the forward and backward pass returns float32 (its accumulator's
+  type), and the forward's take bfloat16 operands."""
+  import re
+
+  kw = dict(num_dense=13, embedding_dim=8, bottom=(13, 16, 8), top=(12, 1),
+            table_rows=(10, 20), interaction=op, dcn_num_layers=2, dcn_low_rank_dim=4)
+  spec = ModelSpec(**kw, compute_dtype="bfloat16")
+  graphdef, params = nnx.graphdef(abstract_model(spec)), init_params(spec, seed=0)
+
+  def loss(p, dense, emb):
+    return nnx.merge(graphdef, p)(dense, emb).sum()
+
+  dense, emb = jnp.ones((64, 13), jnp.float32), jnp.ones((64, 2, 8), jnp.float32)
+  text = jax.jit(jax.grad(loss, argnums=(0, 2))).lower(params, dense, emb).as_text()
+  products = [l for l in text.splitlines() if "stablehlo.dot_general" in l]
+  types = [re.search(r"\((.*)\) -> tensor<[\dx]*x(\w+)>", l).groups() for l in products]
+  assert len(products) >= 4, text
+  assert all(result == "f32" for _, result in types), [l.strip()[-90:] for l in products]
+  assert sum("bf16" in operands for operands, _ in types) >= 2, types
+
+
 @pytest.mark.parametrize("op", ["dot", "dcn"])
 def test_bfloat16_compute_keeps_float32_params_and_logits(op):
   kw = dict(num_dense=13, embedding_dim=8, bottom=(13, 16, 8), top=(12, 1),
