@@ -36,8 +36,12 @@ def test_accelerator_benchmark_smoke(tmp_path):
     assert jx["ids_per_step"] == ids and 0 < jx["touched_rows_per_step"] < ids
     assert "| dense backward |" in jx["phase_table"], jx.get("trace_error")
     assert "samples_per_s" in r["torch"] or "skipped" in r["torch"], r["torch"]
+  import jax
+
   table = (tmp_path / "accelerator.md").read_text()
-  assert table.startswith("| config | batch | dlrm_jax samples/s |")
+  assert table.startswith(f"jax {jax.__version__}, jaxlib ")  # which jax the numbers ran
+  assert "\n\n| config | batch | dlrm_jax samples/s |" in table
+  assert json.load(open(tmp_path / "accelerator.json"))["versions"]["jax"] == jax.__version__
   assert "| a_bf16 | 256 |" in table
   assert "| sort_scan |" in table
 

@@ -241,6 +241,9 @@ def _slots(task, state):
 
 
 def _save_and_restore_elsewhere(tmp_path, saved_on, restore_on, dtype="float32"):
+  """A random state saved under the mixed plan on `saved_on` devices restores exactly onto
+  each of `restore_on`: device counts (the planner's plan there), or (devices, overrides)
+  for another plan on as many devices. No step is ever taken for damaged."""
   config = _mesh_config(saved_on, _mixed(saved_on), dtype)
   task = Task(config)
   assert {p.kind for p in task.plan.placements} == {"row_wise", "column_wise", "table_wise",
@@ -252,11 +255,15 @@ def _save_and_restore_elsewhere(tmp_path, saved_on, restore_on, dtype="float32")
   ckpt.save(7, state, _contents(config, task))
   ckpt.wait()
   tables, slots = task.embedding.to_arrays(state.tables), _slots(task, state)
-  for devices in restore_on:
-    other = Task(_mesh_config(devices, embedding_dtype=dtype))
-    assert not other.plan.same_layout(task.plan)
+  messages = []
+  ckpt.log = messages.append
+  for where in restore_on:
+    devices, overrides = where if isinstance(where, tuple) else (where, "")
+    other = Task(_mesh_config(devices, overrides, embedding_dtype=dtype))
+    assert devices != saved_on or other.plan.placements != task.plan.placements
     restored = ckpt.restore(other)
-    assert restored.step == 7
+    assert restored is not None and restored.step == 7 and not restored.partial, messages
+    assert not messages and ckpt.steps() == [7]  # nothing taken for damaged
     for got, expected in zip(other.embedding.to_arrays(restored.state.tables), tables,
                              strict=True):
       np.testing.assert_array_equal(got, expected)
@@ -279,6 +286,13 @@ def test_restore_onto_one_device_and_another_plan(tmp_path):
 
 def test_restore_from_8_devices_onto_1_2_and_4(tmp_path):
   _save_and_restore_elsewhere(tmp_path, 8, (1, 2, 4))
+
+
+def test_restore_onto_another_plan_on_as_many_devices(tmp_path):
+  """The same 8 devices, other plans (new overrides; the planner's own): every table and
+  optimiser slot as saved, the same scores."""
+  moved = "t0:column_wise,t1:row_wise,t2:table_wise:6,t3:replicated,t4:table_wise:2"
+  _save_and_restore_elsewhere(tmp_path, 8, ((8, moved), (8, "")))
 
 
 def test_16_bit_tables_restore_onto_another_plan_and_from_unpacked_saves(tmp_path):

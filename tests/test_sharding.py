@@ -267,6 +267,23 @@ def test_planner_splits_tables_too_big_for_one_device():
   assert plan.device_bytes() == [2 * 1_000_000 * 64 * 4 // 4] * 4
 
 
+def test_planner_places_a_replicable_table_otherwise_when_copies_do_not_fit():
+  """A table whose all-reduce is cheaper than its lookups (10 ids a sample) is replicated,
+  but not where a copy on every device is over the budget: then it is split, without an
+  error, within the budget. Each rule with the case that forces it."""
+  specs = _specs([19_000])  # 1.16 MiB with sgd; replicable at batch 2048 x 10 ids
+  free = plan_tables(specs, 4, batch_size=2048, lookups=10)
+  assert [p.kind for p in free.placements] == [REPLICATED]
+  budget = 2**20  # a copy does not fit, nor does the whole table on one device
+  tight = plan_tables(specs, 4, batch_size=2048, lookups=10, memory_budget=budget)
+  assert [p.kind for p in tight.placements] == [ROW_WISE]  # 16 / 4 columns < 32
+  assert max(tight.device_bytes()) <= budget
+  # Overrides win over every rule: the replicable table row-wise, a big one on device 3.
+  pinned = plan_tables(_specs([19_000, 200_000]), 4, batch_size=2048, lookups=[10, 1],
+                       overrides={"t0": "row_wise", "t1": "table_wise:3"})
+  assert [(p.kind, p.device) for p in pinned.placements] == [(ROW_WISE, -1), (TABLE_WISE, 3)]
+
+
 def test_planner_errors_give_the_numbers():
   specs = _specs([10_000_000])  # 610 MiB with sgd
   with pytest.raises(PlanError, match=r"need 76\.3 MiB on device 0, over the per-device budget "
