@@ -305,6 +305,21 @@ def markdown(results: list[dict]) -> str:
   return "\n".join(rows + [""] + notes + phases) + "\n"
 
 
+# The jax versions tests/run.sh's legs ran when this was written (oldest, newest): the
+# GPU image brings its own jax, and carrying another (several hundred MB of wheels) does
+# not fit the device tool's 64 MiB, so a run says which it met.
+TESTED_JAX = ("0.10.2", "0.12.1")
+
+
+def jax_versions() -> dict:
+  """The installed jax and jaxlib (without starting a backend), and whether a test leg ran
+  them."""
+  from importlib import metadata
+
+  v = {n: metadata.version(n) for n in ("jax", "jaxlib")}
+  return {**v, "tested": v["jax"] in TESTED_JAX}
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--only", default=",".join([*CONFIGS, "scatter"]),
@@ -329,6 +344,11 @@ def main():
   if unknown:
     sys.exit(f"--only: no config {unknown}; the configs are {','.join(CONFIGS)},scatter")
   os.makedirs(a.out, exist_ok=True)
+  versions = jax_versions()
+  print(f"jax {versions['jax']}, jaxlib {versions['jaxlib']}: "
+        + ("a version the tests' legs ran" if versions["tested"] else
+           f"not a version the tests' legs ran ({', '.join(TESTED_JAX)}): results are marked "
+           "so"), flush=True)
   passed = ["--steps", str(a.steps), "--warmup", str(a.warmup), "--trace-steps",
             str(a.trace_steps), "--pool", str(a.pool)] + ["--smoke"] * a.smoke
   results, t0 = [], time.perf_counter()
@@ -344,9 +364,11 @@ def main():
     print(f"{name}: dlrm_jax {_cell(jx, 'samples_per_s', '{:,.0f}')} samples/s, "
           f"PyTorch {_cell(pt, 'samples_per_s', '{:,.0f}')} "
           f"({time.perf_counter() - t0:.0f} s so far)", flush=True)
-  table = markdown(results)
+  table = (f"jax {versions['jax']}, jaxlib {versions['jaxlib']}"
+           + ("" if versions["tested"] else " (untested by the test legs)") + "\n\n"
+           + markdown(results))
   with open(os.path.join(a.out, "accelerator.json"), "w") as f:
-    json.dump({"argv": sys.argv[1:], "results": results}, f, indent=1)
+    json.dump({"argv": sys.argv[1:], "versions": versions, "results": results}, f, indent=1)
   with open(os.path.join(a.out, "accelerator.md"), "w") as f:
     f.write(table)
   print(table, flush=True)
