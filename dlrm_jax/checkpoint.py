@@ -47,7 +47,6 @@ from typing import Callable
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import SingleDeviceSharding
 
 from dlrm_jax.config import ConfigError, base_config, parse_widths
 from dlrm_jax.embedding import EmbeddingCollection
@@ -463,7 +462,7 @@ class Checkpointer:
     """Restore targets on this host's first device for the saved arrays of `names`."""
     tree = self.manager.item_metadata(step)["state"]
     tree = getattr(tree, "tree", tree)
-    device = SingleDeviceSharding(jax.local_devices()[0])
+    device = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
     names = names or tuple(tree)
     return {n: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                             tree[n]) for n in names}
