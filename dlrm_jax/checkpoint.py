@@ -279,6 +279,7 @@ class Checkpointer:
     try:
       yield
     except (OSError, ValueError) as e:
+      self._join_writers()
       if not _is_write_failure(e):
         raise
       full = _is_disk_full(e)
@@ -307,11 +308,28 @@ class Checkpointer:
     try:
       with self._write_errors():
         self.manager.close()
+    except Exception:  # raised part-way: close the rest too (each error is raised once)
+      with contextlib.suppress(Exception):
+        self.manager.close()
+      raise
     finally:
       # Orbax's close() does not wait for the clean-up of unfinished saves it starts
       # when it opens a directory; a process that exits soon after (an error) would see
       # that thread fail at interpreter shutdown and print its traceback.
       getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
+
+  def _join_writers(self) -> None:
+    """Waits for all writers of the last save: Orbax reports a failed one while the others
+    may still write in STEP.orbax-checkpoint-tmp (its ChainedFuture stops at the first)."""
+    async_manager = getattr(getattr(self.manager, "_checkpointer", None), "_async_manager", None)
+    pending = list(getattr(async_manager, "_commit_futures", None) or [])
+    while pending:
+      f = pending.pop()
+      if hasattr(f, "_futures"):  # a ChainedFuture
+        pending.extend(f._futures)
+        continue
+      with contextlib.suppress(Exception):  # the failure, already reported
+        f.result()
 
   def __enter__(self) -> "Checkpointer":
     return self
