@@ -175,6 +175,9 @@ def set_up(config, workdir: str, progress: bool | None,
   log = log if log is not None and is_lead else (lambda _: None)
   log(task.plan.describe())
   os.makedirs(workdir, exist_ok=True)
+  if is_lead:  # the whole config, beside the run it made (train.py --verbose prints it)
+    with open(os.path.join(workdir, "config.txt"), "w") as f:
+      f.write(str(config))
   eval_set = evaluation.EvalSet(data, spec.training.test_mini_batch_size,
                                 spec.training.test_num_batches, task.batch_sharding)
   teacher_auc = eval_set.teacher_auc()
