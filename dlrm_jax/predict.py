@@ -72,6 +72,10 @@ def load_model(workdir: str, *, step: int | None = None, devices: int = 0) -> Mo
   The config comes from the checkpoint; the sharding plan is the planner's for
   the devices at hand (the tables are re-laid out if it differs).
   """
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):  # read only: create nothing
+    raise checkpoint_lib.CheckpointError(
+        f"{workdir}: no such run directory" if not os.path.isdir(workdir) else
+        f"{workdir} has no checkpoints/ (is it the --workdir that train.py wrote?)")
   # Closed on every way out: Orbax's background threads would otherwise outlive an error
   # and print their own traceback at interpreter exit.
   with checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),

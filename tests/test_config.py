@@ -206,6 +206,27 @@ def test_the_command_line_reports_a_bad_config_in_one_line(tmp_path, arg, line):
   assert proc.stdout == ""
 
 
+@pytest.mark.parametrize("dataset,raw", [("kaggle", "train.txt"), ("terabyte", "day_{0..23}.gz")])
+def test_a_criteo_config_without_data_gives_its_own_prepare_command(tmp_path, dataset, raw):
+  """train.py --config=configs/criteo_DATASET.py before any preparation: one line whose
+  advice is the prepare command for that dataset, and no run directory made."""
+  import subprocess
+  import sys
+
+  from conftest import REPO
+
+  proc = subprocess.run(
+      [sys.executable, f"{REPO}/train.py", f"--config={REPO}/configs/criteo_{dataset}.py",
+       f"--workdir={tmp_path}/run", f"--config.data.path={tmp_path}/data"],
+      capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+      f"error: data.path='{tmp_path}/data': {tmp_path}/data: no such directory. Prepare the "
+      f"Criteo data first: python -m dlrm_jax.data.criteo prepare --dataset {dataset} "
+      f"--input {raw} --output {tmp_path}/data"], proc.stderr
+  assert not (tmp_path / "run").exists()
+
+
 def test_the_config_goes_to_the_run_directory_and_verbose_prints_it(tmp_path):
   import subprocess
   import sys

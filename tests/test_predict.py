@@ -207,13 +207,23 @@ def test_bad_input_ends_in_one_line_error(reference, raw_file, tmp_path, capsys)
 
 def test_a_workdir_without_checkpoint_exits_with_one_line(tmp_path):
   """The command itself, in a process of its own: one line, status 1, and none of Orbax's
-  background threads' noise at exit."""
-  proc = subprocess.run([sys.executable, "-m", "dlrm_jax.predict", "--workdir", str(tmp_path),
-                         "--input", "x.txt", "--output", str(tmp_path / "o.txt")],
-                        capture_output=True, text=True, timeout=300)
+  background threads' noise at exit; a mistyped run directory is named as missing and a
+  read-only command creates nothing."""
+  def predict(workdir):
+    return subprocess.run([sys.executable, "-m", "dlrm_jax.predict", "--workdir", str(workdir),
+                           "--input", "x.txt", "--output", str(tmp_path / "o.txt")],
+                          capture_output=True, text=True, timeout=300)
+
+  (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+  proc = predict(tmp_path / "run")
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines() == [
-      f"error: {tmp_path}/checkpoints holds no complete checkpoint"], proc.stderr
+      f"error: {tmp_path}/run/checkpoints holds no complete checkpoint"], proc.stderr
+  proc = predict(tmp_path / "runs_typo")
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+      f"error: {tmp_path}/runs_typo: no such run directory"], proc.stderr
+  assert not (tmp_path / "runs_typo").exists()
 
 
 @pytest.mark.parametrize("devices", [2, 8])

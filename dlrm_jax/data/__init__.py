@@ -32,7 +32,7 @@ def configure_data(config):
 
   path = data.path
   try:
-    meta = read_metadata(path)
+    meta = read_metadata(path, CRITEO_KINDS[data.kind])
   except FormatError as e:
     raise ConfigError(f"data.path={path!r}: {e}") from None
   want = CRITEO_KINDS[data.kind]

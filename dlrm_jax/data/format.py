@@ -119,17 +119,22 @@ def read_json(path: str) -> Any:
     return None
 
 
-def read_metadata(root: str) -> dict:
+# What `prepare` reads for each dataset (the advice of a missing directory).
+RAW_INPUTS = {"kaggle": "train.txt", "terabyte": "day_{0..23}.gz"}
+
+
+def read_metadata(root: str, dataset: str = "kaggle") -> dict:
   """The metadata of a complete prepared directory of this format version, checked.
 
-  Raises FormatError saying why a directory cannot be used: not there, not
-  finished (preparation interrupted), a different format or version, or shard
-  files missing or of the wrong size.
+  Raises FormatError saying why a directory cannot be used: not there (with the
+  `prepare` command for `dataset`, "kaggle" or "terabyte"), not finished (preparation
+  interrupted), a different format or version, or shard files missing or of the
+  wrong size.
   """
   if not os.path.isdir(root):
     raise FormatError(f"{root}: no such directory. Prepare the Criteo data first: "
-                      "python -m dlrm_jax.data.criteo prepare --dataset kaggle "
-                      f"--input train.txt --output {root}")
+                      f"python -m dlrm_jax.data.criteo prepare --dataset {dataset} "
+                      f"--input {RAW_INPUTS.get(dataset, 'FILES')} --output {root}")
   path = os.path.join(root, METADATA_FILE)
   if not os.path.exists(path):
     if os.path.isdir(os.path.join(root, PROGRESS_DIR)):
