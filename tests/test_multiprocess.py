@@ -89,8 +89,7 @@ def _run_processes(workdir, steps: int | str = "", processes: int = 2, devices: 
   return outputs
 
 
-@pytest.mark.parametrize("processes,devices", [
-    (2, 2), pytest.param(4, 2, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("processes,devices", [(2, 2), (4, 2)])
 def test_processes_match_one_process_across_a_resume(tmp_path, processes, devices):
   """N processes train 6 steps, checkpointing at 3 and 6; with the step-6 checkpoint
   removed (a run that died after step 3's), N new processes resume from step 3, each
