@@ -44,6 +44,7 @@ def prepare_backends() -> None:
   cannot start a GPU backend, and should not try), libtpu quiet and not exclusive (it
   otherwise looks for a TPU VM's metadata and takes a lock on /tmp/libtpu_lockfile)."""
   import jax
+  from jax.experimental.compilation_cache import compilation_cache
 
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
@@ -51,6 +52,7 @@ def prepare_backends() -> None:
   jax.config.update("jax_platforms", "cpu")
   # A compile-only executable cannot be stored or loaded without the device's client.
   jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()  # read again at the next compile
 
 
 def batch_shapes(run) -> dict[str, Any]:
@@ -79,7 +81,7 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
   out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
   for line in hlo_text.splitlines():
     m = _OP.search(line)
-    if not m or line.lstrip().startswith("ROOT %tuple"):
+    if not m:
       continue
     shapes = [_bytes(d, dims) for d, dims in _SHAPE.findall(m.group(1))]
     if m.group(3) and m.group(2) != "all-reduce" and len(shapes) > 1:
@@ -209,7 +211,7 @@ def compile_config(config, target: targets_lib.Target, *, evaluate: bool = True,
     compiled = task.lower_train_step(task.abstract_state(), batch).compile()
   except Exception as e:  # the compiler's own verdict (TPU: a program over the HBM)
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if "RESOURCE_EXHAUSTED" in message or "Hbm" in message or "memory" in message.lower():
+    if "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower():
       report.compile_seconds = time.perf_counter() - t
       report.fits = False
       report.verdict = f"does not fit: the compiler says {message}"
@@ -326,10 +328,11 @@ def write(report: Report, out: str) -> None:
 
 
 def main(argv) -> None:
-  from absl import app, flags
+  from absl import app, flags, logging
 
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # JAX's and libtpu's INFO start-up news
   prepare_backends()
   f = flags.FLAGS
   name = os.path.splitext(os.path.basename(f["config"].config_filename))[0]

@@ -60,8 +60,9 @@ class Task:
                                                  hotness=self.run.data.hotness)
                      if qr.qr_flag else self.collection)
     self.mesh, self.axes = parallel.make_mesh(self.run.mesh, devices)
+    mine = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
     self.plan = make_plan(self.run, self.collection, self.mesh.shape[self.axes.shard],
-                          device_memory(self.mesh.devices.flat[0]))
+                          device_memory(mine[0] if mine else self.mesh.devices.flat[0]))
     self.embedding = ShardedEmbedding(self.collection, self.plan, self.mesh, self.axes)
     self.schedule = lr_schedule(training)
     self.tx = make_dense_optimizer(training)

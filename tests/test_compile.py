@@ -50,7 +50,14 @@ def _need(platform: str) -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def compile_only_backends():
+  """As `python -m dlrm_jax.compile` runs; then the persistent cache on again for the
+  worker's next tests."""
+  from jax.experimental.compilation_cache import compilation_cache
+
   compile_lib.prepare_backends()
+  yield
+  jax.config.update("jax_enable_compilation_cache", True)
+  compilation_cache.reset_cache()
 
 
 # Small targets: few devices compile fast on 2 cores.
