@@ -124,15 +124,14 @@ def embedding_bytes(task, host_batches) -> dict:
 
 def _dry_run(task, batch) -> dict:
   """Memory per device before anything is allocated: plan (tables + optimiser state) and
-  the step's temporaries from a compile of shapes alone."""
+  the step's temporaries from a compile of shapes alone (dlrm_jax.compile's)."""
   import jax
 
+  from dlrm_jax.compile import compile_train_step, memory_of
+
   plan_bytes = max(task.plan.device_bytes())
-  abstract_batch = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=task.batch_sharding), batch)
-  compiled = task.lower_train_step(task.abstract_state(), abstract_batch).compile()
-  mem = compiled.memory_analysis()
-  temp = int(getattr(mem, "temp_size_in_bytes", 0) or 0)
+  compiled, _ = compile_train_step(task, batch)
+  temp = memory_of(compiled)["temporaries"]
   stats = jax.local_devices()[0].memory_stats() or {}
   return {"plan_bytes": plan_bytes, "temp_bytes": temp, "estimate_bytes": plan_bytes + temp,
           "device_bytes": stats.get("bytes_limit")}, compiled

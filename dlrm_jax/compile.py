@@ -148,7 +148,21 @@ class Report:
     return dataclasses.asdict(self)
 
 
-def _memory(compiled) -> dict[str, int]:
+def compile_train_step(task, batch) -> tuple[Any, float]:
+  """`task`'s train step compiled for `batch`'s shapes (arrays or ShapeDtypeStructs,
+  split over the mesh as the task splits batches), from shapes alone: nothing is
+  allocated; and the seconds the compile took."""
+  import jax
+
+  abstract = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=task.batch_sharding)
+              for k, v in batch.items()}
+  t = time.perf_counter()
+  compiled = task.lower_train_step(task.abstract_state(), abstract).compile()
+  return compiled, time.perf_counter() - t
+
+
+def memory_of(compiled) -> dict[str, int]:
+  """The compiler's memory figures of a compiled program, per device."""
   m = compiled.memory_analysis()
   fields = {"arguments": "argument_size_in_bytes", "outputs": "output_size_in_bytes",
             "aliased": "alias_size_in_bytes", "temporaries": "temp_size_in_bytes",
@@ -198,8 +212,7 @@ def compile_config(config, target: targets_lib.Target, *, evaluate: bool = True,
                       f"{run.training.test_mini_batch_size} must be multiples of the "
                       f"target's {len(devices)} devices")
   task = Task(run, devices=devices)
-  shard = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=task.batch_sharding)
-  batch = {k: shard(v) for k, v in batch_shapes(run).items()}
+  batch = batch_shapes(run)
   report = Report(
       config=name, target=target.name, device_kind=devices[0].device_kind,
       devices=len(devices), global_batch=b, compute_dtype=run.model.compute_dtype,
@@ -208,7 +221,7 @@ def compile_config(config, target: targets_lib.Target, *, evaluate: bool = True,
       versions={"jax": jax.__version__, "jaxlib": jax.lib.__version__})
   t = time.perf_counter()
   try:
-    compiled = task.lower_train_step(task.abstract_state(), batch).compile()
+    compiled, report.compile_seconds = compile_train_step(task, batch)
   except Exception as e:  # the compiler's own verdict (TPU: a program over the HBM)
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     if "RESOURCE_EXHAUSTED" in message or "out of memory" in message.lower():
@@ -217,8 +230,7 @@ def compile_config(config, target: targets_lib.Target, *, evaluate: bool = True,
       report.verdict = f"does not fit: the compiler says {message}"
       return report
     raise
-  report.compile_seconds = time.perf_counter() - t
-  report.memory = _memory(compiled)
+  report.memory = memory_of(compiled)
   report.cost = cost(compiled)
   report.collectives = collectives(compiled.as_text())
   report.roofline = roofline(report, target.chip)
@@ -238,7 +250,7 @@ def compile_config(config, target: targets_lib.Target, *, evaluate: bool = True,
     t = time.perf_counter()
     compiled_eval = task._predict_jit.lower(state.params, state.tables, eval_batch).compile()
     report.eval_compile_seconds = time.perf_counter() - t
-    report.eval_memory = _memory(compiled_eval)
+    report.eval_memory = memory_of(compiled_eval)
   return report
 
 

@@ -125,24 +125,20 @@ def test_gpu_step_has_no_scatter_with_repeated_indices():
   for target in (GPU, TPU):
     t = targets.get(target)
     c = _small(kind="row_wise")
-    task, batch = _task(c, t)
-    texts[target] = task.lower_train_step(task.abstract_state(), batch).compile().as_text()
+    texts[target] = compile_lib.compile_train_step(*_task(c, t))[0].as_text()
   gpu, tpu = _scatters(texts[GPU]), _scatters(texts[TPU])
   assert gpu and all("unique_indices=true" in l for l in gpu), gpu
   assert any("unique_indices=true" not in l for l in tpu), tpu
 
 
 def _task(config, target):
+  """The task of `config` on every device of `target`, and its batch's shapes."""
   from dlrm_jax.specs import RunSpec
   from dlrm_jax.task import Task
 
-  devices = target.compile_devices()
   config.mesh.num_devices = 0
   run = RunSpec.from_config(config)
-  task = Task(run, devices=devices)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=task.batch_sharding)
-           for k, v in compile_lib.batch_shapes(run).items()}
-  return task, batch
+  return Task(run, devices=target.compile_devices()), compile_lib.batch_shapes(run)
 
 
 def test_command_line_report_agrees_with_memory_analysis(tmp_path):
@@ -159,7 +155,7 @@ def test_command_line_report_agrees_with_memory_analysis(tmp_path):
   assert "TPU" not in proc.stderr, proc.stderr[-2000:]  # libtpu's start-up kept quiet
   got = json.load(open(tmp_path / "compile.json"))
   task, batch = _task(_small(), targets.get(TPU))
-  m = task.lower_train_step(task.abstract_state(), batch).compile().memory_analysis()
+  m = compile_lib.compile_train_step(task, batch)[0].memory_analysis()
   assert got["memory"]["arguments"] == m.argument_size_in_bytes
   assert got["memory"]["temporaries"] == m.temp_size_in_bytes
   assert got["memory"]["aliased"] == m.alias_size_in_bytes
