@@ -138,3 +138,23 @@ def test_a_full_disk_stops_with_a_message_and_resumes_once_space_is_freed(days, 
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same(contents(disk / "prepared"), want)
+
+
+def test_a_run_stopped_between_its_metadata_and_its_clean_up_resumes_clean(tmp_path):
+  """The last moment a kill can land: metadata written, progress records not yet removed.
+  The rerun finds the output complete and removes them (the random kills above met it)."""
+  from dlrm_jax.data import criteo
+  from dlrm_jax.data import format as fmt
+  from dlrm_jax.data.criteo_synth import write_raw
+
+  raw = tmp_path / "train.txt"
+  write_raw(str(raw), 300, seed=0)
+  out = tmp_path / "out"
+  kwargs = dict(categorical="hash", max_ind_range=50, workers=1, progress=False,
+                log=lambda m: None)
+  criteo.prepare("kaggle", [str(raw)], str(out), **kwargs)
+  want = contents(out)
+  (out / fmt.PROGRESS_DIR).mkdir()
+  (out / fmt.PROGRESS_DIR / "piece-0000-00000.json").write_text("{}")
+  criteo.prepare("kaggle", [str(raw)], str(out), **kwargs)
+  _assert_same(contents(out), want)

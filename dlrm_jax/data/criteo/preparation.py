@@ -227,6 +227,9 @@ def _open_output(output: str, options: dict, log: Callable[[str], None]) -> dict
   if os.path.exists(meta_path):
     meta = fmt.read_metadata(output)
     if meta.get("options") == options:
+      # A run stopped after writing the metadata but before removing its progress
+      # records: finish that clean-up (the output is complete).
+      shutil.rmtree(progress_dir, ignore_errors=True)
       log(f"{output} is already prepared with these options.")
       return meta
     raise FormatError(f"{output} already holds data prepared with other options "
