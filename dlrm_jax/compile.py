@@ -44,15 +44,15 @@ def prepare_backends() -> None:
   cannot start a GPU backend, and should not try), libtpu quiet and not exclusive (it
   otherwise looks for a TPU VM's metadata and takes a lock on /tmp/libtpu_lockfile)."""
   import jax
-  from jax.experimental.compilation_cache import compilation_cache
+
+  from dlrm_jax import parallel
 
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # any: it only quiets start-up
   jax.config.update("jax_platforms", "cpu")
   # A compile-only executable cannot be stored or loaded without the device's client.
-  jax.config.update("jax_enable_compilation_cache", False)
-  compilation_cache.reset_cache()  # read again at the next compile
+  parallel.persistent_cache_off()
 
 
 def batch_shapes(run) -> dict[str, Any]:
@@ -202,8 +202,7 @@ def compile_config(config, target: targets_lib.Target, *, evaluate: bool = True,
   from dlrm_jax.task import Task
 
   devices = target.compile_devices()
-  config = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") \
-      else config
+  config = config.copy_and_resolve_references()
   config.mesh.num_devices = 0  # every device of the target
   run = RunSpec.from_config(config)
   b = run.training.mini_batch_size
@@ -255,12 +254,9 @@ def compile_config(config, target: targets_lib.Target, *, evaluate: bool = True,
 
 
 def _size(n: float | None) -> str:
-  if n is None:
-    return "-"
-  for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-    if abs(n) >= scale:
-      return f"{n / scale:.2f} {unit}"
-  return f"{n:.0f} B"
+  from dlrm_jax.embedding.planner import fmt_bytes
+
+  return "-" if n is None else fmt_bytes(n, digits=2)
 
 
 def _si(n: float, unit: str) -> str:

@@ -85,13 +85,19 @@ def _no_persistent_cache_on_cpu_collectives() -> None:
   cached = jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache
   if not cached or jax.default_backend() != "cpu":
     return
-  from jax.experimental.compilation_cache import compilation_cache
-
-  jax.config.update("jax_enable_compilation_cache", False)
-  compilation_cache.reset_cache()  # read again at the next compile
+  persistent_cache_off()
   logging.getLogger("dlrm_jax").info(
       "the persistent compilation cache is off in this multi-process CPU run (a program "
       "loaded from it hangs in its first collective with jax %s)", jax.__version__)
+
+
+def persistent_cache_off() -> None:
+  """JAX's persistent compilation cache off from the next compile on (also where this
+  process has already compiled: the cache is read again)."""
+  from jax.experimental.compilation_cache import compilation_cache
+
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
 
 
 def make_mesh(spec: MeshSpec, devices: list | None = None) -> tuple[Mesh, MeshAxes]:

@@ -17,6 +17,7 @@ from ml_collections import ConfigDict
 
 from dlrm_jax import parallel
 from dlrm_jax import state as state_lib
+from dlrm_jax import targets
 from dlrm_jax.config import ConfigError
 from dlrm_jax.embedding import EmbeddingCollection, Tables, make_sparse_optimizer
 from dlrm_jax.embedding.collection import POOLINGS, STORAGE_DTYPES
@@ -181,8 +182,6 @@ def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
 def device_memory(device) -> int | None:
   """A device's memory in bytes: what the backend reports (GPU, TPU), else the chip's
   figure in `dlrm_jax.targets` (compile-only devices); None on CPU."""
-  from dlrm_jax import targets
-
   try:
     stats = device.memory_stats() or {}
   except Exception:  # compile-only devices have no memory to report

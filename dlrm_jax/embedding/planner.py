@@ -153,20 +153,21 @@ class Plan:
       devices = (str(p.device) if p.kind == TABLE_WISE else
                  f"0-{self.num_shards - 1}" if self.num_shards > 1 else "0")
       lines.append(f"  {self.names[k]:<10} {self.rows[k]:>12,} {self.dims[k]:>5} {p.kind:<12} "
-                   f"{devices:<10} {_fmt_bytes(self.table_device_bytes(k)):>14}")
+                   f"{devices:<10} {fmt_bytes(self.table_device_bytes(k)):>14}")
     per = self.device_bytes()
-    lines.append(f"  per device: min {_fmt_bytes(min(per))}, max {_fmt_bytes(max(per))} "
+    lines.append(f"  per device: min {fmt_bytes(min(per))}, max {fmt_bytes(max(per))} "
                  "(tables + optimiser state)")
     traffic = self.traffic()
     lines.append("  per step (estimate): " + ", ".join(
-        f"{name} {_fmt_bytes(v)}" for name, v in traffic.items()))
+        f"{name} {fmt_bytes(v)}" for name, v in traffic.items()))
     return "\n".join(lines)
 
 
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float, digits: int = 1) -> str:
+  """Bytes in B, KiB, MiB, GiB or TiB, with `digits` decimals above B."""
   for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
     if abs(n) < 1024 or unit == "TiB":
-      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
     n /= 1024
   raise AssertionError
 
@@ -253,8 +254,8 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
   if max(per) > budget:
     worst = max(range(num_shards), key=lambda d: per[d])
     raise PlanError(
-        f"the embedding tables need {_fmt_bytes(per[worst])} on device {worst}, over the "
-        f"per-device budget of {_fmt_bytes(budget)} ({_fmt_bytes(sum(sizes))} of tables and "
+        f"the embedding tables need {fmt_bytes(per[worst])} on device {worst}, over the "
+        f"per-device budget of {fmt_bytes(budget)} ({fmt_bytes(sum(sizes))} of tables and "
         f"optimiser state in all, over {num_shards} device(s)); use more devices, a smaller "
         f"model, or a larger embedding memory budget\n{plan.describe()}")
   return plan
@@ -357,9 +358,9 @@ class _Placer:
       free = (self.budget - max(self.other) - _stacked(self.table_wise) + max(mine)
               - min(mine))
       raise PlanError(f"table {spec.name} ({spec.rows:,} rows x {spec.dim}) needs "
-                      f"{_fmt_bytes(self.sizes[k])} for a whole copy on one device, but the "
-                      f"most any device has left is {_fmt_bytes(free)} of its "
-                      f"{_fmt_bytes(self.budget)} budget")
+                      f"{fmt_bytes(self.sizes[k])} for a whole copy on one device, but the "
+                      f"most any device has left is {fmt_bytes(free)} of its "
+                      f"{fmt_bytes(self.budget)} budget")
     if spec.dim % n == 0 and spec.dim // n >= min_column_width:
       return self.add(k, Placement(COLUMN_WISE))
     return self.add(k, Placement(ROW_WISE))
