@@ -65,6 +65,8 @@ def main(argv):
   logging.set_verbosity(logging.INFO if _VERBOSE.value else logging.WARNING)
   from dlrm_jax import checkpoint, parallel, trainer  # Here, so that --help stays fast.
 
+  parallel.cpu_unless_accelerator()
+
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join(
       "runs", os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0])

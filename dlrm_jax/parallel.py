@@ -100,6 +100,36 @@ def persistent_cache_off() -> None:
   compilation_cache.reset_cache()
 
 
+def cpu_unless_accelerator() -> None:
+  """JAX on the CPU where this machine has no TPU chip and no NVIDIA GPU, JAX_PLATFORMS is
+  unset, and the only accelerator plugins installed are libtpu and CUDA's (the compile
+  tool's, `dlrm_jax.compile`): JAX would otherwise start them, and they print start-up
+  warnings (libtpu) or a traceback (a CUDA plugin without CUDA's libraries) on every run
+  though the run is on the CPU either way. For the command-line entry points; a library
+  user's process is left as JAX configures it."""
+  import importlib.metadata
+  import pkgutil
+
+  if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
+    return
+  try:
+    import jax_plugins
+    plugins = {m.name for m in pkgutil.iter_modules(jax_plugins.__path__)}
+  except ImportError:
+    plugins = set()
+  plugins |= {e.name for e in importlib.metadata.entry_points(group="jax_plugins")}
+  if any("cuda" not in name for name in plugins):
+    return  # another accelerator's plugin (ROCm, Metal, ...): JAX decides
+  try:
+    from jax._src import hardware_utils  # private: guarded
+    tpu_chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+    nvidia = hardware_utils.has_visible_nvidia_gpu()
+  except (ImportError, AttributeError, OSError):
+    return
+  if not tpu_chips and not nvidia:
+    jax.config.update("jax_platforms", "cpu")
+
+
 def make_mesh(spec: MeshSpec, devices: list | None = None) -> tuple[Mesh, MeshAxes]:
   """The mesh the spec asks for: `num_devices` (0: all) of `devices` (default: those of
   `platform`, "" the default backend's), `replicas`, `axis_types`. `devices` may be a

@@ -228,6 +228,11 @@ def test_a_criteo_config_without_data_gives_its_own_prepare_command(tmp_path, da
 
 
 def test_the_config_goes_to_the_run_directory_and_verbose_prints_it(tmp_path):
+  """The config goes to WORKDIR/config.txt, and --verbose prints it. Without --verbose a
+  run on the CPU prints no start-up news: not JAX's, and not that of libtpu or a CUDA
+  plugin installed for the compile tool (the newest leg has both) with JAX_PLATFORMS
+  unset, as a user runs it."""
+  import os
   import subprocess
   import sys
 
@@ -235,8 +240,11 @@ def test_the_config_goes_to_the_run_directory_and_verbose_prints_it(tmp_path):
 
   run = [sys.executable, f"{REPO}/train.py", f"--config={REPO}/configs/tiny.py",
          "--config.num_batches=2", "--config.test_freq=2"]
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
   quiet = subprocess.run(run + [f"--workdir={tmp_path}/a"], capture_output=True, text=True,
-                         timeout=600)
+                         timeout=600, env=env)
+  for news in ("Traceback", "libtpu", "TPU_", "Unable to initialize", "plugin"):
+    assert news not in quiet.stderr, quiet.stderr[-3000:]
   loud = subprocess.run(run + [f"--workdir={tmp_path}/b", "--verbose"], capture_output=True,
                         text=True, timeout=600)
   assert quiet.returncode == loud.returncode == 0, quiet.stderr[-3000:] + loud.stderr[-3000:]

@@ -173,6 +173,27 @@ def test_skip_bad_lines_counts_and_reports(tmp_path):
   np.testing.assert_array_equal(got["sparse"], np.array([r[3] for r in want], np.uint64) % 1000)
 
 
+def test_the_bad_line_advice_is_a_command_that_works(tmp_path):
+  """The user's path: a preparation stops on a bad line; the error's advice, the same
+  command with --skip-bad-lines, continues it into the same --output."""
+  days = [tmp_path / f"day_{d}" for d in range(3)]
+  for d, day in enumerate(days):
+    write_raw(str(day), 300, seed=d, bad_lines={200: "hex"} if d == 1 else None)
+  cmd = [sys.executable, "-m", "dlrm_jax.data.criteo", "prepare", "--dataset", "terabyte",
+         "--input", *map(str, days), "--output", str(tmp_path / "out"), "--categorical",
+         "hash", "--max-ind-range", "1000", "--piece-mb", "1", "--workers", "1",
+         "--no-progress"]
+  first = subprocess.run(cmd, capture_output=True, text=True)
+  assert first.returncode == 1
+  assert "rerun the same command with --skip-bad-lines" in first.stderr
+  again = subprocess.run(cmd + ["--skip-bad-lines"], capture_output=True, text=True)
+  assert again.returncode == 0, again.stderr
+  assert "now skipping bad lines" in again.stderr
+  assert f"Skipped 1 bad line; the first one:\n  {days[1]}:200:" in again.stderr
+  meta = fmt.read_metadata(str(tmp_path / "out"))
+  assert meta["rows"] == 899 and meta["bad_lines"] == 1
+
+
 def test_unusable_files_are_refused(tmp_path):
   empty = tmp_path / "empty.txt"
   empty.write_bytes(b"")
@@ -336,3 +357,28 @@ def test_negative_subsampling_drops_train_negatives_reproducibly(raw_file, tmp_p
   with pytest.raises(ValueError, match="sub_sample_rate=1.5 must be in"):
     run("kaggle", [raw_file], tmp_path / "c", categorical="hash", max_ind_range=7,
         sub_sample_rate=1.5)
+
+
+def test_info_is_a_table_and_json_on_request(raw_file, tmp_path, capsys):
+  meta = run("kaggle", [raw_file], tmp_path / "out", categorical="hash", max_ind_range=1000)
+  assert criteo.main(["info", str(tmp_path / "out")]) == 0
+  table = capsys.readouterr().out.splitlines()
+  split = meta["split_rows"]
+  assert table[1] == (f"  rows       1,000 (train {split['train']:,}, test {split['test']:,}, "
+                      f"val {split['val']:,})")
+  assert table[2] == "  bad lines  0 skipped"
+  assert table[-2].split() == ["C26", "1,000", "1"]  # feature, table rows, hotness
+  assert table[-1].split() == ["total", "26,000"]
+  assert criteo.main(["info", "--json", str(tmp_path / "out")]) == 0
+  import json
+  summary = json.loads(capsys.readouterr().out)
+  assert summary["vocab_sizes"] == [1000] * 26 and summary["rows"] == 1000
+
+
+def test_prepare_help_shows_the_defaults():
+  out = subprocess.run([sys.executable, "-m", "dlrm_jax.data.criteo", "prepare", "--help"],
+                       capture_output=True, text=True, check=True).stdout
+  for default in ("(default: reference)", "(default: 3)", "(default: 2097152)",
+                  "(default: 64)", "(default: 1.0)", "0: one per core (default: 0)"):
+    assert default in " ".join(out.split()), default
+  assert "(default: None)" not in out and "(default: False)" not in out

@@ -30,8 +30,8 @@ class BadLineError(ValueError):
   """A raw line is malformed; names the file, the line (1-based) and the field."""
 
   def __init__(self, path: str, line: int, field: str, message: str,
-               hint: str = "run with --skip-bad-lines to skip, count and report such lines "
-                           "instead"):
+               hint: str = "rerun the same command with --skip-bad-lines to skip, count and "
+                           "report such lines instead"):
     self.path, self.line, self.field, self.message = path, int(line), field, message
     super().__init__(f"{path}:{line}: {field}: {message} ({hint})")
 

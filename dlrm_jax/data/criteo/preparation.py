@@ -240,7 +240,12 @@ def _open_output(output: str, options: dict, log: Callable[[str], None]) -> dict
   if os.path.exists(plan_path):
     with open(plan_path) as f:
       previous = json.load(f)
-    if previous != options:
+    if previous == {**options, "skip_bad_lines": False} and options["skip_bad_lines"]:
+      # The advice of a stop on a bad line: its finished pieces had no bad line, so they
+      # stand as they are when bad lines are skipped from here on.
+      log(f"{output}: continuing the unfinished preparation, now skipping bad lines.")
+      fmt.write_json_atomic(plan_path, options)
+    elif previous != options:
       raise FormatError(f"{output} holds an unfinished preparation with other options "
                         f"({_diff(previous, options)}); rerun it with the same options to "
                         "resume, or choose a new --output.")
@@ -396,7 +401,9 @@ def _write_metadata(job: _Job, meta: dict) -> None:
   fmt.write_json_atomic(os.path.join(job.output, fmt.METADATA_FILE), meta)
   shutil.rmtree(job.progress_dir, ignore_errors=True)
   if meta["bad_lines"]:
-    job.log(f"Skipped {meta['bad_lines']:,} bad lines; the first ones:\n  "
+    n = meta["bad_lines"]
+    job.log(f"Skipped {n:,} bad line{'s' if n != 1 else ''}; the first "
+            f"{'ones' if n != 1 else 'one'}:\n  "
             + "\n  ".join(meta["bad_line_examples"]))
   job.log(f"Prepared {meta['rows']:,} rows in {len(meta['shards'])} shards into {job.output} "
           f"(train {meta['split_rows']['train']:,}, test {meta['split_rows']['test']:,}, "
