@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -355,3 +356,76 @@ def test_export_takes_weighted_and_padded_bags(tmp_path, pooling):
                                want, rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match="padded bags"):
     f(dense, flat, None, np.ones(flat.shape, bool))
+
+
+def _raw_values(path):
+  """(counts float32 [n, 13], values uint32 [n, 26]) of a raw file, as a server parses it
+  for `raw.jaxexport` (the README's snippet): empty fields 0."""
+  fields = [l.decode().rstrip("\r\n").split("\t")[-39:] for l in _lines(path)]
+  return (np.array([[float(x or 0) for x in f[:13]] for f in fields], np.float32),
+          np.array([[int(x or "0", 16) for x in f[13:]] for f in fields], np.uint32))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_raw_export_scores_raw_values_as_predict(runs, raw_file, tmp_path, mode):
+  """`raw.jaxexport` maps raw counts and 32-bit values to the inputs predict gives the
+  model (the same table rows, dense features within 1 ulp), also for empty fields,
+  negative and huge counts and values absent from the vocabulary, and scores them as
+  `predict --input` does."""
+  run = runs(mode)
+  lines = _lines(raw_file)[:70]
+  fields = [l.rstrip(b"\n").split(b"\t") for l in lines]
+  fields[0][1:] = [b""] * 39  # every field empty
+  fields[1][1:4] = [b"-3", b"1099511627776", b"0"]  # negative, 2**40, zero
+  rng = np.random.default_rng(3)
+  for r in (1, 2, 65):  # values the vocabulary has never seen; ffffffff sorts last
+    for f in rng.choice(26, 9, replace=False):
+      fields[r][14 + f] = b"ffffffff" if f % 3 == 0 else b"%08x" % rng.integers(0, 2**32)
+  path = tmp_path / "rows.txt"
+  path.write_bytes(b"".join(b"\t".join(x) + b"\n" for x in fields))
+  counts, values = _raw_values(path)
+
+  dense, ids, mapper = _raw_ids(path, run.data)
+  prep = predict.RawPreprocessing.of(predict.RawMapper(run.data))
+  got_dense, got_ids = jax.jit(prep)(prep.vocab, counts, values)
+  np.testing.assert_array_equal(np.asarray(got_ids), ids)
+  np.testing.assert_array_max_ulp(np.asarray(got_dense), dense, maxulp=1)
+  assert dense[1, 1] == np.float32(np.log1p(2.0**40)) and dense[0].max() == 0
+  if mode != "hash":
+    assert (ids[[1, 2, 65]] == 0).sum() >= 9  # the unseen values are row 0
+
+  want = _score(run, tmp_path, "--input", str(path))
+  out = tmp_path / "exported"
+  assert predict.main(["--workdir", run.workdir, "--devices", "1", "--export", str(out)]) == 0
+  raw = json.loads((out / "signature.json").read_text())["raw_inputs"]
+  assert raw["categorical"] == mode and raw["dense"] == predict.RAW_DENSE
+  modulus = MODES[mode].get("max_ind_range")
+  assert raw["max_ind_range"] == (None if modulus is None else [modulus] * 26)
+  assert raw["vocab"] == ([] if mode == "hash" else ["keys", "rows"])
+  f = predict.load_exported(str(out), raw=True)
+  np.testing.assert_allclose(f(counts, values), want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(f(counts[5:8], values[5:8]), want[5:8], rtol=1e-6, atol=1e-7)
+
+
+def test_export_without_vocabulary_has_no_raw_function(tmp_path, capsys):
+  """A model trained on synthetic data has no raw values: the export says so on stderr,
+  writes no raw.jaxexport (and removes an earlier one), and `load_exported(raw=True)`
+  names the reason; a prepared directory for another model's shape is refused."""
+  c = load_config("tiny")
+  c.checkpoint.enabled = True
+  c.num_batches, c.test_freq = 2, 0
+  trainer.train_and_evaluate(c, str(tmp_path / "run"))
+  out = tmp_path / "exported"
+  out.mkdir()
+  (out / "raw.jaxexport").write_bytes(b"old")
+  capsys.readouterr()
+  assert predict.main(["--workdir", str(tmp_path / "run"), "--export", str(out)]) == 0
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      f"exported to {out} (no raw.jaxexport: raw Criteo values have no meaning for a model "
+      "trained on data.kind='synthetic_ctr'; model.jaxexport takes its inputs as that data "
+      "source makes them)")
+  assert sorted(p.name for p in out.iterdir()) == ["bags.jaxexport", "model.jaxexport",
+                                                   "params.npz", "signature.json"]
+  assert json.loads((out / "signature.json").read_text())["raw_inputs"] is None
+  with pytest.raises(ValueError, match="has no raw.jaxexport: export it with the prepared"):
+    predict.load_exported(str(out), raw=True)
