@@ -403,11 +403,12 @@ def _raw_mapper_for(model: Model, data: str) -> RawMapper:
   mapper = RawMapper(data)
   if any(h != 1 for h in mapper.meta["hotness"]):
     raise InputError(f"{data} is multi-hot: its ids are not a function of raw values alone")
-  big = [f for f, (v, r) in enumerate(zip(mapper.meta["vocab_sizes"], spec.table_rows)) if v > r]
+  sizes = mapper.meta["vocab_sizes"]
+  big = [f for f, (v, r) in enumerate(zip(sizes, spec.table_rows)) if v > r]
   if big:
-    raise InputError(f"{data}'s vocabulary of C{big[0] + 1} has {mapper.meta['vocab_sizes'][big[0]]} "
-                     f"rows, the model's table {spec.table_rows[big[0]]}: not the directory it "
-                     "was trained on (--data)")
+    raise InputError(f"{data}'s vocabulary of C{big[0] + 1} has {sizes[big[0]]} rows, the "
+                     f"model's table {spec.table_rows[big[0]]}: not the directory it was "
+                     "trained on (--data)")
   return mapper
 
 
@@ -537,8 +538,8 @@ def _run(args: argparse.Namespace) -> int:
     export(model, args.export, platforms=[s for s in args.platforms.split(",") if s] or None,
            quantize=args.quantize, data=data_dir)
     print(f"exported to {args.export}"
-          + (" (raw.jaxexport: raw Criteo values)" if data_dir else f" (no raw.jaxexport: "
-             f"raw Criteo values {missing})"), file=sys.stderr)
+          + (" (raw.jaxexport: raw Criteo values)" if data_dir else
+             f" (no raw.jaxexport: {missing})"), file=sys.stderr)
   if args.input:
     batch_size = -(-args.batch_size // model.task.mesh.size) * model.task.mesh.size
     mapper = None
@@ -546,8 +547,8 @@ def _run(args: argparse.Namespace) -> int:
       batches = prepared_batches(args.input, batch_size, args.split)
     else:
       if data_dir is None:
-        raise InputError(f"raw input {missing}")
-      mapper = RawMapper(data_dir)
+        raise InputError(f"raw input: {missing}")
+      mapper = _raw_mapper_for(model, data_dir)
       batches = raw_batches(args.input, mapper, batch_size)
     probs = (score(model, batches, batch_size) if args.quantize is None
              else score_quantized(model, batches, batch_size, args.quantize))
@@ -560,16 +561,20 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _data_dir(args: argparse.Namespace, model: Model) -> tuple[str | None, str]:
-  """(the prepared directory whose vocabulary maps raw values, None and why there is none)."""
+  """(the prepared directory whose vocabulary maps raw values, "") or (None, why none)."""
   data_dir = args.data or model.config.data.path
-  if data_dir and os.path.isdir(data_dir):
-    return data_dir, ""
+  hotness = model.task.qr.feature_hotness
   if not args.data and model.config.data.kind not in CRITEO_KINDS:
-    return None, (f"have no meaning for a model trained on data.kind="
-                  f"{model.config.data.kind!r}; model.jaxexport takes its inputs as that data "
-                  "source makes them")
-  return None, (f"need the prepared directory the model was trained on (--data; the "
-                f"checkpoint names {data_dir!r})")
+    return None, (f"the model was trained on data.kind={model.config.data.kind!r}, which has "
+                  "no raw values; model.jaxexport takes its inputs as that data source makes "
+                  "them")
+  if set(hotness) != {1}:
+    return None, (f"the model is multi-hot (hotness {'-'.join(map(str, hotness))}): its ids "
+                  "are not a function of the raw line")
+  if not data_dir or not os.path.isdir(data_dir):
+    return None, (f"it needs the prepared directory the model was trained on (--data; the "
+                  f"checkpoint names {data_dir!r})")
+  return data_dir, ""
 
 
 if __name__ == "__main__":

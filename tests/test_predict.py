@@ -9,6 +9,7 @@ are shared by every test.
 import dataclasses
 import gzip
 import json
+import os
 import re
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import load_config, small_criteo_config
+from conftest import CRITEO_DIR, REPO, load_config, small_criteo_config
 from dlrm_jax import predict, trainer
 from dlrm_jax.data import criteo
 from dlrm_jax.data.criteo_synth import write_raw
@@ -421,11 +422,65 @@ def test_export_without_vocabulary_has_no_raw_function(tmp_path, capsys):
   capsys.readouterr()
   assert predict.main(["--workdir", str(tmp_path / "run"), "--export", str(out)]) == 0
   assert capsys.readouterr().err.splitlines()[-1] == (
-      f"exported to {out} (no raw.jaxexport: raw Criteo values have no meaning for a model "
-      "trained on data.kind='synthetic_ctr'; model.jaxexport takes its inputs as that data "
-      "source makes them)")
+      f"exported to {out} (no raw.jaxexport: the model was trained on data.kind="
+      "'synthetic_ctr', which has no raw values; model.jaxexport takes its inputs as that "
+      "data source makes them)")
   assert sorted(p.name for p in out.iterdir()) == ["bags.jaxexport", "model.jaxexport",
                                                    "params.npz", "signature.json"]
   assert json.loads((out / "signature.json").read_text())["raw_inputs"] is None
   with pytest.raises(ValueError, match="has no raw.jaxexport: export it with the prepared"):
     predict.load_exported(str(out), raw=True)
+
+
+def _readme_server_snippet() -> str:
+  """The README's server snippet: its python block that loads raw.jaxexport."""
+  with open(os.path.join(REPO, "README.md")) as f:
+    blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+  snippet, = [b for b in blocks if "raw.jaxexport" in b]
+  return snippet
+
+
+def test_users_path_kaggle_rows_to_a_server_with_jax_and_numpy(tmp_path):
+  """The user's commands, each in a process of its own: prepare 3,000 real Kaggle rows,
+  train a tiny model on them, `predict --export` with `--input` of 300 later raw lines
+  (values unseen in training among them), then the README's server snippet, in a
+  process that imports only jax and numpy, scores those lines as predict does."""
+  kaggle = os.path.join(CRITEO_DIR, "kaggle_train_head10k.tsv")
+  if not os.path.exists(kaggle):
+    pytest.skip(f"{kaggle} is absent")
+  lines = _lines(kaggle)
+  (tmp_path / "train.txt").write_bytes(b"".join(lines[:3000]))
+  (tmp_path / "test.txt").write_bytes(b"".join(lines[3000:3300]))
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO)  # a user's one CPU device
+
+  def shell(*args):
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                          cwd=str(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+  shell("-m", "dlrm_jax.data.criteo", "prepare", "--dataset", "kaggle", "--input",
+        "train.txt", "--output", "prepared", "--workers", "1", "--no-progress")
+  shell(os.path.join(REPO, "train.py"), f"--config={REPO}/configs/criteo_kaggle.py",
+        "--workdir=run", "--config.data.path=prepared", "--config.arch_sparse_feature_size=4",
+        "--config.arch_mlp_bot=13-8-4", "--config.arch_mlp_top=8-1",
+        "--config.mini_batch_size=32", "--config.num_batches=20", "--config.test_freq=0",
+        "--config.test_mini_batch_size=256", "--config.progress_bar=False")
+  err = shell("-m", "dlrm_jax.predict", "--workdir", "run", "--input", "test.txt",
+              "--output", "probs.txt", "--export", "exported").stderr.splitlines()
+  assert err[-2] == "exported to exported (raw.jaxexport: raw Criteo values)", err
+  assert re.fullmatch(r"300 rows scored into probs\.txt \([\d,]+ values unseen in training "
+                      r"mapped to row 0\)", err[-1]), err
+  want = np.loadtxt(tmp_path / "probs.txt", dtype=np.float32)
+  sig = json.loads((tmp_path / "exported" / "signature.json").read_text())
+  assert sig["raw_inputs"]["categorical"] == "reference"
+  assert sig["raw_inputs"]["vocab_offsets"][-1] == sum(sig["table_rows"])
+
+  (tmp_path / "server.py").write_text(
+      _readme_server_snippet() + "import sys\n"
+      "assert not {'dlrm_jax', 'flax'} & set(sys.modules), sorted(sys.modules)\n"
+      "np.save('server.npy', probs)\n")
+  shell("server.py")
+  got = np.load(tmp_path / "server.npy")
+  assert got.shape == (300,) and got.std() > 0.01  # a model that tells rows apart
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
