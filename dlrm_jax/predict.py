@@ -12,15 +12,19 @@ on every local device (`--devices N` for fewer), in batches of
 `--batch-size` rows, with the sharding plan the planner picks for them: a
 checkpoint restores onto any device count.
 
-`--export` writes the inference function and its parameters: `model.jaxexport`
+`--export` writes the inference functions and their parameters: `model.jaxexport`
 (`jax.export` serialisation, batch size symbolic), `params.npz` (dense
-parameters and the tables stacked, one array per width, with which tables each holds
-at which offsets in `signature.json`).
+parameters, the tables stacked, one array per width, with which tables each holds
+at which offsets in `signature.json`, and the vocabulary).
 `load_exported(DIR)` runs it with jax and numpy alone: no config, no Flax, no
-code of this package. Its ids are flat bags, each feature's ids end to end
+code of this package. It takes the model's inputs (dense log(1 + count), ids that
+are table rows); its ids are flat bags, each feature's ids end to end
 ([B, sum of the hotness]; one-hot data: [B, F]); `bags.jaxexport` beside it
 takes bags of any length, padded to a common H ([B, F, H], H symbolic too),
-with per-id weights and a mask, as `dlrm_jax.predict` scores them.
+with per-id weights and a mask, as `dlrm_jax.predict` scores them. For a one-hot
+model trained on a prepared Criteo directory (`--data`, as for raw input),
+`raw.jaxexport` takes raw Criteo values (counts, and the 32-bit integers of the
+hex strings) and applies the preparation in the function (`RawPreprocessing`).
 
 `--quantize int8|int4` scores (on one device) and exports with every table
 row-wise quantised, a scale and a bias per row as FBGEMM's fused formats
