@@ -52,10 +52,10 @@ from ml_collections import ConfigDict
 from dlrm_jax import checkpoint as checkpoint_lib
 from dlrm_jax import parallel
 from dlrm_jax.config import base_config
-from dlrm_jax.data.criteo.parse import BadLineError, InputError, parse_block
-from dlrm_jax.data.criteo.vocabulary import load_vocabulary, vocab_rows
 from dlrm_jax.data import CRITEO_KINDS
 from dlrm_jax.data import format as fmt
+from dlrm_jax.data.criteo.parse import BadLineError, InputError, parse_block
+from dlrm_jax.data.criteo.vocabulary import load_vocabulary, vocab_rows
 from dlrm_jax.embedding import quantized
 from dlrm_jax.task import Task
 
@@ -576,8 +576,8 @@ def _data_dir(args: argparse.Namespace, model: Model) -> tuple[str | None, str]:
     return None, (f"the model is multi-hot (hotness {'-'.join(map(str, hotness))}): its ids "
                   "are not a function of the raw line")
   if not data_dir or not os.path.isdir(data_dir):
-    return None, (f"it needs the prepared directory the model was trained on (--data; the "
-                  f"checkpoint names {data_dir!r})")
+    return None, (f"the prepared directory the model was trained on is not at hand (--data; "
+                  f"the checkpoint names {data_dir!r})")
   return data_dir, ""
 
 

@@ -1,5 +1,6 @@
 """Scoring with `dlrm_jax.predict`: unseen values, 39-column and .gz input, device counts,
-the three categorical modes, and the exported function.
+the three categorical modes, and the exported functions (of raw values too, and a
+user's path from real Kaggle rows to a server with jax and numpy only).
 
 One small model per categorical mode is trained once for the module (the same
 tiny architecture as test_checkpoint's predict test), so that the XLA compiles
