@@ -12,15 +12,19 @@ on every local device (`--devices N` for fewer), in batches of
 `--batch-size` rows, with the sharding plan the planner picks for them: a
 checkpoint restores onto any device count.
 
-`--export` writes the inference function and its parameters: `model.jaxexport`
+`--export` writes the inference functions and their parameters: `model.jaxexport`
 (`jax.export` serialisation, batch size symbolic), `params.npz` (dense
-parameters and the tables stacked, one array per width, with which tables each holds
-at which offsets in `signature.json`).
+parameters, the tables stacked, one array per width, with which tables each holds
+at which offsets in `signature.json`, and the vocabulary).
 `load_exported(DIR)` runs it with jax and numpy alone: no config, no Flax, no
-code of this package. Its ids are flat bags, each feature's ids end to end
+code of this package. It takes the model's inputs (dense log(1 + count), ids that
+are table rows); its ids are flat bags, each feature's ids end to end
 ([B, sum of the hotness]; one-hot data: [B, F]); `bags.jaxexport` beside it
 takes bags of any length, padded to a common H ([B, F, H], H symbolic too),
-with per-id weights and a mask, as `dlrm_jax.predict` scores them.
+with per-id weights and a mask, as `dlrm_jax.predict` scores them. For a one-hot
+model trained on a prepared Criteo directory (`--data`, as for raw input),
+`raw.jaxexport` takes raw Criteo values (counts, and the 32-bit integers of the
+hex strings) and applies the preparation in the function (`RawPreprocessing`).
 
 `--quantize int8|int4` scores (on one device) and exports with every table
 row-wise quantised, a scale and a bias per row as FBGEMM's fused formats
@@ -48,9 +52,10 @@ from ml_collections import ConfigDict
 from dlrm_jax import checkpoint as checkpoint_lib
 from dlrm_jax import parallel
 from dlrm_jax.config import base_config
+from dlrm_jax.data import CRITEO_KINDS
+from dlrm_jax.data import format as fmt
 from dlrm_jax.data.criteo.parse import BadLineError, InputError, parse_block
 from dlrm_jax.data.criteo.vocabulary import load_vocabulary, vocab_rows
-from dlrm_jax.data import format as fmt
 from dlrm_jax.embedding import quantized
 from dlrm_jax.task import Task
 
@@ -189,6 +194,70 @@ def raw_batches(path: str, mapper: RawMapper, batch_size: int) -> Iterator[dict]
       yield {"dense": block.dense, "sparse": mapper(block.raw)}
 
 
+# Raw values in the export ---------------------------------------------------------
+
+RAW_DENSE = (f"float32 [B, {fmt.NUM_DENSE}]: I1..I{fmt.NUM_DENSE}, the raw integer counts (the "
+             "function takes log(1 + x)); an empty field is 0, and negative values and NaN "
+             "become 0 too, as the Criteo preparation maps empty and negative counts to 0")
+RAW_SPARSE = (f"uint32 [B, {fmt.NUM_SPARSE}]: C1..C{fmt.NUM_SPARSE}, each the 32-bit integer "
+              "its 8 hex digits encode (int(s, 16)); an empty field is 0, as the Criteo "
+              "preparation reads it")
+
+
+@dataclasses.dataclass(eq=False)  # hashable, for jax.jit
+class RawPreprocessing:
+  """The Criteo preparation of raw values as jax operations, for `raw.jaxexport`:
+  `self(vocab, counts, values) -> (dense, table rows)` for counts float32 [B, 13] and
+  values uint32 [B, 26] (`RAW_DENSE`, `RAW_SPARSE`): log(1 + x) of the counts (0 for
+  empty, negative and NaN), the values modulo `moduli` (if the directory was prepared
+  with `max_ind_range`), then looked up in the vocabulary, as `RawMapper` does.
+  `vocab` ({"keys", "rows"}; empty in `hash` mode) holds every feature's sorted values
+  and their table rows end to end, feature f at `offsets[f]:offsets[f + 1]`."""
+
+  mode: str
+  moduli: list[int] | None
+  vocab: dict[str, np.ndarray]
+  offsets: list[int] | None
+
+  @classmethod
+  def of(cls, mapper: RawMapper) -> "RawPreprocessing":
+    moduli = None if mapper.moduli is None else [int(m) for m in mapper.moduli]
+    if mapper.vocab is None:
+      return cls(mapper.mode, moduli, {}, None)
+    sizes = [len(keys) for keys, _ in mapper.vocab]
+    vocab = {"keys": np.concatenate([keys for keys, _ in mapper.vocab]).astype(np.uint32),
+             "rows": np.concatenate([rows for _, rows in mapper.vocab]).astype(np.int32)}
+    return cls(mapper.mode, moduli, vocab, [0] + np.cumsum(sizes).tolist())
+
+  def __call__(self, vocab: dict, counts: jax.Array, values: jax.Array
+               ) -> tuple[jax.Array, jax.Array]:
+    dense = jnp.log1p(jnp.where(counts > 0, counts, 0.0))  # NaN > 0 is False
+    if self.moduli is not None:
+      values = values % jnp.asarray(self.moduli, jnp.uint32)
+    if self.offsets is None:
+      return dense, values.astype(jnp.int32)
+    return dense, _vocab_search(vocab["keys"], vocab["rows"], self.offsets, values)
+
+
+def _vocab_search(keys: jax.Array, rows: jax.Array, offsets: Sequence[int],
+                  values: jax.Array) -> jax.Array:
+  """`vocab_rows` of every feature at once: a binary search of each value [B, F] in its
+  feature's segment of `keys` (segment f: offsets[f]:offsets[f + 1], sorted), row 0 where
+  it is absent. No slice of the (large) vocabulary is copied."""
+  if offsets[-1] == 0:
+    return jnp.zeros(values.shape, jnp.int32)
+  ends = jnp.broadcast_to(jnp.asarray(offsets[1:], jnp.int32), values.shape)
+  lo, hi = jnp.broadcast_to(jnp.asarray(offsets[:-1], jnp.int32), values.shape), ends
+  longest = max(b - a for a, b in zip(offsets, offsets[1:]))
+  for _ in range(longest.bit_length()):  # each step at least halves every interval
+    mid = lo + (hi - lo) // 2
+    open_ = lo < hi
+    right = open_ & (jnp.take(keys, mid, mode="clip") < values)
+    lo, hi = jnp.where(right, mid + 1, lo), jnp.where(open_ & ~right, mid, hi)
+  found = (lo < ends) & (jnp.take(keys, lo, mode="clip") == values)
+  return jnp.where(found, jnp.take(rows, lo, mode="clip"), 0)
+
+
 # Export --------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -251,7 +320,7 @@ def score_quantized(model: Model, batches: Iterator[dict], batch_size: int,
 
 
 def export(model: Model, directory: str, *, platforms: Sequence[str] | None = None,
-           quantize: str | None = None) -> None:
+           quantize: str | None = None, data: str | None = None) -> None:
   """Writes the inference functions (jax.export) and their parameters to `directory`.
 
   `model.jaxexport` takes (dense-parameter leaves, the tables, dense [B, 13] float32,
@@ -259,32 +328,57 @@ def export(model: Model, directory: str, *, platforms: Sequence[str] | None = No
   per feature for one-hot data) with a symbolic B and returns probabilities [B];
   `bags.jaxexport` takes, after the same leaves and tables, dense, bags padded to H
   ids [B, F, H] int32, per-id weights [B, F, H] float32 and a mask [B, F, H] bool
-  (padding: False), B and H symbolic. The tables are stacked, one array per width
-  ([sum of its tables' rows, w]; `signature.json`'s `table_sets` say which tables at
-  which offsets), or with `quantize` ("int8" or "int4") row-wise quantised.
-  `load_exported` wraps both.
+  (padding: False), B and H symbolic. Both take the model's inputs: dense features
+  log(1 + count) and ids that are table rows. The tables are stacked, one array per
+  width ([sum of its tables' rows, w]; `signature.json`'s `table_sets` say which tables
+  at which offsets), or with `quantize` ("int8" or "int4") row-wise quantised.
+
+  With `data`, the prepared Criteo directory the (one-hot) model was trained on,
+  `raw.jaxexport` takes raw Criteo values instead, after the leaves, the tables and the
+  vocabulary arrays (`RawPreprocessing`): counts [B, 13] float32 and categorical values
+  [B, 26] uint32 (`RAW_DENSE`, `RAW_SPARSE`). `load_exported` wraps all three.
   """
   run = inference(model, quantize)
-  features = len(model.task.qr.feature_hotness)
+  task = model.task
+  features = len(task.qr.feature_hotness)
+  prep = None
+  if data is not None:
+    prep = RawPreprocessing.of(_raw_mapper_for(model, data))
   struct = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
   head = ([struct(x) for x in run.leaves], {k: struct(v) for k, v in run.tables.items()})
   b = jax.export.symbolic_shape("b")[0]
-  flat = jax.export.export(jax.jit(lambda p, t, d, s: run.fn(p, t, d, s)), platforms=platforms)(
-      *head, jax.ShapeDtypeStruct((b, run.num_dense), jnp.float32),
-      jax.ShapeDtypeStruct((b, run.sparse_width), jnp.int32))
+  dense = jax.ShapeDtypeStruct((b, run.num_dense), jnp.float32)
+  exported = {"model": jax.export.export(
+      jax.jit(lambda p, t, d, s: run.fn(p, t, d, s)), platforms=platforms)(
+          *head, dense, jax.ShapeDtypeStruct((b, run.sparse_width), jnp.int32))}
+  if prep is not None:
+    exported["raw"] = jax.export.export(
+        jax.jit(lambda p, t, v, d, s: run.fn(p, t, *prep(v, d, s))), platforms=platforms)(
+            *head, {k: struct(v) for k, v in prep.vocab.items()}, dense,
+            jax.ShapeDtypeStruct((b, features), jnp.uint32))
   b, h = jax.export.symbolic_shape("b, h")
   bag = lambda dtype: jax.ShapeDtypeStruct((b, features, h), dtype)
-  padded = jax.export.export(jax.jit(run.fn), platforms=platforms)(
+  exported["bags"] = jax.export.export(jax.jit(run.fn), platforms=platforms)(
       *head, jax.ShapeDtypeStruct((b, run.num_dense), jnp.float32), bag(jnp.int32),
       bag(jnp.float32), bag(jnp.bool_))
   os.makedirs(directory, exist_ok=True)
-  for name, exported in (("model", flat), ("bags", padded)):
+  for name, fn in exported.items():
     with open(os.path.join(directory, f"{name}.jaxexport"), "wb") as f:
-      f.write(exported.serialize())
+      f.write(fn.serialize())
+  if prep is None and os.path.exists(os.path.join(directory, "raw.jaxexport")):
+    os.remove(os.path.join(directory, "raw.jaxexport"))  # of an earlier export here
   arrays = {f"param_{i:04d}": x for i, x in enumerate(run.leaves)}
   arrays.update({f"tables_{k}": v for k, v in run.tables.items()})
+  if prep is not None:
+    arrays.update({f"vocab_{k}": v for k, v in prep.vocab.items()})
   np.savez(os.path.join(directory, "params.npz"), **arrays)
-  task = model.task
+  raw = None if prep is None else {
+      "call": "raw.call(params, tables, vocab, dense, sparse)",
+      "dense": RAW_DENSE, "sparse": RAW_SPARSE, "output": "click probability float32 [B]",
+      "categorical": prep.mode, "max_ind_range": prep.moduli,
+      "vocab": sorted(prep.vocab), "vocab_offsets": prep.offsets,
+      "unseen": None if prep.offsets is None else "a value not in the vocabulary (after "
+                                                   "max_ind_range) is row 0"}
   with open(os.path.join(directory, "signature.json"), "w") as f:
     json.dump({"num_params": len(run.leaves), "num_tables": task.spec.num_tables,
                "tables": sorted(run.tables), "quantize": quantize,
@@ -292,13 +386,34 @@ def export(model: Model, directory: str, *, platforms: Sequence[str] | None = No
                "table_sets": table_sets(task.collection),
                "num_dense": run.num_dense, "table_rows": list(task.spec.table_rows),
                "hotness": list(task.qr.feature_hotness),
-               "step": model.step, "platforms": list(flat.platforms),
-               "inputs": f"dense float32 [B, {run.num_dense}], sparse int32 "
-                         f"[B, {run.sparse_width}] (each feature's ids end to end)",
+               "step": model.step, "platforms": list(exported["model"].platforms),
+               "inputs": f"dense float32 [B, {run.num_dense}]: the model's dense features "
+                         "(Criteo: log(1 + count), empty and negative counts 0), sparse int32 "
+                         f"[B, {run.sparse_width}]: table rows, each feature's ids end to end",
                "bags_inputs": f"dense float32 [B, {run.num_dense}], sparse int32 "
                               f"[B, {features}, H], weights float32 [B, {features}, H], "
                               f"mask bool [B, {features}, H] (False: padding)",
+               "raw_inputs": raw,
                "output": "click probability float32 [B]"}, f, indent=1)
+
+
+def _raw_mapper_for(model: Model, data: str) -> RawMapper:
+  """The mapper of prepared directory `data`, checked against a one-hot Criteo model."""
+  spec, hotness = model.task.spec, model.task.qr.feature_hotness
+  if (spec.num_dense, len(hotness), set(hotness)) != (fmt.NUM_DENSE, fmt.NUM_SPARSE, {1}):
+    raise InputError(f"raw Criteo values need a one-hot model of {fmt.NUM_DENSE} dense and "
+                     f"{fmt.NUM_SPARSE} categorical features; this one has {spec.num_dense} "
+                     f"and hotness {list(hotness)}")
+  mapper = RawMapper(data)
+  if any(h != 1 for h in mapper.meta["hotness"]):
+    raise InputError(f"{data} is multi-hot: its ids are not a function of raw values alone")
+  sizes = mapper.meta["vocab_sizes"]
+  big = [f for f, (v, r) in enumerate(zip(sizes, spec.table_rows)) if v > r]
+  if big:
+    raise InputError(f"{data}'s vocabulary of C{big[0] + 1} has {sizes[big[0]]} rows, the "
+                     f"model's table {spec.table_rows[big[0]]}: not the directory it was "
+                     "trained on (--data)")
+  return mapper
 
 
 def table_sets(collection) -> list[dict]:
@@ -315,24 +430,33 @@ def table_sets(collection) -> list[dict]:
   return out
 
 
-def load_exported(directory: str) -> Callable[..., np.ndarray]:
+def load_exported(directory: str, raw: bool = False) -> Callable[..., np.ndarray]:
   """The exported model as `f(dense, sparse, weights=None, mask=None) -> probabilities`,
   with jax and numpy only.
 
   `sparse`: flat bags [B, sum of the hotness] (or one id per feature [B, F]) with
   optional per-id weights of its shape, or bags padded to H [B, F, H] with optional
-  weights and mask (False: padding) of its shape.
+  weights and mask (False: padding) of its shape. With `raw`, `f(counts, values)` of
+  raw Criteo values (`raw.jaxexport`: `RAW_DENSE`, `RAW_SPARSE`).
   """
   def load(name):
     with open(os.path.join(directory, f"{name}.jaxexport"), "rb") as f:
       return jax.export.deserialize(bytearray(f.read()))
 
-  flat = load("model")
   with open(os.path.join(directory, "signature.json")) as f:
     sig = json.load(f)
   arrays = np.load(os.path.join(directory, "params.npz"))
   leaves = [arrays[f"param_{i:04d}"] for i in range(sig["num_params"])]
   tables = {k: arrays[f"tables_{k}"] for k in sig.get("tables", ["stacked"])}
+  if raw:
+    if not sig.get("raw_inputs"):
+      raise ValueError(f"{directory} has no raw.jaxexport: export it with the prepared "
+                       "directory the model was trained on (--data)")
+    from_raw = load("raw")
+    vocab = {k: arrays[f"vocab_{k}"] for k in sig["raw_inputs"]["vocab"]}
+    return lambda counts, values: np.asarray(from_raw.call(
+        leaves, tables, vocab, np.asarray(counts, np.float32), np.asarray(values, np.uint32)))
+  flat = load("model")
   hotness = sig["hotness"]
   padded = load("bags") if os.path.exists(os.path.join(directory, "bags.jaxexport")) else None
 
@@ -413,21 +537,22 @@ def _run(args: argparse.Namespace) -> int:
   model = load_model(args.workdir, step=args.step, devices=args.devices)
   print(f"model of step {model.step} from {args.workdir} on {model.task.mesh.size} device(s)",
         file=sys.stderr)
+  data_dir, missing = _data_dir(args, model)
   if args.export:
     export(model, args.export, platforms=[s for s in args.platforms.split(",") if s] or None,
-           quantize=args.quantize)
-    print(f"exported to {args.export}", file=sys.stderr)
+           quantize=args.quantize, data=data_dir)
+    print(f"exported to {args.export}"
+          + (" (raw.jaxexport: raw Criteo values)" if data_dir else
+             f" (no raw.jaxexport: {missing})"), file=sys.stderr)
   if args.input:
     batch_size = -(-args.batch_size // model.task.mesh.size) * model.task.mesh.size
     mapper = None
     if os.path.isdir(args.input):
       batches = prepared_batches(args.input, batch_size, args.split)
     else:
-      data_dir = args.data or model.config.data.path
-      if not data_dir or not os.path.isdir(data_dir):
-        raise InputError(f"raw input needs the prepared directory the model was trained on "
-                         f"(--data; the checkpoint names {data_dir!r})")
-      mapper = RawMapper(data_dir)
+      if data_dir is None:
+        raise InputError(f"raw input: {missing}")
+      mapper = _raw_mapper_for(model, data_dir)
       batches = raw_batches(args.input, mapper, batch_size)
     probs = (score(model, batches, batch_size) if args.quantize is None
              else score_quantized(model, batches, batch_size, args.quantize))
@@ -437,6 +562,23 @@ def _run(args: argparse.Namespace) -> int:
           + (f" ({mapper.unseen:,} values unseen in training mapped to row 0)"
              if mapper is not None and mapper.unseen else ""), file=sys.stderr)
   return 0
+
+
+def _data_dir(args: argparse.Namespace, model: Model) -> tuple[str | None, str]:
+  """(the prepared directory whose vocabulary maps raw values, "") or (None, why none)."""
+  data_dir = args.data or model.config.data.path
+  hotness = model.task.qr.feature_hotness
+  if not args.data and model.config.data.kind not in CRITEO_KINDS:
+    return None, (f"the model was trained on data.kind={model.config.data.kind!r}, which has "
+                  "no raw values; model.jaxexport takes its inputs as that data source makes "
+                  "them")
+  if set(hotness) != {1}:
+    return None, (f"the model is multi-hot (hotness {'-'.join(map(str, hotness))}): its ids "
+                  "are not a function of the raw line")
+  if not data_dir or not os.path.isdir(data_dir):
+    return None, (f"the prepared directory the model was trained on is not at hand (--data; "
+                  f"the checkpoint names {data_dir!r})")
+  return data_dir, ""
 
 
 if __name__ == "__main__":

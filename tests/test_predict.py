@@ -1,5 +1,6 @@
 """Scoring with `dlrm_jax.predict`: unseen values, 39-column and .gz input, device counts,
-the three categorical modes, and the exported function.
+the three categorical modes, and the exported functions (of raw values too, and a
+user's path from real Kaggle rows to a server with jax and numpy only).
 
 One small model per categorical mode is trained once for the module (the same
 tiny architecture as test_checkpoint's predict test), so that the XLA compiles
@@ -9,14 +10,16 @@ are shared by every test.
 import dataclasses
 import gzip
 import json
+import os
 import re
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
-from conftest import load_config, small_criteo_config
+from conftest import CRITEO_DIR, REPO, load_config, small_criteo_config
 from dlrm_jax import predict, trainer
 from dlrm_jax.data import criteo
 from dlrm_jax.data.criteo_synth import write_raw
@@ -355,3 +358,130 @@ def test_export_takes_weighted_and_padded_bags(tmp_path, pooling):
                                want, rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match="padded bags"):
     f(dense, flat, None, np.ones(flat.shape, bool))
+
+
+def _raw_values(path):
+  """(counts float32 [n, 13], values uint32 [n, 26]) of a raw file, as a server parses it
+  for `raw.jaxexport` (the README's snippet): empty fields 0."""
+  fields = [l.decode().rstrip("\r\n").split("\t")[-39:] for l in _lines(path)]
+  return (np.array([[float(x or 0) for x in f[:13]] for f in fields], np.float32),
+          np.array([[int(x or "0", 16) for x in f[13:]] for f in fields], np.uint32))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_raw_export_scores_raw_values_as_predict(runs, raw_file, tmp_path, mode):
+  """`raw.jaxexport` maps raw counts and 32-bit values to the inputs predict gives the
+  model (the same table rows, dense features within 1 ulp), also for empty fields,
+  negative and huge counts and values absent from the vocabulary, and scores them as
+  `predict --input` does."""
+  run = runs(mode)
+  lines = _lines(raw_file)[:70]
+  fields = [l.rstrip(b"\n").split(b"\t") for l in lines]
+  fields[0][1:] = [b""] * 39  # every field empty
+  fields[1][1:4] = [b"-3", b"1099511627776", b"0"]  # negative, 2**40, zero
+  rng = np.random.default_rng(3)
+  for r in (1, 2, 65):  # values the vocabulary has never seen; ffffffff sorts last
+    for f in rng.choice(26, 9, replace=False):
+      fields[r][14 + f] = b"ffffffff" if f % 3 == 0 else b"%08x" % rng.integers(0, 2**32)
+  path = tmp_path / "rows.txt"
+  path.write_bytes(b"".join(b"\t".join(x) + b"\n" for x in fields))
+  counts, values = _raw_values(path)
+
+  dense, ids, mapper = _raw_ids(path, run.data)
+  prep = predict.RawPreprocessing.of(predict.RawMapper(run.data))
+  got_dense, got_ids = jax.jit(prep)(prep.vocab, counts, values)
+  np.testing.assert_array_equal(np.asarray(got_ids), ids)
+  np.testing.assert_array_max_ulp(np.asarray(got_dense), dense, maxulp=1)
+  assert dense[1, 1] == np.float32(np.log1p(2.0**40)) and dense[0].max() == 0
+  if mode != "hash":
+    assert (ids[[1, 2, 65]] == 0).sum() >= 9  # the unseen values are row 0
+
+  want = _score(run, tmp_path, "--input", str(path))
+  out = tmp_path / "exported"
+  assert predict.main(["--workdir", run.workdir, "--devices", "1", "--export", str(out)]) == 0
+  raw = json.loads((out / "signature.json").read_text())["raw_inputs"]
+  assert raw["categorical"] == mode and raw["dense"] == predict.RAW_DENSE
+  modulus = MODES[mode].get("max_ind_range")
+  assert raw["max_ind_range"] == (None if modulus is None else [modulus] * 26)
+  assert raw["vocab"] == ([] if mode == "hash" else ["keys", "rows"])
+  f = predict.load_exported(str(out), raw=True)
+  np.testing.assert_allclose(f(counts, values), want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(f(counts[5:8], values[5:8]), want[5:8], rtol=1e-6, atol=1e-7)
+
+
+def test_export_without_vocabulary_has_no_raw_function(tmp_path, capsys):
+  """A model trained on synthetic data has no raw values: the export says so on stderr,
+  writes no raw.jaxexport (and removes an earlier one), and `load_exported(raw=True)`
+  names the reason; a prepared directory for another model's shape is refused."""
+  c = load_config("tiny")
+  c.checkpoint.enabled = True
+  c.num_batches, c.test_freq = 2, 0
+  trainer.train_and_evaluate(c, str(tmp_path / "run"))
+  out = tmp_path / "exported"
+  out.mkdir()
+  (out / "raw.jaxexport").write_bytes(b"old")
+  capsys.readouterr()
+  assert predict.main(["--workdir", str(tmp_path / "run"), "--export", str(out)]) == 0
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      f"exported to {out} (no raw.jaxexport: the model was trained on data.kind="
+      "'synthetic_ctr', which has no raw values; model.jaxexport takes its inputs as that "
+      "data source makes them)")
+  assert sorted(p.name for p in out.iterdir()) == ["bags.jaxexport", "model.jaxexport",
+                                                   "params.npz", "signature.json"]
+  assert json.loads((out / "signature.json").read_text())["raw_inputs"] is None
+  with pytest.raises(ValueError, match="has no raw.jaxexport: export it with the prepared"):
+    predict.load_exported(str(out), raw=True)
+
+
+def _readme_server_snippet() -> str:
+  """The README's server snippet: its python block that loads raw.jaxexport."""
+  with open(os.path.join(REPO, "README.md")) as f:
+    blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+  snippet, = [b for b in blocks if "raw.jaxexport" in b]
+  return snippet
+
+
+def test_users_path_kaggle_rows_to_a_server_with_jax_and_numpy(tmp_path):
+  """The user's commands, each in a process of its own: prepare 3,000 real Kaggle rows,
+  train a tiny model on them, `predict --export` with `--input` of 300 later raw lines
+  (values unseen in training among them), then the README's server snippet, in a
+  process that imports only jax and numpy, scores those lines as predict does."""
+  kaggle = os.path.join(CRITEO_DIR, "kaggle_train_head10k.tsv")
+  if not os.path.exists(kaggle):
+    pytest.skip(f"{kaggle} is absent")
+  lines = _lines(kaggle)
+  (tmp_path / "train.txt").write_bytes(b"".join(lines[:3000]))
+  (tmp_path / "test.txt").write_bytes(b"".join(lines[3000:3300]))
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO)  # a user's one CPU device
+
+  def shell(*args):
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                          cwd=str(tmp_path), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+  shell("-m", "dlrm_jax.data.criteo", "prepare", "--dataset", "kaggle", "--input",
+        "train.txt", "--output", "prepared", "--workers", "1", "--no-progress")
+  shell(os.path.join(REPO, "train.py"), f"--config={REPO}/configs/criteo_kaggle.py",
+        "--workdir=run", "--config.data.path=prepared", "--config.arch_sparse_feature_size=4",
+        "--config.arch_mlp_bot=13-8-4", "--config.arch_mlp_top=8-1",
+        "--config.mini_batch_size=32", "--config.num_batches=20", "--config.test_freq=0",
+        "--config.test_mini_batch_size=256", "--config.progress_bar=False")
+  err = shell("-m", "dlrm_jax.predict", "--workdir", "run", "--input", "test.txt",
+              "--output", "probs.txt", "--export", "exported").stderr.splitlines()
+  assert err[-2] == "exported to exported (raw.jaxexport: raw Criteo values)", err
+  assert re.fullmatch(r"300 rows scored into probs\.txt \([\d,]+ values unseen in training "
+                      r"mapped to row 0\)", err[-1]), err
+  want = np.loadtxt(tmp_path / "probs.txt", dtype=np.float32)
+  sig = json.loads((tmp_path / "exported" / "signature.json").read_text())
+  assert sig["raw_inputs"]["categorical"] == "reference"
+  assert sig["raw_inputs"]["vocab_offsets"][-1] == sum(sig["table_rows"])
+
+  (tmp_path / "server.py").write_text(
+      _readme_server_snippet() + "import sys\n"
+      "assert not {'dlrm_jax', 'flax'} & set(sys.modules), sorted(sys.modules)\n"
+      "np.save('server.npy', probs)\n")
+  shell("server.py")
+  got = np.load(tmp_path / "server.npy")
+  assert got.shape == (300,) and got.std() > 0.01  # a model that tells rows apart
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
