@@ -582,4 +582,5 @@ def _data_dir(args: argparse.Namespace, model: Model) -> tuple[str | None, str]:
 
 
 if __name__ == "__main__":
+  parallel.cpu_unless_accelerator()
   sys.exit(main())
