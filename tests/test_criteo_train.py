@@ -64,7 +64,7 @@ def _kaggle_head_config(tmp_path):
   c.learning_rate = 0.05
   c.mini_batch_size = 128
   c.num_batches = 67  # one epoch of the 8,572 train rows (66 full batches) and a batch
-  c.test_freq = 0
+  c.test_freq, c.eval_every_epochs = 0, 0.0
   c.test_mini_batch_size = 352  # the 714 test rows: 2 full batches and one of 10 rows
   c.test_num_batches = 0
   c.progress_bar = False
