@@ -136,8 +136,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None,
   """Trains the run's length (`run_length`), evaluating as `Cadence` says.
 
   `log`, if given, receives the sharding plan and the schedule at start-up and
-  the checkpoints' news (on process 0). Writes WORKDIR/metrics.jsonl (one JSON object per
-  evaluation, the same records as `TrainResult.records`);
+  the checkpoints' news (on process 0). Writes WORKDIR/metrics.jsonl (one JSON
+  object per evaluation, the same records as `TrainResult.records`);
   `format_summary(result.summary)` is what `train.py` prints at the end.
   """
   run = set_up(config, workdir, progress, log)
@@ -356,11 +356,10 @@ def nothing_to_train(run: Run, prog: Progress, saved: dict) -> str:
   """What a rerun says when the run it resumes has nothing left to train: the run
   (its `saved` config's data and batch, its step and AUC) and how to go on."""
   t = run.spec.training
-  data = saved.get("data", {})
-  found = (f"{run.workdir} holds a run on {data.get('kind', '?')} data"
+  data = saved["data"]
+  found = (f"{run.workdir} holds a run on {data['kind']} data"
            + (f" ({data['path']})" if data.get("path") else "")
-           + f", batch {saved.get('mini_batch_size', '?'):,}, that ended at step "
-           f"{prog.start:,}"
+           + f", batch {saved['mini_batch_size']:,}, that ended at step {prog.start:,}"
            + (f" with eval AUC {prog.records[-1]['auc']:.4f}" if prog.records else ""))
   if prog.start < run.num_steps:  # stopped at the target
     why, more = f"it reached target_auc={t.target_auc:g}", "raise target_auc (0: none)"
@@ -566,9 +565,9 @@ def format_summary(summary: dict) -> str:
       f"  eval log loss    {summary['logloss']:.4f}",
       f"  eval accuracy    {summary['accuracy']:.4f}"
       + (f"  ({summary['eval_samples']:,} samples)" if summary["eval_samples"] else ""),
-      f"  throughput       {summary['examples_per_sec']:,.0f} examples/s "
-      f"(compile {summary['compile_seconds']:.1f} s)" if summary.get("trained_steps", 1)
-      else "  throughput       - (nothing trained: the run had ended)",
+      (f"  throughput       {summary['examples_per_sec']:,.0f} examples/s "
+       f"(compile {summary['compile_seconds']:.1f} s)" if summary.get("trained_steps", 1)
+       else "  throughput       - (nothing trained: the run had ended)"),
       f"  metrics          {os.path.join(summary['workdir'], 'metrics.jsonl')}",
   ]
   if summary.get("target_auc"):
