@@ -59,7 +59,6 @@ def main() -> None:
   args = parser.parse_args()
   from dlrm_jax import predict
   from dlrm_jax.data import criteo, make_data
-  from dlrm_jax.data.format import PreparedData
   from dlrm_jax.embedding import quantized
   from dlrm_jax.specs import RunSpec
 
@@ -78,12 +77,11 @@ def main() -> None:
   prepared = os.path.join(work, "kaggle")
   criteo.prepare("kaggle", [args.kaggle], prepared, workers=1, progress=False,
                  log=lambda m: None)
-  c = common.load_config("criteo_kaggle", test_freq=0, test_num_batches=0)
+  c = common.load_config("criteo_kaggle", eval_every_epochs=0.0, test_num_batches=0)
   c.data.path = prepared
-  c.num_batches = PreparedData(prepared).split_rows("train") // c.mini_batch_size
-  model, _ = trained(c, os.path.join(work, "run_kaggle"))
+  model, run = trained(c, os.path.join(work, "run_kaggle"))
   results["kaggle"] = aucs(model, predict.prepared_batches(prepared, 4096, "test"))
-  results["kaggle"]["steps"] = c.num_batches
+  results["kaggle"]["steps"] = run.summary["steps"]
   # Synthetic data: the default config, its held-out evaluation set.
   d = common.load_config("default")
   model, _ = trained(d, os.path.join(work, "run_default"))

@@ -1,7 +1,8 @@
 """The reference's Criteo Kaggle benchmark settings (dlrm_s_pytorch.py's
 `bench/dlrm_s_criteo_kaggle.sh`): D=16, bottom 13-512-256-64-16, top
-512-256-1, dot interaction, batch 128, SGD with lr 0.1, one epoch of the six
-training days, evaluated on the test half of day 7 as the reference does.
+512-256-1, dot interaction, batch 128, SGD with lr 0.1, one epoch of the
+prepared training days (six for the whole set), evaluated ten times per epoch
+on the test half of day 7 as the reference does.
 
 Needs the Kaggle set prepared into `data.path` (see README.md, "Training on
 Criteo"); the reference's preprocessing is the default:
@@ -34,8 +35,13 @@ def get_config():
   c.mini_batch_size = 128
   c.test_mini_batch_size = 16384
   c.test_num_batches = 0  # the whole test split (3,274,330 rows).
-  c.num_batches = 306_969  # one epoch of the six training days at batch 128.
-  c.test_freq = 30_000
+  # One epoch of whatever train split data.path holds (the reference's --nepochs=1
+  # --num-batches=0): 306,969 steps on the six training days, 66 on the 10,000-row sample.
+  c.num_batches = 0
+  c.num_epochs = 1.0
+  # Ten evaluations per epoch (and a checkpoint at each), the last at its end.
+  c.test_freq = 0
+  c.eval_every_epochs = 0.1
   c.data.kind = "criteo_kaggle"
   c.data.path = "data/criteo_kaggle"
   c.data.eval_split = "test"

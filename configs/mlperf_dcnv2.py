@@ -91,7 +91,8 @@ def get_config():
   c.lr_decay_start_step = 0
   c.lr_num_decay_steps = 0
   c.mini_batch_size = GLOBAL_BATCH
-  c.num_batches = TRAIN_ROWS // GLOBAL_BATCH  # one epoch: 64,013 full batches
+  c.num_batches = 0  # num_epochs of the data: TRAIN_ROWS // GLOBAL_BATCH = 64,013 steps
+  c.num_epochs = 1.0
   c.test_freq = 0
   c.eval_every_epochs = 1 / EVALUATIONS_PER_EPOCH  # at every 0.05 epoch, the last at its end
   c.test_mini_batch_size = GLOBAL_BATCH

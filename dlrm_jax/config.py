@@ -137,7 +137,10 @@ def _model_and_training_fields(c) -> None:
   c.lr_num_decay_steps = 0  # 0: no decay.
   # Steps and evaluation.
   c.mini_batch_size = 128
-  c.num_batches = 1000  # training steps.
+  c.num_batches = 1000  # training steps; 0: num_epochs epochs of the data (the reference's 0).
+  # With num_batches=0: epochs of the train data (fractions allowed), as the reference's
+  # --nepochs; an epoch is the Criteo train split, or data.epoch_rows of generated data.
+  c.num_epochs = 1.0
   c.test_freq = 0  # evaluate every N steps; 0: only at the end (and per eval_every_epochs).
   # Evaluate at every this fraction of an epoch (0.05: 20 evaluations per epoch, as MLPerf);
   # 0: by test_freq. Data without epochs (the generators) needs data.epoch_rows for it.

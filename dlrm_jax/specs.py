@@ -41,7 +41,8 @@ class TrainingSpec:
   embedding_optimizer_args: str
   embedding_pooling: str
   mini_batch_size: int
-  num_batches: int
+  num_batches: int  # 0: num_epochs epochs of the data
+  num_epochs: float
   test_freq: int
   eval_every_epochs: float
   test_mini_batch_size: int
@@ -55,9 +56,15 @@ class TrainingSpec:
     if self.loss_function == "wbce" and len(self.loss_weights) != 2:
       raise ConfigError(f"loss_weights={dash_list(self.loss_weights)!r} must give two weights, "
                         "for label 0 and label 1")
-    for name in ("mini_batch_size", "test_mini_batch_size", "num_batches"):
+    for name in ("mini_batch_size", "test_mini_batch_size"):
       if getattr(self, name) <= 0:
         raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+    if self.num_batches < 0:
+      raise ConfigError(f"num_batches={self.num_batches} must be >= 0 (0: num_epochs epochs "
+                        "of the data)")
+    if self.num_batches == 0 and not self.num_epochs > 0:
+      raise ConfigError(f"num_batches=0 trains num_epochs epochs of the data, but "
+                        f"num_epochs={self.num_epochs}: set num_epochs > 0 or num_batches >= 1")
     if not self.learning_rate > 0:
       raise ConfigError(f"learning_rate={self.learning_rate} must be > 0")
     for name in ("lr_num_warmup_steps", "lr_decay_start_step", "lr_num_decay_steps"):
@@ -91,6 +98,7 @@ class TrainingSpec:
         embedding_pooling=str(c.embedding_pooling),
         mini_batch_size=int(c.mini_batch_size),
         num_batches=int(c.num_batches),
+        num_epochs=float(c.num_epochs),
         test_freq=int(c.test_freq),
         eval_every_epochs=float(c.eval_every_epochs),
         test_mini_batch_size=int(c.test_mini_batch_size),

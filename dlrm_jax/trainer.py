@@ -2,10 +2,12 @@
 
 `train_and_evaluate` reads top to bottom: `set_up` builds the task, the data
 and the evaluation set; `resume_or_start` restores the latest checkpoint or
-starts afresh; `train_loop` steps, evaluating as the `Cadence` says (every
-`test_freq` steps or every `eval_every_epochs` of an epoch, and at the end) and
-checkpointing as `is_save_step` says, until `num_batches` steps or
-`target_auc`; `summarize` makes the run summary. What a run reports besides
+starts afresh (or, when the run had ended, trains on to a raised length);
+`train_loop` steps, evaluating as the `Cadence` says (every `test_freq` steps
+or every `eval_every_epochs` of an epoch, and at the end) and checkpointing as
+`is_save_step` says, until the run's length (`run_length`: `num_batches`
+steps, or `num_epochs` epochs of the data) or `target_auc`; `summarize` makes
+the run summary. What a run reports besides
 metrics.jsonl (TensorBoard, the MLPerf log, a profile, warnings) is
 `dlrm_jax.observe`'s. The pure, jitted steps are `dlrm_jax.task.Task`'s.
 """
@@ -31,13 +33,16 @@ from dlrm_jax.config import ConfigError
 from dlrm_jax.data import configure_data, make_data
 from dlrm_jax.data.prefetch import prefetch
 from dlrm_jax.data.source import Batch, BatchStream, DataSource
-from dlrm_jax.specs import RunSpec
+from dlrm_jax.specs import RunSpec, TrainingSpec
 from dlrm_jax.state import TrainState
 from dlrm_jax.task import Task
 
 
 # Fields of an evaluation record that time the run, which no rerun reproduces.
 TIMINGS = ("examples_per_sec", "seconds")
+
+# A run longer than this many epochs of its data is warned about at start-up.
+MANY_EPOCHS = 5
 
 
 class NonFiniteLossError(RuntimeError):
@@ -95,7 +100,7 @@ class Run:
   log: Callable[[str], None]  # process 0's messages; a no-op elsewhere
   warn: Callable[[str], None]  # process 0's warnings during the run (log, else logging)
   checkpointer: checkpoint_lib.Checkpointer | None
-  num_steps: int
+  num_steps: int  # the run's length (`run_length`)
   steps_per_epoch: int | None  # None: the data has no epochs (and none was given)
   cadence: Cadence
   save_every: int  # checkpoint every N steps; 0: at every evaluation
@@ -116,7 +121,7 @@ class Progress:
   records: list[dict]
   losses: list  # the unfinished evaluation interval's losses (device scalars)
   losses_checked: int = 0  # losses[:losses_checked] are known to be finite
-  finished: bool = False  # the restored checkpoint ended its run
+  finished: bool = False  # the restored run has nothing left to train
   data_position: dict | None = None
   compile_seconds: float = 0.0
   train_seconds: float = 0.0
@@ -128,11 +133,11 @@ class Progress:
 
 def train_and_evaluate(config, workdir: str, *, progress: bool | None = None,
                        log: Callable[[str], None] | None = None) -> TrainResult:
-  """Trains `config.num_batches` steps, evaluating every `config.test_freq`.
+  """Trains the run's length (`run_length`), evaluating as `Cadence` says.
 
-  `log`, if given, receives the sharding plan at start-up and the checkpoints'
-  news (on process 0). Writes WORKDIR/metrics.jsonl (one JSON object per
-  evaluation, the same records as `TrainResult.records`);
+  `log`, if given, receives the sharding plan and the schedule at start-up and
+  the checkpoints' news (on process 0). Writes WORKDIR/metrics.jsonl (one JSON
+  object per evaluation, the same records as `TrainResult.records`);
   `format_summary(result.summary)` is what `train.py` prints at the end.
   """
   run = set_up(config, workdir, progress, log)
@@ -181,8 +186,8 @@ def set_up(config, workdir: str, progress: bool | None,
   eval_set = evaluation.EvalSet(data, spec.training.test_mini_batch_size,
                                 spec.training.test_num_batches, task.batch_sharding)
   teacher_auc = eval_set.teacher_auc()
-  num_steps = spec.training.num_batches
   per_epoch = epoch_steps(spec, data)
+  num_steps = run_length(spec.training, per_epoch)
   run = Run(
       spec=spec, workdir=workdir, task=task, data=data, eval_set=eval_set,
       teacher_auc=teacher_auc, is_lead=is_lead,
@@ -195,27 +200,97 @@ def set_up(config, workdir: str, progress: bool | None,
       save_every=spec.checkpoint.every_steps if spec.checkpoint.enabled else 0,
       started=started)
   run.checkpointer = make_checkpointer(spec, workdir, log)
+  for line in describe_schedule(run):
+    log(line)
+  epochs = num_steps / per_epoch if per_epoch else 0.0
+  if epochs > MANY_EPOCHS:
+    warn(f"WARNING: this run's {num_steps:,} steps are {epochs:,.0f} epochs of its data "
+         f"({per_epoch:,} steps each): it sees every train row about {epochs:,.0f} times"
+         + (f"; num_batches=0 trains num_epochs={spec.training.num_epochs:g} instead"
+            if spec.training.num_batches else ""))
   return run
 
 
 def epoch_steps(spec: RunSpec, data: DataSource) -> int | None:
   """Steps per epoch: the Criteo loader's train batches, or `data.epoch_rows` over the
-  batch for generated data; None without either (a ConfigError if the cadence needs it)."""
-  batch = spec.training.mini_batch_size
+  batch for generated data; None without either (a ConfigError if the length or the
+  cadence needs it)."""
+  t = spec.training
+  batch = t.mini_batch_size
+  needs = ([f"num_batches=0 trains num_epochs={t.num_epochs:g} epochs"] if t.num_batches == 0
+           else []) + ([f"eval_every_epochs={t.eval_every_epochs} evaluates at fractions of "
+                        "an epoch"] if t.eval_every_epochs > 0 else [])
   if hasattr(data, "num_batches"):  # data with a train split
-    return data.num_batches("train", batch) or None
+    steps = data.num_batches("train", batch)
+    if not steps and needs:
+      raise ConfigError(f"{' and '.join(needs)}, but the train split of {spec.data.path} "
+                        f"({data.num_rows('train'):,} rows) holds no full batch of {batch}")
+    return steps or None
   rows = spec.data.epoch_rows
   if rows > 0:
     if rows < batch:
       raise ConfigError(f"data.epoch_rows={rows} is less than one batch "
                         f"(mini_batch_size={batch})")
     return rows // batch
-  if spec.training.eval_every_epochs > 0:
+  if needs:
     raise ConfigError(
-        f"eval_every_epochs={spec.training.eval_every_epochs} evaluates at fractions of an "
-        f"epoch, but data.kind={spec.data.kind!r} has no epochs: set data.epoch_rows (the "
-        "rows of one epoch), or evaluate every test_freq steps instead")
+        f"{' and '.join(needs)}, but data.kind={spec.data.kind!r} has no epochs: set "
+        "data.epoch_rows (the rows of one epoch), or give num_batches and test_freq in steps")
   return None
+
+
+def run_length(t: TrainingSpec, steps_per_epoch: int | None) -> int:
+  """The run's steps: `num_batches`, or when it is 0 `num_epochs` epochs of
+  `steps_per_epoch` (rounded to the nearest step, at least one)."""
+  if t.num_batches > 0:
+    return t.num_batches
+  return max(1, round(t.num_epochs * steps_per_epoch))
+
+
+def describe_schedule(run: Run) -> list[str]:
+  """The start-up lines on the run's length, its evaluations and checkpoints, and its
+  learning rate."""
+  t, n, per_epoch = run.spec.training, run.num_steps, run.steps_per_epoch
+  length = f"{n:,} steps of {t.mini_batch_size:,}"
+  if per_epoch:
+    length += f" = {_epochs(n / per_epoch)} of {per_epoch:,} steps"
+  length += f" (num_batches={t.num_batches:,})" if t.num_batches else \
+      f" (num_epochs={t.num_epochs:g})"
+  if t.test_freq > 0:
+    when = f"an evaluation every {t.test_freq:,} steps and at the end"
+  elif t.eval_every_epochs > 0:
+    when = (f"an evaluation every {t.eval_every_epochs:g} epoch (about "
+            f"{max(1.0, t.eval_every_epochs * per_epoch):,.0f} steps) and at the end")
+  else:
+    when = "an evaluation at the end"
+  saves = ("no checkpoints" if run.checkpointer is None
+           else f"a checkpoint every {run.save_every:,} steps and at the end"
+           if run.save_every > 0 else "a checkpoint at each")
+  return [f"schedule: {length}; {when}, {saves}", f"learning rate: {describe_lr(t, n)}"]
+
+
+def describe_lr(t: TrainingSpec, num_steps: int) -> str:
+  """The learning-rate policy (`dlrm_jax.optim.lr_schedule`) in words, and where a run of
+  `num_steps` steps ends in it."""
+  rate, warmup = t.learning_rate, t.lr_num_warmup_steps
+  start, decay = t.lr_decay_start_step, t.lr_num_decay_steps
+  parts = [f"{rate:g}"]
+  if warmup:
+    parts.append(f"warmup over {warmup:,} steps")
+  if decay:
+    parts.append(f"quadratic decay from step {start:,} over {decay:,} steps, then held")
+  if len(parts) == 1:
+    return f"{rate:g}, constant"
+  end = start + decay if decay else warmup
+  where = ("" if num_steps >= end
+           else " (this run ends during the warmup)" if num_steps < warmup
+           else " (this run ends before the decay)" if num_steps < start
+           else " (this run ends during the decay)")
+  return ", ".join(parts) + where + "; by step number, whatever the run's length"
+
+
+def _epochs(x: float) -> str:
+  return f"{x:,.4g} epoch" + ("" if x == 1 else "s")
 
 
 def make_checkpointer(spec: RunSpec, workdir: str,
@@ -256,12 +331,44 @@ def resume_or_start(run: Run) -> Progress:
                     else 0.0)
     run.log(f"resuming from step {prog.start} ({ckpt.directory}/{prog.start})"
             + (" with only the parts that match the config" if restored.partial else ""))
-  if prog.finished or prog.start >= run.num_steps:
-    run.log(f"the checkpoint at step {prog.start} is the end of this run: nothing to train")
+    if prog.start >= run.num_steps or (prog.finished and target_reached(run, prog.records)):
+      prog.finished = True
+      run.log(nothing_to_train(run, prog, c.config))
+    elif prog.finished:  # the run ended at its length; this config's is longer
+      prog.finished = False
+      run.log(f"the run ended at step {prog.start:,}: training on to step {run.num_steps:,}"
+              + ("; the learning rate goes on by step number (see above)"
+                 if run.spec.training.lr_num_warmup_steps
+                 or run.spec.training.lr_num_decay_steps else ""))
   if run.is_lead:
     with open(run.metrics_path, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in prog.records)
   return prog
+
+
+def target_reached(run: Run, records: list[dict]) -> bool:
+  """Whether the last evaluation reached the config's target_auc (0: none)."""
+  target = run.spec.training.target_auc
+  return bool(records) and 0 < target <= records[-1]["auc"]
+
+
+def nothing_to_train(run: Run, prog: Progress, saved: dict) -> str:
+  """What a rerun says when the run it resumes has nothing left to train: the run
+  (its `saved` config's data and batch, its step and AUC) and how to go on."""
+  t = run.spec.training
+  data = saved["data"]
+  found = (f"{run.workdir} holds a run on {data['kind']} data"
+           + (f" ({data['path']})" if data.get("path") else "")
+           + f", batch {saved['mini_batch_size']:,}, that ended at step {prog.start:,}"
+           + (f" with eval AUC {prog.records[-1]['auc']:.4f}" if prog.records else ""))
+  if prog.start < run.num_steps:  # stopped at the target
+    why, more = f"it reached target_auc={t.target_auc:g}", "raise target_auc (0: none)"
+  else:
+    why = f"this config's run is {run.num_steps:,} steps"
+    more = "raise num_batches" if t.num_batches else "raise num_epochs"
+  return (f"{found}: nothing to train, as {why}. To train it on, {more}; to start a new "
+          "run, use another --workdir (or --config.checkpoint.resume=False, which deletes "
+          "this run's checkpoints).")
 
 
 def train_stream(run: Run, prog: Progress) -> BatchStream:
@@ -432,6 +539,7 @@ def summarize(run: Run, prog: Progress) -> dict:
       "train_seconds": prog.train_seconds,
       "examples_per_sec": max(0, final["step"] - prog.start - 1) * batch
                           / max(prog.train_seconds, 1e-9),
+      "trained_steps": final["step"] - prog.start,  # by this process: 0 when it had ended
       "target_auc": target or None,
       # The first evaluation at or above the target: its step, samples and wall time.
       "target_step": None if hit is None else hit["step"],
@@ -457,8 +565,9 @@ def format_summary(summary: dict) -> str:
       f"  eval log loss    {summary['logloss']:.4f}",
       f"  eval accuracy    {summary['accuracy']:.4f}"
       + (f"  ({summary['eval_samples']:,} samples)" if summary["eval_samples"] else ""),
-      f"  throughput       {summary['examples_per_sec']:,.0f} examples/s "
-      f"(compile {summary['compile_seconds']:.1f} s)",
+      (f"  throughput       {summary['examples_per_sec']:,.0f} examples/s "
+       f"(compile {summary['compile_seconds']:.1f} s)" if summary.get("trained_steps", 1)
+       else "  throughput       - (nothing trained: the run had ended)"),
       f"  metrics          {os.path.join(summary['workdir'], 'metrics.jsonl')}",
   ]
   if summary.get("target_auc"):

@@ -52,7 +52,7 @@ def small_criteo_config(data_path, devices: int = 1):
   c = load_config("criteo_kaggle", devices=devices)
   c.data.path = str(data_path)
   c.arch_sparse_feature_size, c.arch_mlp_bot, c.arch_mlp_top = 4, "13-8-4", "8-1"
-  c.mini_batch_size, c.num_batches, c.test_freq = 32, 6, 0
+  c.mini_batch_size, c.num_batches, c.test_freq, c.eval_every_epochs = 32, 6, 0, 0.0
   c.test_mini_batch_size, c.test_num_batches = 16, 0
   c.progress_bar = False
   return c

@@ -114,6 +114,50 @@ def test_train_py_on_a_full_disk_ends_in_one_line(tmp_path):
       proc.stderr[-3000:]
 
 
+def test_a_finished_run_given_a_longer_length_trains_on_to_the_longer_runs_result(tmp_path):
+  """A finished 10-step run rerun with num_batches=20 trains steps 11-20 and ends with the
+  records, parameters and tables of a 20-step run, bit for bit; rerun again, it has
+  nothing to train and says which run it found and how to go on."""
+  c = resume_config()
+  c.num_batches = 10
+  trainer.train_and_evaluate(c, str(tmp_path / "run"))
+  c.num_batches = 20
+  messages = []
+  longer = trainer.train_and_evaluate(c, str(tmp_path / "run"), log=messages.append)
+  assert "the run ended at step 10: training on to step 20" in messages, messages
+  whole = trainer.train_and_evaluate(resume_config(), str(tmp_path / "whole"))
+  assert [r["step"] for r in longer.records] == [10, 20]
+  assert _without_speed(longer.records) == _without_speed(whole.records)
+  _assert_states_equal(longer.state, whole.state)
+
+  messages.clear()
+  again = trainer.train_and_evaluate(c, str(tmp_path / "run"), log=messages.append)
+  assert (f"{tmp_path / 'run'} holds a run on synthetic_ctr data, batch 64, that ended at "
+          f"step 20 with eval AUC {whole.records[-1]['auc']:.4f}: nothing to train, as this "
+          "config's run is 20 steps. To train it on, raise num_batches; to start a new run, "
+          "use another --workdir (or --config.checkpoint.resume=False, which deletes this "
+          "run's checkpoints).") in messages, messages
+  assert again.summary["trained_steps"] == 0
+  assert "throughput       - (nothing trained: the run had ended)" in \
+      trainer.format_summary(again.summary)
+
+
+def test_a_run_stopped_at_its_target_has_nothing_to_train_until_the_target_is_raised(
+    tmp_path):
+  c = resume_config()
+  c.test_freq, c.target_auc = 2, 0.52
+  stopped = trainer.train_and_evaluate(c, str(tmp_path))
+  step = stopped.summary["steps"]
+  assert step < 20 and stopped.records[-1]["auc"] >= 0.52
+  messages = []
+  trainer.train_and_evaluate(c, str(tmp_path), log=messages.append)
+  assert any(f"ended at step {step} with eval AUC" in m and "nothing to train, as it "
+             "reached target_auc=0.52. To train it on, raise target_auc (0: none)" in m
+             for m in messages), messages
+  c.target_auc = 0.0
+  assert trainer.train_and_evaluate(c, str(tmp_path)).summary["steps"] == 20
+
+
 def test_resume_false_deletes_the_checkpoints_and_starts_afresh(tmp_path, monkeypatch):
   """checkpoint.resume=False in a used workdir: the old checkpoints are deleted (and that
   is logged), training starts at step 0 and ends as the first run did."""

@@ -113,13 +113,18 @@ def test_mlperf_dcnv2_config_is_the_references():
   assert (t.dense_optimizer, t.embedding_optimizer, t.learning_rate) == ("adagrad", "adagrad",
                                                                          0.005)
   assert "eps=1e-8" in t.dense_optimizer_args and "eps=1e-8" in t.embedding_optimizer_args
-  assert (t.mini_batch_size, t.num_batches, t.test_freq) == (65_536, 64_013, 0)
+  # One epoch of the data: 64,013 full batches of MLPerf's 4,195,197,692 training rows.
+  assert (t.mini_batch_size, t.num_batches, t.num_epochs, t.test_freq) == (65_536, 0, 1, 0)
   assert t.target_auc == 0.80275 and not d.tables_from_metadata
   # 20 evaluations in the epoch, each at the step nearest its twentieth, the last at its end.
-  from dlrm_jax.trainer import Cadence
+  from dlrm_jax.trainer import Cadence, run_length
 
-  cadence = Cadence(t.num_batches, t.test_freq, t.eval_every_epochs, steps_per_epoch=64_013)
-  due = [s for s in range(1, t.num_batches + 1) if cadence.due(s)]
+  from configs.mlperf_dcnv2 import GLOBAL_BATCH, TRAIN_ROWS
+
+  steps = run_length(t, TRAIN_ROWS // GLOBAL_BATCH)
+  assert steps == 64_013
+  cadence = Cadence(steps, t.test_freq, t.eval_every_epochs, steps_per_epoch=64_013)
+  due = [s for s in range(1, steps + 1) if cadence.due(s)]
   assert len(due) == 20 and due[-1] == 64_013
   assert all(abs(s - k * 64_013 / 20) <= 0.5 for k, s in enumerate(due, start=1))
 

@@ -64,7 +64,7 @@ def _kaggle_head_config(tmp_path):
   c.learning_rate = 0.05
   c.mini_batch_size = 128
   c.num_batches = 67  # one epoch of the 8,572 train rows (66 full batches) and a batch
-  c.test_freq = 0
+  c.test_freq, c.eval_every_epochs = 0, 0.0
   c.test_mini_batch_size = 352  # the 714 test rows: 2 full batches and one of 10 rows
   c.test_num_batches = 0
   c.progress_bar = False
@@ -135,3 +135,46 @@ def test_16_bit_compute_and_tables_on_real_kaggle_rows_stay_within_0_0075_auc(tm
   assert min(auc["float32"]) > 0.68, auc
   for name in variants:
     assert abs(np.mean(auc[name]) - np.mean(auc["float32"])) < 0.0075, (name, auc)
+
+
+@pytest.mark.skipif(not os.path.exists(KAGGLE_HEAD), reason="real Criteo rows not present")
+def test_the_kaggle_command_trains_one_epoch_of_the_prepared_rows(tmp_path):
+  """The README's Kaggle commands on the 10,000 real rows (a tiny model): one epoch of
+  the prepared train split (66 steps of 128, not the full set's 306,969), evaluated and
+  checkpointed every 0.1 epoch, stated at start-up; a length of many epochs is warned of."""
+  import json
+  import subprocess
+  import sys
+
+  from conftest import REPO
+
+  env = dict(os.environ, XLA_FLAGS="")  # the host's one CPU device, as a user's run
+
+  def run(*args):
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          timeout=300, cwd=str(tmp_path), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+  run("-m", "dlrm_jax.data.criteo", "prepare", "--dataset", "kaggle", "--input", KAGGLE_HEAD,
+      "--output", "data/criteo_kaggle", "--workers", "1")
+  train = [os.path.join(REPO, "train.py"), f"--config={REPO}/configs/criteo_kaggle.py",
+           "--config.data.path=data/criteo_kaggle", "--config.arch_sparse_feature_size=4",
+           "--config.arch_mlp_bot=13-8-4", "--config.arch_mlp_top=8-1",
+           "--config.test_mini_batch_size=256", "--config.progress_bar=False"]
+  out = run(*train)
+  assert ("schedule: 66 steps of 128 = 1 epoch of 66 steps (num_epochs=1); an evaluation "
+          "every 0.1 epoch (about 7 steps) and at the end, a checkpoint at each") in out, out
+  assert "learning rate: 0.1, constant" in out
+  assert "WARNING: this run" not in out
+  workdir = tmp_path / "runs" / "criteo_kaggle"
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == [7, 13, 20, 26, 33, 40, 46, 53, 59, 66]
+  assert records[-1]["epoch"] == 1.0
+  assert "66" in os.listdir(workdir / "checkpoints")
+
+  # The full set's length on these rows: 5.2 epochs, said at start-up.
+  out = run(*train, "--config.num_batches=340", "--config.eval_every_epochs=0",
+            "--workdir=runs/long")
+  assert ("WARNING: this run's 340 steps are 5 epochs of its data (66 steps each): it sees "
+          "every train row about 5 times; num_batches=0 trains num_epochs=1 instead") in out

@@ -74,6 +74,25 @@ def test_epochs_on_generated_data_need_an_epoch_size(tmp_path):
                                                                (20, 2.0)]
 
 
+def test_a_length_in_epochs_of_generated_data_needs_an_epoch_size(tmp_path):
+  with pytest.raises(ConfigError, match=r"num_batches=0 trains num_epochs=1 epochs, but "
+                                        r"data.kind='synthetic_ctr' has no epochs"):
+    trainer.train_and_evaluate(_tiny(num_batches=0), str(tmp_path / "a"))
+  with pytest.raises(ConfigError, match=r"num_batches=0 trains num_epochs epochs of the data, "
+                                        r"but num_epochs=0.0: set num_epochs > 0"):
+    trainer.train_and_evaluate(_tiny(num_batches=0, num_epochs=0.0), str(tmp_path / "b"))
+  # 1.5 epochs of 10 steps of 64 rows: 15 steps, and the start-up lines say so.
+  messages = []
+  result = trainer.train_and_evaluate(
+      _tiny(num_batches=0, num_epochs=1.5, data__epoch_rows=640, lr_num_warmup_steps=20),
+      str(tmp_path / "c"), log=messages.append)
+  assert [r["step"] for r in result.records] == [10, 15]
+  assert ("schedule: 15 steps of 64 = 1.5 epochs of 10 steps (num_epochs=1.5); an evaluation "
+          "every 10 steps and at the end, no checkpoints") in messages, messages
+  assert ("learning rate: 0.1, warmup over 20 steps (this run ends during the warmup); by "
+          "step number, whatever the run's length") in messages, messages
+
+
 def test_training_stops_at_the_target_and_says_when(tmp_path):
   result = trainer.train_and_evaluate(_tiny(test_freq=2, target_auc=0.52), str(tmp_path))
   s, hit = result.summary, result.records[-1]

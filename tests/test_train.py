@@ -332,6 +332,68 @@ def test_cli_end_to_end_on_tiny(tmp_path):
   assert len(set(rates[9::10])) == 3
 
 
+def test_cli_rerun_of_a_finished_run_says_so_and_a_longer_one_trains_on(tmp_path):
+  """`python train.py` twice in one directory: the second says which run it found and how
+  to go on (no throughput of 0); with a raised num_batches it trains on from the end."""
+  env = dict(os.environ, XLA_FLAGS="")
+
+  def train(*args):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"),
+         f"--config={os.path.join(REPO, 'configs', 'tiny.py')}",
+         "--config.checkpoint.enabled=True", *args],
+        capture_output=True, text=True, timeout=600, cwd=str(tmp_path), env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+  first = train()
+  assert ("schedule: 20 steps of 64 (num_batches=20); an evaluation every 10 steps and at "
+          "the end, a checkpoint at each") in first
+  auc = [json.loads(l) for l in (tmp_path / "runs/tiny/metrics.jsonl").read_text()
+         .splitlines()][-1]["auc"]
+  again = train()
+  assert (f"runs/tiny holds a run on synthetic_ctr data, batch 64, that ended at step 20 "
+          f"with eval AUC {auc:.4f}: nothing to train, as this config's run is 20 steps. To "
+          "train it on, raise num_batches; to start a new run, use another --workdir (or "
+          "--config.checkpoint.resume=False, which deletes this run's checkpoints).") in again
+  assert "throughput       - (nothing trained: the run had ended)" in again
+  longer = train("--config.num_batches=30")
+  assert "the run ended at step 20: training on to step 30" in longer
+  assert "steps            30 (1,920 examples)" in longer
+  records = [json.loads(l) for l in (tmp_path / "runs/tiny/metrics.jsonl").read_text()
+             .splitlines()]
+  assert [r["step"] for r in records] == [10, 20, 30]
+
+
+def test_readme_commands_keep_to_their_own_run_directories():
+  """Run top to bottom in one clone, the README's commands never train into another's
+  run directory (a rerun there would resume it, or find it finished); `predict` reads a
+  run that one of them wrote."""
+  import re
+  import shlex
+
+  text = open(os.path.join(REPO, "README.md")).read()
+  blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+  commands = [c.split("#")[0] for b in blocks for c in b.replace("\\\n", " ").splitlines()]
+  written, read = [], []
+  for command in commands:
+    words = shlex.split(command)
+    flags = dict(w.split("=", 1) if "=" in w else (w, None) for w in words)
+    for i, w in enumerate(words[:-1]):
+      if w == "--workdir":  # "--workdir DIR"
+        flags[w] = words[i + 1]
+    config = os.path.splitext(os.path.basename(flags.get("--config") or "default"))[0]
+    if "train.py" in words:
+      written.append(flags.get("--workdir") or f"runs/{config}")
+    elif "dlrm_jax.from_torch" in words:
+      written.append(flags["--workdir"])
+    elif "dlrm_jax.predict" in words:
+      read.append(flags["--workdir"])
+  assert len(written) >= 8, written
+  assert len(set(written)) == len(written), written
+  assert read and set(read) <= set(written), (read, written)
+
+
 def test_cli_rejects_bad_config(tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(REPO, "train.py"),
