@@ -1,25 +1,27 @@
 """DLRM as plain functions of explicit state: init, apply, predict, loss, train step.
 
 `Task(config).functions` is a `Functions`: the model's math with nothing
-jitted, nothing donated and nothing placed, so that `jax.jit`, `jax.grad`,
-`jax.vmap` and `jax.lax.scan` compose with it as with any pure function:
+jitted and nothing donated, so that `jax.jit`, `jax.grad`, `jax.vmap` and
+`jax.lax.scan` compose with it as with any pure function:
 
     fns = Task(config).functions
     state = fns.init(0)
-    state, metrics = jax.jit(fns.train_step)(state, batch)        # one step
-    grads = jax.grad(fns.loss)(state.params, state.tables, batch)   # dense gradients
-    ensemble = jax.vmap(fns.train_step, in_axes=(0, None))           # stacked states
+    batch = task.device_batch(host_batch)
+    state, metrics = jax.jit(fns.train_step)(state, batch)                # one step
+    grads = jax.jit(jax.grad(fns.loss))(state.params, state.tables, batch)  # dense grads
+    step = jax.jit(jax.vmap(fns.train_step, in_axes=(0, None)))  # stacked states, one batch
 
-The `Task` builds its own steps from these functions: `Task.train_step` is
+The task builds its own steps from these: `Task.train_step` is
 `jax.jit(functions.train_step)` with the state donated (its buffers reused for
-the new state) and laid out by the sharding plan, on a host or device batch;
-`Task.predict` is `jax.jit(functions.predict)`. Use those to train; use these
-to transform.
+the next state) and pinned to the sharding plan's layout, on a host or a
+device batch; `Task.predict` is `jax.jit(functions.predict)`. Train with
+those; transform these.
 
-The tables are a pytree of their own (`dlrm_jax.embedding`), sharded over the
-task's mesh by `shard_map` programs; these functions take them as they are
-laid out there, and run on any mesh (a batch of host arrays is split over it
-by `jax.jit`, or pass `task.device_batch(batch)`).
+The tables are `shard_map` programs over the task's mesh, whose axes are
+explicit (`mesh.axis_types`), so the arrays these functions take live on that
+mesh: states from `init` (or the task's checkpoints), batches from
+`task.device_batch`; and they run under `jax.jit` (JAX does not run them op by
+op).
 """
 
 from __future__ import annotations
@@ -28,14 +30,12 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
 from dlrm_jax.embedding import Tables
 from dlrm_jax.embedding.qr import QRTables
 from dlrm_jax.embedding.sharded import ShardedEmbedding
-from dlrm_jax.model import ModelSpec, init_params
 from dlrm_jax.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -52,7 +52,7 @@ class Functions:
   `loss` and `train_step`.
   """
 
-  spec: ModelSpec
+  init: Callable[[int], TrainState]  # seed -> a fresh step-0 state (`Task.init_state`)
   graphdef: nnx.GraphDef  # the dense network's structure; its parameters are `params`
   embedding: ShardedEmbedding
   qr: QRTables  # quotient-remainder tables' split of the ids, combine of their vectors
@@ -61,20 +61,8 @@ class Functions:
   objective: Callable[[jax.Array, jax.Array], jax.Array]  # mean loss of (logits, labels)
   schedule: Callable[[jax.Array], jax.Array]  # step -> learning rate
 
-  def init(self, seed: int) -> TrainState:
-    """A fresh step-0 state for `seed`: the reference's initialisation (the dense
-    parameters drawn with numpy on the host, so `seed` is a Python int, not traced;
-    stack the states of several seeds to vmap over them)."""
-    return self.state_from(init_params(self.spec, seed), self.embedding.init(seed))
-
-  def state_from(self, params: nnx.State, tables: Tables) -> TrainState:
-    """A step-0 state around given dense parameters and tables (traceable)."""
-    opt_state, emb_opt_state = self.init_optimizers(params, tables)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                      tables=tables, emb_opt_state=emb_opt_state)
-
   def init_optimizers(self, params: nnx.State, tables: Tables) -> tuple[Any, Any]:
-    """The MLPs' and the tables' fresh optimiser states (traceable)."""
+    """The MLPs' and the tables' fresh optimiser states."""
     return self.tx.init(params), self.embedding.init_optimizer(self.sparse_opt, tables)
 
   def apply(self, params: nnx.State, tables: Tables, batch: Batch) -> jax.Array:

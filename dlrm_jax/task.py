@@ -79,7 +79,7 @@ class Task:
                                                self.sparse_opt)
     self.state_shardings = state_lib.state_shardings(self.state_shapes, self.embedding)
     self.functions = Functions(
-        spec=self.spec, graphdef=self.graphdef, embedding=self.embedding, qr=self.qr,
+        init=self.init_state, graphdef=self.graphdef, embedding=self.embedding, qr=self.qr,
         tx=self.tx, sparse_opt=self.sparse_opt, objective=self.loss, schedule=self.schedule)
     self._train_step_jit = jax.jit(self.functions.train_step, donate_argnums=(0,),
                                    in_shardings=(self.state_shardings, None),
@@ -102,10 +102,10 @@ class Task:
     return state_lib.abstract_state(self.state_shapes, self.state_shardings)
 
   def init_state(self, seed: int) -> TrainState:
-    """Fresh parameters (reference initialisation) and optimiser states.
-
-    Tables are created shard by shard on their devices, never whole on one.
-    """
+    """A step-0 state: fresh parameters (the reference's initialisation, the dense ones
+    drawn with numpy on the host, so `seed` is a Python int, not traced) and optimiser
+    states, laid out by the plan. Tables are created shard by shard on their devices,
+    never whole on one."""
     params = init_params(self.spec, seed)
     tables = jax.jit(self.embedding.init, out_shardings=self.state_shardings.tables)(
         jnp.uint32(seed))
