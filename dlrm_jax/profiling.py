@@ -1,6 +1,6 @@
 """Where a step's time goes, by phase: a `jax.profiler` trace summarised per named scope.
 
-The train step names its phases with `jax.named_scope` (`dlrm_jax.task`):
+The train step names its phases with `jax.named_scope` (`dlrm_jax.functional`):
 lookup, exchange, dense (the MLPs and the interaction), dense update and
 sparse update. XLA keeps a scope in every instruction's `op_name` metadata,
 wrapped as `jvp(dense)` in the forward pass and `transpose(jvp(dense))` in the
