@@ -112,4 +112,4 @@ def test_documented_example_runs(tmp_path):
   proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                         cwd=REPO, env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "loss" in proc.stdout
+  assert "ensemble loss" in proc.stdout and "scanned loss" in proc.stdout, proc.stdout
