@@ -100,10 +100,7 @@ def make_step(rows: int, path: str, batch: int, pool: int, lr: float, optimizer:
     def dense_step(s, b):
       params, tables, opt_state = s
 
-      def loss_fn(pt):
-        return task.loss(task.logits(pt[0], pt[1], b), b["label"])
-
-      loss, grads = jax.value_and_grad(loss_fn)((params, tables))
+      loss, grads = jax.value_and_grad(lambda pt: task.functions.loss(*pt, b))((params, tables))
       updates, opt_state = tx.update(grads, opt_state)
       params, tables = optax.apply_updates((params, tables), updates)
       return (params, tables, opt_state), {"loss": loss}

@@ -1,6 +1,6 @@
 """Where a step's time goes, by phase: a `jax.profiler` trace summarised per named scope.
 
-The train step names its phases with `jax.named_scope` (`dlrm_jax.task`):
+The train step names its phases with `jax.named_scope` (`dlrm_jax.functional`):
 lookup, exchange, dense (the MLPs and the interaction), dense update and
 sparse update. XLA keeps a scope in every instruction's `op_name` metadata,
 wrapped as `jvp(dense)` in the forward pass and `transpose(jvp(dense))` in the
@@ -84,7 +84,7 @@ def op_events(path: str):
 def phase_times(trace_dir: str, hlo_text: str, module: str | None = None) -> dict[str, float]:
   """Seconds of op time per phase in the newest trace under `trace_dir`, for the
   program whose compiled text is `hlo_text` (events of other programs are left out
-  when `module`, its HLO module name such as "jit__train_step", is given). On a CPU,
+  when `module`, its HLO module name such as "jit_train_step", is given). On a CPU,
   ops of one step overlap on several threads, so the sum can exceed the wall time:
   compare the phases as shares."""
   phases = instruction_phases(hlo_text)

@@ -1,16 +1,15 @@
-"""A model with its sharded tables and optimisers, and its jitted, pure steps.
+"""A model with its sharded tables and optimisers, and its jitted steps.
 
-`Task` holds only static things; all state lives in `TrainState`. The dense
-network is differentiated with respect to its parameters and to the looked-up
-embedding vectors, never the tables: the tables get a sparse update of the
-rows the batch touched.
+`Task` holds only static things; all state lives in `TrainState`. The step's
+math is `Task.functions` (`dlrm_jax.functional`: plain functions of explicit
+state); the task jits them over its mesh, lays the state out by the sharding
+plan and donates it to the train step.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from ml_collections import ConfigDict
@@ -24,6 +23,7 @@ from dlrm_jax.embedding.collection import POOLINGS, STORAGE_DTYPES
 from dlrm_jax.embedding.planner import Plan, PlanError, parse_overrides, plan_tables
 from dlrm_jax.embedding.qr import QRTables
 from dlrm_jax.embedding.sharded import ShardedEmbedding
+from dlrm_jax.functional import Functions
 from dlrm_jax.model import abstract_model, init_params
 from dlrm_jax.optim import lr_schedule, make_dense_optimizer, make_loss
 from dlrm_jax.specs import RunSpec
@@ -35,6 +35,9 @@ class Task:
 
   Holds only static things (architecture, mesh, sharding plan, graph
   definition, optimiser definitions); all state lives in `TrainState`.
+  `functions` is the model's math as pure functions (`dlrm_jax.functional`);
+  `train_step` and `predict` are those jitted over the mesh, on host or device
+  batches, with the state laid out by the plan and donated to the train step.
   """
 
   def __init__(self, run: RunSpec | ConfigDict, devices: list | None = None):
@@ -75,16 +78,19 @@ class Task:
     self.state_shapes = state_lib.state_shapes(abstract_params, self.embedding, self.tx,
                                                self.sparse_opt)
     self.state_shardings = state_lib.state_shardings(self.state_shapes, self.embedding)
-    self._train_step_jit = jax.jit(self._train_step, donate_argnums=(0,),
+    self.functions = Functions(
+        init=self.init_state, graphdef=self.graphdef, embedding=self.embedding, qr=self.qr,
+        tx=self.tx, sparse_opt=self.sparse_opt, objective=self.loss, schedule=self.schedule)
+    self._train_step_jit = jax.jit(self.functions.train_step, donate_argnums=(0,),
                                    in_shardings=(self.state_shardings, None),
                                    out_shardings=(self.state_shardings, None))
-    self._predict_jit = jax.jit(self._predict)
+    self._predict_jit = jax.jit(self.functions.predict)
     self._train_step_met = parallel.CompileThenMeet(self._train_step_jit, "train step")
     self._predict_met = parallel.CompileThenMeet(self._predict_jit, "predict")
     # One program for all optimiser-state initialisers (eagerly, XLA:CPU would
     # compile each of their ops separately), created where they will live.
     self._init_opt_states = jax.jit(
-        lambda p, t: (self.tx.init(p), self.embedding.init_optimizer(self.sparse_opt, t)),
+        self.functions.init_optimizers,
         out_shardings=(self.state_shardings.opt_state, self.state_shardings.emb_opt_state))
 
   def lower_train_step(self, state: TrainState, batch) -> jax.stages.Lowered:
@@ -96,10 +102,10 @@ class Task:
     return state_lib.abstract_state(self.state_shapes, self.state_shardings)
 
   def init_state(self, seed: int) -> TrainState:
-    """Fresh parameters (reference initialisation) and optimiser states.
-
-    Tables are created shard by shard on their devices, never whole on one.
-    """
+    """A step-0 state: fresh parameters (the reference's initialisation, the dense ones
+    drawn with numpy on the host, so `seed` is a Python int, not traced) and optimiser
+    states, laid out by the plan. Tables are created shard by shard on their devices,
+    never whole on one."""
     params = init_params(self.spec, seed)
     tables = jax.jit(self.embedding.init, out_shardings=self.state_shardings.tables)(
         jnp.uint32(seed))
@@ -129,36 +135,6 @@ class Task:
   def check_ids(self, sparse, mask=None) -> None:
     """IdOutOfRangeError for an id outside its feature's rows (at the data boundary)."""
     self.features.check_ids(sparse, mask)
-
-  def logits(self, params: nnx.State, tables: Tables, batch) -> jax.Array:
-    emb = self.qr.combine(self.embedding.embed(tables, self.qr.split(batch)))
-    return nnx.merge(self.graphdef, params)(batch["dense"], emb)
-
-  def _predict(self, params: nnx.State, tables: Tables, batch) -> jax.Array:
-    return jax.nn.sigmoid(self.logits(params, tables, batch))
-
-  def _train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-    # Each device gathers the rows it owns; the loss is differentiated with
-    # respect to those looked-up vectors (where they live), never the tables.
-    forward = self.embedding.forward(state.tables, self.qr.split(batch))
-
-    def loss_fn(params, vectors):
-      emb = self.qr.combine(forward.embed(vectors))
-      with jax.named_scope("dense"):
-        logits = nnx.merge(self.graphdef, params)(batch["dense"], emb)
-        return self.loss(logits, batch["label"])
-
-    loss, (g_params, g_vectors) = jax.value_and_grad(loss_fn, argnums=(0, 1))(
-        state.params, forward.vectors)
-    lr = self.schedule(state.step)
-    with jax.named_scope("dense update"):
-      updates, opt_state = self.tx.update(g_params, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
-    tables, emb_opt_state = forward.apply_gradients(
-        self.sparse_opt, state.tables, state.emb_opt_state, g_vectors, lr, state.step)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
-                           tables=tables, emb_opt_state=emb_opt_state)
-    return new_state, {"loss": loss, "lr": lr}
 
 
 def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,

@@ -52,10 +52,10 @@ MUTATIONS = (
         ("tests/test_train.py::test_training_learns_from_the_ids_alone",
          "tests/test_criteo_train.py::test_training_on_real_kaggle_rows_learns")),
     Mutation(
-        "lr_schedule_ignored", "the train step trains at the base rate at every step",
-        "dlrm_jax/task.py",
+        "lr_schedule_ignored", "the train step trains at the first step's rate at every step",
+        "dlrm_jax/functional.py",
         "    lr = self.schedule(state.step)\n",
-        "    lr = jnp.float32(self.run.training.learning_rate)\n",
+        "    lr = self.schedule(state.step * 0)\n",
         ("tests/test_train.py::test_sparse_sgd_step_equals_dense_optax_sgd",
          "tests/test_train.py::test_cli_end_to_end_on_tiny")),
     Mutation(

@@ -227,9 +227,7 @@ def test_train_step_with_bags_matches_dense_reference(name, pooling):
   rng = np.random.default_rng(1)
   ref_table = _stacked(task, state.tables)
   ref_state = {k: np.asarray(v) for k, v in state.emb_opt_state["table_wise"].items()}
-  dense_grad_fn = jax.jit(jax.grad(
-      lambda params, tables, batch: task.loss(task.logits(params, tables, batch), batch["label"]),
-      argnums=1))
+  dense_grad_fn = jax.jit(jax.grad(task.functions.loss, argnums=1))
   for step in range(2):
     batch = _bag_batch(task, rng)
     # The dense gradient of the loss with respect to the whole table.
@@ -260,8 +258,7 @@ def test_bag_sgd_step_equals_dense_optax_sgd():
 
   @jax.jit
   def dense_sgd(params, tables):
-    grads = jax.grad(lambda p, t: task.loss(task.logits(p, t, batch), batch["label"]),
-                     argnums=(0, 1))(params, tables)
+    grads = jax.grad(task.functions.loss, argnums=(0, 1))(params, tables, batch)
     tx = optax.sgd(LR)
     return optax.apply_updates((params, tables), tx.update(grads, tx.init((params, tables)))[0])
 

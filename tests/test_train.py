@@ -38,10 +38,7 @@ def test_sparse_sgd_step_equals_dense_optax_sgd(tiny_config, step):
 
   @jax.jit
   def dense_sgd(params, tables):
-    def dense_loss(params, tables):
-      return task.loss(task.logits(params, tables, batch), batch["label"])
-
-    grads = jax.grad(dense_loss, argnums=(0, 1))(params, tables)
+    grads = jax.grad(task.functions.loss, argnums=(0, 1))(params, tables, batch)
     tx = optax.sgd(lr)
     updates = tx.update(grads, tx.init((params, tables)))[0]
     return optax.apply_updates((params, tables), updates)
@@ -92,8 +89,7 @@ def test_dense_optimizers_match_their_definitions(tiny_config, name, args, hyper
   task = Task(c)
   state = task.init_state(0)
   data = SyntheticCTR(task.spec.table_rows, 13, 64, seed=3)
-  grad_fn = jax.jit(jax.grad(
-      lambda p, t, b: task.loss(task.logits(p, t, b), b["label"])))
+  grad_fn = jax.jit(jax.grad(task.functions.loss))
   want = [np.asarray(x, np.float64) for x in jax.tree.leaves(state.params)]
   slots = {}
   for step in range(3):
