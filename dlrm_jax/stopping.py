@@ -13,12 +13,13 @@ its shards of that step, and the save is collective), though the signals reach
 the processes at different moments, or only some of them. So after each step
 the processes agree through JAX's coordination service: a process that received
 a signal posts it under that check's key, all meet at a barrier, and each reads
-what was posted. That costs about 1 ms a step (2 processes on localhost), no
-device work, and no collective with gloo's 30 s limit on meeting. (The
-alternatives measured 4 ms: an all-reduce of the flags on the devices. And
-`jax.experimental.multihost_utils.reached_preemption_sync_point` knows only
-SIGTERM, through a handler of its own installed by `jax.distributed.initialize`,
-and only in multi-process runs.)
+what was posted. That costs about 1 ms a step (2 processes on localhost), with
+no device work and no collective under gloo's 30 s limit on meeting; an
+all-reduce of the flags on the CPU devices cost 4 ms.
+`jax.experimental.multihost_utils.reached_preemption_sync_point` agrees on a step
+too, but knows only SIGTERM, through a handler of its own that
+`jax.distributed.initialize` installs (replaced here while the loop runs), and
+works only in multi-process runs.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ tests/test_multiprocess.py)."""
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -36,10 +37,11 @@ FLAGS = ["--config=configs/tiny.py", "--config.mesh.num_devices=1",
 
 
 def records(workdir) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  return [json.loads(l) for l in open(path).read().splitlines() if l.endswith("}")]
+  """WORKDIR/metrics.jsonl's records so far (none before it exists; a line being written
+  is left out)."""
+  path = pathlib.Path(workdir, "metrics.jsonl")
+  lines = path.read_text().splitlines() if path.exists() else []
+  return [json.loads(l) for l in lines if l.endswith("}")]
 
 
 def without_timings(rs):
