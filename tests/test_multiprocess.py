@@ -1,5 +1,6 @@
 """Several processes x 2 CPU devices on localhost (gloo) train like one process on as many
-devices, across a restore from a checkpoint that each process wrote its shards of."""
+devices, across a restore from a checkpoint that each process wrote its shards of; a
+SIGTERM to one process stops them all after the same step."""
 
 import json
 import os
