@@ -63,7 +63,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietOrbax())
   # JAX's start-up news ("Unable to initialize backend 'tpu'", INFO) only with --verbose.
   logging.set_verbosity(logging.INFO if _VERBOSE.value else logging.WARNING)
-  from dlrm_jax import checkpoint, parallel, trainer  # Here, so that --help stays fast.
+  from dlrm_jax import checkpoint, parallel, stopping, trainer  # Here: --help stays fast.
 
   parallel.cpu_unless_accelerator()
 
@@ -78,6 +78,13 @@ def main(argv):
     _exit_with(str(e))
   except (trainer.NonFiniteLossError, checkpoint.CheckpointError) as e:
     raise SystemExit(f"error: {e}") from None
+  except stopping.Stopped as e:  # SIGINT or SIGTERM: a checkpoint of the step reached
+    if _is_lead():
+      print(e, file=sys.stderr, flush=True)
+    parallel.exit_without_teardown(e.exit_status)
+  except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+    print("interrupted; nothing saved since the last checkpoint", file=sys.stderr, flush=True)
+    os._exit(130)  # no teardown, in which other processes of a run might be waited for
   if _is_lead():
     print(trainer.format_summary(result.summary), flush=True)
   parallel.exit_without_teardown()  # native exit handlers sometimes abort a finished run

@@ -197,13 +197,15 @@ class _OrbaxNoise(logging.Filter):
   `checkpoint.every_steps`, have none by design) and its background threads' error
   logs of a failed write, tracebacks included: Orbax raises the same failure in the
   caller's thread at the next save, wait or close, where `Checkpointer` reports it as
-  one CheckpointError."""
+  one CheckpointError. Likewise its traceback of a wait that a second Ctrl-C
+  interrupted (`dlrm_jax.stopping`), which the caller gets as KeyboardInterrupt."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if "did not provide metrics" in record.getMessage():
       return False
     if record.levelno >= logging.ERROR and "/orbax/" in record.pathname and record.exc_info:
-      return not any(_is_write_failure(e) for e in _chain(record.exc_info[1]))
+      return not any(_is_write_failure(e) or isinstance(e, KeyboardInterrupt)
+                     for e in _chain(record.exc_info[1]))
     return True
 
 

@@ -255,11 +255,11 @@ def gather_to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def exit_without_teardown() -> None:
-  """Ends a process whose work is done without the interpreter's teardown, in which a
-  native library's exit handlers sometimes abort ("terminate called without an active
-  exception", exit status 134). Leaves a multi-process run first, as the skipped exit
-  handlers would have; flushes the standard streams and absl's log."""
+def exit_without_teardown(status: int = 0) -> None:
+  """Ends a process whose work is done (with exit `status`) without the interpreter's
+  teardown, in which a native library's exit handlers sometimes abort ("terminate called
+  without an active exception", exit status 134). Leaves a multi-process run first, as
+  the skipped exit handlers would have; flushes the standard streams and absl's log."""
   import sys
 
   from absl import logging
@@ -269,4 +269,4 @@ def exit_without_teardown() -> None:
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()
-  os._exit(0)
+  os._exit(status)

@@ -6,8 +6,9 @@ starts afresh (or, when the run had ended, trains on to a raised length);
 `train_loop` steps, evaluating as the `Cadence` says (every `test_freq` steps
 or every `eval_every_epochs` of an epoch, and at the end) and checkpointing as
 `is_save_step` says, until the run's length (`run_length`: `num_batches`
-steps, or `num_epochs` epochs of the data) or `target_auc`; `summarize` makes
-the run summary. What a run reports besides
+steps, or `num_epochs` epochs of the data) or `target_auc`, or a SIGINT or
+SIGTERM (`dlrm_jax.stopping`: a checkpoint of the step reached, then `Stopped`);
+`summarize` makes the run summary. What a run reports besides
 metrics.jsonl (TensorBoard, the MLPerf log, a profile, warnings) is
 `dlrm_jax.observe`'s. The pure, jitted steps are `dlrm_jax.task.Task`'s.
 """
@@ -18,6 +19,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from typing import Callable, Iterator
 
@@ -29,6 +31,7 @@ from dlrm_jax import checkpoint as checkpoint_lib
 from dlrm_jax import evaluation
 from dlrm_jax import observe
 from dlrm_jax import parallel
+from dlrm_jax import stopping
 from dlrm_jax.config import ConfigError
 from dlrm_jax.data import configure_data, make_data
 from dlrm_jax.data.prefetch import prefetch
@@ -138,7 +141,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None,
   `log`, if given, receives the sharding plan and the schedule at start-up and
   the checkpoints' news (on process 0). Writes WORKDIR/metrics.jsonl (one JSON
   object per evaluation, the same records as `TrainResult.records`);
-  `format_summary(result.summary)` is what `train.py` prints at the end.
+  `format_summary(result.summary)` is what `train.py` prints at the end. A SIGINT or
+  SIGTERM stops the run after the step it is in, with a checkpoint of that step (when
+  checkpoints are on): `stopping.Stopped`; a second one acts at once.
   """
   run = set_up(config, workdir, progress, log)
   finished = False
@@ -147,7 +152,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None,
     train_loop(run, prog, train_stream(run, prog))
     finished = True
   finally:
-    if run.checkpointer is not None:
+    # Not after a second Ctrl-C (stopping.StopSignals): that leaves at once.
+    if run.checkpointer is not None and not isinstance(sys.exception(), KeyboardInterrupt):
       try:
         run.checkpointer.close()  # after the saves in flight
       except Exception:
@@ -399,7 +405,8 @@ def train_loop(run: Run, prog: Progress, stream: BatchStream) -> None:
   prog.loop_start = time.perf_counter()
   observers.start()
   try:
-    with open(run.metrics_path if run.is_lead else os.devnull, "a") as metrics_file:
+    with open(run.metrics_path if run.is_lead else os.devnull, "a") as metrics_file, \
+        stopping.StopSignals() as signals:
       while prog.steps_done < last:
         observers.before_step(prog)
         out = take_step(run, prog, next(batches))
@@ -421,6 +428,8 @@ def train_loop(run: Run, prog: Progress, stream: BatchStream) -> None:
                finished=prog.steps_done == run.num_steps or stop)
         if stop:
           break
+        if prog.steps_done < last and signals.requested():
+          stop_on_signal(run, prog, stream, signals.signum)
         if evaluated:
           prog.interval_start = time.perf_counter()
     ended = True
@@ -515,6 +524,15 @@ def save(run: Run, prog: Progress, stream: BatchStream, metrics: dict | None,
       data=stream.state_at(prog.steps_done), records=prog.records,
       interval_losses=[float(x) for x in jax.device_get(prog.losses)], finished=finished)
   run.checkpointer.save(prog.steps_done, prog.state, contents, metrics)
+
+
+def stop_on_signal(run: Run, prog: Progress, stream: BatchStream, signum: int) -> None:
+  """Saves the state after `prog.steps_done` steps, waits for the save and raises
+  `stopping.Stopped` (SIGINT or SIGTERM: `stopping.StopSignals`)."""
+  if run.checkpointer is not None:
+    save(run, prog, stream, None, finished=False)  # none if this step was just saved
+    run.checkpointer.wait()
+  raise stopping.Stopped(prog.steps_done, signum, saved=run.checkpointer is not None)
 
 
 # The summary --------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Several processes x 2 CPU devices on localhost (gloo) train like one process on as many
-devices, across a restore from a checkpoint that each process wrote its shards of."""
+devices, across a restore from a checkpoint that each process wrote its shards of; a
+SIGTERM to one process stops them all after the same step."""
 
 import json
 import os
@@ -10,11 +11,14 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
-from conftest import load_config
-from dlrm_jax import trainer
+from conftest import REPO, load_config
+from dlrm_jax import checkpoint, trainer
+from dlrm_jax.task import Task
+from test_stopping import STOPPED, records, signal_after_evaluation, without_timings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -58,15 +62,28 @@ TIMEOUT_S = 300
 
 def _run_processes(workdir, steps: int | str = "", processes: int = 2, devices: int = 2,
                    **env) -> list[str]:
-  """`processes` x `devices` devices training in `workdir` until `steps`; their outputs.
-  A run past TIMEOUT_S fails with every process's Python stacks (faulthandler, SIGUSR1)."""
+  """`processes` x `devices` devices training in `workdir` until `steps`; their outputs."""
+  worker = os.path.join(HERE, "multiprocess_worker.py")
+  return _finish(_launch(
+      lambda port, i: [worker, str(port), str(processes), str(i), str(workdir), str(steps)],
+      processes, devices, **env))
+
+
+def _launch(args, processes: int = 2, devices: int = 2, **env) -> list[subprocess.Popen]:
+  """`processes` Python processes of `args(port, i)` (the coordinator's port, the
+  process id), each with `devices` CPU devices."""
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu", **env)
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.join(HERE, "multiprocess_worker.py"), str(port),
-       str(processes), str(i), str(workdir), str(steps)], env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(processes)]
+  return [subprocess.Popen([sys.executable, *args(port, i)], env=env, cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for i in range(processes)]
+
+
+def _finish(procs: list[subprocess.Popen], status: int = 0,
+            dump: int = signal.SIGUSR1) -> list[str]:
+  """The processes' outputs, once each has ended with exit `status`. Past TIMEOUT_S, a
+  failure with every process's Python stacks (faulthandler's, on signal `dump`)."""
   deadline = time.monotonic() + TIMEOUT_S
   try:
     outputs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
@@ -75,15 +92,15 @@ def _run_processes(workdir, steps: int | str = "", processes: int = 2, devices: 
   if outputs is None:
     for p in procs:
       if p.poll() is None:
-        p.send_signal(signal.SIGUSR1)  # the worker's faulthandler prints its threads' stacks
+        p.send_signal(dump)
     time.sleep(3)
     for p in procs:
       p.kill()
     outputs = [p.communicate()[0] for p in procs]
-    pytest.fail(f"{processes} processes x {devices} devices did not finish in {TIMEOUT_S} s; "
+    pytest.fail(f"{len(procs)} processes did not finish in {TIMEOUT_S} s; "
                 "their last output and stacks:\n" + "\n".join(
                     f"--- process {i}:\n{out[-6000:]}" for i, out in enumerate(outputs)))
-  failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+  failed = [i for i, p in enumerate(procs) if p.returncode != status]
   assert not failed, "\n".join(f"process {i} (exit {procs[i].returncode}):\n{outputs[i][-3000:]}"
                                 for i in failed)
   return outputs
@@ -116,6 +133,45 @@ def test_processes_match_one_process_across_a_resume(tmp_path, processes, device
         assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
     for got, want in zip(tables, want_tables, strict=True):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_sigterm_to_one_process_stops_both_after_one_step_and_the_rerun_is_exact(tmp_path):
+  """`python train.py` in 2 processes x 2 devices, SIGTERM to process 1 alone after the
+  first evaluation: both stop after the same step (they agree on it), save it together
+  and exit with 143; process 0 prints the one line. The same commands again (on another
+  port) resume there and end with the records and train state of 2 processes that were
+  never stopped, bit for bit."""
+  def train_py(workdir):
+    return lambda port, i: [
+        "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+        "--config.num_batches=60", "--config.test_freq=20",
+        "--config.checkpoint.enabled=True", "--config.checkpoint.every_steps=10000",
+        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+        "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"]
+
+  stopped, whole = tmp_path / "stopped", tmp_path / "whole"
+  procs = _launch(train_py(stopped), PYTHONFAULTHANDLER="1")
+  signal_after_evaluation(procs[1], stopped, 1, signal.SIGTERM)
+  outputs = _finish(procs, status=128 + signal.SIGTERM, dump=signal.SIGABRT)
+  assert "Traceback" not in "".join(outputs), outputs[0][-3000:]
+  line = next(l for l in outputs[0].splitlines() if l.startswith("stopped at step"))
+  step = int(line.split()[3].rstrip(";"))
+  assert line == STOPPED.format(step) and 20 <= step < 60, line
+  assert os.listdir(stopped / "checkpoints") == [str(step)]  # no *.orbax-checkpoint-tmp
+
+  resumed = _finish(_launch(train_py(stopped)), dump=signal.SIGABRT)
+  assert f"resuming from step {step}" in resumed[0], resumed[0][-3000:]
+  _finish(_launch(train_py(whole)), dump=signal.SIGABRT)
+  assert without_timings(records(stopped)) == without_timings(records(whole))
+  assert [r["step"] for r in records(whole)] == [20, 40, 60]
+  c = load_config("tiny", devices=4)
+  task = Task(c)
+  states = []
+  for workdir in (stopped, whole):
+    with checkpoint.Checkpointer(str(workdir / "checkpoints")) as ckpt:
+      states.append(ckpt.restore(task, step=60).state)
+  for got, want in zip(*(jax.tree.leaves(s) for s in states), strict=True):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def _results(workdir):
