@@ -17,7 +17,7 @@ path, float32) and fused_bf16 (its dense layers under torch.autocast(bfloat16)).
 
 Each repeat runs, for every config, dlrm_jax's train step
 (embedding_scaling.py, sparse path, on huge pages as train.py runs it: see
-dlrm_jax/hugepages.py) and then TorchRec's fused FBGEMM path (with
+src/dlrm_jax/hugepages.py) and then TorchRec's fused FBGEMM path (with
 --torchrec-huge-pages, also with glibc's malloc on huge pages, as dlrm_jax
 runs), each in its own process, so the sides see the same machine state
 within a minute of each other. Prints every run, then the
@@ -107,7 +107,7 @@ def main():
   ap.add_argument("--json", default="", help="append one JSON line per run here")
   ap.add_argument("--torchrec-huge-pages", action="store_true",
                   help="also run TorchRec with glibc's malloc on huge pages, as dlrm_jax runs "
-                       "(GLIBC_TUNABLES=glibc.malloc.hugetlb=1, see dlrm_jax/hugepages.py)")
+                       "(GLIBC_TUNABLES=glibc.malloc.hugetlb=1, see src/dlrm_jax/hugepages.py)")
   a = ap.parse_args()
   if not os.path.exists(a.torchrec_python):
     sys.exit(f"{a.torchrec_python} not found: set up TorchRec's environment first "

@@ -50,7 +50,7 @@ the exact AUC keeps 4 bytes per row on the host (`dlrm_jax.evaluation`).
 
 Logs. `--config.logging.mlperf=True` (with `pip install 'dlrm_jax[mlperf]'`)
 writes WORKDIR/mlperf.log in MLPerf's format, for the compliance checker
-(`dlrm_jax/mlperf_log.py`); TensorBoard's event files are in WORKDIR/tensorboard.
+(`src/dlrm_jax/mlperf_log.py`); TensorBoard's event files are in WORKDIR/tensorboard.
 
 Scale. Tables and per-element Adagrad state take about 2 x 96 GB: this runs
 on a mesh with that much accelerator memory (e.g. 8 x 80 GB); `train.py

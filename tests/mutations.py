@@ -29,7 +29,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COPIED = ("dlrm_jax", "tests", "configs", "train.py", "pyproject.toml")
+COPIED = ("src", "tests", "configs", "train.py", "pyproject.toml")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Mutation:
 MUTATIONS = (
     Mutation(
         "sparse_update_noop", "the sparse optimiser never changes a table row",
-        "dlrm_jax/embedding/sharded.py",
+        "src/dlrm_jax/embedding/sharded.py",
         '    """Step 3: each device applies `opt` to the touched rows of its own shards."""\n',
         '    """Step 3: each device applies `opt` to the touched rows of its own shards."""\n'
         "    return tables, state\n",
@@ -53,46 +53,46 @@ MUTATIONS = (
          "tests/test_criteo_train.py::test_training_on_real_kaggle_rows_learns")),
     Mutation(
         "lr_schedule_ignored", "the train step trains at the first step's rate at every step",
-        "dlrm_jax/functional.py",
+        "src/dlrm_jax/functional.py",
         "    lr = self.schedule(state.step)\n",
         "    lr = self.schedule(state.step * 0)\n",
         ("tests/test_train.py::test_sparse_sgd_step_equals_dense_optax_sgd",
          "tests/test_train.py::test_cli_end_to_end_on_tiny")),
     Mutation(
         "dot_pairs_reordered", "the dot interaction's pairs in column-major order",
-        "dlrm_jax/model.py",
+        "src/dlrm_jax/model.py",
         "pairs = [(i, j) for i in range(num_vectors) for j in range(i + offset)]",
         "pairs = [(i, j) for j in range(num_vectors) for i in range(j + 1 - offset, num_vectors)]",
         ("tests/test_model.py::test_dot_interaction_pair_order",
          "tests/test_parity.py::test_initial_predictions_match_reference")),
     Mutation(
         "eval_skips_last_batch", "evaluation leaves out its last batch",
-        "dlrm_jax/evaluation.py",
+        "src/dlrm_jax/evaluation.py",
         "  for batch in batches:\n    inputs = ",
         "  for batch in list(batches)[:-1]:\n    inputs = ",
         ("tests/test_train.py::test_evaluate_covers_every_batch",)),
     Mutation(
         "eval_counts_padding", "evaluation counts a padded batch's filler rows",
-        "dlrm_jax/evaluation.py",
+        "src/dlrm_jax/evaluation.py",
         "  out[MASK] = np.arange(rows) < n\n",
         "  out[MASK] = np.ones(rows, bool)\n",
         ("tests/test_train.py::test_evaluate_covers_every_batch",)),
     Mutation(
         "scan_runs_never_restart", "the GPU kernel's segmented scan sums across rows",
-        "dlrm_jax/embedding/optimizers.py",
+        "src/dlrm_jax/embedding/optimizers.py",
         "    return a[0] | b[0], jnp.where(b[0][:, None], b[1], a[1] + b[1])\n",
         "    return a[0] | b[0], a[1] + b[1]\n",
         ("tests/test_embedding.py::test_sum_duplicates",)),
     Mutation(
         "ids_unchecked_in_loop", "the training loop does not check the ids of its batches",
-        "dlrm_jax/trainer.py",
+        "src/dlrm_jax/trainer.py",
         '    task.check_ids(batch["sparse"], batch.get("sparse_mask"))\n',
         "    pass\n",
         ("tests/test_train.py::test_the_training_loop_checks_ids",)),
     Mutation(
         "row_wise_exchange_transposed",
         "row-wise partial sums scattered sample-major instead of device-major",
-        "dlrm_jax/embedding/layouts.py",
+        "src/dlrm_jax/embedding/layouts.py",
         "    return jax.lax.psum_scatter(partial, self.axes.shard, scatter_dimension=0, "
         "tiled=True)\n",
         "    partial = partial.reshape(self.n, -1, *partial.shape[1:]).swapaxes(0, 1).reshape(\n"
@@ -102,27 +102,27 @@ MUTATIONS = (
         ("tests/test_sharding.py::test_each_sharding_type_alone_matches_single_device_sgd",)),
     Mutation(
         "flat_mean_not_divided", "mean tables of flat bags pool to the sum of their ids",
-        "dlrm_jax/embedding/sharded.py",
+        "src/dlrm_jax/embedding/sharded.py",
         "        emb = emb / jnp.asarray(bags.divisors, emb.dtype)[None, :, None]\n",
         "        pass\n",
         ("tests/test_sharding.py::test_flat_bags_step_as_padded_bags_with_a_mask[mixed]",)),
     Mutation(
         "duplicates_not_summed", "Adagrad and Adam update a repeated row once per lookup",
-        "dlrm_jax/embedding/optimizers.py",
+        "src/dlrm_jax/embedding/optimizers.py",
         "    unique, g = sum_duplicates(rows, grads, tables[\"stacked\"].shape[0])\n",
         "    unique, g = rows, grads\n",
         ("tests/test_embedding.py::test_optimizer_matches_numpy_with_duplicates",)),
     Mutation(
         "column_slices_own_accumulators",
         "row-wise Adagrad on a column-wise table: each device's slice keeps its own mean",
-        "dlrm_jax/embedding/optimizers.py",
+        "src/dlrm_jax/embedding/optimizers.py",
         "      mean_square = jax.lax.pmean(mean_square, column_axis)\n",
         "      pass\n",
         ("tests/test_sharding.py::test_mixed_plan_bags_rowwise_adagrad_match_single_device",)),
     Mutation(
         "resume_ignores_data_position",
         "a resumed run does not check the saved data position against the loader's order",
-        "dlrm_jax/trainer.py",
+        "src/dlrm_jax/trainer.py",
         "      stream.restore(position)\n",
         "      pass\n",
         ("tests/test_checkpoint.py::"
@@ -130,14 +130,14 @@ MUTATIONS = (
     Mutation(
         "best_forgotten_on_reopen", "checkpoint metrics are not written, so a resumed run "
         "forgets which step was best",
-        "dlrm_jax/checkpoint.py",
+        "src/dlrm_jax/checkpoint.py",
         '    best = {"best_fn": lambda m: m["auc"], "best_mode": "max"} if keep_best else {}\n',
         "    best = {}\n",
         ("tests/test_checkpoint.py::test_keep_best_keeps_the_best_auc_of_a_reopened_directory",)),
     Mutation(
         "unseen_values_not_counted", "predict maps unseen raw values to row 0 without "
         "counting them",
-        "dlrm_jax/predict.py",
+        "src/dlrm_jax/predict.py",
         '      self.unseen += int((~found).sum()) if self.mode == "reference" else 0\n',
         "      pass\n",
         ("tests/test_predict.py::"
@@ -145,20 +145,20 @@ MUTATIONS = (
     Mutation(
         "md_projection_skipped", "mixed-dimension tables' vectors reach the interaction "
         "zero-padded, never projected",
-        "dlrm_jax/model.py",
+        "src/dlrm_jax/model.py",
         "      emb = self.projection(emb)\n",
         "      pass\n",
         ("tests/test_from_torch.py::test_reference_mixed_dimension_tables_load",)),
     Mutation(
         "md_widths_out_of_order", "a lookup of tables of several widths returns the features "
         "grouped by width, not in order",
-        "dlrm_jax/embedding/collection.py",
+        "src/dlrm_jax/embedding/collection.py",
         "    return take_static(jnp.concatenate(parts, axis=1), np.argsort(order), axis=1)\n",
         "    return jnp.concatenate(parts, axis=1)\n",
         ("tests/test_mixed.py::test_mixed_lookup_against_numpy",)),
     Mutation(
         "md_small_tables_narrowed", "tables at or below md_threshold get the rule's width too",
-        "dlrm_jax/embedding/mixed.py",
+        "src/dlrm_jax/embedding/mixed.py",
         "  return tuple(int(dim) if n <= threshold else d for n, d in zip(rows, solved))\n",
         "  return tuple(solved)\n",
         ("tests/test_mixed.py::test_small_tables_keep_d_and_explicit_widths",)),
@@ -199,7 +199,7 @@ def _apply(copy: str, m: Mutation) -> None:
 
 def _pytest(copy: str, tests: tuple[str, ...]) -> tuple[int, list[str], str]:
   """Runs `tests` in the copy: (pytest's exit code, the failed node ids, the output's tail)."""
-  env = dict(os.environ, PYTHONPATH=copy, PYTHONDONTWRITEBYTECODE="1")
+  env = dict(os.environ, PYTHONPATH=os.path.join(copy, "src"), PYTHONDONTWRITEBYTECODE="1")
   proc = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *tests],
       cwd=copy, env=env, capture_output=True, text=True, timeout=1800)
@@ -208,7 +208,7 @@ def _pytest(copy: str, tests: tuple[str, ...]) -> tuple[int, list[str], str]:
 
 
 def _check_imports_come_from(copy: str) -> None:
-  env = dict(os.environ, PYTHONPATH=copy)
+  env = dict(os.environ, PYTHONPATH=os.path.join(copy, "src"))
   where = subprocess.run([sys.executable, "-c", "import dlrm_jax; print(dlrm_jax.__file__)"],
                          cwd=copy, env=env, capture_output=True, text=True, check=True).stdout
   if not where.strip().startswith(copy):

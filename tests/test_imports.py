@@ -14,6 +14,7 @@ import os
 from conftest import REPO
 
 PACKAGE = "dlrm_jax"
+SRC = os.path.join(REPO, "src")
 MAX_FUNCTION_LINES = 80
 MAX_FILE_LINES = 600
 
@@ -21,11 +22,11 @@ MAX_FILE_LINES = 600
 def _modules() -> dict[str, str]:
   """Module name -> file path, for every module of the package."""
   out = {}
-  root = os.path.join(REPO, PACKAGE)
+  root = os.path.join(SRC, PACKAGE)
   for dirpath, _, files in os.walk(root):
     for f in files:
       if f.endswith(".py"):
-        rel = os.path.relpath(os.path.join(dirpath, f), REPO)[:-3].split(os.sep)
+        rel = os.path.relpath(os.path.join(dirpath, f), SRC)[:-3].split(os.sep)
         if rel[-1] == "__init__":
           rel = rel[:-1]
         out[".".join(rel)] = os.path.join(dirpath, f)
@@ -113,3 +114,21 @@ def test_no_function_or_file_too_long():
         if n > MAX_FUNCTION_LINES:
           too_long.append(f"{name}.{node.name}: {n} lines")
   assert too_long == []
+
+
+def test_the_package_imports_the_same_from_any_directory(tmp_path):
+  """From the folder above a clone named dlrm_jax that holds the user's data/ (the
+  README's place for prepared data), the current directory comes first on sys.path:
+  the installed package must import, not the clone's root as a namespace package
+  (whose data/ then hides the package's dlrm_jax.data)."""
+  import subprocess
+  import sys
+
+  import dlrm_jax
+
+  (tmp_path / "dlrm_jax" / "data" / "criteo_kaggle").mkdir(parents=True)
+  proc = subprocess.run(
+      [sys.executable, "-c", "import dlrm_jax, dlrm_jax.trainer; print(dlrm_jax.__file__)"],
+      cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip() == dlrm_jax.__file__

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from dlrm_jax import targets as targets_lib
-from dlrm_jax.config import ConfigError
+from dlrm_jax.config import DEFAULT_CONFIG, ConfigError
 
 COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce",
                "collective-permute")
@@ -359,9 +359,8 @@ def _define_flags() -> None:
   from absl import flags
   from ml_collections import config_flags
 
-  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config_flags.DEFINE_config_file(
-      "config", os.path.join(here, "configs", "default.py"), "Training configuration file.",
+      "config", DEFAULT_CONFIG, "Training configuration file.",
       lock_config=False)
   flags.DEFINE_string("target", "v5p-8", "What to compile for: "
                       + ", ".join(targets_lib.EXAMPLES) + " (see dlrm_jax/targets.py).")

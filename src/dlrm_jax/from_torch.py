@@ -34,7 +34,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from dlrm_jax import checkpoint as checkpoint_lib
-from dlrm_jax.config import ConfigError
+from dlrm_jax.config import DEFAULT_CONFIG, ConfigError
 
 FORMATS = ("reference", "torchrec")
 # A key of each format's state_dict, after any prefix (DDP's "module.", TorchRec's
@@ -190,7 +190,6 @@ def _flags():
   from absl import flags
   from ml_collections import config_flags
 
-  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   flags.DEFINE_string("input", None, "the torch file: the reference's --save-model output, or "
                       "torch.save(model.state_dict()) of TorchRec's DLRM / DLRM_DCN",
                       required=True)
@@ -199,7 +198,7 @@ def _flags():
   flags.DEFINE_string("tables", "", "TorchRec: the embedding-bag names in table order, "
                       "comma-separated (default: by the number their names end in)")
   return config_flags.DEFINE_config_file(
-      "config", os.path.join(here, "configs", "default.py"),
+      "config", DEFAULT_CONFIG,
       "the config of the run (its architecture is set from the weights)", lock_config=False)
 
 

@@ -51,6 +51,26 @@ class AdagradState(NamedTuple):
   sum_of_squares: optax.Updates
 
 
+def describe_lr(t: TrainingSpec, num_steps: int) -> str:
+  """The learning-rate policy (`lr_schedule`) in words, and where a run of
+  `num_steps` steps ends in it."""
+  rate, warmup = t.learning_rate, t.lr_num_warmup_steps
+  start, decay = t.lr_decay_start_step, t.lr_num_decay_steps
+  parts = [f"{rate:g}"]
+  if warmup:
+    parts.append(f"warmup over {warmup:,} steps")
+  if decay:
+    parts.append(f"quadratic decay from step {start:,} over {decay:,} steps, then held")
+  if len(parts) == 1:
+    return f"{rate:g}, constant"
+  end = start + decay if decay else warmup
+  where = ("" if num_steps >= end
+           else " (this run ends during the warmup)" if num_steps < warmup
+           else " (this run ends before the decay)" if num_steps < start
+           else " (this run ends during the decay)")
+  return ", ".join(parts) + where + "; by step number, whatever the run's length"
+
+
 def scale_by_adagrad(eps: float = 1e-10,
                      initial_accumulator_value: float = 0.0) -> optax.GradientTransformation:
   """torch.optim.Adagrad's scaling (the reference's `--optimizer adagrad`, MLPerf

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from dlrm_jax import checkpoint as checkpoint_lib
 from dlrm_jax import evaluation
 from dlrm_jax import observe
+from dlrm_jax import optim
 from dlrm_jax import parallel
 from dlrm_jax import stopping
 from dlrm_jax.config import ConfigError
@@ -272,27 +273,7 @@ def describe_schedule(run: Run) -> list[str]:
   saves = ("no checkpoints" if run.checkpointer is None
            else f"a checkpoint every {run.save_every:,} steps and at the end"
            if run.save_every > 0 else "a checkpoint at each")
-  return [f"schedule: {length}; {when}, {saves}", f"learning rate: {describe_lr(t, n)}"]
-
-
-def describe_lr(t: TrainingSpec, num_steps: int) -> str:
-  """The learning-rate policy (`dlrm_jax.optim.lr_schedule`) in words, and where a run of
-  `num_steps` steps ends in it."""
-  rate, warmup = t.learning_rate, t.lr_num_warmup_steps
-  start, decay = t.lr_decay_start_step, t.lr_num_decay_steps
-  parts = [f"{rate:g}"]
-  if warmup:
-    parts.append(f"warmup over {warmup:,} steps")
-  if decay:
-    parts.append(f"quadratic decay from step {start:,} over {decay:,} steps, then held")
-  if len(parts) == 1:
-    return f"{rate:g}, constant"
-  end = start + decay if decay else warmup
-  where = ("" if num_steps >= end
-           else " (this run ends during the warmup)" if num_steps < warmup
-           else " (this run ends before the decay)" if num_steps < start
-           else " (this run ends during the decay)")
-  return ", ".join(parts) + where + "; by step number, whatever the run's length"
+  return [f"schedule: {length}; {when}, {saves}", f"learning rate: {optim.describe_lr(t, n)}"]
 
 
 def _epochs(x: float) -> str:

@@ -9,7 +9,13 @@ imports no JAX (the Criteo preprocessing workers import it).
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
+
+# The default config of the command-line tools: configs/default.py of the source
+# checkout the package is installed from (src/dlrm_jax/ -> the repository's root).
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs", "default.py")
 
 
 
