@@ -38,7 +38,7 @@ def kaggle(path: str, work: str) -> dict:
         "criteo_kaggle", arch_sparse_feature_size=8, arch_mlp_bot="13-32-8",
         arch_mlp_top="32-16-1", dense_optimizer="adagrad",
         embedding_optimizer="rowwise_adagrad", learning_rate=0.05, mini_batch_size=128,
-        num_batches=67, test_freq=0, test_mini_batch_size=352, test_num_batches=0,
+        num_batches=67, test_freq=0, eval_every_epochs=0.0, test_mini_batch_size=352, test_num_batches=0,
         progress_bar=False, md_flag=md, md_threshold=200)
     c.data.path = prepared
     c.mesh.num_devices = 1

@@ -36,7 +36,7 @@ def get_config():
   c.test_mini_batch_size = 16384
   c.test_num_batches = 0  # the whole test split (3,274,330 rows).
   # One epoch of whatever train split data.path holds (the reference's --nepochs=1
-  # --num-batches=0): 306,969 steps on the six training days, 66 on the 10,000-row sample.
+  # --num-batches=0): 306,968 steps on the six training days, 66 on the 10,000-row sample.
   c.num_batches = 0
   c.num_epochs = 1.0
   # Ten evaluations per epoch (and a checkpoint at each), the last at its end.

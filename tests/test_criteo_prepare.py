@@ -173,25 +173,34 @@ def test_skip_bad_lines_counts_and_reports(tmp_path):
   np.testing.assert_array_equal(got["sparse"], np.array([r[3] for r in want], np.uint64) % 1000)
 
 
-def test_the_bad_line_advice_is_a_command_that_works(tmp_path):
+@pytest.mark.parametrize("categorical", ["hash", "reference"])
+def test_the_bad_line_advice_is_a_command_that_works(tmp_path, categorical):
   """The user's path: a preparation stops on a bad line; the error's advice, the same
-  command with --skip-bad-lines, continues it into the same --output."""
+  command with --skip-bad-lines, continues it into the same --output, and the result
+  equals a preparation that skipped bad lines from the start."""
   days = [tmp_path / f"day_{d}" for d in range(3)]
   for d, day in enumerate(days):
     write_raw(str(day), 300, seed=d, bad_lines={200: "hex"} if d == 1 else None)
   cmd = [sys.executable, "-m", "dlrm_jax.data.criteo", "prepare", "--dataset", "terabyte",
-         "--input", *map(str, days), "--output", str(tmp_path / "out"), "--categorical",
-         "hash", "--max-ind-range", "1000", "--piece-mb", "1", "--workers", "1",
-         "--no-progress"]
-  first = subprocess.run(cmd, capture_output=True, text=True)
+         "--input", *map(str, days), "--categorical", categorical, "--max-ind-range", "1000",
+         "--piece-mb", "1", "--workers", "1", "--no-progress"]
+  first = subprocess.run(cmd + ["--output", str(tmp_path / "out")], capture_output=True,
+                         text=True)
   assert first.returncode == 1
   assert "rerun the same command with --skip-bad-lines" in first.stderr
-  again = subprocess.run(cmd + ["--skip-bad-lines"], capture_output=True, text=True)
+  again = subprocess.run(cmd + ["--output", str(tmp_path / "out"), "--skip-bad-lines"],
+                         capture_output=True, text=True)
   assert again.returncode == 0, again.stderr
   assert "now skipping bad lines" in again.stderr
   assert f"Skipped 1 bad line; the first one:\n  {days[1]}:200:" in again.stderr
   meta = fmt.read_metadata(str(tmp_path / "out"))
   assert meta["rows"] == 899 and meta["bad_lines"] == 1
+  fresh = subprocess.run(cmd + ["--output", str(tmp_path / "fresh"), "--skip-bad-lines"],
+                         capture_output=True, text=True)
+  assert fresh.returncode == 0, fresh.stderr
+  assert fmt.read_metadata(str(tmp_path / "fresh"))["vocab_sizes"] == meta["vocab_sizes"]
+  for k, v in prepared(tmp_path / "out")[1].items():
+    np.testing.assert_array_equal(v, prepared(tmp_path / "fresh")[1][k])
 
 
 def test_unusable_files_are_refused(tmp_path):

@@ -140,7 +140,7 @@ def test_16_bit_compute_and_tables_on_real_kaggle_rows_stay_within_0_0075_auc(tm
 @pytest.mark.skipif(not os.path.exists(KAGGLE_HEAD), reason="real Criteo rows not present")
 def test_the_kaggle_command_trains_one_epoch_of_the_prepared_rows(tmp_path):
   """The README's Kaggle commands on the 10,000 real rows (a tiny model): one epoch of
-  the prepared train split (66 steps of 128, not the full set's 306,969), evaluated and
+  the prepared train split (66 steps of 128, not the full set's 306,968), evaluated and
   checkpointed every 0.1 epoch, stated at start-up; a length of many epochs is warned of."""
   import json
   import subprocess
@@ -176,5 +176,5 @@ def test_the_kaggle_command_trains_one_epoch_of_the_prepared_rows(tmp_path):
   # The full set's length on these rows: 5.2 epochs, said at start-up.
   out = run(*train, "--config.num_batches=340", "--config.eval_every_epochs=0",
             "--workdir=runs/long")
-  assert ("WARNING: this run's 340 steps are 5 epochs of its data (66 steps each): it sees "
-          "every train row about 5 times; num_batches=0 trains num_epochs=1 instead") in out
+  assert ("WARNING: this run's 340 steps are 5.15 epochs of its data (66 steps each): it sees "
+          "every train row about 5.2 times; num_batches=0 trains num_epochs=1 instead") in out

@@ -108,7 +108,7 @@ def test_documented_example_runs(tmp_path):
     example = re.search(r"```python\n(.*?)```", f.read(), re.S).group(1)
   script = tmp_path / "example.py"
   script.write_text(example)
-  env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": ""}
+  env = {**os.environ, "PYTHONPATH": os.path.join(REPO, "src"), "XLA_FLAGS": ""}
   proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                         cwd=REPO, env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

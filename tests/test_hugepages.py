@@ -1,4 +1,4 @@
-"""The host process on huge pages (dlrm_jax/hugepages.py)."""
+"""The host process on huge pages (dlrm_jax.hugepages)."""
 
 import os
 import subprocess

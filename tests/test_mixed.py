@@ -1,4 +1,4 @@
-"""Mixed-dimension tables (dlrm_jax/embedding/mixed.py): the width rule against a numpy
+"""Mixed-dimension tables (dlrm_jax.embedding.mixed): the width rule against a numpy
 re-derivation of the reference's, lookups and projections against numpy, a run through
 train.py, 8 devices against 1, resuming and restoring on another mesh, the export, and
 the Kaggle rows."""

@@ -409,6 +409,33 @@ def test_raw_export_scores_raw_values_as_predict(runs, raw_file, tmp_path, mode)
   np.testing.assert_allclose(f(counts[5:8], values[5:8]), want[5:8], rtol=1e-6, atol=1e-7)
 
 
+def test_export_needs_no_usable_data_unless_data_is_given(runs, tmp_path, capsys):
+  """The checkpoint's data.path no longer a finished preparation: --export writes the
+  model's functions and says why there is no raw one; raw --input, or --data naming that
+  directory, is a one-line error."""
+  run = runs("hash")
+  meta = os.path.join(run.data, "metadata.json")
+  os.rename(meta, meta + ".away")
+  try:
+    capsys.readouterr()
+    args = ["--workdir", run.workdir, "--devices", "1"]
+    assert predict.main(args + ["--export", str(tmp_path / "x")]) == 0
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith(f"exported to {tmp_path / 'x'} (no raw.jaxexport: the checkpoint's "
+                           f"data.path does not serve: "), line
+    assert (tmp_path / "x" / "model.jaxexport").exists()
+    assert not (tmp_path / "x" / "raw.jaxexport").exists()
+    raw = tmp_path / "rows.txt"
+    raw.write_text("0\t" + "1\t" * 13 + "\t".join(["0a0b0c0d"] * 26) + "\n")
+    for extra in ([], ["--data", run.data]):
+      assert predict.main(args + extra + ["--input", str(raw), "--output",
+                                          str(tmp_path / "p.txt")]) == 1
+      err = capsys.readouterr().err.strip().splitlines()
+      assert len(err) == 2 and err[1].startswith("error: "), err  # the model line, the error
+  finally:
+    os.rename(meta + ".away", meta)
+
+
 def test_export_without_vocabulary_has_no_raw_function(tmp_path, capsys):
   """A model trained on synthetic data has no raw values: the export says so on stderr,
   writes no raw.jaxexport (and removes an earlier one), and `load_exported(raw=True)`
@@ -424,8 +451,7 @@ def test_export_without_vocabulary_has_no_raw_function(tmp_path, capsys):
   assert predict.main(["--workdir", str(tmp_path / "run"), "--export", str(out)]) == 0
   assert capsys.readouterr().err.splitlines()[-1] == (
       f"exported to {out} (no raw.jaxexport: the model was trained on data.kind="
-      "'synthetic_ctr', which has no raw values; model.jaxexport takes its inputs as that "
-      "data source makes them)")
+      "'synthetic_ctr', which has no raw values; model.jaxexport takes the model's inputs)")
   assert sorted(p.name for p in out.iterdir()) == ["bags.jaxexport", "model.jaxexport",
                                                    "params.npz", "signature.json"]
   assert json.loads((out / "signature.json").read_text())["raw_inputs"] is None
@@ -452,7 +478,7 @@ def test_users_path_kaggle_rows_to_a_server_with_jax_and_numpy(tmp_path):
   lines = _lines(kaggle)
   (tmp_path / "train.txt").write_bytes(b"".join(lines[:3000]))
   (tmp_path / "test.txt").write_bytes(b"".join(lines[3000:3300]))
-  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=REPO)  # a user's one CPU device
+  env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=os.path.join(REPO, "src"))  # a user's one CPU device
 
   def shell(*args):
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,

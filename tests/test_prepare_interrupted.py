@@ -45,7 +45,8 @@ def _command(output, days):
 
 
 def _env():
-  return {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  return {**os.environ, "PYTHONPATH": os.path.join(REPO, "src") + os.pathsep
+          + os.environ.get("PYTHONPATH", "")}
 
 
 def contents(directory) -> dict:

@@ -1,4 +1,4 @@
-"""Quotient-remainder tables (dlrm_jax/embedding/qr.py): the formulas against numpy, a
+"""Quotient-remainder tables (dlrm_jax.embedding.qr): the formulas against numpy, a
 run through train.py, 8 devices against 1, resuming, and the Kaggle rows."""
 
 import json

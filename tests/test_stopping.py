@@ -138,3 +138,19 @@ def test_a_second_ctrl_c_interrupts_at_once():
       signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
   assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_an_ignored_signal_stays_ignored():
+  """A job started with `&` by a non-interactive shell ignores SIGINT: the loop does not
+  start honouring it (SIGTERM is still noted)."""
+  before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    with stopping.StopSignals() as signals:
+      assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+      signal.raise_signal(signal.SIGINT)
+      assert not signals.requested()
+      signal.raise_signal(signal.SIGTERM)
+      assert signals.requested() and signals.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, before)

@@ -363,7 +363,7 @@ def _define_flags() -> None:
       "config", DEFAULT_CONFIG, "Training configuration file.",
       lock_config=False)
   flags.DEFINE_string("target", "v5p-8", "What to compile for: "
-                      + ", ".join(targets_lib.EXAMPLES) + " (see dlrm_jax/targets.py).")
+                      + ", ".join(targets_lib.EXAMPLES) + " (see dlrm_jax.targets).")
   flags.DEFINE_integer("slices", 1, "TPU slices of the target (multi-slice).")
   flags.DEFINE_string("out", "", "Directory for compile.json and compile.md.")
   flags.DEFINE_bool("eval", True, "Also compile the evaluation step.")

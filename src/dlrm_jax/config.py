@@ -12,11 +12,10 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-# The default config of the command-line tools: configs/default.py of the source
-# checkout the package is installed from (src/dlrm_jax/ -> the repository's root).
+# The default config of the command-line tools: configs/default.py beside src/ in the
+# source checkout of an editable install (a wheel has no configs/: pass --config).
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs", "default.py")
-
 
 
 class ConfigError(ValueError):
@@ -110,14 +109,14 @@ def _model_and_training_fields(c) -> None:
   # are float32, optimiser state float32, updates stochastically rounded to the storage).
   c.embedding_dtype = "float32"
   c.embedding_pooling = "sum"  # sum | mean: how a multi-hot bag becomes one vector.
-  # Quotient-remainder tables (the reference's --qr-* flags, dlrm_jax/embedding/qr.py): a
+  # Quotient-remainder tables (the reference's --qr-* flags, dlrm_jax.embedding.qr): a
   # table of more than qr_threshold rows becomes two of ceil(n / c) and c rows (c:
   # qr_collisions), looked up at id // c and id % c, combined by mult | add | concat.
   c.qr_flag = False
   c.qr_collisions = 4
   c.qr_operation = "mult"
   c.qr_threshold = 200
-  # Mixed-dimension tables (the reference's --md-* flags, dlrm_jax/embedding/mixed.py): a
+  # Mixed-dimension tables (the reference's --md-* flags, dlrm_jax.embedding.mixed): a
   # table of n > md_threshold rows gets round(D * (n_min / n) ** md_temperature) columns
   # (md_round_dims: to a power of two) and a learned projection to D; md_dims "16-4-..."
   # gives the widths instead. Not together with qr_flag.
@@ -136,7 +135,7 @@ def _model_and_training_fields(c) -> None:
   # Sparse update of the touched rows only: sgd | rowwise_adagrad | adagrad | adam (lazy).
   c.embedding_optimizer = "sgd"
   # Its hyper-parameters, e.g. "eps=1e-8,initial_accumulator_value=0.1" or "b1=0.9,b2=0.999"
-  # (the fields of its class in dlrm_jax/embedding/optimizers.py); "": its defaults.
+  # (the fields of its class in dlrm_jax.embedding.optimizers); "": its defaults.
   c.embedding_optimizer_args = ""
   c.lr_num_warmup_steps = 0
   c.lr_decay_start_step = 0
@@ -176,7 +175,7 @@ def _checkpoint_fields(c):
 
 
 def _logging_fields(c):
-  """What a run writes besides metrics.jsonl (dlrm_jax/observe.py)."""
+  """What a run writes besides metrics.jsonl (dlrm_jax.observe)."""
   c.tensorboard = True  # event files in WORKDIR/tensorboard (needs tensorboardX).
   c.every_steps = 200  # train loss, learning rate and examples/s every N steps; 0: never.
   c.mlperf = False  # an MLPerf-format log, WORKDIR/mlperf.log (needs mlperf-logging).
@@ -187,7 +186,7 @@ def _logging_fields(c):
 
 
 def _device_fields(config_dict):
-  """Devices, sharding (dlrm_jax/parallel.py, dlrm_jax/embedding/planner.py), processes."""
+  """Devices, sharding (dlrm_jax.parallel, dlrm_jax.embedding.planner), processes."""
   mesh, sharding, distributed = config_dict(), config_dict(), config_dict()
   mesh.num_devices = 0  # devices to use; 0: all of them.
   mesh.replicas = 1  # > 1: a 2-D mesh, tables sharded within each of this many groups.

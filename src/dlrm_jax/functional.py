@@ -4,7 +4,8 @@
 jitted and nothing donated, so that `jax.jit`, `jax.grad`, `jax.vmap` and
 `jax.lax.scan` compose with it as with any pure function:
 
-    fns = Task(config).functions
+    task = Task(config)
+    fns = task.functions
     state = fns.init(0)
     batch = task.device_batch(host_batch)
     state, metrics = jax.jit(fns.train_step)(state, batch)                # one step

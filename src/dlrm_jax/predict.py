@@ -320,7 +320,7 @@ def score_quantized(model: Model, batches: Iterator[dict], batch_size: int,
 
 
 def export(model: Model, directory: str, *, platforms: Sequence[str] | None = None,
-           quantize: str | None = None, data: str | None = None) -> None:
+           quantize: str | None = None, raw: RawMapper | None = None) -> None:
   """Writes the inference functions (jax.export) and their parameters to `directory`.
 
   `model.jaxexport` takes (dense-parameter leaves, the tables, dense [B, 13] float32,
@@ -333,17 +333,15 @@ def export(model: Model, directory: str, *, platforms: Sequence[str] | None = No
   width ([sum of its tables' rows, w]; `signature.json`'s `table_sets` say which tables
   at which offsets), or with `quantize` ("int8" or "int4") row-wise quantised.
 
-  With `data`, the prepared Criteo directory the (one-hot) model was trained on,
-  `raw.jaxexport` takes raw Criteo values instead, after the leaves, the tables and the
+  With `raw`, the mapper of the prepared Criteo directory the (one-hot) model was
+  trained on (`_raw_mapper_for`), `raw.jaxexport` takes raw Criteo values instead, after the leaves, the tables and the
   vocabulary arrays (`RawPreprocessing`): counts [B, 13] float32 and categorical values
   [B, 26] uint32 (`RAW_DENSE`, `RAW_SPARSE`). `load_exported` wraps all three.
   """
   run = inference(model, quantize)
   task = model.task
   features = len(task.qr.feature_hotness)
-  prep = None
-  if data is not None:
-    prep = RawPreprocessing.of(_raw_mapper_for(model, data))
+  prep = None if raw is None else RawPreprocessing.of(raw)
   struct = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
   head = ([struct(x) for x in run.leaves], {k: struct(v) for k, v in run.tables.items()})
   b = jax.export.symbolic_shape("b")[0]
@@ -537,22 +535,21 @@ def _run(args: argparse.Namespace) -> int:
   model = load_model(args.workdir, step=args.step, devices=args.devices)
   print(f"model of step {model.step} from {args.workdir} on {model.task.mesh.size} device(s)",
         file=sys.stderr)
-  data_dir, missing = _data_dir(args, model)
+  mapper, missing = _raw_mapper(args, model)
   if args.export:
     export(model, args.export, platforms=[s for s in args.platforms.split(",") if s] or None,
-           quantize=args.quantize, data=data_dir)
+           quantize=args.quantize, raw=mapper)
     print(f"exported to {args.export}"
-          + (" (raw.jaxexport: raw Criteo values)" if data_dir else
-             f" (no raw.jaxexport: {missing})"), file=sys.stderr)
+          + (" (raw.jaxexport: raw Criteo values)" if mapper else
+             f" (no raw.jaxexport: {missing}; model.jaxexport takes the model's inputs)"),
+          file=sys.stderr)
   if args.input:
     batch_size = -(-args.batch_size // model.task.mesh.size) * model.task.mesh.size
-    mapper = None
     if os.path.isdir(args.input):
       batches = prepared_batches(args.input, batch_size, args.split)
     else:
-      if data_dir is None:
+      if mapper is None:
         raise InputError(f"raw input: {missing}")
-      mapper = _raw_mapper_for(model, data_dir)
       batches = raw_batches(args.input, mapper, batch_size)
     probs = (score(model, batches, batch_size) if args.quantize is None
              else score_quantized(model, batches, batch_size, args.quantize))
@@ -560,25 +557,30 @@ def _run(args: argparse.Namespace) -> int:
       f.writelines(f"{x:.9g}\n" for x in probs)
     print(f"{len(probs):,} rows scored into {args.output}"
           + (f" ({mapper.unseen:,} values unseen in training mapped to row 0)"
-             if mapper is not None and mapper.unseen else ""), file=sys.stderr)
+             if not os.path.isdir(args.input) and mapper.unseen else ""), file=sys.stderr)
   return 0
 
 
-def _data_dir(args: argparse.Namespace, model: Model) -> tuple[str | None, str]:
-  """(the prepared directory whose vocabulary maps raw values, "") or (None, why none)."""
-  data_dir = args.data or model.config.data.path
-  hotness = model.task.qr.feature_hotness
-  if not args.data and model.config.data.kind not in CRITEO_KINDS:
+def _raw_mapper(args: argparse.Namespace, model: Model) -> tuple[RawMapper | None, str]:
+  """(the mapper of the prepared directory whose vocabulary maps raw values, "") or (None,
+  why there is none). `--data` must serve (an error otherwise); the checkpoint's
+  `data.path` serves where it can: an export needs no data."""
+  if args.data:
+    return _raw_mapper_for(model, args.data), ""
+  data_dir, hotness = model.config.data.path, model.task.qr.feature_hotness
+  if model.config.data.kind not in CRITEO_KINDS:
     return None, (f"the model was trained on data.kind={model.config.data.kind!r}, which has "
-                  "no raw values; model.jaxexport takes its inputs as that data source makes "
-                  "them")
+                  "no raw values")
   if set(hotness) != {1}:
     return None, (f"the model is multi-hot (hotness {'-'.join(map(str, hotness))}): its ids "
                   "are not a function of the raw line")
   if not data_dir or not os.path.isdir(data_dir):
     return None, (f"the prepared directory the model was trained on is not at hand (--data; "
                   f"the checkpoint names {data_dir!r})")
-  return data_dir, ""
+  try:
+    return _raw_mapper_for(model, data_dir), ""
+  except (ValueError, OSError) as e:  # an unfinished or another preparation
+    return None, f"the checkpoint's data.path does not serve: {e}"
 
 
 if __name__ == "__main__":

@@ -239,7 +239,7 @@ class CheckpointSpec:
 
 @dataclasses.dataclass(frozen=True)
 class QRSpec:
-  """Quotient-remainder tables (dlrm_jax/embedding/qr.py)."""
+  """Quotient-remainder tables (dlrm_jax.embedding.qr)."""
 
   qr_flag: bool
   qr_collisions: int

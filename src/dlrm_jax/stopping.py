@@ -18,7 +18,9 @@ no device work and no collective under gloo's 30 s limit on meeting; an
 all-reduce of the flags on the CPU devices cost 4 ms.
 `jax.experimental.multihost_utils.reached_preemption_sync_point` agrees on a step
 too, but knows only SIGTERM, through a handler of its own that
-`jax.distributed.initialize` installs (replaced here while the loop runs), and
+`jax.distributed.initialize` installs (replaced here while the loop runs, and not
+put back after it: Python cannot reinstall a handler set outside Python, so a later
+SIGTERM ends the process), and
 works only in multi-process runs.
 """
 
@@ -56,8 +58,8 @@ class Stopped(Exception):
 
 class StopSignals:
   """Notes SIGINT and SIGTERM while open; `requested()` says, after a step, whether to
-  stop there (the same on every process). A no-op outside the main thread, where
-  Python cannot set signal handlers."""
+  stop there (the same on every process). A signal the process ignores stays ignored;
+  a no-op outside the main thread, where Python cannot set signal handlers."""
 
   def __init__(self):
     self.signum = 0  # the signal to stop for (0: none)
@@ -67,7 +69,8 @@ class StopSignals:
   def __enter__(self) -> "StopSignals":
     if threading.current_thread() is threading.main_thread():
       for s in SIGNALS:
-        self._previous[s] = signal.signal(s, self._handle)
+        if signal.getsignal(s) is not signal.SIG_IGN:  # e.g. SIGINT of a job run with `&`
+          self._previous[s] = signal.signal(s, self._handle)
     return self
 
   def __exit__(self, *exc) -> None:

@@ -12,7 +12,7 @@ Names: TPU slices as Google Cloud names them (`v5p-8`: 8 TensorCores, 4 chips
 of 2 cores each, one device per chip; `v5e-8`, `v6e-8`: 8 chips); NVIDIA as
 `h100x8` (8 GPUs of one host), `h200x1`, `b200x8`; `cpu` (this host's devices).
 The NVIDIA targets' descriptions for XLA's GPU compiler are XLA's own
-(`dlrm_jax/gpu_targets/*.txtpb`, see its README).
+(`src/dlrm_jax/gpu_targets/*.txtpb`, see its README).
 """
 
 from __future__ import annotations

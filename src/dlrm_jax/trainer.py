@@ -211,8 +211,9 @@ def set_up(config, workdir: str, progress: bool | None,
     log(line)
   epochs = num_steps / per_epoch if per_epoch else 0.0
   if epochs > MANY_EPOCHS:
-    warn(f"WARNING: this run's {num_steps:,} steps are {epochs:,.0f} epochs of its data "
-         f"({per_epoch:,} steps each): it sees every train row about {epochs:,.0f} times"
+    whole = lambda x, digits: f"{x:,.0f}" if x >= 10 ** digits else f"{x:.{digits}g}"
+    warn(f"WARNING: this run's {num_steps:,} steps are {whole(epochs, 3)} epochs of its data "
+         f"({per_epoch:,} steps each): it sees every train row about {whole(epochs, 2)} times"
          + (f"; num_batches=0 trains num_epochs={spec.training.num_epochs:g} instead"
             if spec.training.num_batches else ""))
   return run
@@ -319,8 +320,8 @@ def resume_or_start(run: Run) -> Progress:
     run.log(f"resuming from step {prog.start} ({ckpt.directory}/{prog.start})"
             + (" with only the parts that match the config" if restored.partial else ""))
     if prog.start >= run.num_steps or (prog.finished and target_reached(run, prog.records)):
-      prog.finished = True
       run.log(nothing_to_train(run, prog, c.config))
+      prog.finished = True
     elif prog.finished:  # the run ended at its length; this config's is longer
       prog.finished = False
       run.log(f"the run ended at step {prog.start:,}: training on to step {run.num_steps:,}"
@@ -346,7 +347,8 @@ def nothing_to_train(run: Run, prog: Progress, saved: dict) -> str:
   data = saved["data"]
   found = (f"{run.workdir} holds a run on {data['kind']} data"
            + (f" ({data['path']})" if data.get("path") else "")
-           + f", batch {saved['mini_batch_size']:,}, that ended at step {prog.start:,}"
+           + f", batch {saved['mini_batch_size']:,}, "
+           + ("that ended" if prog.finished else "saved") + f" at step {prog.start:,}"
            + (f" with eval AUC {prog.records[-1]['auc']:.4f}" if prog.records else ""))
   if prog.start < run.num_steps:  # stopped at the target
     why, more = f"it reached target_auc={t.target_auc:g}", "raise target_auc (0: none)"
@@ -538,7 +540,7 @@ def summarize(run: Run, prog: Progress) -> dict:
       "train_seconds": prog.train_seconds,
       "examples_per_sec": max(0, final["step"] - prog.start - 1) * batch
                           / max(prog.train_seconds, 1e-9),
-      "trained_steps": final["step"] - prog.start,  # by this process: 0 when it had ended
+      "trained_steps": prog.steps_done - prog.start,  # by this process: 0 when it had ended
       "target_auc": target or None,
       # The first evaluation at or above the target: its step, samples and wall time.
       "target_step": None if hit is None else hit["step"],
@@ -565,7 +567,7 @@ def format_summary(summary: dict) -> str:
       f"  eval accuracy    {summary['accuracy']:.4f}"
       + (f"  ({summary['eval_samples']:,} samples)" if summary["eval_samples"] else ""),
       (f"  throughput       {summary['examples_per_sec']:,.0f} examples/s "
-       f"(compile {summary['compile_seconds']:.1f} s)" if summary.get("trained_steps", 1)
+       f"(compile {summary['compile_seconds']:.1f} s)" if summary.get("trained_steps", 1) > 0
        else "  throughput       - (nothing trained: the run had ended)"),
       f"  metrics          {os.path.join(summary['workdir'], 'metrics.jsonl')}",
   ]
