@@ -380,9 +380,10 @@ def train_loop(run: Run, prog: Progress, stream: BatchStream) -> None:
   """Steps to `num_steps` (or the target AUC), evaluating and checkpointing on the way."""
   observers = observe.Observers(run)
   batches = prefetch(host_batches(run, stream), size=2)
-  bar = tqdm(total=run.num_steps, initial=prog.start, disable=not run.show_progress,
-             unit="step", dynamic_ncols=True, mininterval=0.5, desc="train")
   last = prog.steps_done if prog.finished else run.num_steps
+  bar = tqdm(total=run.num_steps, initial=prog.start,  # none for a run with nothing to train
+             disable=not run.show_progress or prog.steps_done >= last,
+             unit="step", dynamic_ncols=True, mininterval=0.5, desc="train")
   target = run.spec.training.target_auc
   ended = False  # at the last step or the target, rather than by an error
   prog.loop_start = time.perf_counter()
