@@ -150,7 +150,8 @@ def test_causal_and_target_aware():
   start = int(f["x_offsets"][1])
   history = _run("hstu_a", "f32", x_change=(start + 9, 0.5))["output"]
   np.testing.assert_array_equal(history[start:start + 9], base[start:start + 9])
-  assert (np.abs(history[start + 9:start + 16] - base[start + 9:start + 16]).max(axis=1) > 1e-3).all()
+  later = np.abs(history[start + 9:start + 16] - base[start + 9:start + 16]).max(axis=1)
+  assert (later > 1e-3).all(), later
   start = int(f["x_offsets"][2])  # length 6, targets at 4 and 5
   target = _run("hstu_a", "f32", x_change=(start + 4, 0.5))["output"]
   np.testing.assert_array_equal(target[start:start + 4], base[start:start + 4])

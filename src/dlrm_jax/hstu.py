@@ -70,8 +70,9 @@ class HSTUSpec:
                         f"more than that many position buckets, got {self.num_position_buckets}")
     if self.num_time_buckets + 1 < self.embedding_dim:
       raise ConfigError(f"HSTU time buckets are clamped at embedding_dim - 1 = "
-                        f"{self.embedding_dim - 1} (as in the reference): the time table needs "
-                        f"num_time_buckets >= {self.embedding_dim - 1}, got {self.num_time_buckets}")
+                        f"{self.embedding_dim - 1} (as in the reference): the time table "
+                        f"needs num_time_buckets >= {self.embedding_dim - 1}, "
+                        f"got {self.num_time_buckets}")
 
   @property
   def uvqk_widths(self) -> tuple[int, int, int, int]:
@@ -130,7 +131,9 @@ def time_bucket_ids(timestamps: jax.Array, lengths: jax.Array, *, embedding_dim:
                     ) -> jax.Array:
   """[B, N] rows of the time table: floor(sqrt(max(t_q - t_i, 1e-6) / 60)), t_q the
   timestamp of the sequence's last token, in float32 as the reference computes it, and
-  clamped at D - 1 (the reference's clamp reads the table's width, not its rows)."""
+  clamped at D - 1 (the reference's clamp reads the table's width, not its rows). Only
+  differences within a sequence matter: without jax_enable_x64 the timestamps are
+  int32, so seconds since 1970 serve until 2038, and any earlier origin longer."""
   last = jnp.maximum(lengths - 1, 0)[:, None]
   query_time = jnp.take_along_axis(timestamps, last, axis=1)
   dt = (query_time - timestamps).astype(jnp.float32)
@@ -155,7 +158,8 @@ class PositionalEncoder(nnx.Module):
 
   def __call__(self, x, timestamps, lengths, num_targets) -> jax.Array:
     s = self.spec
-    pos = position_ids(lengths, num_targets, x.shape[1], contextual_seq_len=s.pos_contextual_seq_len,
+    pos = position_ids(lengths, num_targets, x.shape[1],
+                       contextual_seq_len=s.pos_contextual_seq_len,
                        num_buckets=s.num_position_buckets)
     buckets = time_bucket_ids(timestamps, lengths, embedding_dim=s.embedding_dim)
     return math.sqrt(s.embedding_dim) * x + (self.times(buckets) + self.positions(pos))
@@ -234,7 +238,8 @@ def chunked_attention(q, k, v, mask: AttentionMask, *, chunk_size: int = 256) ->
   @jax.checkpoint
   def block(args):
     q_block, start = args
-    return _pointwise(q_block, k, v, mask(start + jnp.arange(chunk_size), cols), mask.max_seq_len)
+    rows = start + jnp.arange(chunk_size)
+    return _pointwise(q_block, k, v, mask(rows, cols), mask.max_seq_len)
 
   out = jax.lax.map(block, (q, jnp.arange(blocks) * chunk_size))
   return out.swapaxes(0, 1).reshape(batch, blocks * chunk_size, heads, v.shape[-1])[:, :width]
@@ -252,7 +257,8 @@ class STULayer(nnx.Module):
     kind = dict(dtype=dtype, param_dtype=dtype, rngs=rngs)
     norm = dict(epsilon=NORM_EPS, use_fast_variance=False, **kind)
     self.input_norm = nnx.LayerNorm(d, **norm)
-    self.uvqk = nnx.Linear(d, sum(spec.uvqk_widths), kernel_init=nnx.initializers.xavier_uniform(),
+    self.uvqk = nnx.Linear(d, sum(spec.uvqk_widths),
+                           kernel_init=nnx.initializers.xavier_uniform(),
                            bias_init=nnx.initializers.zeros_init(), **kind)
     self.output_norm = nnx.LayerNorm(hv, **norm)
     self.output = nnx.Linear(3 * hv, d, use_bias=False,
@@ -266,9 +272,9 @@ class STULayer(nnx.Module):
     batch, width, _ = h.shape
     u, v, q, k = jnp.split(self.uvqk(self.input_norm(h)), np.cumsum(s.uvqk_widths)[:-1], axis=-1)
     u = jax.nn.silu(u)
-    heads = lambda t, d: t.reshape(batch, width, s.num_heads, d)
-    o = attention(heads(q, s.attention_dim), heads(k, s.attention_dim), heads(v, s.hidden_dim), mask)
-    o = o.reshape(batch, width, -1)
+    q, k = (t.reshape(batch, width, s.num_heads, s.attention_dim) for t in (q, k))
+    v = v.reshape(batch, width, s.num_heads, s.hidden_dim)
+    o = attention(q, k, v, mask).reshape(batch, width, -1)
     y = u * self.output_norm(o)
     return u, o, h + self.output(jnp.concatenate([u, o, y], axis=-1))
 
@@ -285,7 +291,8 @@ class HSTU(nnx.Module):
 
   def __init__(self, spec: HSTUSpec, *, rngs: nnx.Rngs, dtype=jnp.float32):
     self.positional = PositionalEncoder(spec, rngs=rngs, dtype=dtype)
-    self.layers = nnx.List([STULayer(spec, rngs=rngs, dtype=dtype) for _ in range(spec.num_layers)])
+    self.layers = nnx.List([STULayer(spec, rngs=rngs, dtype=dtype)
+                            for _ in range(spec.num_layers)])
     self.spec = spec
 
   def __call__(self, x, timestamps, lengths, num_targets, *, max_seq_len=None,
@@ -314,12 +321,14 @@ class HSTU(nnx.Module):
 def reference_names(spec: HSTUSpec) -> dict[str, tuple]:
   """The reference's parameter names (relative to its encoder; DLRMv4's `DlrmHSTU` adds
   `_hstu_transducer.`) -> paths in `nnx.to_pure_dict(nnx.state(HSTU(spec), nnx.Param))`."""
-  names = {"_positional_encoder._position_embeddings_weight": ("positional", "positions", "embedding"),
-           "_positional_encoder._timestamp_embeddings_weight": ("positional", "times", "embedding")}
+  table = "_positional_encoder._{}_embeddings_weight"
+  names = {table.format("position"): ("positional", "positions", "embedding"),
+           table.format("timestamp"): ("positional", "times", "embedding")}
   for l in range(spec.num_layers):
     prefix = f"_stu_module._stu_layers.{l}."
     names |= {prefix + name: ("layers", l) + path for name, path in (
-        ("_input_norm_weight", ("input_norm", "scale")), ("_input_norm_bias", ("input_norm", "bias")),
+        ("_input_norm_weight", ("input_norm", "scale")),
+        ("_input_norm_bias", ("input_norm", "bias")),
         ("_uvqk_weight", ("uvqk", "kernel")), ("_uvqk_beta", ("uvqk", "bias")),
         ("_output_norm_weight", ("output_norm", "scale")),
         ("_output_norm_bias", ("output_norm", "bias")), ("_output_weight", ("output", "kernel")))}
