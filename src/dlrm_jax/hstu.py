@@ -133,7 +133,7 @@ def time_bucket_ids(timestamps: jax.Array, lengths: jax.Array, *, embedding_dim:
   timestamp of the sequence's last token, in float32 as the reference computes it, and
   clamped at D - 1 (the reference's clamp reads the table's width, not its rows). Only
   differences within a sequence matter: without jax_enable_x64 the timestamps are
-  int32, so seconds since 1970 serve until 2038, and any earlier origin longer."""
+  int32, so seconds since 1970 serve until 2038 (a later origin, longer)."""
   last = jnp.maximum(lengths - 1, 0)[:, None]
   query_time = jnp.take_along_axis(timestamps, last, axis=1)
   dt = (query_time - timestamps).astype(jnp.float32)
