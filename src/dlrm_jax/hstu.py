@@ -339,13 +339,14 @@ def to_reference(spec: HSTUSpec, state: nnx.State) -> dict[str, jax.Array]:
   """The arrays of an `HSTU`'s parameter state (or of its gradient) under the reference's
   names."""
   values = nnx.to_pure_dict(state)
-  out = {}
-  for name, path in reference_names(spec).items():
-    node = values
-    for key in path:
-      node = node[key]
-    out[name] = node
-  return out
+  return {name: _parent(values, path)[path[-1]] for name, path in reference_names(spec).items()}
+
+
+def _parent(values: dict, path: tuple) -> dict:
+  """The dict of a pure-dict state that holds `path`'s last key."""
+  for key in path[:-1]:
+    values = values[key]
+  return values
 
 
 def load_reference(model: HSTU, arrays: Mapping[str, np.ndarray]) -> None:
@@ -359,9 +360,7 @@ def load_reference(model: HSTU, arrays: Mapping[str, np.ndarray]) -> None:
   state = nnx.state(model, nnx.Param)
   values = nnx.to_pure_dict(state)
   for name, path in names.items():
-    node = values
-    for key in path[:-1]:
-      node = node[key]
+    node = _parent(values, path)
     old = node[path[-1]]
     if tuple(arrays[name].shape) != old.shape:
       raise ValueError(f"HSTU parameter {name} has shape {tuple(arrays[name].shape)}, "
