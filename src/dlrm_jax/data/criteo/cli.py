@@ -52,6 +52,7 @@ def format_info(path: str, summary: dict) -> str:
   feature's table rows and hotness."""
   rows = summary["split_rows"]
   splits = ", ".join(f"{k} {rows[k]:,}" for k in ("train", "test", "val") if k in rows)
+
   def value(v):  # 26 equal moduli as one
     return v[0] if isinstance(v, list) and v and all(x == v[0] for x in v) else v
 
