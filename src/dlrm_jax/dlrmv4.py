@@ -1,0 +1,201 @@
+"""DLRMv4's ranking model around the HSTU encoder, on looked-up embedding vectors.
+
+MLPerf's DLRMv4 scores one candidate item per example against the user's history
+(docs/dlrmv4_reference.md, section 2, is the reference's wiring as read from its
+code; this module is written from that description). Per example:
+
+1. The sequence: 8 contextual tokens (the uid's and 7 crosses' embeddings, each
+   through an affine map of its own), then the history's events, then the candidate.
+   Each event (and the candidate) is the sum of three small MLPs: one of the item's
+   embedding, one of the artist's and album's together, one of its actions (the
+   listen-plus, like and skip bits, each a learned 8-vector where set; the candidate
+   gets one learned vector of its own, so its label is never an input).
+2. `dlrm_jax.hstu.HSTU` over it (position ids counting from the end, the contextual
+   prefix, time buckets from the candidate's query time; contextual tokens at time 0),
+   with the batch's longest sequence as the attention's divisor.
+3. The candidate's output, with cos and sin of its query time's hour of the day and
+   day of the week, through Linear and LayerNorm: the user side. The candidate's item,
+   artist and album embeddings through an MLP: the item side. A head on their
+   element-wise product gives the logit; the loss is 0.2 times the mean binary
+   cross-entropy (listen-plus against skip).
+
+Inputs are embedding vectors (the sharded tables' lookups are the engine's part):
+
+    batch = {
+        "history": {"item": [B, L, D], "artist": [B, L, D], "album": [B, L, D]},
+        "history_actions": [B, L] int (bits 1 listen-plus, 2 like, 4 skip),
+        "history_timestamps": [B, L] (seconds), "history_lengths": [B],
+        "candidate": {"item": [B, D], "artist": [B, D], "album": [B, D]},
+        "query_time": [B] (seconds: the history's last timestamp, as the reference's),
+        "contextual": [B, 8, D],
+    }
+
+Not here yet: dropout (the reference trains with 0.2 on the encoder's input and 0.1
+inside the layers) and bfloat16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dlrm_jax import hstu
+from dlrm_jax.config import ConfigError
+
+ACTION_BITS = (1, 2, 4)  # listen-plus, like, skip
+LOSS_WEIGHT = 0.2  # the reference's weight of its one task's loss
+# (period in seconds, cycle length) of the query time's features: hour of the day and day
+# of the week; the reference's angle is 2 * 3.14 (not pi) * ((t // period) % cycle) / cycle.
+TIME_FEATURES = ((3600, 24), (86400, 7))
+TWO_PI_REFERENCE = 2 * 3.14
+
+
+@dataclasses.dataclass(frozen=True)
+class DLRMv4Spec:
+  """Sizes; the defaults are the reference's (its gin file for Yambda-5b)."""
+
+  embedding_dim: int = 512  # D, of the tables and the encoder
+  preprocessor_hidden_dim: int = 256
+  action_dim: int = 8  # per action bit
+  num_contextual: int = 8  # uid and 7 crosses
+  num_heads: int = 4
+  attention_dim: int = 128
+  hidden_dim: int = 128
+  num_layers: int = 3
+  num_position_buckets: int = 8192
+  num_time_buckets: int = 2048
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      if getattr(self, field.name) < 1:
+        raise ConfigError(f"DLRMv4 {field.name}={getattr(self, field.name)} must be >= 1")
+
+  @property
+  def encoder(self) -> hstu.HSTUSpec:
+    return hstu.HSTUSpec(
+        embedding_dim=self.embedding_dim, num_heads=self.num_heads,
+        attention_dim=self.attention_dim, hidden_dim=self.hidden_dim,
+        num_layers=self.num_layers, num_position_buckets=self.num_position_buckets,
+        num_time_buckets=self.num_time_buckets, pos_contextual_seq_len=self.num_contextual)
+
+
+class SwishLayerNorm(nnx.Module):
+  """x * sigmoid(LayerNorm(x)), TorchRec's SwishLayerNorm."""
+
+  def __init__(self, dim: int, *, rngs: nnx.Rngs):
+    self.norm = nnx.LayerNorm(dim, epsilon=1e-5, rngs=rngs)
+
+  def __call__(self, x):
+    return x * jax.nn.sigmoid(self.norm(x))
+
+
+class SmallMLP(nnx.Module):
+  """Linear -> SwishLayerNorm -> Linear -> LayerNorm, the reference's block for every
+  small network of this model."""
+
+  def __init__(self, d_in: int, hidden: int, d_out: int, *, rngs: nnx.Rngs,
+               init=nnx.initializers.xavier_uniform()):
+    linear = dict(kernel_init=init, bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+    self.first = nnx.Linear(d_in, hidden, **linear)
+    self.swish = SwishLayerNorm(hidden, rngs=rngs)
+    self.second = nnx.Linear(hidden, d_out, **linear)
+    self.norm = nnx.LayerNorm(d_out, epsilon=1e-5, rngs=rngs)
+
+  def __call__(self, x):
+    return self.norm(self.second(self.swish(self.first(x))))
+
+
+def time_features(t: jax.Array) -> jax.Array:
+  """[..., 4]: cos and sin of the hour of the day and of the day of the week of `t`
+  (seconds), with the reference's 2 * 3.14."""
+  out = []
+  for period, cycle in TIME_FEATURES:
+    angle = TWO_PI_REFERENCE * ((t // period) % cycle).astype(jnp.float32) / cycle
+    out += [jnp.cos(angle), jnp.sin(angle)]
+  return jnp.stack(out, axis=-1)
+
+
+class DLRMv4(nnx.Module):
+  """The model; `self(batch)` gives the logits [B] (see the module docstring)."""
+
+  def __init__(self, spec: DLRMv4Spec = DLRMv4Spec(), *, rngs: nnx.Rngs):
+    d, hidden, bits = spec.embedding_dim, spec.preprocessor_hidden_dim, len(ACTION_BITS)
+    # The reference re-initialises the transducer's own Linears (these three MLPs and
+    # the output projection) xavier-normal; the item MLP and the head stay uniform.
+    normal = dict(rngs=rngs, init=nnx.initializers.xavier_normal())
+    self.content = SmallMLP(d, hidden, d, **normal)
+    self.additional = SmallMLP(2 * d, hidden, d, **normal)
+    self.action = SmallMLP(bits * spec.action_dim, hidden, d, **normal)
+    init = nnx.initializers.normal(0.1)
+    self.action_table = nnx.Param(init(rngs.params(), (bits, spec.action_dim)))
+    self.candidate_action = nnx.Param(init(rngs.params(), (bits * spec.action_dim,)))
+    scale = math.sqrt(2.0 / (d + d))
+    self.contextual_weight = nnx.Param(
+        scale * jax.random.normal(rngs.params(), (spec.num_contextual, d, d)))
+    self.contextual_bias = nnx.Param(jnp.zeros((spec.num_contextual, d)))
+    self.encoder = hstu.HSTU(spec.encoder, rngs=rngs)
+    self.output_projection = nnx.Linear(
+        d + 2 * len(TIME_FEATURES), d, kernel_init=nnx.initializers.xavier_normal(),
+        bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+    self.output_norm = nnx.LayerNorm(d, epsilon=1e-5, rngs=rngs)
+    self.item = SmallMLP(3 * d, d, d, rngs=rngs)
+    self.head_hidden = nnx.Linear(d, d, kernel_init=nnx.initializers.xavier_uniform(),
+                                  rngs=rngs)
+    self.head_swish = SwishLayerNorm(d, rngs=rngs)
+    self.head_out = nnx.Linear(d, 1, kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
+    self.spec = spec
+
+  def events(self, item, artist, album, actions) -> jax.Array:
+    """The encoder's input of events [..., D] from their embeddings and their action
+    encodings [..., 3 * action_dim]."""
+    return (self.content(item) + self.additional(jnp.concatenate([artist, album], axis=-1))
+            + self.action(actions))
+
+  def encode_actions(self, bits: jax.Array) -> jax.Array:
+    """[B, L] action bitmasks -> [B, L, 3 * action_dim]: each set bit's learned row."""
+    on = jnp.stack([(bits & b) > 0 for b in ACTION_BITS], axis=-1)  # [B, L, 3]
+    rows = jnp.where(on[..., None], self.action_table[...], 0.0)  # [B, L, 3, action_dim]
+    return rows.reshape(*bits.shape, -1)
+
+  def sequence(self, batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(x [B, C + L + 1, D], timestamps, lengths): the contextual tokens, the history
+    (left-aligned) and the candidate right after each history's last event."""
+    s, h, c = self.spec, batch["history"], batch["candidate"]
+    n = batch["history_lengths"].astype(jnp.int32)
+    b, width = batch["history_actions"].shape
+    ctx = jnp.einsum("bsd,sde->bse", batch["contextual"], self.contextual_weight[...]) \
+        + self.contextual_bias[...]
+    past = self.events(h["item"], h["artist"], h["album"],
+                       self.encode_actions(batch["history_actions"]))
+    cand_actions = jnp.broadcast_to(self.candidate_action[...], (b, self.candidate_action.shape[0]))
+    cand = self.events(c["item"], c["artist"], c["album"], cand_actions)
+    slot = jnp.arange(width + 1)[None, :]
+    x = jnp.where((slot < n[:, None])[..., None],
+                  jnp.pad(past, ((0, 0), (0, 1), (0, 0))), 0.0)
+    x = jnp.where((slot == n[:, None])[..., None], cand[:, None, :], x)
+    ts = jnp.where(slot < n[:, None], jnp.pad(batch["history_timestamps"], ((0, 0), (0, 1))), 0)
+    ts = jnp.where(slot == n[:, None], batch["query_time"][:, None], ts)
+    x = jnp.concatenate([ctx, x], axis=1)
+    ts = jnp.concatenate([jnp.zeros((b, s.num_contextual), ts.dtype), ts], axis=1)
+    return x, ts, s.num_contextual + n + 1
+
+  def __call__(self, batch) -> jax.Array:
+    x, ts, lengths = self.sequence(batch)
+    ones = jnp.ones_like(lengths)
+    out = self.encoder(x, ts, lengths, ones, max_seq_len=jnp.max(lengths))
+    user = jnp.take_along_axis(out, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    user = self.output_norm(self.output_projection(
+        jnp.concatenate([user, time_features(batch["query_time"])], axis=-1)))
+    c = batch["candidate"]
+    item = self.item(jnp.concatenate([c["item"], c["artist"], c["album"]], axis=-1))
+    return self.head_out(self.head_swish(self.head_hidden(user * item)))[:, 0]
+
+
+def loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """The reference's loss: 0.2 times the mean binary cross-entropy of the logits."""
+  bce = jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+  return LOSS_WEIGHT * jnp.mean(bce)
