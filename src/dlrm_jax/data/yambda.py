@@ -204,10 +204,10 @@ def _event_codes(path: str, column) -> np.ndarray:
 
   if pa.types.is_dictionary(column.type):
     column = column.cast(column.type.value_type)
-  if pa.types.is_integer(column.type):
-    codes = column.fill_null(255).to_numpy().astype(np.int64)
-  else:
-    codes = pc.index_in(column, pa.array(EVENT_TYPES)).fill_null(255).to_numpy().astype(np.int64)
+  index = column if pa.types.is_integer(column.type) else pc.index_in(
+      column, pa.array(EVENT_TYPES))  # null for other strings
+  codes = np.where(index.is_null().to_numpy(zero_copy_only=False), -1,
+                   index.fill_null(0).to_numpy().astype(np.int64))
   bad = np.flatnonzero((codes < 0) | (codes >= len(EVENT_TYPES)))
   if len(bad):
     raise InputError(f"{path}: event_type {column[int(bad[0])].as_py()!r} is none of "
@@ -426,12 +426,9 @@ class PreparedEvents:
     low = max(int(self.user_start[user]), anchor - scan_window)
     action = np.asarray(self.events["action"][low:anchor])
     per_pool = max(1, history_length // 3)
-    keep = np.zeros(len(action), bool)
-    for bit in POOLS:
-      member = (action & bit) != 0
-      from_end = np.cumsum(member[::-1])[::-1]  # the member's rank counted from the end
-      keep |= member & (from_end <= per_pool)
-    return (low + np.flatnonzero(keep))[-history_length:]
+    keep = np.unique(np.concatenate([np.flatnonzero(action & bit)[-per_pool:]
+                                     for bit in POOLS]))  # sorted: the log's order
+    return (low + keep)[-history_length:]
 
   def samples(self, anchors: Sequence[int], *, history_length: int = 4086,
               scan_window: int = 20_000,
