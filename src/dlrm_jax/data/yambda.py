@@ -16,9 +16,9 @@ directory of .npy files:
 - per user: `users` (the uid values, ascending), `user_start` and `user_end` (the
   users' events are `[user_start, user_end)`);
 - the anchors: `anchors` (the flat index of every listen with at least `min_history`
-  earlier events of its user, ascending) and `anchor_window` (its daily window:
-  `(timestamp - t_min) // window_seconds`, where t_min is the earliest anchor's
-  timestamp);
+  earlier events of its user, ascending), `anchor_timestamp` and `anchor_window` (its
+  daily window: `(timestamp - t_min) // window_seconds`, where t_min is the earliest
+  anchor's timestamp);
 - `metadata.json`: the counts (events, users, anchors, windows, anchors per window),
   the options and the sources with their sizes. It is written last: a directory
   with it is finished.
@@ -269,8 +269,7 @@ def _write_events(path: str, output: str, artist: np.ndarray, album: np.ndarray,
       # Users: each uid's first row starts it; each event's index within its user.
       new = np.flatnonzero(uid != prev_uid)
       starts = np.concatenate([[user_start], row + new])
-      first = np.searchsorted(row + new, row + np.arange(n), side="right")
-      position = row + np.arange(n) - starts[first]
+      position = row + np.arange(n) - starts[np.searchsorted(new, np.arange(n), side="right")]
       anchor = listen & (position >= min_history)
       files["users"].append(uid[new])
       files["user_start"].append(row + new)
@@ -289,7 +288,7 @@ def _write_events(path: str, output: str, artist: np.ndarray, album: np.ndarray,
   for f in files.values():
     f.close()
   starts = np.load(os.path.join(output, "user_start.npy"))
-  _save(output, "user_end", np.append(starts[1:], row).astype(np.int64))
+  _save(output, "user_end", np.append(starts[1:], row)[:len(starts)].astype(np.int64))
   return {"events": row, "users": len(starts), "anchors": files["anchors"].rows,
           "has_is_organic": has_organic, "items_in_mappings": {"artist": len(artist),
                                                                "album": len(album)},
@@ -510,7 +509,7 @@ def format_info(path: str, meta: dict) -> str:
   """`info`'s summary: the counts, the pools, the windows and the options."""
   per_window = meta["anchors_per_window"]
   spread = (f", {min(per_window):,} to {max(per_window):,} anchors each" if per_window else "")
-  pools = ", ".join(f"{k} {v:,}" for k, v in meta["pools"].items())
+  pools = ", ".join(f"{k} {meta['pools'][k]:,}" for k in ("listen_plus", "like", "skip", "none"))
   options = ", ".join(f"{k}={v}" for k, v in meta["options"].items() if k != "input")
   return "\n".join([
       f"{path}: DLRMv4 events from {meta['options']['input']}",
