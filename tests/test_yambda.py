@@ -265,6 +265,10 @@ def test_bad_input_is_one_clear_line(copy, table, tmp_path):
   kinds = pa.array(["listen"] * (len(table) - 1) + ["pause"])
   assert error(table.set_column(4, "event_type", kinds)) == (
       f"{events}: event_type 'pause' is none of listen, like, dislike, unlike, undislike")
+  (copy / "flat" / "multi_event.parquet").write_text("uid,item_id\n1,2\n")
+  with pytest.raises(yambda.InputError, match=r"^\S+multi_event.parquet: not a readable "
+                     r"parquet file \([^\n]*\)$"):
+    yambda.prepare(str(copy), str(tmp_path / "out"), log=lambda s: None)
   os.remove(copy / "album_item_mapping.parquet")
   assert error(table) == f"{copy / 'album_item_mapping.parquet'}: no such file"
 

@@ -66,6 +66,9 @@ REQUIRED = ("uid", "item_id", "timestamp", "event_type", "played_ratio_pct")
 # Per-event columns of a prepared directory and their types.
 EVENT_COLUMNS = {"uid": np.uint32, "item": np.uint32, "artist": np.uint32, "album": np.uint32,
                  "timestamp": np.int64, "action": np.uint8, "is_organic": np.uint8}
+# Every .npy file of a prepared directory.
+_FILES = tuple(EVENT_COLUMNS) + ("users", "user_start", "user_end", "anchors",
+                                 "anchor_timestamp", "anchor_window")
 # The 7 contextual crosses (name, keys in order, table size), as the reference's
 # YAMBDA_5B_CROSS_SPECS; each id is xxh64(seed 0) of the keys packed as little-endian
 # int64s, modulo the table size.
@@ -150,10 +153,6 @@ def prepare(input_root: str, output: str, *, min_history: int = 4086,
   log(f"{output}: {counts['events']:,} events of {counts['users']:,} users, "
       f"{counts['anchors']:,} anchors in {counts['windows']} windows")
   return meta
-
-
-_FILES = tuple(EVENT_COLUMNS) + ("users", "user_start", "user_end", "anchors",
-                                 "anchor_timestamp", "anchor_window")
 
 
 def _read_mapping(path: str, name: str) -> np.ndarray:
@@ -309,8 +308,7 @@ def _write_windows(output: str, window_seconds: int) -> dict:
   window = ((ts - t_min) // window_seconds).astype(np.int32)
   _save(output, "anchor_window", window)
   per_window = np.bincount(window) if len(window) else np.zeros(0, np.int64)
-  return {"windows": len(per_window), "window_seconds": window_seconds,
-          "anchor_t_min": t_min if len(ts) else None,
+  return {"windows": len(per_window), "anchor_t_min": t_min if len(ts) else None,
           "anchor_t_max": int(ts.max()) if len(ts) else None,
           "anchors_per_window": per_window.tolist()}
 
