@@ -106,8 +106,10 @@ class Layout:
     return {"element_ids": (lambda rows: self.local_row_info(rows)[0], self.local_cols())}
 
   def _column_const(self, values, bags: Bags) -> jax.Array:
-    """A per-feature constant repeated for each of its ids, [1, L_g] (against [b, L_g] ids)."""
-    return jnp.asarray(bags.per_column(np.asarray(values, np.int32)).astype(np.int32))[None, :]
+    """A per-table constant repeated for each id of a bag that reads the table, [1, L_g]
+    (against [b, L_g] ids)."""
+    return jnp.asarray(bags.per_table_column(np.asarray(values, np.int32)).astype(np.int32)
+                       )[None, :]
 
   def _pool(self, vectors: jax.Array, scale: jax.Array | None, bags: Bags) -> jax.Array:
     """[..., L_g, D] vectors of flat rows -> [..., F_g, D]: a reshape and the kernel's pool
@@ -122,26 +124,31 @@ class Layout:
 
 class _Slots:
   """Where a table-wise group's ids travel for one layout of bags: each owner's slot of
-  `width` positions (its tables' ids end to end, padded to the fullest owner's total)."""
+  `width` positions (the ids of the bags that read its tables, end to end, padded to the
+  fullest owner's total), pooled into `bags_per_device` vectors per sample."""
 
   def __init__(self, group: "TableWise", bags: Bags):
-    n, fmax = group.n, group.slots_per_device
+    n, tables = group.n, bags.table_of
+    owned = [[k for k, t in enumerate(tables) if group.where[int(t)][0] == d] for d in range(n)]
+    kmax = self.bags_per_device = max(1, max(len(o) for o in owned))
     columns = bags.offsets
     equal = bags.uniform
-    totals = [sum(bags.widths[g] for g in device) for device in group.slot_features]
+    totals = [sum(bags.widths[k] for k in device) for device in owned]
     # Bags of one width keep whole slots of it (pooled by a reshape); others are padded
     # only to the largest total on a device.
-    self.width = fmax * equal if equal is not None else max(1, max(totals))
+    self.width = kmax * equal if equal is not None else max(1, max(totals))
     self.send = np.full((n, self.width), bags.total, np.int32)  # padding: an extra column
     self.offset = np.zeros((n, self.width), np.int32)  # local row offset of each position
-    self.segment = np.full((n, self.width), fmax, np.int32)  # slot of each position
-    for d, device in enumerate(group.slot_features):
+    self.segment = np.full((n, self.width), kmax, np.int32)  # bag slot of each position
+    self.receive = np.zeros(len(tables), np.int32)  # bag -> its owner's slot, flattened
+    for d, device in enumerate(owned):
       at = 0
-      for j, g in enumerate(device):
-        w = bags.widths[g]
-        self.send[d, at:at + w] = columns[g] + np.arange(w)
-        self.offset[d, at:at + w] = group.local_offset[d, j]
+      for j, k in enumerate(device):
+        w = bags.widths[k]
+        self.send[d, at:at + w] = columns[k] + np.arange(w)
+        self.offset[d, at:at + w] = group.where[int(tables[k])][2]
         self.segment[d, at:at + w] = j
+        self.receive[k] = d * kmax + j
         at += w
 
 
@@ -171,8 +178,6 @@ class TableWise(Layout):
     self.slot_rows = np.zeros((n, fmax), np.int64)  # rows of the table in each slot (0: padding)
     for g, (d, j, _) in self.where.items():
       self.slot_rows[d, j] = self.rows[g]
-    self.receive_index = np.array([self.where[g][0] * fmax + self.where[g][1]
-                                   for g in range(len(self.features))], np.int32)
     self.shape = (n * self.rows_per_device, self.dim)
     self.spec = P(axes.shard, None)
     self._slots_of: dict[Bags, _Slots] = {}
@@ -221,19 +226,19 @@ class TableWise(Layout):
     return out
 
   def exchange(self, lookup, bags):
-    vectors, scale, fmax = lookup["vectors"], lookup.get("scale"), self.slots_per_device
-    width = bags.uniform
+    vectors, scale, slots = lookup["vectors"], lookup.get("scale"), self.slots(bags)
+    kmax, width = slots.bags_per_device, bags.uniform
     if width is not None:  # whole slots of one width: [source, b, slot, width, D]
-      vectors = vectors.reshape(*vectors.shape[:2], fmax, width, self.dim)
+      vectors = vectors.reshape(*vectors.shape[:2], kmax, width, self.dim)
       pooled = self.kernel.pool(vectors, None if scale is None else
                                 scale.reshape(vectors.shape[:-1]))
-    else:  # each owner's own tables end to end: its own segments
-      segments = jnp.asarray(self.slots(bags).segment)[jax.lax.axis_index(self.axes.shard)]
-      pooled = self.kernel.segment_pool(vectors, scale, segments, fmax)
+    else:  # the bags of each owner's own tables end to end: its own segments
+      segments = jnp.asarray(slots.segment)[jax.lax.axis_index(self.axes.shard)]
+      pooled = self.kernel.segment_pool(vectors, scale, segments, kmax)
     back = jax.lax.all_to_all(pooled, self.axes.shard, 0, 0, tiled=True)  # [owner, b, slot, D]
     b = back.shape[1]
-    flat = back.transpose(1, 0, 2, 3).reshape(b, self.n * fmax, self.dim)
-    return take_static(flat, self.receive_index, axis=1)
+    flat = back.transpose(1, 0, 2, 3).reshape(b, self.n * kmax, self.dim)
+    return take_static(flat, slots.receive, axis=1)
 
 
 class RowWise(Layout):
