@@ -6,12 +6,13 @@ type of a plan in one stacked array (`Layout.shape`, split over the mesh by
 the rows' owners, which gather), `exchange` (pooled vectors back to the
 samples' devices) and `update` (the sparse optimiser on the owner's rows).
 
-Ids reach a layout as flat rows, [b, L_g]: the ids of its features end to end,
-feature by feature, with static widths (`dlrm_jax.embedding.bags.Bags`; one
-id per feature is the case of widths 1, padded bags that of equal widths). So
-every gather, every id and gradient a collective moves, and every row handed
-to the sparse optimiser is one real id (or a padding slot of a padded batch),
-never one slot of the widest bag per feature.
+Ids reach a layout as flat rows, [b, L_g]: the ids of the bags that read its
+tables end to end, bag by bag, with static widths (`dlrm_jax.embedding.bags.Bags`;
+one id per feature is the case of widths 1, padded bags that of equal widths, a
+sequence feature's positions bags of width 1 of one table), and each bag gives
+one vector. So every gather, every id and gradient a collective moves, and
+every row handed to the sparse optimiser is one real id (or a padding slot of a
+padded batch or a sequence), never one slot of the widest bag per feature.
 """
 
 from __future__ import annotations
@@ -84,11 +85,13 @@ class Layout:
   # Per-device programs --------------------------------------------------------
   def route(self, table, ids, scale, bags: Bags) -> dict[str, jax.Array]:
     """Ids [b, L_g] of this device's samples (-1: padding) with per-id pooling scales
-    (None: weight 1), laid out as `bags` -> what the owners gathered."""
+    (None: weight 1), laid out as `bags` (tables numbered by their place in `features`)
+    -> what the owners gathered."""
     raise NotImplementedError
 
   def exchange(self, lookup: dict[str, jax.Array], bags: Bags) -> jax.Array:
-    """What `route` gathered -> pooled vectors of this device's samples, [b, F_g, dim]."""
+    """What `route` gathered -> pooled vectors of this device's samples, one per bag,
+    [b, bags, dim]."""
     raise NotImplementedError
 
   def update(self, opt, table, state, lookup, grads, lr, step):
@@ -112,8 +115,8 @@ class Layout:
                        )[None, :]
 
   def _pool(self, vectors: jax.Array, scale: jax.Array | None, bags: Bags) -> jax.Array:
-    """[..., L_g, D] vectors of flat rows -> [..., F_g, D]: a reshape and the kernel's pool
-    where the bags share one width, its segment sum where they differ."""
+    """[..., L_g, D] vectors of flat rows -> [..., K_g, D] (one per bag): a reshape and the
+    kernel's pool where the bags share one width, its segment sum where they differ."""
     width, k = bags.uniform, len(bags.widths)
     if width is not None:
       vectors = vectors.reshape(*vectors.shape[:-2], k, width, vectors.shape[-1])
@@ -283,7 +286,7 @@ class RowWise(Layout):
     return {"vectors": self.kernel.gather(table, rows), "rows": rows, "scale": scale}
 
   def exchange(self, lookup, bags):
-    partial = self._pool(lookup["vectors"], lookup["scale"], bags)  # [B_group, F_g, D], mine
+    partial = self._pool(lookup["vectors"], lookup["scale"], bags)  # [B_group, K_g, D], mine
     return jax.lax.psum_scatter(partial, self.axes.shard, scatter_dimension=0, tiled=True)
 
 
@@ -334,8 +337,8 @@ class ColumnWise(WholeTables):
     return out
 
   def exchange(self, lookup, bags):
-    pooled = self._pool(lookup["vectors"], lookup.get("scale"), bags)  # [B_group, F_g, D / n]
-    return jax.lax.all_to_all(pooled, self.axes.shard, 0, 2, tiled=True)  # [b, F_g, D]
+    pooled = self._pool(lookup["vectors"], lookup.get("scale"), bags)  # [B_group, K_g, D / n]
+    return jax.lax.all_to_all(pooled, self.axes.shard, 0, 2, tiled=True)  # [b, K_g, D]
 
   def _update_kwargs(self):
     return {**super()._update_kwargs(), "column_axis": self.axes.shard}

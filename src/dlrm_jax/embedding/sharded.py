@@ -89,7 +89,8 @@ class ShardedEmbedding:
   The tables pytree maps sharding type -> stacked array; `init`, `from_arrays`
   and `to_arrays` convert between it and per-table arrays. A train step calls
   `forward` once: its `Forward` holds the looked-up vectors to differentiate
-  with respect to, `embed` (the exchange, differentiable) and `apply_gradients`
+  with respect to, `exchange` (differentiable: the pooled features' and the
+  sequences' vectors; `embed` for the pooled ones alone) and `apply_gradients`
   (the sparse update). The per-device gathers, pooling and updates are the
   `kernel`'s (`dlrm_jax.embedding.kernels`). With one device and an
   all-table-wise plan the layout is exactly `EmbeddingCollection`'s stacked array.
