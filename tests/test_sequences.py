@@ -25,19 +25,24 @@ ROWS = (40, 24, 16, 32)
 # (name, table, capacity): two sequences of t0 (ids repeat across them), one of t2.
 SEQUENCES = (("items", 0, 6), ("recent", 0, 3), ("cats", 2, 5))
 OPTIMIZERS = {"sgd": "", "adagrad": "initial_accumulator_value=0.1"}
+# The pooled features' ids per sample: one id each ([B, 4]; every bag of width 1), or flat
+# multi-hot bags ([B, 7]; bags of several widths, pooled by segment sums).
+HOTNESS = {"one_hot": (1, 1, 1, 1), "multi_hot": (2, 1, 3, 1)}
 
 
-def _collection():
-  return EmbeddingCollection([TableSpec(f"t{i}", r, DIM) for i, r in enumerate(ROWS)],
+def _collection(hotness=HOTNESS["one_hot"]):
+  return EmbeddingCollection([TableSpec(f"t{i}", r, DIM, hotness=h)
+                              for i, (r, h) in enumerate(zip(ROWS, hotness))],
                              sequences=[SequenceSpec(n, f"t{t}") for n, t, _ in SEQUENCES])
 
 
-def _batch(seed=0):
-  """Pooled ids [B, 4] and sequences with lengths 0, 1, ragged and full, their ids drawn
-  mostly from a few rows (repeats within a sequence, across sequences and samples);
-  padding positions hold the table's last row (used nowhere else) or junk ids."""
+def _batch(hotness=HOTNESS["one_hot"], seed=0):
+  """Pooled ids (flat bags of `hotness`) and sequences with lengths 0, 1, ragged and full,
+  their ids drawn mostly from a few rows (repeats within a sequence, across sequences,
+  samples and the pooled bags); padding positions hold the table's last row (used nowhere
+  else) or junk ids."""
   rng = np.random.default_rng(seed)
-  sparse = np.stack([rng.integers(0, 3, BATCH) for _ in ROWS], 1).astype(np.int32)
+  sparse = np.concatenate([rng.integers(0, 3, (BATCH, h)) for h in hotness], 1).astype(np.int32)
   sequences, lengths = {}, {}
   for name, t, cap in SEQUENCES:
     ids = np.where(rng.random((BATCH, cap)) < 0.6, rng.integers(0, 4, (BATCH, cap)),
@@ -59,13 +64,16 @@ def _targets(seed=1):
              for n, _, cap in SEQUENCES}}
 
 
-def _reference(tables, batch, targets, optimizer):
+def _reference(tables, batch, targets, optimizer, hotness=HOTNESS["one_hot"]):
   """numpy float64: the embeddings, and the tables after one step of a linear loss."""
   tables = [np.asarray(t, np.float64) for t in tables]
   grads = [np.zeros_like(t) for t in tables]
-  pooled = np.stack([tables[f][batch["sparse"][:, f]] for f in range(len(ROWS))], 1)
-  for f in range(len(ROWS)):
-    np.add.at(grads[f], batch["sparse"][:, f], targets["pooled"][:, f])
+  starts = np.cumsum((0,) + hotness)
+  bags = [batch["sparse"][:, a:b] for a, b in zip(starts[:-1], starts[1:])]
+  pooled = np.stack([tables[f][ids].sum(1) for f, ids in enumerate(bags)], 1)
+  for f, ids in enumerate(bags):
+    for j in range(ids.shape[1]):
+      np.add.at(grads[f], ids[:, j], targets["pooled"][:, f])
   sequences = {}
   for name, t, cap in SEQUENCES:
     ids, length = batch["sequences"][name], batch["sequence_lengths"][name]
@@ -79,9 +87,10 @@ def _reference(tables, batch, targets, optimizer):
   return pooled, sequences, updated
 
 
-def _step(devices, overrides, optimizer, batch, targets, replicas=1):
+def _step(devices, overrides, optimizer, hotness, replicas=1):
   """One step of the tables alone: (initial tables, pooled, sequences, updated tables)."""
-  coll = _collection()
+  coll = _collection(hotness)
+  batch, targets = _batch(hotness), _targets()
   mesh, axes = parallel.make_mesh(MeshSpec(devices, replicas, "explicit"))
   plan = plan_tables(coll.specs, devices // replicas, batch_size=BATCH, min_column_width=1,
                      overrides=parse_overrides(overrides))
@@ -118,10 +127,10 @@ def _step(devices, overrides, optimizer, batch, targets, replicas=1):
 _ONE_DEVICE = {}
 
 
-def _one_device(optimizer):
-  if optimizer not in _ONE_DEVICE:
-    _ONE_DEVICE[optimizer] = _step(1, "", optimizer, _batch(), _targets())
-  return _ONE_DEVICE[optimizer]
+def _one_device(optimizer, hot):
+  if (optimizer, hot) not in _ONE_DEVICE:
+    _ONE_DEVICE[optimizer, hot] = _step(1, "", optimizer, HOTNESS[hot])
+  return _ONE_DEVICE[optimizer, hot]
 
 
 def _assert_matches(got, want):
@@ -133,14 +142,16 @@ def _assert_matches(got, want):
       np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("hot", list(HOTNESS))
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
-def test_one_device_matches_numpy(optimizer):
+def test_one_device_matches_numpy(optimizer, hot):
   """Vectors are the table rows at valid positions and zeros at padding; the update sums
   the gradients of repeated rows (within a sequence, across sequences, samples and the
-  pooled features) and leaves the rows only padding names untouched."""
-  batch, targets = _batch(), _targets()
-  initial, pooled, sequences, updated = _one_device(optimizer)
-  want_pooled, want_sequences, want_updated = _reference(initial, batch, targets, optimizer)
+  pooled bags) and leaves the rows only padding names untouched."""
+  batch, targets = _batch(HOTNESS[hot]), _targets()
+  initial, pooled, sequences, updated = _one_device(optimizer, hot)
+  want_pooled, want_sequences, want_updated = _reference(initial, batch, targets, optimizer,
+                                                         HOTNESS[hot])
   np.testing.assert_allclose(pooled, want_pooled, rtol=1e-6, atol=1e-7)
   for name, _, cap in SEQUENCES:
     assert sequences[name].shape == (BATCH, cap, DIM)
@@ -165,14 +176,25 @@ PLANS = {
 }
 
 
-@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("optimizer, hot", [("sgd", "one_hot"), ("adagrad", "one_hot"),
+                                             ("adagrad", "multi_hot")])
 @pytest.mark.parametrize("plan", list(PLANS))
-def test_every_layout_on_8_devices_matches_one_device(plan, optimizer):
+def test_every_layout_on_8_devices_matches_one_device(plan, optimizer, hot):
   """The same step on 8 devices (a 2 x 4 mesh for mixed_2x4) gives the one-device
-  embeddings and updated tables, for every sharding type."""
-  got = _step(8, PLANS[plan], optimizer, _batch(), _targets(),
-              replicas=2 if plan == "mixed_2x4" else 1)
-  _assert_matches(got, _one_device(optimizer))
+  embeddings and updated tables, for every sharding type, with the sequences' positions
+  beside one-hot features (bags of one width) and multi-hot bags (of several)."""
+  got = _step(8, PLANS[plan], optimizer, HOTNESS[hot], replicas=2 if plan == "mixed_2x4" else 1)
+  _assert_matches(got, _one_device(optimizer, hot))
+
+
+def test_the_gpu_kernel_serves_sequences(monkeypatch):
+  """`SortedLookup` (matmul pooling, scan-summed updates) gives the portable one-device
+  step on the mixed plan, with multi-hot bags beside the sequences."""
+  from dlrm_jax.embedding import kernels
+
+  want = _one_device("adagrad", "multi_hot")
+  monkeypatch.setitem(kernels.KERNELS, "cpu", kernels.SortedLookup())
+  _assert_matches(_step(8, PLANS["mixed"], "adagrad", HOTNESS["multi_hot"]), want)
 
 
 def test_a_batch_of_sequences_only_and_one_without_sequences():
@@ -226,6 +248,8 @@ def test_a_batch_of_sequences_only_and_one_without_sequences():
      r"the batch's sequences \['cats', 'items'\] are not the collection's sequence features "
      r"\['cats', 'items', 'recent'\]"),
     (lambda b: b.pop("sequences"), "the batch has sequence_lengths but no sequences"),
+    (lambda b: [b.pop(k) for k in list(b)],
+     r"a batch needs categorical ids \(sparse\), sequences, or both"),
 ])
 def test_wrong_sequence_fields_raise_one_line(change, message):
   coll = _collection()
@@ -238,7 +262,8 @@ def test_wrong_sequence_fields_raise_one_line(change, message):
 
 
 def test_collection_checks_sequence_ids_and_tables():
-  """Ids are checked at valid positions only; a sequence must read a known table."""
+  """Ids are checked at valid positions only, lengths against the capacity; a sequence
+  must read a known table."""
   coll = _collection()
   batch = _batch()
   coll.check_sequence_ids(batch["sequences"], batch["sequence_lengths"])  # junk only at padding
@@ -246,6 +271,10 @@ def test_collection_checks_sequence_ids_and_tables():
   with pytest.raises(IdOutOfRangeError, match=r"^sequence 'cats' \(table 't2', 16 rows\) has id "
                      r"16 at sample 2, position 0 \(1 out-of-range ids in this batch\); ids "
                      r"must be in \[0, 16\)$"):
+    coll.check_sequence_ids(batch["sequences"], batch["sequence_lengths"])
+  batch["sequence_lengths"]["recent"][5] = 4
+  with pytest.raises(ValueError, match=r"^sequence 'recent' has length 4 at sample 5; lengths "
+                     r"must be in \[0, 3\] \(its capacity\)$"):
     coll.check_sequence_ids(batch["sequences"], batch["sequence_lengths"])
   with pytest.raises(ValueError, match=r"sequence feature 'h' reads table 'nope', which is not "
                      r"one of the tables \['t0'\]"):

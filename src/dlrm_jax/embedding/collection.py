@@ -356,10 +356,15 @@ class EmbeddingCollection:
   def check_sequence_ids(self, sequences: dict, lengths: dict) -> None:
     """Raises IdOutOfRangeError unless 0 <= id < rows of its table at every position of
     every sequence below its sample's length (`sequences`: name -> ids [B, L];
-    `lengths`: name -> [B]); positions from the length on are padding and not checked."""
+    `lengths`: name -> [B]), ValueError unless every length is in [0, L]; positions
+    from the length on are padding and not checked."""
     for seq, t in zip(self.sequences, self.sequence_tables):
-      ids = np.asarray(sequences[seq.name])
-      valid = np.arange(ids.shape[1])[None, :] < np.asarray(lengths[seq.name])[:, None]
+      ids, length = np.asarray(sequences[seq.name]), np.asarray(lengths[seq.name])
+      if ((length < 0) | (length > ids.shape[1])).any():
+        sample = int(np.argmax((length < 0) | (length > ids.shape[1])))
+        raise ValueError(f"sequence {seq.name!r} has length {int(length[sample])} at sample "
+                         f"{sample}; lengths must be in [0, {ids.shape[1]}] (its capacity)")
+      valid = np.arange(ids.shape[1])[None, :] < length[:, None]
       bad = valid & ((ids < 0) | (ids >= self.rows[t]))
       if bad.any():
         sample, position = (int(i) for i in np.argwhere(bad)[0])

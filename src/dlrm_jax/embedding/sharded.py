@@ -72,7 +72,6 @@ from dlrm_jax.ops import take_static
 from dlrm_jax.parallel import MeshAxes, gather_to_host
 
 Lookups = dict[str, dict[str, jax.Array]]
-SEQUENCE_FIELDS = ("sequences", "sequence_lengths")
 
 
 class Embedded(NamedTuple):
@@ -204,6 +203,8 @@ class ShardedEmbedding:
     if "sequences" not in batch:
       if "sequence_lengths" in batch:
         raise ValueError("the batch has sequence_lengths but no sequences")
+      if "sparse" not in batch:
+        raise ValueError("a batch needs categorical ids (sparse), sequences, or both")
       return ()
     names = [q.name for q in self.collection.sequences]
     ids, lengths = batch["sequences"], batch.get("sequence_lengths")
@@ -260,8 +261,8 @@ class ShardedEmbedding:
   def lookup(self, tables: Tables, batch) -> Lookups:
     """Step 1: each device gathers the rows it owns for the ids that reach it (groups
     whose tables no bag of the batch reads have no entry)."""
-    fields = {k: batch[k] for k in ("sparse", "sparse_weights", "sparse_mask",
-                                    *SEQUENCE_FIELDS) if k in batch}
+    fields = {k: batch[k] for k in ("sparse", "sparse_weights", "sparse_mask", "sequences",
+                                    "sequence_lengths") if k in batch}
     bags = self.bags(batch)
 
     def route(tables, fields):
