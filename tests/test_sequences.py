@@ -1,10 +1,10 @@
 """Sequence features through the sharded embedding engine, against numpy float64.
 
-A batch carries pooled ids [B, F] and sequences of ids (name -> [B, L], with
-lengths [B]) read from the same tables; the engine returns the sequences'
-vectors unpooled, [B, L, D], and the sparse optimiser receives one gradient per
-valid position. Every sharding type, alone and mixed, on 8 simulated devices
-must give the numpy step (and so the one-device step).
+A batch carries pooled ids (one-hot or multi-hot flat bags) and sequences of ids
+(name -> [B, L], with lengths [B]) read from the same tables; the engine returns
+the sequences' vectors unpooled, [B, L, D], and the sparse optimiser receives one
+gradient per valid position. The one-device step equals numpy's, and every
+sharding type, alone and mixed, on 8 simulated devices gives the one-device step.
 """
 
 import jax
