@@ -360,8 +360,9 @@ class EmbeddingCollection:
     from the length on are padding and not checked."""
     for seq, t in zip(self.sequences, self.sequence_tables):
       ids, length = np.asarray(sequences[seq.name]), np.asarray(lengths[seq.name])
-      if ((length < 0) | (length > ids.shape[1])).any():
-        sample = int(np.argmax((length < 0) | (length > ids.shape[1])))
+      wrong = (length < 0) | (length > ids.shape[1])
+      if wrong.any():
+        sample = int(np.argmax(wrong))
         raise ValueError(f"sequence {seq.name!r} has length {int(length[sample])} at sample "
                          f"{sample}; lengths must be in [0, {ids.shape[1]}] (its capacity)")
       valid = np.arange(ids.shape[1])[None, :] < length[:, None]
