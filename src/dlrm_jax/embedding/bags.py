@@ -8,6 +8,12 @@ A batch's "sparse" ids come in one of three layouts, told apart by shape:
   [B, F, H]  bags padded to H ids, with "sparse_mask" marking the ids present
              (for bags whose length varies from sample to sample)
 
+A batch may also carry sequence features ("sequences": name -> ids [B, L], with
+"sequence_lengths": name -> [B]): per-sample sequences of ids of one table, looked
+up without pooling. A sequence of capacity L is L bags of width 1 that all read
+its table, appended after the pooled features' bags (`with_sequences`); its
+positions at or past a sample's length are padding (id -1, scale 0).
+
 Whatever the layout, the lookups see ids as flat rows with static bag widths:
 a padded batch is a flat one whose F bags are all H wide. Gathers, exchanges and
 sparse updates then cost one slot per id of the flat row, and a bag is pooled
@@ -34,10 +40,18 @@ class Bags:
     widths: ids per bag, in order.
     divisors: what each pooled bag is divided by after pooling ("mean" tables of
       flat bags: their static hotness; 1 for the others); None: nothing to divide.
+    tables: the table each bag reads (an index); None: bag k reads table k (one bag
+      per table, as pooled features are). Sequence positions are bags of one table.
   """
 
   widths: tuple[int, ...]
   divisors: tuple[float, ...] | None = None
+  tables: tuple[int, ...] | None = None
+
+  @property
+  def table_of(self) -> np.ndarray:
+    """The table each bag reads, [bags] int64."""
+    return np.arange(len(self.widths)) if self.tables is None else np.asarray(self.tables)
 
   @property
   def total(self) -> int:
@@ -60,9 +74,15 @@ class Bags:
     return np.concatenate([np.arange(offsets[k], offsets[k] + self.widths[k]) for k in bags]
                           ).astype(np.int32)
 
-  def select(self, bags: Sequence[int]) -> "Bags":
-    """The layout of `columns(bags)` (without divisors: they apply to whole batches)."""
-    return Bags(tuple(self.widths[k] for k in bags))
+  def of_tables(self, tables: Sequence[int]) -> tuple[np.ndarray, "Bags"]:
+    """The bags that read `tables` (their indices, in order) and the layout of their
+    `columns`, each bag's table numbered by its place in `tables` (without divisors:
+    they apply to whole batches)."""
+    place = {int(t): i for i, t in enumerate(tables)}
+    bags = np.array([k for k, t in enumerate(self.table_of) if int(t) in place], np.int64)
+    local = tuple(place[int(self.table_of[k])] for k in bags)
+    return bags, Bags(tuple(self.widths[k] for k in bags),
+                      tables=None if local == tuple(range(len(local))) else local)
 
   def segments(self) -> np.ndarray:
     """The bag of each column, [total] int32 (sorted)."""
@@ -71,6 +91,10 @@ class Bags:
   def per_column(self, values: Sequence) -> np.ndarray:
     """A per-bag value repeated for each of the bag's columns, [total]."""
     return np.repeat(np.asarray(values), self.widths)
+
+  def per_table_column(self, values: Sequence) -> np.ndarray:
+    """A per-table value (of the table each bag reads) for each column, [total]."""
+    return self.per_column(np.asarray(values)[self.table_of])
 
 
 def batch_bags(hotness: Sequence[int], mean: Sequence[bool],
@@ -93,6 +117,18 @@ def batch_bags(hotness: Sequence[int], mean: Sequence[bool],
       f"categorical ids must have shape [batch, {sum(hotness)}] (flat bags: the tables' "
       f"hotness {_short(hotness)} end to end), [batch, {f}] (one id per feature) or "
       f"[batch, {f}, hotness] (padded bags, with a mask), got {tuple(shape)}")
+
+
+def with_sequences(bags: Bags, tables: Sequence[int], capacities: Sequence[int]) -> Bags:
+  """`bags` followed by sequences of `capacities` reading `tables`: each sequence's L
+  positions are L bags of width 1 (divided by 1, where `bags` divide)."""
+  extra = sum(int(c) for c in capacities)
+  if not extra:
+    return bags
+  seq = [int(t) for t, c in zip(tables, capacities) for _ in range(int(c))]
+  return Bags(bags.widths + (1,) * extra,
+              None if bags.divisors is None else bags.divisors + (1.0,) * extra,
+              tuple(int(t) for t in bags.table_of) + tuple(seq))
 
 
 def pool_equal(vectors: jax.Array, scale: jax.Array | None) -> jax.Array:

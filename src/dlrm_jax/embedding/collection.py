@@ -117,6 +117,15 @@ class TableSpec:
     return float(np.sqrt(1.0 / self.rows)) if self.init_scale is None else float(self.init_scale)
 
 
+@dataclasses.dataclass(frozen=True)
+class SequenceSpec:
+  """A sequence feature: per-sample sequences of ids of table `table` (a table's name),
+  looked up without pooling (one vector per position; `dlrm_jax.embedding.bags`)."""
+
+  name: str
+  table: str
+
+
 Tables = dict[str, jax.Array]
 
 
@@ -125,13 +134,24 @@ class EmbeddingCollection:
 
   The tables themselves are a pytree (`Tables`: group name -> stacked array)
   created by `init` and passed explicitly to `lookup` and to the optimisers;
-  `dtype` (a value of STORAGE_DTYPES) is their storage type.
+  `dtype` (a value of STORAGE_DTYPES) is their storage type. `sequences` are
+  the sequence features, each reading one of the tables (`SequenceSpec`).
   """
 
-  def __init__(self, specs: Sequence[TableSpec], dtype=jnp.float32):
+  def __init__(self, specs: Sequence[TableSpec], dtype=jnp.float32,
+               sequences: Sequence[SequenceSpec] = ()):
     if not specs:
       raise ValueError("an embedding collection needs at least one table")
     self.specs = tuple(specs)
+    self.sequences = tuple(sequences)
+    names = [s.name for s in self.specs]
+    for seq in self.sequences:
+      if seq.table not in names:
+        raise ValueError(f"sequence feature {seq.name!r} reads table {seq.table!r}, which is "
+                         f"not one of the tables {names}")
+    if len({seq.name for seq in self.sequences}) != len(self.sequences):
+      raise ValueError(f"sequence feature names repeat: {[q.name for q in self.sequences]}")
+    self.sequence_tables = tuple(names.index(seq.table) for seq in self.sequences)
     self.dtype = jnp.dtype(dtype)
     if self.dtype not in [jnp.dtype(d) for d in STORAGE_DTYPES.values()]:
       raise ValueError(f"table storage dtype {self.dtype} is not one of {tuple(STORAGE_DTYPES)}")
@@ -332,6 +352,28 @@ class EmbeddingCollection:
           f"feature {feature} (table {spec.name!r}, {spec.rows} rows) has id "
           f"{int(ids[where])} at sample {sample} of the batch{position} "
           f"({int(bad.sum())} out-of-range ids in this batch); ids must be in [0, {spec.rows})")
+
+  def check_sequence_ids(self, sequences: dict, lengths: dict) -> None:
+    """Raises IdOutOfRangeError unless 0 <= id < rows of its table at every position of
+    every sequence below its sample's length (`sequences`: name -> ids [B, L];
+    `lengths`: name -> [B]), ValueError unless every length is in [0, L]; positions
+    from the length on are padding and not checked."""
+    for seq, t in zip(self.sequences, self.sequence_tables):
+      ids, length = np.asarray(sequences[seq.name]), np.asarray(lengths[seq.name])
+      wrong = (length < 0) | (length > ids.shape[1])
+      if wrong.any():
+        sample = int(np.argmax(wrong))
+        raise ValueError(f"sequence {seq.name!r} has length {int(length[sample])} at sample "
+                         f"{sample}; lengths must be in [0, {ids.shape[1]}] (its capacity)")
+      valid = np.arange(ids.shape[1])[None, :] < length[:, None]
+      bad = valid & ((ids < 0) | (ids >= self.rows[t]))
+      if bad.any():
+        sample, position = (int(i) for i in np.argwhere(bad)[0])
+        spec = self.specs[t]
+        raise IdOutOfRangeError(
+            f"sequence {seq.name!r} (table {spec.name!r}, {spec.rows} rows) has id "
+            f"{int(ids[sample, position])} at sample {sample}, position {position} "
+            f"({int(bad.sum())} out-of-range ids in this batch); ids must be in [0, {spec.rows})")
 
   def global_rows(self, ids: jax.Array) -> jax.Array:
     """Per-table ids [B, L], [B, F] or [B, F, H] (see `bags`) -> rows of the stacked

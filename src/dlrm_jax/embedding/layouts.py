@@ -6,12 +6,13 @@ type of a plan in one stacked array (`Layout.shape`, split over the mesh by
 the rows' owners, which gather), `exchange` (pooled vectors back to the
 samples' devices) and `update` (the sparse optimiser on the owner's rows).
 
-Ids reach a layout as flat rows, [b, L_g]: the ids of its features end to end,
-feature by feature, with static widths (`dlrm_jax.embedding.bags.Bags`; one
-id per feature is the case of widths 1, padded bags that of equal widths). So
-every gather, every id and gradient a collective moves, and every row handed
-to the sparse optimiser is one real id (or a padding slot of a padded batch),
-never one slot of the widest bag per feature.
+Ids reach a layout as flat rows, [b, L_g]: the ids of the bags that read its
+tables end to end, bag by bag, with static widths (`dlrm_jax.embedding.bags.Bags`;
+one id per feature is the case of widths 1, padded bags that of equal widths, a
+sequence feature's positions bags of width 1 of one table), and each bag gives
+one vector. So every gather, every id and gradient a collective moves, and
+every row handed to the sparse optimiser is one real id (or a padding slot of a
+padded batch or a sequence), never one slot of the widest bag per feature.
 """
 
 from __future__ import annotations
@@ -84,11 +85,13 @@ class Layout:
   # Per-device programs --------------------------------------------------------
   def route(self, table, ids, scale, bags: Bags) -> dict[str, jax.Array]:
     """Ids [b, L_g] of this device's samples (-1: padding) with per-id pooling scales
-    (None: weight 1), laid out as `bags` -> what the owners gathered."""
+    (None: weight 1), laid out as `bags` (tables numbered by their place in `features`)
+    -> what the owners gathered."""
     raise NotImplementedError
 
   def exchange(self, lookup: dict[str, jax.Array], bags: Bags) -> jax.Array:
-    """What `route` gathered -> pooled vectors of this device's samples, [b, F_g, dim]."""
+    """What `route` gathered -> pooled vectors of this device's samples, one per bag,
+    [b, bags, dim]."""
     raise NotImplementedError
 
   def update(self, opt, table, state, lookup, grads, lr, step):
@@ -106,12 +109,14 @@ class Layout:
     return {"element_ids": (lambda rows: self.local_row_info(rows)[0], self.local_cols())}
 
   def _column_const(self, values, bags: Bags) -> jax.Array:
-    """A per-feature constant repeated for each of its ids, [1, L_g] (against [b, L_g] ids)."""
-    return jnp.asarray(bags.per_column(np.asarray(values, np.int32)).astype(np.int32))[None, :]
+    """A per-table constant repeated for each id of a bag that reads the table, [1, L_g]
+    (against [b, L_g] ids)."""
+    return jnp.asarray(bags.per_table_column(np.asarray(values, np.int32)).astype(np.int32)
+                       )[None, :]
 
   def _pool(self, vectors: jax.Array, scale: jax.Array | None, bags: Bags) -> jax.Array:
-    """[..., L_g, D] vectors of flat rows -> [..., F_g, D]: a reshape and the kernel's pool
-    where the bags share one width, its segment sum where they differ."""
+    """[..., L_g, D] vectors of flat rows -> [..., K_g, D] (one per bag): a reshape and the
+    kernel's pool where the bags share one width, its segment sum where they differ."""
     width, k = bags.uniform, len(bags.widths)
     if width is not None:
       vectors = vectors.reshape(*vectors.shape[:-2], k, width, vectors.shape[-1])
@@ -122,26 +127,31 @@ class Layout:
 
 class _Slots:
   """Where a table-wise group's ids travel for one layout of bags: each owner's slot of
-  `width` positions (its tables' ids end to end, padded to the fullest owner's total)."""
+  `width` positions (the ids of the bags that read its tables, end to end, padded to the
+  fullest owner's total), pooled into `bags_per_device` vectors per sample."""
 
   def __init__(self, group: "TableWise", bags: Bags):
-    n, fmax = group.n, group.slots_per_device
+    n, tables = group.n, bags.table_of
+    owned = [[k for k, t in enumerate(tables) if group.where[int(t)][0] == d] for d in range(n)]
+    kmax = self.bags_per_device = max(1, max(len(o) for o in owned))
     columns = bags.offsets
     equal = bags.uniform
-    totals = [sum(bags.widths[g] for g in device) for device in group.slot_features]
+    totals = [sum(bags.widths[k] for k in device) for device in owned]
     # Bags of one width keep whole slots of it (pooled by a reshape); others are padded
     # only to the largest total on a device.
-    self.width = fmax * equal if equal is not None else max(1, max(totals))
+    self.width = kmax * equal if equal is not None else max(1, max(totals))
     self.send = np.full((n, self.width), bags.total, np.int32)  # padding: an extra column
     self.offset = np.zeros((n, self.width), np.int32)  # local row offset of each position
-    self.segment = np.full((n, self.width), fmax, np.int32)  # slot of each position
-    for d, device in enumerate(group.slot_features):
+    self.segment = np.full((n, self.width), kmax, np.int32)  # bag slot of each position
+    self.receive = np.zeros(len(tables), np.int32)  # bag -> its owner's slot, flattened
+    for d, device in enumerate(owned):
       at = 0
-      for j, g in enumerate(device):
-        w = bags.widths[g]
-        self.send[d, at:at + w] = columns[g] + np.arange(w)
-        self.offset[d, at:at + w] = group.local_offset[d, j]
+      for j, k in enumerate(device):
+        w = bags.widths[k]
+        self.send[d, at:at + w] = columns[k] + np.arange(w)
+        self.offset[d, at:at + w] = group.where[int(tables[k])][2]
         self.segment[d, at:at + w] = j
+        self.receive[k] = d * kmax + j
         at += w
 
 
@@ -171,8 +181,6 @@ class TableWise(Layout):
     self.slot_rows = np.zeros((n, fmax), np.int64)  # rows of the table in each slot (0: padding)
     for g, (d, j, _) in self.where.items():
       self.slot_rows[d, j] = self.rows[g]
-    self.receive_index = np.array([self.where[g][0] * fmax + self.where[g][1]
-                                   for g in range(len(self.features))], np.int32)
     self.shape = (n * self.rows_per_device, self.dim)
     self.spec = P(axes.shard, None)
     self._slots_of: dict[Bags, _Slots] = {}
@@ -221,19 +229,19 @@ class TableWise(Layout):
     return out
 
   def exchange(self, lookup, bags):
-    vectors, scale, fmax = lookup["vectors"], lookup.get("scale"), self.slots_per_device
-    width = bags.uniform
+    vectors, scale, slots = lookup["vectors"], lookup.get("scale"), self.slots(bags)
+    kmax, width = slots.bags_per_device, bags.uniform
     if width is not None:  # whole slots of one width: [source, b, slot, width, D]
-      vectors = vectors.reshape(*vectors.shape[:2], fmax, width, self.dim)
+      vectors = vectors.reshape(*vectors.shape[:2], kmax, width, self.dim)
       pooled = self.kernel.pool(vectors, None if scale is None else
                                 scale.reshape(vectors.shape[:-1]))
-    else:  # each owner's own tables end to end: its own segments
-      segments = jnp.asarray(self.slots(bags).segment)[jax.lax.axis_index(self.axes.shard)]
-      pooled = self.kernel.segment_pool(vectors, scale, segments, fmax)
+    else:  # the bags of each owner's own tables end to end: its own segments
+      segments = jnp.asarray(slots.segment)[jax.lax.axis_index(self.axes.shard)]
+      pooled = self.kernel.segment_pool(vectors, scale, segments, kmax)
     back = jax.lax.all_to_all(pooled, self.axes.shard, 0, 0, tiled=True)  # [owner, b, slot, D]
     b = back.shape[1]
-    flat = back.transpose(1, 0, 2, 3).reshape(b, self.n * fmax, self.dim)
-    return take_static(flat, self.receive_index, axis=1)
+    flat = back.transpose(1, 0, 2, 3).reshape(b, self.n * kmax, self.dim)
+    return take_static(flat, slots.receive, axis=1)
 
 
 class RowWise(Layout):
@@ -278,7 +286,7 @@ class RowWise(Layout):
     return {"vectors": self.kernel.gather(table, rows), "rows": rows, "scale": scale}
 
   def exchange(self, lookup, bags):
-    partial = self._pool(lookup["vectors"], lookup["scale"], bags)  # [B_group, F_g, D], mine
+    partial = self._pool(lookup["vectors"], lookup["scale"], bags)  # [B_group, K_g, D], mine
     return jax.lax.psum_scatter(partial, self.axes.shard, scatter_dimension=0, tiled=True)
 
 
@@ -329,8 +337,8 @@ class ColumnWise(WholeTables):
     return out
 
   def exchange(self, lookup, bags):
-    pooled = self._pool(lookup["vectors"], lookup.get("scale"), bags)  # [B_group, F_g, D / n]
-    return jax.lax.all_to_all(pooled, self.axes.shard, 0, 2, tiled=True)  # [b, F_g, D]
+    pooled = self._pool(lookup["vectors"], lookup.get("scale"), bags)  # [B_group, K_g, D / n]
+    return jax.lax.all_to_all(pooled, self.axes.shard, 0, 2, tiled=True)  # [b, K_g, D]
 
   def _update_kwargs(self):
     return {**super()._update_kwargs(), "column_axis": self.axes.shard}

@@ -40,6 +40,14 @@ owner's slot only to the most ids one device serves, and bags of several
 widths are pooled by a sorted segment sum. The layouts and their per-device
 programs are `dlrm_jax.embedding.layouts`.
 
+A batch may also carry sequence features (the collection's `SequenceSpec`s):
+"sequences", name -> ids [B, L], and "sequence_lengths", name -> [B]. Each
+sequence position is one more bag of width 1 of its table, routed, gathered and
+updated with the pooled features' ids in the same collectives, and returned
+unpooled: `embed_sequences` gives name -> [B, L, D], zeros from each sample's
+length on. Their gradients reach the sparse update per position, and repeated
+rows are summed there as repeated ids of bags are.
+
 Over a 2-D mesh (replica, shard) each replica group holds a full copy of the
 sharded tables and serves its own slice of the batch; updates gather the
 touched rows and gradients of all replica groups so that copies stay equal.
@@ -48,14 +56,14 @@ touched rows and gradients of all replica groups so that copies stay equal.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dlrm_jax.embedding.bags import Bags
+from dlrm_jax.embedding.bags import Bags, with_sequences
 from dlrm_jax.embedding.collection import EmbeddingCollection, Tables, pad_to, unpack
 from dlrm_jax.embedding.kernels import LocalLookup, local_lookup
 from dlrm_jax.embedding.layouts import Layout, local_shape, plan_groups, stack_rows, unstack_rows
@@ -66,13 +74,22 @@ from dlrm_jax.parallel import MeshAxes, gather_to_host
 Lookups = dict[str, dict[str, jax.Array]]
 
 
+class Embedded(NamedTuple):
+  """A batch's embeddings: the pooled features' [B, F, D] ([B, 0, D] for a batch of
+  sequences only) and each sequence feature's [B, L, D] (zeros at padding)."""
+
+  pooled: jax.Array
+  sequences: dict[str, jax.Array]
+
+
 class ShardedEmbedding:
   """A collection's tables laid out over a mesh by a plan, with sharded lookups and updates.
 
   The tables pytree maps sharding type -> stacked array; `init`, `from_arrays`
   and `to_arrays` convert between it and per-table arrays. A train step calls
   `forward` once: its `Forward` holds the looked-up vectors to differentiate
-  with respect to, `embed` (the exchange, differentiable) and `apply_gradients`
+  with respect to, `exchange` (differentiable: the pooled features' and the
+  sequences' vectors; `embed` for the pooled ones alone) and `apply_gradients`
   (the sparse update). The per-device gathers, pooling and updates are the
   `kernel`'s (`dlrm_jax.embedding.kernels`). With one device and an
   all-table-wise plan the layout is exactly `EmbeddingCollection`'s stacked array.
@@ -91,8 +108,6 @@ class ShardedEmbedding:
     self.specs = collection.specs
     self.kernel = kernel or local_lookup(mesh.devices.flat[0].platform)
     self.groups: dict[str, Layout] = plan_groups(collection, plan, axes, self.kernel)
-    order = [t for g in self.groups.values() for t in g.features]
-    self._feature_order = np.argsort(np.array(order))  # group-concatenated -> table order
 
   # Shardings ------------------------------------------------------------------
   def table_shardings(self) -> dict[str, NamedSharding]:
@@ -176,11 +191,59 @@ class ShardedEmbedding:
   # Per-step programs -------------------------------------------------------------
   def bags(self, batch) -> Bags:
     """The static layout of a batch's ids: flat bags [B, sum(hotness)], one id per
-    feature [B, F] or padded bags [B, F, H] (`EmbeddingCollection.bags`)."""
-    return self.collection.bags(batch["sparse"].shape)
+    feature [B, F] or padded bags [B, F, H] (`EmbeddingCollection.bags`), then one bag
+    of width 1 per position of each sequence feature (`bags.with_sequences`)."""
+    pooled = self.collection.bags(batch["sparse"].shape) if "sparse" in batch else Bags(())
+    capacities = [length for _, length in self.sequence_shapes(batch)]
+    return with_sequences(pooled, self.collection.sequence_tables, capacities)
+
+  def sequence_shapes(self, batch) -> tuple[tuple[str, int], ...]:
+    """Each sequence feature's name and capacity L in `batch` (none if it has no
+    "sequences"), after checking the fields' names and shapes."""
+    if "sequences" not in batch:
+      if "sequence_lengths" in batch:
+        raise ValueError("the batch has sequence_lengths but no sequences")
+      if "sparse" not in batch:
+        raise ValueError("a batch needs categorical ids (sparse), sequences, or both")
+      return ()
+    names = [q.name for q in self.collection.sequences]
+    ids, lengths = batch["sequences"], batch.get("sequence_lengths")
+    if sorted(ids) != sorted(names):
+      raise ValueError(f"the batch's sequences {sorted(ids)} are not the collection's "
+                       f"sequence features {sorted(names)}")
+    if lengths is None or sorted(lengths) != sorted(names):
+      raise ValueError(f"sequence_lengths must give the length of each sequence {sorted(names)}"
+                       f", got {None if lengths is None else sorted(lengths)}")
+    batch_size = batch["sparse"].shape[0] if "sparse" in batch else ids[names[0]].shape[0]
+    for name in names:
+      if len(ids[name].shape) != 2 or ids[name].shape[0] != batch_size:
+        raise ValueError(f"sequence {name!r}: ids must have shape [batch={batch_size}, "
+                         f"capacity], got {tuple(ids[name].shape)}")
+      if tuple(lengths[name].shape) != (batch_size,):
+        raise ValueError(f"sequence_lengths[{name!r}] must have shape ({batch_size},), got "
+                         f"{tuple(lengths[name].shape)}")
+    return tuple((name, int(ids[name].shape[1])) for name in names)
 
   def _sample_side(self, fields):
-    """Ids as flat rows [b, L] (-1: padding), and per-id pooling scales (None: weight 1)."""
+    """Ids as flat rows [b, L] (-1: padding), and per-id pooling scales (None: weight 1):
+    the pooled features' ids, then each sequence's positions (`bags`)."""
+    ids, scale = self._pooled_side(fields) if "sparse" in fields else (None, None)
+    if "sequences" not in fields:
+      return ids, scale
+    seq_ids, seq_scale = [], []
+    for q in self.collection.sequences:
+      x = fields["sequences"][q.name].astype(jnp.int32)
+      valid = (jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]
+               < fields["sequence_lengths"][q.name].astype(jnp.int32)[:, None])
+      seq_ids.append(jnp.where(valid, x, -1))
+      seq_scale.append(valid.astype(jnp.float32))
+    if ids is not None:
+      seq_ids.insert(0, ids)
+      seq_scale.insert(0, jnp.ones(ids.shape, jnp.float32) if scale is None else scale)
+    return jnp.concatenate(seq_ids, axis=1), jnp.concatenate(seq_scale, axis=1)
+
+  def _pooled_side(self, fields):
+    """The pooled features' part of `_sample_side`."""
     ids = fields["sparse"].astype(jnp.int32)
     weights, mask = fields.get("sparse_weights"), fields.get("sparse_mask")
     if weights is not None and weights.shape != ids.shape:
@@ -196,52 +259,81 @@ class ShardedEmbedding:
     return ids.reshape(ids.shape[0], -1), scale.reshape(ids.shape[0], -1)
 
   def lookup(self, tables: Tables, batch) -> Lookups:
-    """Step 1: each device gathers the rows it owns for the ids that reach it."""
-    fields = {k: batch[k] for k in ("sparse", "sparse_weights", "sparse_mask") if k in batch}
+    """Step 1: each device gathers the rows it owns for the ids that reach it (groups
+    whose tables no bag of the batch reads have no entry)."""
+    fields = {k: batch[k] for k in ("sparse", "sparse_weights", "sparse_mask", "sequences",
+                                    "sequence_lengths") if k in batch}
     bags = self.bags(batch)
 
     def route(tables, fields):
       ids, scale = self._sample_side(fields)
       out = {}
       for kind, g in self.groups.items():
-        cols = bags.columns(g.features)
+        ks, bags_g = bags.of_tables(g.features)
+        if not len(ks):
+          continue
+        cols = bags.columns(ks)
         if not np.array_equal(cols, np.arange(bags.total)):  # this group's ids, in its order
           ids_g = jnp.take(ids, cols, axis=1)
           scale_g = None if scale is None else jnp.take(scale, cols, axis=1)
         else:
           ids_g, scale_g = ids, scale
-        out[kind] = g.route(tables[kind], ids_g, scale_g, bags.select(g.features))
+        out[kind] = g.route(tables[kind], ids_g, scale_g, bags_g)
       return out
 
     return jax.shard_map(route, mesh=self.mesh,
                          in_specs=(self._table_specs(), self.batch_spec),
                          out_specs=self.batch_spec)(tables, fields)
 
-  def exchange(self, lookups: Lookups, bags: Bags) -> jax.Array:
-    """Step 2 (differentiable): pooled vectors to their samples' devices -> [B, F, D];
-    `bags`: the layout of the looked-up batch's ids (`bags(batch)`)."""
+  def exchange(self, lookups: Lookups, bags: Bags,
+               sequences: tuple[tuple[str, int], ...] = ()) -> Embedded:
+    """Step 2 (differentiable): pooled vectors to their samples' devices. `bags`: the
+    layout of the looked-up batch's ids (`bags(batch)`); `sequences`: its sequence
+    features' names and capacities (`sequence_shapes(batch)`), the last bags."""
     def exchange(lookups):
       dim = self.collection.dim  # narrower tables' vectors zero-padded to the widest's
-      parts = [pad_to(g.exchange(lookups[kind], bags.select(g.features)), dim)
-               for kind, g in self.groups.items()]
+      parts, order = [], []
+      for kind, g in self.groups.items():
+        if kind in lookups:
+          ks, bags_g = bags.of_tables(g.features)
+          parts.append(pad_to(g.exchange(lookups[kind], bags_g), dim))
+          order.append(ks)
       emb = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-      emb = take_static(emb, self._feature_order, axis=1)
+      emb = take_static(emb, np.argsort(np.concatenate(order)), axis=1)  # -> bag order
       if bags.divisors is not None:  # "mean" of flat bags: by the static hotness
         emb = emb / jnp.asarray(bags.divisors, emb.dtype)[None, :, None]
       return emb
 
-    return jax.shard_map(exchange, mesh=self.mesh, in_specs=self.batch_spec,
-                         out_specs=self.batch_spec)(lookups)
+    emb = jax.shard_map(exchange, mesh=self.mesh, in_specs=self.batch_spec,
+                        out_specs=self.batch_spec)(lookups)
+    if not sequences:
+      return Embedded(emb, {})
+    start = pooled = len(bags.widths) - sum(length for _, length in sequences)
+    out = {}
+    for name, length in sequences:
+      out[name] = emb[:, start:start + length]
+      start += length
+    return Embedded(emb[:, :pooled], out)
+
+  def embed_all(self, tables: Tables, batch) -> Embedded:
+    """Lookup and exchange: the pooled features' and the sequences' embeddings."""
+    return self.exchange(self.lookup(tables, batch), self.bags(batch),
+                         self.sequence_shapes(batch))
 
   def embed(self, tables: Tables, batch) -> jax.Array:
-    """Lookup and exchange: the pooled embedding of every feature, [B, F, D]."""
-    return self.exchange(self.lookup(tables, batch), self.bags(batch))
+    """The pooled embedding of every feature, [B, F, D] (`embed_all`)."""
+    return self.embed_all(tables, batch).pooled
+
+  def embed_sequences(self, tables: Tables, batch) -> dict[str, jax.Array]:
+    """Each sequence feature's vectors, name -> [B, L, D], zeros from each sample's
+    length on (`embed_all`)."""
+    return self.embed_all(tables, batch).sequences
 
   def forward(self, tables: Tables, batch) -> "Forward":
     """Step 1 now (each device gathers the rows it owns), steps 2 and 3 as functions."""
     with jax.named_scope("lookup"):
       lookups = self.lookup(tables, batch)
-    return Forward(self, lookups, self.bags(batch))
+    return Forward(self, lookups, self.bags(batch), self.sequence_shapes(batch))
 
   def update(self, opt, tables: Tables, state, lookups: Lookups,
              grads: dict[str, jax.Array], lr, step) -> tuple[Tables, dict]:
@@ -251,6 +343,9 @@ class ShardedEmbedding:
     def update(tables, state, lookups, grads, lr, step):
       new_tables, new_state = {}, {}
       for kind, g in self.groups.items():
+        if kind not in lookups:  # no bag of the batch reads its tables
+          new_tables[kind], new_state[kind] = tables[kind], state[kind]
+          continue
         new_tables[kind], new_state[kind] = g.update(
             opt, tables[kind], state[kind], lookups[kind], grads[kind], lr, step)
       return new_tables, new_state
@@ -275,15 +370,23 @@ class Forward:
   """A batch's lookup: the vectors the loss is differentiated with respect to (where
   they live, on their rows' devices), and the two steps that follow."""
 
-  def __init__(self, embedding: ShardedEmbedding, lookups: Lookups, bags: Bags):
+  def __init__(self, embedding: ShardedEmbedding, lookups: Lookups, bags: Bags,
+               sequences: tuple[tuple[str, int], ...] = ()):
     self._embedding, self._lookups, self.bags = embedding, lookups, bags
+    self.sequences = sequences  # the sequence features' names and capacities
     self.vectors: dict[str, jax.Array] = {k: v["vectors"] for k, v in lookups.items()}
 
-  def embed(self, vectors: dict[str, jax.Array]) -> jax.Array:
-    """Step 2 (differentiable): `vectors` pooled and sent to their samples -> [B, F, D]."""
+  def exchange(self, vectors: dict[str, jax.Array]) -> Embedded:
+    """Step 2 (differentiable): `vectors` pooled and sent to their samples -> the pooled
+    features' [B, F, D] and each sequence's [B, L, D] (`Embedded`)."""
     with jax.named_scope("exchange"):
       return self._embedding.exchange(
-          {k: {**v, "vectors": vectors[k]} for k, v in self._lookups.items()}, self.bags)
+          {k: {**v, "vectors": vectors[k]} for k, v in self._lookups.items()}, self.bags,
+          self.sequences)
+
+  def embed(self, vectors: dict[str, jax.Array]) -> jax.Array:
+    """`exchange(vectors).pooled`: the pooled features' embeddings, [B, F, D]."""
+    return self.exchange(vectors).pooled
 
   def apply_gradients(self, opt, tables: Tables, state, grads: dict[str, jax.Array], lr,
                       step) -> tuple[Tables, dict]:
