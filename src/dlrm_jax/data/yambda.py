@@ -52,6 +52,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from dlrm_jax.data import commands
 from dlrm_jax.data import format as fmt
 
 FORMAT_NAME = "dlrmv4_events"
@@ -482,25 +483,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Runs one command; returns the exit status: 1 with a one-line message for bad input
   or a directory that cannot be used, 130 when interrupted (2 for bad arguments)."""
   args = _parser().parse_args(argv)
-  try:
+
+  def command() -> None:
     if args.command == "prepare":
       prepare(args.input, args.output, min_history=args.min_history,
               window_seconds=args.window_seconds, size=args.size, batch_rows=args.batch_rows)
     else:
       meta = read_metadata(args.path)
       print(json.dumps(meta, indent=1) if args.json else format_info(args.path, meta))
-  except ValueError as e:  # InputError, FormatError
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  except OSError as e:
-    text = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
-    print(f"error: {text}", file=sys.stderr)
-    return 1
-  except KeyboardInterrupt:
-    print("interrupted" + (": run the same command again to prepare it"
-                           if args.command == "prepare" else ""), file=sys.stderr)
-    return 130
-  return 0
+
+  return commands.run(command, interrupted="interrupted" + (
+      ": run the same command again to prepare it" if args.command == "prepare" else ""))
 
 
 def format_info(path: str, meta: dict) -> str:
@@ -517,32 +510,22 @@ def format_info(path: str, meta: dict) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-  def at_least(low: int):
-    def parse(text: str) -> int:
-      try:
-        value = int(text)
-      except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-      if value < low:
-        raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
-      return value
-    return parse
-
   parser = argparse.ArgumentParser(prog="python -m dlrm_jax.data.yambda",
                                    description="Yambda-style listening logs -> DLRMv4's "
                                                "anchors in daily windows.")
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("prepare", help="prepare a log into a directory",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     formatter_class=commands.WithDefaults)
   p.add_argument("--input", required=True,
                  help="the log's root: flat[/SIZE]/multi_event.parquet and the album and "
                       "artist item mappings")
   p.add_argument("--output", required=True, help="the prepared directory (new or unfinished)")
   p.add_argument("--size", default=None, help="Yambda's size folder under flat/ (50m, 500m, 5b)")
-  p.add_argument("--min-history", type=at_least(0), default=4086,
+  p.add_argument("--min-history", type=commands.int_at_least(0), default=4086,
                  help="earlier events of its user an anchor needs")
-  p.add_argument("--window-seconds", type=at_least(1), default=DAY_S, help="the windows' length")
-  p.add_argument("--batch-rows", type=at_least(1), default=1 << 20,
+  p.add_argument("--window-seconds", type=commands.int_at_least(1), default=DAY_S,
+                 help="the windows' length")
+  p.add_argument("--batch-rows", type=commands.int_at_least(1), default=1 << 20,
                  help="rows read at a time (memory follows it)")
   i = sub.add_parser("info", help="summarise a prepared directory")
   i.add_argument("path")

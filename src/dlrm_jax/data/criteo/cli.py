@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from typing import Sequence
 
+from dlrm_jax.data import commands
 from dlrm_jax.data import format as fmt
 from dlrm_jax.data.criteo.multihot import make_multi_hot
 from dlrm_jax.data.criteo.preparation import CATEGORICAL_MODES, DATASETS, prepare
@@ -17,7 +17,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Runs one command; returns the exit status: 1, with a one-line message, for bad input,
   a full disk or a worker that died; 130 when interrupted (2 for bad arguments)."""
   args = _parser().parse_args(argv)
-  try:
+
+  def command() -> None:
     if args.command == "prepare":
       prepare(args.dataset, args.input, args.output, categorical=args.categorical,
               max_ind_range=args.max_ind_range, frequency_threshold=args.frequency_threshold,
@@ -33,18 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       summary = {k: meta[k] for k in ("dataset", "rows", "split_rows", "vocab_sizes", "hotness",
                                       "bad_lines", "options")}
       print(json.dumps(summary, indent=1) if args.json else format_info(args.path, summary))
-  except (ValueError, WorkerError) as e:  # BadLineError, InputError, FormatError too
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  except OSError as e:  # A full disk, no permission: for prepare, an OutputError
-    text = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
-    print(f"error: {text}", file=sys.stderr)
-    return 1
-  except KeyboardInterrupt:
-    print("interrupted" + (": run the same command again to resume"
-                           if args.command == "prepare" else ""), file=sys.stderr)
-    return 130
-  return 0
+
+  return commands.run(command, errors=(WorkerError,), interrupted="interrupted" + (
+      ": run the same command again to resume" if args.command == "prepare" else ""))
 
 
 def format_info(path: str, summary: dict) -> str:
@@ -70,38 +62,6 @@ def format_info(path: str, summary: dict) -> str:
   return "\n".join(lines)
 
 
-class _WithDefaults(argparse.HelpFormatter):
-  """Help text with each optional flag's default (not for required or switch flags)."""
-
-  def _get_help_string(self, action: argparse.Action) -> str:
-    text = action.help or ""
-    if action.required or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
-      return text
-    return f"{text} (default: %(default)s)".lstrip()
-
-
-def _int_at_least(low: int):
-  def parse(text: str) -> int:
-    try:
-      value = int(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < low:
-      raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
-    return value
-  return parse
-
-
-def _positive_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-  if not value > 0:
-    raise argparse.ArgumentTypeError(f"{value} must be > 0")
-  return value
-
-
 def _hotness(text: str) -> list[int]:
   try:
     return [int(h) for h in text.split(",")]
@@ -116,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
                                                "dlrm_jax.")
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("prepare", help="parse raw TSV/.gz files into a prepared directory",
-                     formatter_class=_WithDefaults)
+                     formatter_class=commands.WithDefaults)
   p.add_argument("--dataset", choices=DATASETS, required=True)
   p.add_argument("--input", nargs="+", required=True,
                  help="raw files (train.txt; day_0 .. day_23[.gz])")
@@ -127,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
                       ">= --frequency-threshold times in train, others -> row 0")
   p.add_argument("--max-ind-range", default=None,
                  help="modulus for the values: one int, or 26 comma-separated ints")
-  p.add_argument("--frequency-threshold", type=_int_at_least(1), default=3,
+  p.add_argument("--frequency-threshold", type=commands.int_at_least(1), default=3,
                  help="with --categorical frequency: the fewest train occurrences a value "
                       "needs for a row of its own")
   p.add_argument("--skip-bad-lines", action="store_true",
@@ -137,17 +97,17 @@ def _parser() -> argparse.ArgumentParser:
                       "as the reference's --data-sub-sample-rate")
   p.add_argument("--sub-sample-seed", type=int, default=0,
                  help="seed of --data-sub-sample-rate's choice")
-  p.add_argument("--workers", type=_int_at_least(0), default=0,
+  p.add_argument("--workers", type=commands.int_at_least(0), default=0,
                  help="processes; 0: one per core")
-  p.add_argument("--shard-rows", type=_int_at_least(1), default=1 << 21,
+  p.add_argument("--shard-rows", type=commands.int_at_least(1), default=1 << 21,
                  help="rows per prepared shard file")
-  p.add_argument("--piece-mb", type=_int_at_least(1), default=64,
+  p.add_argument("--piece-mb", type=commands.int_at_least(1), default=64,
                  help="input bytes per parallel piece")
-  p.add_argument("--vocab-memory-gb", type=_positive_float, default=1.0,
+  p.add_argument("--vocab-memory-gb", type=commands.positive_float, default=1.0,
                  help="bound for vocabulary counting; features beyond it wait for another pass")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   m = sub.add_parser("multihot", help="derive a multi-hot directory (fixed hotness per feature)",
-                     formatter_class=_WithDefaults)
+                     formatter_class=commands.WithDefaults)
   m.add_argument("--input", required=True, help="a prepared one-hot directory")
   m.add_argument("--output", required=True)
   m.add_argument("--hotness", required=True, type=_hotness,
