@@ -81,14 +81,45 @@ def test_the_sequence_puts_the_candidate_after_each_history(model):
   c = SPEC.num_contextual
   np.testing.assert_array_equal(np.asarray(lengths), c + np.array([0, 1, 6, 10]) + 1)
   np.testing.assert_array_equal(np.asarray(ts)[:, :c], 0)
+  x = np.asarray(x, np.float64)
+  h, cand = batch["history"], batch["candidate"]
+  past = np.asarray(model.events(h["item"], h["artist"], h["album"],
+                                 model.encode_actions(batch["history_actions"])))
+  actions = jnp.broadcast_to(model.candidate_action[...], (4, model.candidate_action.shape[0]))
+  cands = np.asarray(model.events(cand["item"], cand["artist"], cand["album"], actions))
+  w, bias = (np.asarray(p[...], np.float64) for p in (model.contextual_weight,
+                                                       model.contextual_bias))
+  ctx = np.einsum("bsd,sde->bse", np.asarray(batch["contextual"], np.float64), w) + bias
+  np.testing.assert_allclose(x[:, :c], ctx, rtol=1e-4, atol=1e-5)
   for b, n in enumerate([0, 1, 6, 10]):
+    np.testing.assert_allclose(x[b, c:c + n], past[b, :n], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(x[b, c + n], cands[b], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(x[b, c + n + 1:], 0)
+    np.testing.assert_array_equal(np.asarray(ts)[b, c:c + n],
+                                  np.asarray(batch["history_timestamps"])[b, :n])
     assert ts[b, c + n] == batch["query_time"][b]
-    np.testing.assert_array_equal(np.asarray(x)[b, c + n + 1:], 0)
   bits = np.asarray(model.encode_actions(jnp.asarray([[1, 6, 0]])))[0]
   table = np.asarray(model.action_table[...])
   np.testing.assert_array_equal(bits[0], np.concatenate([table[0], 0 * table[1], 0 * table[2]]))
   np.testing.assert_array_equal(bits[1], np.concatenate([0 * table[0], table[1], table[2]]))
   np.testing.assert_array_equal(bits[2], 0)
+
+
+def test_the_logit_is_the_candidates_output_through_the_user_and_item_sides(model):
+  """The wiring after the encoder, step by step with the model's own parts: the user
+  side from the candidate's position (each sequence's last), the time features of
+  the query time, the item side of the candidate's three embeddings, the head."""
+  batch = make_batch()
+  x, ts, lengths = model.sequence(batch)
+  out = np.asarray(model.encoder(x, ts, lengths, jnp.ones_like(lengths),
+                                 max_seq_len=int(np.max(lengths))))
+  user = out[np.arange(4), np.asarray(lengths) - 1]
+  user = model.output_norm(model.output_projection(
+      jnp.concatenate([user, dlrmv4.time_features(batch["query_time"])], axis=-1)))
+  c = batch["candidate"]
+  item = model.item(jnp.concatenate([c["item"], c["artist"], c["album"]], axis=-1))
+  want = np.asarray(model.head_out(model.head_swish(model.head_hidden(user * item))))[:, 0]
+  np.testing.assert_allclose(logits(model, batch), want, rtol=1e-4, atol=1e-5)
 
 
 def test_time_features_and_loss_against_numpy():

@@ -270,6 +270,9 @@ def test_a_batch_of_sequences_only_and_one_without_sequences():
     (lambda b: b.pop("sequences"), "the batch has sequence_lengths but no sequences"),
     (lambda b: [b.pop(k) for k in list(b)],
      r"a batch needs categorical ids \(sparse\), sequences, or both"),
+    (lambda b: [b.pop(k) for k in list(b) if not k.startswith("sequence")]
+     + [b["sequences"].update({k: v[:, :0] for k, v in b["sequences"].items()})],
+     r"a batch of sequences only needs a sequence of capacity >= 1"),
 ])
 def test_wrong_sequence_fields_raise_one_line(change, message):
   coll = _collection()

@@ -12,7 +12,11 @@ code; this module is written from that description). Per example:
    gets one learned vector of its own, so its label is never an input).
 2. `dlrm_jax.hstu.HSTU` over it (position ids counting from the end, the contextual
    prefix, time buckets from the candidate's query time; contextual tokens at time 0),
-   with the batch's longest sequence as the attention's divisor.
+   with the batch's longest sequence as the attention's divisor (under data
+   parallelism, the global batch's: the reference divides by each rank's own
+   longest, which at full scale is 4,096 nearly always). The attention is
+   `hstu.chunked_attention` by default, so that no [B, H, N, N] scores exist at
+   once (the reference's N is up to 4,096).
 3. The candidate's output, with cos and sin of its query time's hour of the day and
    day of the week, through Linear and LayerNorm: the user side. The candidate's item,
    artist and album embeddings through an MLP: the item side. A head on their
@@ -37,6 +41,7 @@ inside the layers) and bfloat16.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -122,7 +127,9 @@ def time_features(t: jax.Array) -> jax.Array:
 class DLRMv4(nnx.Module):
   """The model; `self(batch)` gives the logits [B] (see the module docstring)."""
 
-  def __init__(self, spec: DLRMv4Spec = DLRMv4Spec(), *, rngs: nnx.Rngs):
+  def __init__(self, spec: DLRMv4Spec = DLRMv4Spec(), *, rngs: nnx.Rngs,
+               attention: hstu.Attention = functools.partial(hstu.chunked_attention,
+                                                             chunk_size=256)):
     d, hidden, bits = spec.embedding_dim, spec.preprocessor_hidden_dim, len(ACTION_BITS)
     # The reference re-initialises the transducer's own Linears (these three MLPs and
     # the output projection) xavier-normal; the item MLP and the head stay uniform.
@@ -147,7 +154,7 @@ class DLRMv4(nnx.Module):
                                   rngs=rngs)
     self.head_swish = SwishLayerNorm(d, rngs=rngs)
     self.head_out = nnx.Linear(d, 1, kernel_init=nnx.initializers.xavier_uniform(), rngs=rngs)
-    self.spec = spec
+    self.spec, self.attention = spec, attention
 
   def events(self, item, artist, album, actions) -> jax.Array:
     """The encoder's input of events [..., D] from their embeddings and their action
@@ -163,10 +170,11 @@ class DLRMv4(nnx.Module):
 
   def sequence(self, batch) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(x [B, C + L + 1, D], timestamps, lengths): the contextual tokens, the history
-    (left-aligned) and the candidate right after each history's last event."""
+    (left-aligned) and the candidate right after each history's last event (a length
+    over the history's width L counts as L)."""
     s, h, c = self.spec, batch["history"], batch["candidate"]
-    n = batch["history_lengths"].astype(jnp.int32)
     b, width = batch["history_actions"].shape
+    n = jnp.clip(batch["history_lengths"].astype(jnp.int32), 0, width)
     ctx = jnp.einsum("bsd,sde->bse", batch["contextual"], self.contextual_weight[...]) \
         + self.contextual_bias[...]
     past = self.events(h["item"], h["artist"], h["album"],
@@ -186,7 +194,8 @@ class DLRMv4(nnx.Module):
   def __call__(self, batch) -> jax.Array:
     x, ts, lengths = self.sequence(batch)
     ones = jnp.ones_like(lengths)
-    out = self.encoder(x, ts, lengths, ones, max_seq_len=jnp.max(lengths))
+    out = self.encoder(x, ts, lengths, ones, max_seq_len=jnp.max(lengths),
+                       attention=self.attention)
     user = jnp.take_along_axis(out, (lengths - 1)[:, None, None], axis=1)[:, 0]
     user = self.output_norm(self.output_projection(
         jnp.concatenate([user, time_features(batch["query_time"])], axis=-1)))

@@ -535,7 +535,9 @@ def _run(args: argparse.Namespace) -> int:
   model = load_model(args.workdir, step=args.step, devices=args.devices)
   print(f"model of step {model.step} from {args.workdir} on {model.task.mesh.size} device(s)",
         file=sys.stderr)
-  mapper, missing = _raw_mapper(args, model)
+  raw_input = bool(args.input) and not os.path.isdir(args.input)
+  mapper, missing = (_raw_mapper(args, model) if args.export or raw_input
+                     else (None, "not needed"))
   if args.export:
     export(model, args.export, platforms=[s for s in args.platforms.split(",") if s] or None,
            quantize=args.quantize, raw=mapper)

@@ -139,7 +139,8 @@ def prepare(input_root: str, output: str, *, min_history: int = 4086,
     raise fmt.FormatError(f"{output} already holds data prepared with other options "
                           f"({changed}); choose a new --output")
   os.makedirs(output, exist_ok=True)
-  ours = {f"{n}.npy" for n in _FILES} | {f"{n}.npy.tmp" for n in _FILES}
+  ours = ({f"{n}.npy" for n in _FILES} | {f"{n}.npy.tmp" for n in _FILES}
+          | {fmt.METADATA_FILE + ".tmp"})  # a write of the metadata cut short
   foreign = sorted(set(os.listdir(output)) - ours)
   if foreign:
     raise fmt.FormatError(f"{output} is not empty ({foreign[0]}, ...) and is no unfinished "
@@ -173,8 +174,8 @@ def _read_mapping(path: str, name: str) -> np.ndarray:
       raise InputError(f"{path}: column {c!r} is {table.schema.field(c).type}, not integers")
   items = table.column("item_id").to_numpy().astype(np.int64)
   ids = table.column(column).to_numpy().astype(np.int64)
-  if len(items) and (items.min() < 0 or ids.min() < 0):
-    raise InputError(f"{path}: negative ids")
+  if len(items) and (min(items.min(), ids.min()) < 0 or max(items.max(), ids.max()) >= 2**32):
+    raise InputError(f"{path}: ids outside [0, 2**32)")
   out = np.zeros(int(items.max()) + 1 if len(items) else 0, np.uint32)
   out[items] = ids
   return out
@@ -246,8 +247,8 @@ def _write_events(path: str, output: str, artist: np.ndarray, album: np.ndarray,
       uid = col["uid"].to_numpy().astype(np.int64)
       ts = col["timestamp"].to_numpy().astype(np.int64)
       item = col["item_id"].to_numpy().astype(np.int64)
-      if n and min(uid.min(), item.min()) < 0:
-        raise InputError(f"{path}: negative uid or item_id")
+      if n and (min(uid.min(), item.min()) < 0 or max(uid.max(), item.max()) >= 2**32):
+        raise InputError(f"{path}: uid or item_id outside [0, 2**32)")
       # (uid, timestamp) order, within the batch and across its start.
       prev_uid = np.concatenate([[last_uid], uid[:-1]])
       prev_ts = np.concatenate([[last_ts], ts[:-1]])

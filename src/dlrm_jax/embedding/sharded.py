@@ -222,7 +222,10 @@ class ShardedEmbedding:
       if tuple(lengths[name].shape) != (batch_size,):
         raise ValueError(f"sequence_lengths[{name!r}] must have shape ({batch_size},), got "
                          f"{tuple(lengths[name].shape)}")
-    return tuple((name, int(ids[name].shape[1])) for name in names)
+    shapes = tuple((name, int(ids[name].shape[1])) for name in names)
+    if "sparse" not in batch and not any(length for _, length in shapes):
+      raise ValueError("a batch of sequences only needs a sequence of capacity >= 1")
+    return shapes
 
   def _sample_side(self, fields):
     """Ids as flat rows [b, L] (-1: padding), and per-id pooling scales (None: weight 1):
