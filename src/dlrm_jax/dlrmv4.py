@@ -46,6 +46,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from dlrm_jax import hstu
@@ -206,5 +207,4 @@ class DLRMv4(nnx.Module):
 
 def loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """The reference's loss: 0.2 times the mean binary cross-entropy of the logits."""
-  bce = jnp.maximum(logits, 0) - logits * labels + jnp.log1p(jnp.exp(-jnp.abs(logits)))
-  return LOSS_WEIGHT * jnp.mean(bce)
+  return LOSS_WEIGHT * jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))

@@ -418,8 +418,7 @@ def train_loop(run: Run, prog: Progress, stream: BatchStream) -> None:
           prog.interval_start = time.perf_counter()
     ended = True
   finally:
-    reached = bool(prog.records) and 0 < target <= prog.records[-1]["auc"]
-    observers.end(prog, success=reached if target > 0 else ended)
+    observers.end(prog, success=target_reached(run, prog.records) if target > 0 else ended)
     bar.close()
 
 
