@@ -132,6 +132,56 @@ def test_the_interleaved_history_matches_a_naive_reading_of_the_rule(
   assert capped and (cut or scan_window == 20_000)
 
 
+def per_anchor_history(action, user_start, p, history_length, scan_window):
+  """The rule in numpy, one anchor at a time: the reference of the batched
+  `yambda.histories`."""
+  user = np.searchsorted(user_start, p, side="right") - 1
+  low = max(int(user_start[user]), p - scan_window)
+  window = action[low:p]
+  per_pool = max(1, history_length // 3)
+  keep = np.unique(np.concatenate([np.flatnonzero(window & bit)[-per_pool:]
+                                   for bit in (1, 2, 4)]))
+  return (low + keep)[-history_length:]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batched_histories_match_the_rule_anchor_by_anchor(seed, monkeypatch):
+  rng = np.random.default_rng(seed)
+  sizes = rng.integers(1, 70, 30)
+  sizes[::5] = 1  # users of one event
+  user_start = np.r_[0, np.cumsum(sizes)[:-1]]
+  # Pools of uneven sizes (some rare); in the last seed, events in several pools.
+  values = [0, 1, 2, 4] + [3, 5, 6, 7] * (seed == 3)
+  action = rng.choice(values, sizes.sum(), p=rng.dirichlet(np.ones(len(values)) / 2))
+  action = action.astype(np.uint8)
+  # User starts (empty histories), the events just after, any event; unsorted, repeated.
+  anchors = np.r_[user_start, np.minimum(user_start + 1, sizes.sum() - 1),
+                  rng.integers(0, sizes.sum(), 150)]
+  anchors = rng.permutation(np.r_[anchors, anchors[:10]])
+  seen = {"empty": 0, "pool capped": 0, "cut to L": 0, "window cut": 0}
+  for chunk in (40, 1 << 20):  # one anchor or a few per chunk; all in one chunk
+    monkeypatch.setattr(yambda, "_CHUNK_EVENTS", chunk)
+    for history_length in (1, 2, 3, 4, 5, 7, 10, 31):
+      for scan_window in (1, 3, 8, 25, 1000):
+        lengths, index = yambda.histories(action, user_start, anchors, history_length,
+                                          scan_window)
+        assert lengths.shape == anchors.shape and lengths.sum() == len(index)
+        for p, got in zip(anchors, np.split(index, np.cumsum(lengths)[:-1])):
+          want = per_anchor_history(action, user_start, p, history_length, scan_window)
+          assert got.tolist() == want.tolist(), (p, history_length, scan_window)
+          start = user_start[np.searchsorted(user_start, p, "right") - 1]
+          window = action[max(start, p - scan_window):p]
+          per_pool = max(1, history_length // 3)
+          seen["empty"] += not len(want)
+          seen["pool capped"] += any(np.count_nonzero(window & b) > per_pool for b in (1, 2, 4))
+          seen["cut to L"] += sum(min(per_pool, np.count_nonzero(window & b))
+                                  for b in (1, 2, 4)) > len(want) > 0
+          seen["window cut"] += p - scan_window > start
+  assert all(seen.values()), seen
+  lengths, index = yambda.histories(action, user_start, [], 5, 8)
+  assert lengths.shape == index.shape == (0,)
+
+
 def test_no_history_event_is_at_or_after_its_anchor_or_of_another_user(prepared):
   window = int(np.argmax(prepared.metadata["anchors_per_window"]))
   for p in prepared.window_anchors(window):
@@ -172,6 +222,24 @@ def test_the_candidate_label_query_time_and_contextual_ids(raw, tmp_path, prepar
         xxhash.xxh64(struct.pack(f"<{len(k)}q", *map(int, k)), seed=0).intdigest() % n
         for k, n in zip(keys, sizes)]
     assert s["contextual"][i].tolist() == want
+
+
+def test_cross_hash_is_xxh64_of_the_packed_keys():
+  rng = np.random.default_rng(0)
+  edges = np.array([0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63 - 1, -1, -2**63])
+  for n in (1, 2, 3):
+    keys = np.concatenate([
+        rng.integers(0, 2**32, (3000, n), endpoint=True),
+        rng.integers(-2**63, 2**63 - 1, (1000, n), endpoint=True),
+        np.stack(np.meshgrid(*[edges] * n), -1).reshape(-1, n)])
+    digests = [xxhash.xxh64_intdigest(struct.pack(f"<{n}q", *map(int, k)), seed=0)
+               for k in keys]
+    for size in (1, 24, 2_000_000, 100_000_000, 2**62 + 5):
+      got = yambda.cross_hash(keys, size)
+      assert got.dtype == np.int64
+      assert got.tolist() == [d % size for d in digests], (n, size)
+  with pytest.raises(ValueError, match=r"keys of shape \(2, 4\): \[B, 1 to 3\] expected"):
+    yambda.cross_hash(np.zeros((2, 4), np.int64), 10)
 
 
 def test_batches_follow_the_streaming_order_and_resume_mid_window(prepared):

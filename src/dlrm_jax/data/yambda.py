@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import struct
 import sys
 from typing import Callable, Sequence
 
@@ -357,12 +356,111 @@ def window_batch_anchors(window_anchors: np.ndarray, batch_size: int, batch_inde
   return mine[batch_index * batch_size:(batch_index + 1) * batch_size]
 
 
-def cross_hash(keys: Sequence[int], table_size: int) -> int:
-  """xxh64 (seed 0) of the keys packed as little-endian int64s, modulo the table size:
-  the reference's contextual cross ids."""
-  import xxhash
+# XXH64's primes (xxhash's xxhash.h).
+_P1, _P2, _P3, _P4, _P5 = (np.uint64(p) for p in (
+    0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x85EBCA77C2B2AE63,
+    0x27D4EB2F165667C5))
 
-  return xxhash.xxh64_intdigest(struct.pack(f"<{len(keys)}q", *keys), seed=0) % table_size
+
+def cross_hash(keys: np.ndarray, table_size: int) -> np.ndarray:
+  """xxh64 (seed 0) of each row of KEYS [B, n] (1 <= n <= 3) packed as little-endian
+  int64s, modulo the table size, as int64: the reference's contextual cross ids.
+
+  XXH64's path for inputs under 32 bytes, in numpy's (wrapping) uint64 arithmetic:
+  each 8-byte lane goes through a round into the state, then the avalanche. The
+  `xxhash` package gives the same (tests/test_yambda.py)."""
+  lanes = np.asarray(keys, np.int64).view(np.uint64)  # as struct.pack("<q") reads them
+  if lanes.ndim != 2 or not 1 <= lanes.shape[1] <= 3:
+    raise ValueError(f"keys of shape {lanes.shape}: [B, 1 to 3] expected")
+  h = np.full(len(lanes), _P5 + np.uint64(8 * lanes.shape[1]))
+  for j in range(lanes.shape[1]):
+    h ^= _rotl(lanes[:, j] * _P2, 31) * _P1
+    h = _rotl(h, 27) * _P1 + _P4
+  for shift, prime in ((33, _P2), (29, _P3)):
+    h ^= h >> np.uint64(shift)
+    h *= prime
+  h ^= h >> np.uint64(32)
+  return (h % np.uint64(table_size)).astype(np.int64)
+
+
+def _rotl(x: np.ndarray, r: int) -> np.ndarray:
+  return (x << np.uint64(r)) | (x >> np.uint64(64 - r))
+
+
+_CHUNK_EVENTS = 1 << 20  # anchors x the longest scan window, per chunk of `histories`
+
+
+def histories(action: np.ndarray, user_start: np.ndarray, anchors: Sequence[int],
+              history_length: int = 4086, scan_window: int = 20_000
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """The anchors' histories: `(lengths, index)`, the flat indices of anchor i's events,
+  oldest first, being `index[sum(lengths[:i]):sum(lengths[:i + 1])]`.
+
+  The rule (docs/dlrmv4_reference.md, section 1.4): an anchor's scan window is the
+  last `scan_window` events of its user before it (`action[low:anchor]`, `low` no
+  earlier than its user's start in `user_start`); of it, the last `max(1, L // 3)`
+  events of each pool (the events whose `action` has the pool's bit of `POOLS`) are
+  kept, merged in their order in the log, and the most recent `history_length` (L)
+  of those.
+
+  In numpy over the batch: the anchors' scan windows, merged where they overlap, are
+  read once; per pool, a search in the pool's positions there gives each anchor's
+  last members; the picks are sorted by (anchor, position). The work follows the
+  scan windows' union and the histories' total length; the anchors go in chunks of
+  at most `_CHUNK_EVENTS` scanned events, which bounds the memory."""
+  if history_length < 1 or scan_window < 1:
+    raise ValueError(f"history_length={history_length} and scan_window={scan_window} "
+                     "must be >= 1")
+  anchors = np.asarray(anchors, np.int64).reshape(-1)
+  action, user_start = np.asarray(action), np.asarray(user_start)  # plain views of memmaps
+  start = user_start[np.searchsorted(user_start, anchors, side="right") - 1]
+  low = np.maximum(start, anchors - scan_window)
+  rows = max(1, _CHUNK_EVENTS // max(1, int((anchors - low).max(initial=0))))
+  parts = [_histories(action, low[i:i + rows], anchors[i:i + rows], history_length)
+           for i in range(0, len(anchors), rows)]
+  if not parts:
+    return np.zeros(0, np.int64), np.zeros(0, np.int64)
+  return tuple(np.concatenate(p) for p in zip(*parts))
+
+
+def _histories(action: np.ndarray, low: np.ndarray, high: np.ndarray,
+               history_length: int) -> tuple[np.ndarray, np.ndarray]:
+  """`histories` of the scan windows [low, high) of one chunk of anchors."""
+  b = len(high)
+  # The scan windows' union, as segments of `action` read into one array, `scan`.
+  order = np.argsort(low, kind="stable")
+  reach = np.maximum.accumulate(high[order])
+  new = np.r_[True, low[order][1:] > reach[:-1]]
+  first = np.flatnonzero(new)
+  seg_low, seg_high = low[order][first], reach[np.r_[first[1:] - 1, b - 1]]
+  seg_at = np.r_[0, np.cumsum(seg_high - seg_low)]
+  scan = np.concatenate([np.asarray(action[s:t]) for s, t in zip(seg_low.tolist(),
+                                                                  seg_high.tolist())])
+  segment = np.empty(b, np.int64)
+  segment[order] = np.cumsum(new) - 1
+  begin = low - seg_low[segment] + seg_at[segment]  # each scan window in `scan`
+  end = begin + (high - low)
+  # Per pool, each anchor's last members, as keys anchor * width + offset in its window.
+  width = max(1, int((high - low).max(initial=0)))
+  key_of = np.arange(b) * width - begin  # + the index in `scan`
+  per_pool = max(1, history_length // 3)
+  keys, count = [], np.zeros(b, np.int64)
+  for bit in POOLS:
+    members = np.flatnonzero(scan & bit)
+    last = np.searchsorted(members, end)
+    take = np.minimum(per_pool, last - np.searchsorted(members, begin))
+    count += take
+    keys.append(members[np.arange(take.sum()) + np.repeat(last - np.cumsum(take), take)]
+                + np.repeat(key_of, take))
+  keys = np.sort(np.concatenate(keys))  # (anchor, position) order
+  repeated = keys[1:] == keys[:-1]  # an event in several pools
+  if repeated.any():
+    keys = keys[np.r_[True, ~repeated]]
+    count = np.bincount(keys // width, minlength=b)
+  if count.max(initial=0) > history_length:  # the most recent history_length (L < 3)
+    from_end = np.repeat(np.cumsum(count), count) - np.arange(len(keys))  # 1 for the last
+    keys, count = keys[from_end <= history_length], np.minimum(count, history_length)
+  return count, keys + np.repeat(low - np.arange(b) * width, count)
 
 
 class PreparedEvents:
@@ -417,17 +515,9 @@ class PreparedEvents:
 
   def history(self, anchor: int, history_length: int = 4086,
               scan_window: int = 20_000) -> np.ndarray:
-    """The flat indices of an anchor's history, oldest first: within the last
-    `scan_window` events of its user before it, the last `max(1, L // 3)` of each pool
-    (listen-plus, like, skip), merged in their order in the log; the most recent
-    `history_length` of them where there are more."""
-    user = int(np.searchsorted(self.user_start, anchor, side="right")) - 1
-    low = max(int(self.user_start[user]), anchor - scan_window)
-    action = np.asarray(self.events["action"][low:anchor])
-    per_pool = max(1, history_length // 3)
-    keep = np.unique(np.concatenate([np.flatnonzero(action & bit)[-per_pool:]
-                                     for bit in POOLS]))  # sorted: the log's order
-    return (low + keep)[-history_length:]
+    """The flat indices of one anchor's history, oldest first (`histories`)."""
+    return histories(self.events["action"], self.user_start, [anchor], history_length,
+                     scan_window)[1]
 
   def samples(self, anchors: Sequence[int], *, history_length: int = 4086,
               scan_window: int = 20_000,
@@ -436,7 +526,7 @@ class PreparedEvents:
     """The fields of the anchors' samples (docs/dlrmv4_reference.md section 1.5):
 
     - `history_{item,artist,album,action,timestamp}` [B, history_length], padded with
-      zeros after `history_length` [B] events (`history`);
+      zeros after `history_length` [B] events (`histories`);
     - `candidate_{item,artist,album}` [B], `query_time` [B]: the last history
       event's timestamp, or the anchor's where the history is empty;
     - `anchor_timestamp`, `is_organic` [B]; `label` [B] (1.0 for listen-plus);
@@ -444,21 +534,19 @@ class PreparedEvents:
       `cross_sizes`) of the anchor's uid, artist, album, item, is_organic and hour
       of day, (timestamp // 3600) % 24.
     """
-    if history_length < 1 or scan_window < 1:
-      raise ValueError(f"history_length={history_length} and scan_window={scan_window} "
-                       "must be >= 1")
     if len(cross_sizes) != len(CROSSES):
       raise ValueError(f"{len(cross_sizes)} cross sizes for {len(CROSSES)} crosses")
     anchors = np.asarray(anchors, np.int64)
     b, e = len(anchors), self.events
+    lengths, index = histories(e["action"], self.user_start, anchors, history_length,
+                               scan_window)
     out = {f"history_{k}": np.zeros((b, history_length), EVENT_COLUMNS[k])
            for k in ("item", "artist", "album", "action", "timestamp")}
-    out["history_length"] = np.zeros(b, np.int32)
-    for i, p in enumerate(anchors):
-      idx = self.history(int(p), history_length, scan_window)
-      out["history_length"][i] = len(idx)
-      for k in ("item", "artist", "album", "action", "timestamp"):
-        out[f"history_{k}"][i, :len(idx)] = e[k][idx]
+    out["history_length"] = lengths.astype(np.int32)
+    used = int(lengths.max(initial=0))
+    filled = np.arange(used) < lengths[:, None]  # row i's first lengths[i] slots
+    for k in ("item", "artist", "album", "action", "timestamp"):
+      out[f"history_{k}"][:, :used][filled] = e[k][index]
     for k in ("item", "artist", "album"):
       out[f"candidate_{k}"] = np.asarray(e[k][anchors])
     out["anchor_timestamp"] = np.asarray(e["timestamp"][anchors])
@@ -473,8 +561,7 @@ class PreparedEvents:
     out["contextual"] = np.zeros((b, len(CONTEXTUAL)), np.int64)
     out["contextual"][:, 0] = uid
     for j, ((_, names, _), size) in enumerate(zip(CROSSES, cross_sizes)):
-      columns = [keys[n].astype(np.int64).tolist() for n in names]
-      out["contextual"][:, j + 1] = [cross_hash(k, size) for k in zip(*columns)]
+      out["contextual"][:, j + 1] = cross_hash(np.stack([keys[n] for n in names], 1), size)
     out["anchor"] = anchors
     return out
 
