@@ -59,10 +59,15 @@ def batch_shapes(run) -> dict[str, Any]:
   """The global train batch's shapes and dtypes from a `RunSpec`, as the data sources
   give it: 'dense' [B, num_dense] float32, 'sparse' int32 flat bags [B, sum of hotness]
   (or padded [B, F, max hotness] with a bool 'sparse_mask' with variable hotness),
-  'label' [B] float32."""
+  'label' [B] float32; DLRMv4's `dlrm_jax.dlrmv4.batch_shapes`."""
   import jax
 
   b, spec, data = run.training.mini_batch_size, run.model, run.data
+  if run.family == "dlrmv4":
+    from dlrm_jax import dlrmv4
+
+    return {k: jax.ShapeDtypeStruct(shape, dtype)
+            for k, (shape, dtype) in dlrmv4.batch_shapes(spec, b).items()}
   hot = np.broadcast_to(np.asarray(data.hotness), (len(spec.table_rows),))
   out = {"dense": jax.ShapeDtypeStruct((b, spec.num_dense), np.float32),
          "label": jax.ShapeDtypeStruct((b,), np.float32)}

@@ -82,7 +82,11 @@ def base_config():
   import ml_collections
 
   c = ml_collections.ConfigDict()
+  # The model family: "dlrm" (DLRM and DLRM-DCNv2: the arch_* fields) or "dlrmv4" (HSTU
+  # over user histories, MLPerf's DLRMv4: the dlrmv4 fields; docs/dlrmv4.md).
+  c.model = "dlrm"
   _model_and_training_fields(c)
+  c.dlrmv4 = _dlrmv4_fields(ml_collections.ConfigDict())
   c.checkpoint = _checkpoint_fields(ml_collections.ConfigDict())
   c.mesh, c.sharding, c.distributed = _device_fields(ml_collections.ConfigDict)
   c.data = _data_fields(ml_collections.ConfigDict())
@@ -132,6 +136,7 @@ def _model_and_training_fields(c) -> None:
   c.dense_optimizer = "sgd"  # sgd | adagrad | adam (optax).
   # Its hyper-parameters: adagrad "eps=1e-8" (default 1e-10, as torch), adam "b1=..,b2=..,eps=..".
   c.dense_optimizer_args = ""
+  c.grad_clip_norm = 0.0  # > 0: the MLPs' gradients clipped to this global norm first.
   # Sparse update of the touched rows only: sgd | rowwise_adagrad | adagrad | adam (lazy).
   c.embedding_optimizer = "sgd"
   # Its hyper-parameters, e.g. "eps=1e-8,initial_accumulator_value=0.1" or "b1=0.9,b2=0.999"
@@ -158,6 +163,37 @@ def _model_and_training_fields(c) -> None:
   # "START-END": a jax.profiler trace of train steps START..END (1-based) in
   # WORKDIR/tensorboard, for TensorBoard's profile plugin and Perfetto; "": none.
   c.profile_steps = ""
+
+
+def _dlrmv4_fields(c):
+  """DLRMv4's sizes (model="dlrmv4"); the defaults are the reference's (its gin file for
+  Yambda-5b). arch_*, qr_* and md_* fields are DLRM's and do not apply."""
+  c.embedding_dim = 512  # D, of the tables and the encoder
+  c.preprocessor_hidden_dim = 256  # the event MLPs' hidden width
+  c.action_dim = 8  # per action bit (listen-plus, like, skip)
+  c.num_heads = 4
+  c.attention_dim = 128  # d_qk = d_v per head
+  c.hidden_dim = 128
+  c.num_layers = 3
+  c.num_position_buckets = 8192
+  c.num_time_buckets = 2048
+  # dense | chunked: the attention's implementation (dlrm_jax.hstu); chunked takes
+  # attention_chunk queries at a time, so that no [B, H, N, N] scores exist at once.
+  c.attention = "chunked"
+  c.attention_chunk = 256
+  # The history: at most history_length events (a third per action pool), found among the
+  # scan_window events before the anchor (docs/dlrmv4.md, "Data preparation").
+  c.history_length = 4086
+  c.scan_window = 20000
+  # Table rows; 0: sized from the data (the synthetic log's generator, or the largest id
+  # in a prepared log + 1). The 7 crosses' rows are their hash moduli (dash list, in the
+  # order of dlrm_jax.data.yambda.CROSSES).
+  c.item_rows = 9_390_624
+  c.artist_rows = 1_293_395
+  c.album_rows = 3_367_692
+  c.uid_rows = 1_000_001
+  c.cross_rows = "100000000-40000000-24000000-40000000-32000000-2000000-40000000"
+  return c
 
 
 def _checkpoint_fields(c):
@@ -207,9 +243,12 @@ def _device_fields(config_dict):
 
 def _data_fields(c):
   """The data source and its knobs."""
+  import ml_collections
   from ml_collections import config_dict
 
-  c.kind = "synthetic_ctr"  # synthetic_ctr | random | criteo_kaggle | criteo_terabyte
+  # synthetic_ctr | random | criteo_kaggle | criteo_terabyte (DLRM); event_log | yambda
+  # (DLRMv4: a synthetic listening log, or a prepared one, in time windows)
+  c.kind = "synthetic_ctr"
   c.num_dense_features = 13
   c.seed = 1
   c.zipf_exponent = 1.1
@@ -234,4 +273,16 @@ def _data_fields(c):
   c.shuffle = True  # Criteo: block shuffle + shuffle buffer of the train rows.
   c.block_rows = 1024  # Criteo: rows per shuffled block.
   c.shuffle_buffer = 262144  # Criteo: rows shuffled together (whole blocks).
+  # DLRMv4: train on windows first_window, ... in order (num_train_windows 0: up to the
+  # eval windows), evaluate on eval_num_windows windows from eval_window (-1: the last).
+  c.first_window = 0
+  c.num_train_windows = 0
+  c.eval_window = -1
+  c.eval_num_windows = 1
+  # event_log: the synthetic log's generator (dlrm_jax.data.event_log.EventLogSpec; its
+  # seed is data.seed) and preparation, kept in data.path (made on first use).
+  c.event_log = ml_collections.ConfigDict(dict(
+      num_users=2000, num_items=5000, num_artists=300, num_albums=1200, listens_per_user=150,
+      latent_dim=16, drift=0.15, affinity_scale=1.5, days=60.0, min_history=64,
+      window_seconds=86400))
   return c

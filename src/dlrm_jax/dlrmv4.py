@@ -34,6 +34,12 @@ Inputs are embedding vectors (the sharded tables' lookups are the engine's part)
         "contextual": [B, 8, D],
     }
 
+`ModelSpec` is a run's model (`config.model = "dlrmv4"`: the network's sizes, the
+tables, the history's length) and `task_parts` what `dlrm_jax.task.Task` trains of
+it: the tables (the pooled features `POOLED` and the history's sequences `SEQUENCES`,
+in the sharded embedding engine) and the network on their vectors, fed by batches
+of `BATCH_KEYS` (`dlrm_jax.data.windows`).
+
 Not here yet: dropout (the reference trains with 0.2 on the encoder's input and 0.1
 inside the layers) and bfloat16.
 """
@@ -46,13 +52,28 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from dlrm_jax import hstu
-from dlrm_jax.config import ConfigError
+from dlrm_jax.config import ConfigError, parse_widths
 
 ACTION_BITS = (1, 2, 4)  # listen-plus, like, skip
+# The tables, one per pooled feature of a batch's "sparse" ids, in this order: the
+# candidate's item, artist and album, then the contextual ids (dlrm_jax.data.yambda's
+# CONTEXTUAL: the uid and the 7 crosses).
+CROSS_NAMES = ("user_x_artist", "user_x_album", "user_x_hour", "item_x_hour", "artist_x_hour",
+               "user_x_is_organic", "user_x_artist_x_hour")
+POOLED = ("item", "artist", "album", "uid") + CROSS_NAMES
+# The history's sequence features and the tables they read (the candidate's own).
+SEQUENCES = (("history_item", "item"), ("history_artist", "artist"), ("history_album", "album"))
+# A batch: "sparse" [B, len(POOLED)] ids; the history's ids, action bitmasks and
+# timestamps (seconds) [B, L] and lengths [B]; the candidate's query time [B] (seconds);
+# the label [B] (1.0: listen-plus).
+BATCH_KEYS = ("sparse", "history_item", "history_artist", "history_album", "history_action",
+              "history_timestamp", "history_length", "query_time", "label")
+ATTENTIONS = ("chunked", "dense")
 LOSS_WEIGHT = 0.2  # the reference's weight of its one task's loss
 # (period in seconds, cycle length) of the query time's features: hour of the day and day
 # of the week; the reference's angle is 2 * 3.14 (not pi) * ((t // period) % cycle) / cycle.
@@ -87,6 +108,67 @@ class DLRMv4Spec:
         attention_dim=self.attention_dim, hidden_dim=self.hidden_dim,
         num_layers=self.num_layers, num_position_buckets=self.num_position_buckets,
         num_time_buckets=self.num_time_buckets, pos_contextual_seq_len=self.num_contextual)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """A run's DLRMv4 (`config.dlrmv4`): the network, the tables' rows (one per `POOLED`
+  feature) and the history's length and scan window."""
+
+  network: DLRMv4Spec
+  table_rows: tuple[int, ...]
+  history_length: int = 4086
+  scan_window: int = 20000
+  attention: str = "chunked"
+  attention_chunk: int = 256
+  embedding_dtype: str = "float32"  # the tables' storage
+  compute_dtype: str = "float32"  # the network's arithmetic (bfloat16: not yet)
+  dims: tuple[int, ...] = ()  # every table is embedding_dim wide
+
+  def __post_init__(self):
+    if len(self.table_rows) != len(POOLED):
+      raise ConfigError(f"DLRMv4 has {len(POOLED)} tables ({', '.join(POOLED)}), not "
+                        f"{len(self.table_rows)}")
+    for name, rows in zip(POOLED, self.table_rows):
+      if rows < 1:
+        raise ConfigError(f"dlrmv4 table {name!r} has {rows} rows: set its rows (0 sizes it "
+                          "from the data, which needs data.kind 'event_log' or 'yambda')")
+    if self.attention not in ATTENTIONS:
+      raise ConfigError(f"dlrmv4.attention={self.attention!r} is not one of {ATTENTIONS}")
+    for name in ("history_length", "scan_window", "attention_chunk"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"dlrmv4.{name}={getattr(self, name)} must be >= 1")
+    if self.network.num_position_buckets < self.history_length + 1:
+      raise ConfigError(
+          f"dlrmv4.num_position_buckets={self.network.num_position_buckets} is less than "
+          f"history_length + 1 = {self.history_length + 1}: positions past it share a bucket")
+
+  @property
+  def embedding_dim(self) -> int:
+    return self.network.embedding_dim
+
+  @property
+  def num_tables(self) -> int:
+    return len(self.table_rows)
+
+  @property
+  def cross_rows(self) -> tuple[int, ...]:
+    return self.table_rows[len(POOLED) - len(CROSS_NAMES):]
+
+  @classmethod
+  def from_config(cls, config) -> "ModelSpec":
+    c = config.dlrmv4
+    network = DLRMv4Spec(**{f.name: int(c[f.name]) for f in dataclasses.fields(DLRMv4Spec)
+                            if f.name != "num_contextual"})  # the uid and the 7 crosses
+    crosses = parse_widths("dlrmv4.cross_rows", c.cross_rows)
+    if len(crosses) != len(CROSS_NAMES):
+      raise ConfigError(f"dlrmv4.cross_rows={c.cross_rows!r} gives {len(crosses)} sizes for "
+                        f"the {len(CROSS_NAMES)} crosses ({', '.join(CROSS_NAMES)})")
+    rows = tuple(int(c[f"{n}_rows"]) for n in ("item", "artist", "album", "uid")) + crosses
+    return cls(network=network, table_rows=rows, history_length=int(c.history_length),
+               scan_window=int(c.scan_window), attention=str(c.attention),
+               attention_chunk=int(c.attention_chunk),
+               embedding_dtype=str(config.embedding_dtype))
 
 
 class SwishLayerNorm(nnx.Module):
@@ -208,3 +290,72 @@ class DLRMv4(nnx.Module):
 def loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """The reference's loss: 0.2 times the mean binary cross-entropy of the logits."""
   return LOSS_WEIGHT * jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
+
+
+def batch_shapes(spec: ModelSpec, batch_size: int) -> dict[str, tuple[tuple[int, ...], type]]:
+  """Each of `BATCH_KEYS`' shape and dtype in a batch of `batch_size` (as
+  `dlrm_jax.data.windows` makes them)."""
+  b, length = batch_size, spec.history_length
+  out = {"sparse": ((b, len(POOLED)), np.int32)}
+  for k in BATCH_KEYS[1:6]:
+    out[k] = ((b, length), np.int32)
+  out.update(history_length=((b,), np.int32), query_time=((b,), np.int32),
+             label=((b,), np.float32))
+  return out
+
+
+def attention_of(spec: ModelSpec) -> hstu.Attention:
+  """The encoder's attention function that the spec names."""
+  if spec.attention == "dense":
+    return hstu.dense_attention
+  return functools.partial(hstu.chunked_attention, chunk_size=spec.attention_chunk)
+
+
+def model_inputs(embedded, batch) -> dict:
+  """`DLRMv4`'s input (the module docstring's layout) from a batch of `BATCH_KEYS` and
+  its embeddings (`dlrm_jax.embedding.sharded.Embedded`: the pooled features' [B, 11, D]
+  in `POOLED` order, each history sequence's [B, L, D])."""
+  pooled, seq = embedded.pooled, embedded.sequences
+  return {
+      "history": {k: seq[f"history_{k}"] for k in ("item", "artist", "album")},
+      "history_actions": batch["history_action"],
+      "history_timestamps": batch["history_timestamp"],
+      "history_lengths": batch["history_length"],
+      "candidate": {k: pooled[:, i] for i, k in enumerate(("item", "artist", "album"))},
+      "query_time": batch["query_time"],
+      "contextual": pooled[:, 3:],
+  }
+
+
+def task_parts(run):
+  """What `dlrm_jax.task.Task` trains of a DLRMv4 run (`run.model` a `ModelSpec`): the
+  tables, one per `POOLED` feature, with the history's `SEQUENCES` reading the
+  candidate's; the network on their vectors."""
+  from dlrm_jax.embedding import EmbeddingCollection, SequenceSpec, TableSpec
+  from dlrm_jax.embedding.collection import STORAGE_DTYPES
+  from dlrm_jax.functional import ModelParts
+
+  spec = run.model
+  d = spec.embedding_dim
+  collection = EmbeddingCollection(
+      [TableSpec(name, rows, d) for name, rows in zip(POOLED, spec.table_rows)],
+      dtype=STORAGE_DTYPES[spec.embedding_dtype],
+      sequences=[SequenceSpec(name, table) for name, table in SEQUENCES])
+  attention = attention_of(spec)
+  make = lambda seed: DLRMv4(spec.network, rngs=nnx.Rngs(seed), attention=attention)  # noqa: E731
+
+  def init_params(seed: int) -> nnx.State:
+    # One compiled program for all initialisers (eagerly, XLA:CPU compiles each op).
+    return jax.jit(lambda: nnx.state(make(seed), nnx.Param))()
+
+  def lookup_fields(batch):
+    lengths = batch["history_length"]
+    return {"sparse": batch["sparse"],
+            "sequences": {name: batch[name] for name, _ in SEQUENCES},
+            "sequence_lengths": {name: lengths for name, _ in SEQUENCES}}
+
+  return ModelParts(
+      collection=collection, features=collection, abstract=lambda: nnx.eval_shape(
+          lambda: make(0)), init_params=init_params, lookup_fields=lookup_fields,
+      network=lambda model, embedded, batch: model(model_inputs(embedded, batch)),
+      objective=loss)

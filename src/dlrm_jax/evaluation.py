@@ -23,6 +23,9 @@ from dlrm_jax import parallel
 from dlrm_jax.data.source import Batch, DataSource
 
 MASK = "eval_mask"  # a batch's real rows (False: padding); not a model input
+# The data's own best probability of each row, where it knows it (a synthetic log's
+# hidden one); for `EvalSet.teacher_auc`, not a model input.
+TEACHER = "teacher_probability"
 
 
 def pad_rows(batch: Batch, rows: int) -> Batch:
@@ -79,7 +82,7 @@ class EvalSet:
     local = self.data.process_local
     rows = self.batch_size // jax.process_count() if local else self.batch_size
     for batch in self.host_batches():
-      batch = pad_rows(batch, rows)
+      batch = pad_rows({k: v for k, v in batch.items() if k != TEACHER}, rows)
       # Rows held by their processes only: one global array of them all.
       yield parallel.global_batch(batch, self.sharding) if local else batch
 

@@ -1,4 +1,4 @@
-"""DLRM as plain functions of explicit state: init, apply, predict, loss, train step.
+"""A model as plain functions of explicit state: init, apply, predict, loss, train step.
 
 `Task(config).functions` is a `Functions`: the model's math with nothing
 jitted and nothing donated, so that `jax.jit`, `jax.grad`, `jax.vmap` and
@@ -35,11 +35,26 @@ import optax
 from flax import nnx
 
 from dlrm_jax.embedding import Tables
-from dlrm_jax.embedding.qr import QRTables
-from dlrm_jax.embedding.sharded import ShardedEmbedding
+from dlrm_jax.embedding.sharded import Embedded, ShardedEmbedding
 from dlrm_jax.state import TrainState
 
 Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModelParts:
+  """What a model family gives `dlrm_jax.task.Task`: its tables, its dense network and
+  how a batch feeds them (DLRM's: `dlrm_jax.task.dlrm_parts`; DLRMv4's:
+  `dlrm_jax.dlrmv4.task_parts`)."""
+
+  collection: Any  # EmbeddingCollection: the tables (and sequence features) as stored
+  features: Any  # EmbeddingCollection: what a batch's "sparse" ids are checked against
+  abstract: Callable[[], nnx.Module]  # the dense network, shapes only
+  init_params: Callable[[int], nnx.State]  # seed -> its initial parameters
+  lookup_fields: Callable[[Batch], Batch]  # see `Functions`
+  network: Callable[[nnx.Module, Embedded, Batch], jax.Array]  # see `Functions`
+  objective: Callable[[jax.Array, jax.Array], jax.Array] | None = None  # None: the config's
+  qr: Any = None  # DLRM's QRTables (dlrm_jax.embedding.qr)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -47,16 +62,21 @@ class Functions:
   """The pure functions of one model, its tables and its optimisers (see the module's
   docstring); built by `Task`, whose static parts these fields are.
 
-  A batch is a dict: "dense" [B, num_dense] floats; "sparse", the ids ([B, F] one per
-  feature, [B, sum(hotness)] flat bags, or [B, F, H] padded bags with a boolean
-  "sparse_mask"); optionally "sparse_weights" (the ids' shape); "label" [B] (0/1) for
-  `loss` and `train_step`.
+  A batch is a dict of arrays with a leading batch axis. DLRM's: "dense" [B, num_dense]
+  floats; "sparse", the ids ([B, F] one per feature, [B, sum(hotness)] flat bags, or
+  [B, F, H] padded bags with a boolean "sparse_mask"); optionally "sparse_weights" (the
+  ids' shape); "label" [B] (0/1) for `loss` and `train_step`. DLRMv4's:
+  `dlrm_jax.dlrmv4.BATCH_KEYS`. `lookup_fields` picks the embedding engine's fields out
+  of it, `network` runs the dense network on what they looked up.
   """
 
   init: Callable[[int], TrainState]  # seed -> a fresh step-0 state (`Task.init_state`)
   graphdef: nnx.GraphDef  # the dense network's structure; its parameters are `params`
   embedding: ShardedEmbedding
-  qr: QRTables  # quotient-remainder tables' split of the ids, combine of their vectors
+  # batch -> the embedding engine's fields ("sparse", ..., "sequences"; ShardedEmbedding)
+  lookup_fields: Callable[[Batch], Batch]
+  # (the dense network, the batch's embeddings, the batch) -> logits [B]
+  network: Callable[[nnx.Module, Embedded, Batch], jax.Array]
   tx: optax.GradientTransformation  # the MLPs' optimiser, at a learning rate of 1
   sparse_opt: Any  # the tables' optimiser (dlrm_jax.embedding.optimizers)
   objective: Callable[[jax.Array, jax.Array], jax.Array]  # mean loss of (logits, labels)
@@ -68,7 +88,8 @@ class Functions:
 
   def apply(self, params: nnx.State, tables: Tables, batch: Batch) -> jax.Array:
     """Logits [B] of a batch."""
-    return self._logits(params, self.embedding.embed(tables, self.qr.split(batch)), batch)
+    return self._logits(params, self.embedding.embed_all(tables, self.lookup_fields(batch)),
+                        batch)
 
   def predict(self, params: nnx.State, tables: Tables, batch: Batch) -> jax.Array:
     """Click probabilities [B] of a batch."""
@@ -78,7 +99,8 @@ class Functions:
     """The mean training loss of a batch (`loss_function`). Differentiable with respect
     to `params` and to `tables`; the gradient with respect to the tables is dense (the
     tables' shape), where `train_step` never forms one."""
-    return self._loss(params, self.embedding.embed(tables, self.qr.split(batch)), batch)
+    return self._loss(params, self.embedding.embed_all(tables, self.lookup_fields(batch)),
+                      batch)
 
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     """One optimisation step: (the next state, {"loss": the batch's loss before the
@@ -89,9 +111,9 @@ class Functions:
     optax update, the tables a sparse update of the rows the batch touched. Both
     train at `schedule(state.step)`.
     """
-    forward = self.embedding.forward(state.tables, self.qr.split(batch))
+    forward = self.embedding.forward(state.tables, self.lookup_fields(batch))
     loss, (g_params, g_vectors) = jax.value_and_grad(
-        lambda params, vectors: self._loss(params, forward.embed(vectors), batch),
+        lambda params, vectors: self._loss(params, forward.exchange(vectors), batch),
         argnums=(0, 1))(state.params, forward.vectors)
     lr = self.schedule(state.step)
     with jax.named_scope("dense update"):
@@ -103,12 +125,12 @@ class Functions:
                            tables=tables, emb_opt_state=emb_opt_state)
     return new_state, {"loss": loss, "lr": lr}
 
-  def _logits(self, params: nnx.State, emb: jax.Array, batch: Batch) -> jax.Array:
-    """The dense network on the pooled embeddings [B, F, D]."""
+  def _logits(self, params: nnx.State, emb: Embedded, batch: Batch) -> jax.Array:
+    """The dense network on the batch's embeddings."""
     with jax.named_scope("dense"):
-      return nnx.merge(self.graphdef, params)(batch["dense"], self.qr.combine(emb))
+      return self.network(nnx.merge(self.graphdef, params), emb, batch)
 
-  def _loss(self, params: nnx.State, emb: jax.Array, batch: Batch) -> jax.Array:
+  def _loss(self, params: nnx.State, emb: Embedded, batch: Batch) -> jax.Array:
     logits = self._logits(params, emb, batch)
     with jax.named_scope("dense"):
       return self.objective(logits, batch["label"])

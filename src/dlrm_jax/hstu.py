@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dlrm_jax.config import ConfigError
 
@@ -147,6 +148,16 @@ def _uniform_rows(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def rows_of(table: jax.Array, ids: jax.Array) -> jax.Array:
+  """table[ids]: [*ids.shape, D]. Where `ids` are split over a mesh of explicit axes (the
+  trainer's batches), the rows come out split as the ids are (JAX cannot tell by itself
+  how to split a gather from a replicated table)."""
+  sharding = jax.typeof(ids).sharding
+  if not any(axis is not None for axis in sharding.spec):
+    return jnp.take(table, ids, axis=0)
+  return table.at[ids].get(out_sharding=NamedSharding(sharding.mesh, P(*sharding.spec, None)))
+
+
 class PositionalEncoder(nnx.Module):
   """h = sqrt(D) x + (time table[bucket] + position table[position])."""
 
@@ -162,7 +173,8 @@ class PositionalEncoder(nnx.Module):
                        contextual_seq_len=s.pos_contextual_seq_len,
                        num_buckets=s.num_position_buckets)
     buckets = time_bucket_ids(timestamps, lengths, embedding_dim=s.embedding_dim)
-    return math.sqrt(s.embedding_dim) * x + (self.times(buckets) + self.positions(pos))
+    return math.sqrt(s.embedding_dim) * x + (rows_of(self.times.embedding[...], buckets)
+                                             + rows_of(self.positions.embedding[...], pos))
 
 
 # --- Attention ---------------------------------------------------------------------------

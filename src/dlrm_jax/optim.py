@@ -99,7 +99,9 @@ def make_dense_optimizer(t: TrainingSpec) -> optax.GradientTransformation:
   (each optimiser's update is linear in the rate), so the MLPs and the tables
   follow one schedule on one step count.
   `dense_optimizer_args` sets the hyper-parameters that `DENSE_OPTIMIZERS` lists
-  for it ("eps=1e-8"); the others keep their defaults.
+  for it ("eps=1e-8"); the others keep their defaults. With `grad_clip_norm` > 0 the
+  gradients are first clipped to that global norm (torch's clip_grad_norm_, as
+  DLRMv4's reference does; the tables' gradients are not clipped, as there).
   """
   name = t.dense_optimizer
   if name not in DENSE_OPTIMIZERS:
@@ -110,6 +112,8 @@ def make_dense_optimizer(t: TrainingSpec) -> optax.GradientTransformation:
   if unknown:
     raise ConfigError(f"dense_optimizer_args={t.dense_optimizer_args!r}: {name} has no "
                       f"{unknown}; its hyper-parameters are {list(allowed) or 'none'}")
+  if t.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), make(**args))
   return make(**args)
 
 

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
   from dlrm_jax.model import ModelSpec
 
 AXIS_TYPES = ("explicit", "auto")
+FAMILIES = ("dlrm", "dlrmv4")  # config.model
+DLRMV4_DATA = ("event_log", "yambda")
 CPU_COLLECTIVES = ("gloo", "mpi")  # JAX's CPU collectives between processes
 
 
@@ -37,6 +39,7 @@ class TrainingSpec:
   lr_num_decay_steps: int
   dense_optimizer: str
   dense_optimizer_args: str
+  grad_clip_norm: float  # 0: none
   embedding_optimizer: str
   embedding_optimizer_args: str
   embedding_pooling: str
@@ -65,6 +68,8 @@ class TrainingSpec:
     if self.num_batches == 0 and not self.num_epochs > 0:
       raise ConfigError(f"num_batches=0 trains num_epochs epochs of the data, but "
                         f"num_epochs={self.num_epochs}: set num_epochs > 0 or num_batches >= 1")
+    if self.grad_clip_norm < 0:
+      raise ConfigError(f"grad_clip_norm={self.grad_clip_norm} must be >= 0 (0: no clipping)")
     if not self.learning_rate > 0:
       raise ConfigError(f"learning_rate={self.learning_rate} must be > 0")
     for name in ("lr_num_warmup_steps", "lr_decay_start_step", "lr_num_decay_steps"):
@@ -93,6 +98,7 @@ class TrainingSpec:
         lr_num_decay_steps=int(c.lr_num_decay_steps),
         dense_optimizer=str(c.dense_optimizer),
         dense_optimizer_args=str(c.dense_optimizer_args),
+        grad_clip_norm=float(c.grad_clip_norm),
         embedding_optimizer=str(c.embedding_optimizer),
         embedding_optimizer_args=str(c.embedding_optimizer_args),
         embedding_pooling=str(c.embedding_pooling),
@@ -197,6 +203,11 @@ class DataSpec:
   shuffle: bool
   block_rows: int
   shuffle_buffer: int
+  first_window: int
+  num_train_windows: int
+  eval_window: int
+  eval_num_windows: int
+  event_log: tuple[tuple[str, float], ...] = ()  # the synthetic log's knobs (data.event_log)
 
   def __post_init__(self):
     if self.eval_split not in ("test", "val"):
@@ -218,8 +229,9 @@ class DataSpec:
             f"{num_tables} tables (arch_embedding_size): give one value per table, or one "
             "for all")
       hotness = hotness * num_tables
-    return cls(hotness=hotness, **{f.name: _cast(f.type, c[f.name])
-                                   for f in dataclasses.fields(cls) if f.name != "hotness"})
+    return cls(hotness=hotness, event_log=tuple(sorted(c.event_log.items())),
+               **{f.name: _cast(f.type, c[f.name])
+                  for f in dataclasses.fields(cls) if f.name not in ("hotness", "event_log")})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,7 +300,7 @@ class LoggingSpec:
 class RunSpec:
   """A whole run, typed; `source` is the config it came from, as JSON (checkpoints keep it)."""
 
-  model: "ModelSpec"
+  model: "ModelSpec"  # DLRM's; dlrm_jax.dlrmv4.ModelSpec where family is "dlrmv4"
   training: TrainingSpec
   mesh: MeshSpec
   sharding: ShardingSpec
@@ -298,12 +310,29 @@ class RunSpec:
   logging: LoggingSpec
   qr: QRSpec
   source: dict
+  family: str = "dlrm"  # config.model
 
   @classmethod
   def from_config(cls, config) -> "RunSpec":
     from dlrm_jax.model import ModelSpec  # JAX, for the interactions' registry
 
-    model = ModelSpec.from_config(config)
+    family = str(config.get("model", "dlrm"))
+    if family not in FAMILIES:
+      raise ConfigError(f"model={family!r} is not one of {FAMILIES}")
+    kind = str(config.data.kind)
+    if (family == "dlrmv4") != (kind in DLRMV4_DATA):
+      raise ConfigError(
+          f"model={family!r} does not train on data.kind={kind!r}: DLRMv4 trains on "
+          f"{' or '.join(DLRMV4_DATA)} data, DLRM on the others")
+    if family == "dlrmv4":
+      from dlrm_jax import dlrmv4
+
+      if bool(config.qr_flag) or bool(config.md_flag):
+        raise ConfigError("qr_flag and md_flag are DLRM's: DLRMv4's tables are all "
+                          "dlrmv4.embedding_dim wide, without quotient-remainder pairs")
+      model = dlrmv4.ModelSpec.from_config(config)
+    else:
+      model = ModelSpec.from_config(config)
     if bool(config.qr_flag) and bool(config.md_flag):
       raise ConfigError("qr_flag and md_flag together are not supported: quotient-remainder "
                         "tables keep D columns, mixed-dimension ones narrow them; pick one")
@@ -319,7 +348,7 @@ class RunSpec:
                checkpoint=CheckpointSpec.from_config(config.checkpoint),
                logging=LoggingSpec.from_config(config.logging),
                qr=QRSpec.from_config(config),
-               source=json.loads(config.to_json()))
+               source=json.loads(config.to_json()), family=family)
 
 
 def _from_fields(cls, c):

@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from ml_collections import ConfigDict
 
+from dlrm_jax import dlrmv4
 from dlrm_jax import parallel
 from dlrm_jax import state as state_lib
 from dlrm_jax import targets
@@ -23,7 +24,7 @@ from dlrm_jax.embedding.collection import POOLINGS, STORAGE_DTYPES
 from dlrm_jax.embedding.planner import Plan, PlanError, parse_overrides, plan_tables
 from dlrm_jax.embedding.qr import QRTables
 from dlrm_jax.embedding.sharded import ShardedEmbedding
-from dlrm_jax.functional import Functions
+from dlrm_jax.functional import Functions, ModelParts
 from dlrm_jax.model import abstract_model, init_params
 from dlrm_jax.optim import lr_schedule, make_dense_optimizer, make_loss
 from dlrm_jax.specs import RunSpec
@@ -50,19 +51,10 @@ class Task:
       raise ConfigError(f"embedding_pooling={training.embedding_pooling!r} is not one of "
                         f"{POOLINGS}")
     self.spec = self.run.model
-    qr = self.run.qr
-    # The features' tables: one per feature (of its own width with mixed-dimension
-    # tables, embedding/mixed.py), or quotient-remainder pairs (embedding/qr.py).
-    self.qr = QRTables(self.spec.table_rows, self.run.data.hotness, self.spec.embedding_dim,
-                       enabled=qr.qr_flag, collisions=qr.qr_collisions,
-                       operation=qr.qr_operation, threshold=qr.qr_threshold,
-                       dims=self.spec.dims)  # mixed-dimension tables: their widths
-    self.collection = EmbeddingCollection(self.qr.table_specs(training.embedding_pooling),
-                                          dtype=STORAGE_DTYPES[self.spec.embedding_dtype])
-    # The features' ids are checked against the features' row counts.
-    self.features = (EmbeddingCollection.uniform(self.spec.table_rows, self.spec.embedding_dim,
-                                                 hotness=self.run.data.hotness)
-                     if qr.qr_flag else self.collection)
+    parts = dlrmv4.task_parts(self.run) if self.run.family == "dlrmv4" else dlrm_parts(self.run)
+    self.parts = parts
+    self.qr = parts.qr  # DLRM's quotient-remainder tables; None for DLRMv4
+    self.collection, self.features = parts.collection, parts.features
     self.mesh, self.axes = parallel.make_mesh(self.run.mesh, devices)
     mine = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
     self.plan = make_plan(self.run, self.collection, self.mesh.shape[self.axes.shard],
@@ -72,15 +64,15 @@ class Task:
     self.tx = make_dense_optimizer(training)
     self.sparse_opt = make_sparse_optimizer(training.embedding_optimizer,
                                             training.embedding_optimizer_args)
-    self.loss = make_loss(training)
-    self.graphdef, abstract_params = nnx.split(abstract_model(self.spec))
+    self.loss = parts.objective or make_loss(training)
+    self.graphdef, abstract_params = nnx.split(parts.abstract())
     self.batch_sharding = NamedSharding(self.mesh, self.embedding.batch_spec)
     self.state_shapes = state_lib.state_shapes(abstract_params, self.embedding, self.tx,
                                                self.sparse_opt)
     self.state_shardings = state_lib.state_shardings(self.state_shapes, self.embedding)
     self.functions = Functions(
-        init=self.init_state, graphdef=self.graphdef, embedding=self.embedding, qr=self.qr,
-        tx=self.tx, sparse_opt=self.sparse_opt, objective=self.loss, schedule=self.schedule)
+        init=self.init_state, graphdef=self.graphdef, embedding=self.embedding,
+        lookup_fields=parts.lookup_fields, network=parts.network, tx=self.tx, sparse_opt=self.sparse_opt, objective=self.loss, schedule=self.schedule)
     self._train_step_jit = jax.jit(self.functions.train_step, donate_argnums=(0,),
                                    in_shardings=(self.state_shardings, None),
                                    out_shardings=(self.state_shardings, None))
@@ -106,7 +98,7 @@ class Task:
     drawn with numpy on the host, so `seed` is a Python int, not traced) and optimiser
     states, laid out by the plan. Tables are created shard by shard on their devices,
     never whole on one."""
-    params = init_params(self.spec, seed)
+    params = self.parts.init_params(seed)
     tables = jax.jit(self.embedding.init, out_shardings=self.state_shardings.tables)(
         jnp.uint32(seed))
     return self.state_from(params, tables)
@@ -135,6 +127,28 @@ class Task:
   def check_ids(self, sparse, mask=None) -> None:
     """IdOutOfRangeError for an id outside its feature's rows (at the data boundary)."""
     self.features.check_ids(sparse, mask)
+
+
+def dlrm_parts(run: RunSpec) -> ModelParts:
+  """DLRM's (and DLRM-DCNv2's) tables and network: a table per categorical feature (of
+  its own width with mixed-dimension tables, embedding/mixed.py), or quotient-remainder
+  pairs (embedding/qr.py); the network on the pooled vectors and the dense features."""
+  spec, qr = run.model, run.qr
+  tables = QRTables(spec.table_rows, run.data.hotness, spec.embedding_dim,
+                    enabled=qr.qr_flag, collisions=qr.qr_collisions, operation=qr.qr_operation,
+                    threshold=qr.qr_threshold, dims=spec.dims)
+  collection = EmbeddingCollection(tables.table_specs(run.training.embedding_pooling),
+                                   dtype=STORAGE_DTYPES[spec.embedding_dtype])
+  return ModelParts(
+      collection=collection,
+      # The features' ids are checked against the features' row counts.
+      features=(EmbeddingCollection.uniform(spec.table_rows, spec.embedding_dim,
+                                            hotness=run.data.hotness)
+                if qr.qr_flag else collection),
+      abstract=lambda: abstract_model(spec), init_params=lambda seed: init_params(spec, seed),
+      lookup_fields=tables.split,
+      network=lambda model, emb, batch: model(batch["dense"], tables.combine(emb.pooled)),
+      qr=tables)
 
 
 def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,

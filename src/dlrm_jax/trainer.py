@@ -99,6 +99,7 @@ class Run:
   data: DataSource
   eval_set: evaluation.EvalSet
   teacher_auc: float | None
+  baseline_auc: float | None  # what the data's popularity baseline reaches on eval
   is_lead: bool  # process 0: logs, metrics and the progress bar
   show_progress: bool
   log: Callable[[str], None]  # process 0's messages; a no-op elsewhere
@@ -193,11 +194,13 @@ def set_up(config, workdir: str, progress: bool | None,
   eval_set = evaluation.EvalSet(data, spec.training.test_mini_batch_size,
                                 spec.training.test_num_batches, task.batch_sharding)
   teacher_auc = eval_set.teacher_auc()
+  popularity = getattr(data, "popularity_auc", None)
+  baseline_auc = popularity() if popularity is not None else None
   per_epoch = epoch_steps(spec, data)
   num_steps = run_length(spec.training, per_epoch)
   run = Run(
       spec=spec, workdir=workdir, task=task, data=data, eval_set=eval_set,
-      teacher_auc=teacher_auc, is_lead=is_lead,
+      teacher_auc=teacher_auc, baseline_auc=baseline_auc, is_lead=is_lead,
       show_progress=is_lead and (progress if progress is not None
                                  else spec.training.progress_bar),
       log=log, warn=warn, checkpointer=None, num_steps=num_steps,
@@ -536,6 +539,7 @@ def summarize(run: Run, prog: Progress) -> dict:
       "logloss": final["logloss"],
       "accuracy": final["accuracy"],
       "teacher_auc": run.teacher_auc,
+      "popularity_auc": run.baseline_auc,
       "compile_seconds": prog.compile_seconds,
       "train_seconds": prog.train_seconds,
       "examples_per_sec": max(0, final["step"] - prog.start - 1) * batch
@@ -562,6 +566,10 @@ def format_summary(summary: dict) -> str:
     gap = summary["teacher_auc"] - summary["auc"]
     lines.append(f"  teacher AUC      {summary['teacher_auc']:.4f}  "
                  f"(best achievable on this data; gap {gap:+.4f})")
+  if summary.get("popularity_auc") is not None:
+    gain = summary["auc"] - summary["popularity_auc"]
+    lines.append(f"  popularity AUC   {summary['popularity_auc']:.4f}  "
+                 f"(each item's past listen-plus rate; the model's gain {gain:+.4f})")
   lines += [
       f"  eval log loss    {summary['logloss']:.4f}",
       f"  eval accuracy    {summary['accuracy']:.4f}"

@@ -6,8 +6,10 @@ from dlrm_jax.config import ConfigError, dash_list, parse_widths
 from dlrm_jax.data.synthetic import Batch, RandomData, SyntheticCTR, hashed_uniform
 from dlrm_jax.specs import DataSpec, RunSpec
 
-DATA_KINDS = ("synthetic_ctr", "random", "criteo_kaggle", "criteo_terabyte")
+DATA_KINDS = ("synthetic_ctr", "random", "criteo_kaggle", "criteo_terabyte", "event_log",
+              "yambda")
 CRITEO_KINDS = {"criteo_kaggle": "kaggle", "criteo_terabyte": "terabyte"}
+DLRMV4_KINDS = ("event_log", "yambda")  # listening logs in time windows (DLRMv4)
 
 
 def configure_data(config):
@@ -24,6 +26,10 @@ def configure_data(config):
   ConfigErrors that say what to do.
   """
   data = DataSpec.from_config(config.data)  # checked and typed, as the run will read it
+  if data.kind in DLRMV4_KINDS:
+    from dlrm_jax.data import windows
+
+    return windows.configure(config, data)
   if data.kind not in CRITEO_KINDS:
     return config
   from ml_collections import config_dict
@@ -75,6 +81,10 @@ def _check_tables_hold(rows, vocab_sizes, path) -> None:
 def make_data(run: RunSpec):
   """The data source that `data.kind` names, sized for the run's model."""
   data, spec = run.data, run.model
+  if data.kind in DLRMV4_KINDS:
+    from dlrm_jax.data import windows
+
+    return windows.make(run)
   common = dict(table_rows=spec.table_rows, num_dense=spec.num_dense,
                 batch_size=run.training.mini_batch_size, seed=data.seed)
   if data.kind == "random":

@@ -234,6 +234,7 @@ def _write_events(path: str, output: str, artist: np.ndarray, album: np.ndarray,
   files.update((n, fmt.NpyAppender(os.path.join(output, f"{n}.npy"), np.int64))
                for n in ("users", "user_start", "anchors", "anchor_timestamp"))
   pools = np.zeros(8, np.int64)
+  largest = {"uid": -1, "item": -1}
   row, last_uid, last_ts, user_start = 0, -1, -1, 0
   try:
     for batch in source.iter_batches(batch_size=batch_rows,
@@ -264,6 +265,8 @@ def _write_events(path: str, output: str, artist: np.ndarray, album: np.ndarray,
       action = np.where(listen, np.where(pct >= LISTEN_PLUS_PCT, LP_BIT, SKIP_BIT),
                         np.where(etype == LIKE, LIKE_BIT, 0)).astype(np.uint8)
       pools += np.bincount(action, minlength=8)
+      for name, values in (("uid", uid), ("item", item)):
+        largest[name] = max(largest[name], int(values.max()) if n else -1)
       organic = (col["is_organic"].fill_null(0).to_numpy() if has_organic
                  else np.zeros(n, np.uint8))
       # Users: each uid's first row starts it; each event's index within its user.
@@ -289,7 +292,10 @@ def _write_events(path: str, output: str, artist: np.ndarray, album: np.ndarray,
     f.close()
   starts = np.load(os.path.join(output, "user_start.npy"))
   _save(output, "user_end", np.append(starts[1:], row)[:len(starts)].astype(np.int64))
+  largest["artist"] = int(artist.max()) if len(artist) else 0
+  largest["album"] = int(album.max()) if len(album) else 0
   return {"events": row, "users": len(starts), "anchors": files["anchors"].rows,
+          "max_ids": largest,
           "has_is_organic": has_organic, "items_in_mappings": {"artist": len(artist),
                                                                "album": len(album)},
           "pools": {"listen_plus": int(pools[LP_BIT]), "like": int(pools[LIKE_BIT]),
