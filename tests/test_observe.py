@@ -60,6 +60,27 @@ def test_the_cadence_by_steps_by_epochs_and_the_last_step():
   assert [s for s in range(1, 8) if Cadence(7).due(s)] == [7]  # only at the end
 
 
+def test_eval_start_step_skips_the_cadence_s_earlier_evaluations_but_not_the_last(tmp_path):
+  """MLPerf DLRMv4's first evaluation comes at a step the rules set: the cadence's grid
+  is kept, its steps before `start_step` skipped; a run shorter than that still
+  evaluates at its end. The trainer says so at start-up and evaluates there."""
+  late = Cadence(num_steps=50, every_steps=10, start_step=25)
+  assert [s for s in range(1, 51) if late.due(s)] == [30, 40, 50]
+  assert [s for s in range(1, 51) if Cadence(50, 10, start_step=30).due(s)] == [30, 40, 50]
+  assert [s for s in range(1, 21) if Cadence(20, 10, start_step=25).due(s)] == [20]
+  by_epochs = Cadence(num_steps=26, every_epochs=0.25, steps_per_epoch=13, start_step=7)
+  assert [s for s in range(1, 27) if by_epochs.due(s)] == [10, 13, 16, 20, 23, 26]
+  lines = []
+  result = trainer.train_and_evaluate(
+      _tiny(num_batches=12, test_freq=3, eval_start_step=7, progress_bar=False,
+            checkpoint__enabled=False), str(tmp_path), log=lines.append)
+  assert [r["step"] for r in result.records] == [9, 12]
+  assert any("an evaluation every 3 steps from step 7 and at the end" in line
+             for line in lines), lines
+  with pytest.raises(ConfigError, match=r"eval_start_step=-1 must be >= 0"):
+    trainer.train_and_evaluate(_tiny(eval_start_step=-1), str(tmp_path / "bad"))
+
+
 def test_epochs_on_generated_data_need_an_epoch_size(tmp_path):
   with pytest.raises(ConfigError, match=r"eval_every_epochs=0.5 evaluates at fractions of an "
                                         r"epoch, but data.kind='synthetic_ctr' has no epochs: "

@@ -48,6 +48,7 @@ class TrainingSpec:
   num_epochs: float
   test_freq: int
   eval_every_epochs: float
+  eval_start_step: int  # no evaluation before it but the last step's
   test_mini_batch_size: int
   test_num_batches: int
   target_auc: float
@@ -78,6 +79,9 @@ class TrainingSpec:
     if self.test_freq < 0 or self.eval_every_epochs < 0:
       raise ConfigError(f"test_freq={self.test_freq} and eval_every_epochs="
                         f"{self.eval_every_epochs} must be >= 0 (0: off)")
+    if self.eval_start_step < 0:
+      raise ConfigError(f"eval_start_step={self.eval_start_step} must be >= 0 (0: evaluate "
+                        "from the first step the cadence names)")
     if self.test_freq > 0 and self.eval_every_epochs > 0:
       raise ConfigError(f"test_freq={self.test_freq} and eval_every_epochs="
                         f"{self.eval_every_epochs} both set a cadence: set one of them to 0")
@@ -107,6 +111,7 @@ class TrainingSpec:
         num_epochs=float(c.num_epochs),
         test_freq=int(c.test_freq),
         eval_every_epochs=float(c.eval_every_epochs),
+        eval_start_step=int(c.eval_start_step),
         test_mini_batch_size=int(c.test_mini_batch_size),
         test_num_batches=int(c.test_num_batches),
         target_auc=float(c.target_auc),

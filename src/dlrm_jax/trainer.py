@@ -68,16 +68,19 @@ class TrainResult:
 class Cadence:
   """Which steps end with an evaluation: every `every_steps` steps, or at every
   `every_epochs` of an epoch of `steps_per_epoch` steps (the step nearest each exact
-  fraction); the last step always."""
+  fraction), none of them before `start_step`; the last step always."""
 
   num_steps: int
   every_steps: int = 0
   every_epochs: float = 0.0
   steps_per_epoch: int | None = None
+  start_step: int = 0
 
   def due(self, step: int) -> bool:
     if step == self.num_steps:
       return True
+    if step < self.start_step:
+      return False
     if self.every_steps > 0:
       return step % self.every_steps == 0
     if self.every_epochs > 0:
@@ -206,7 +209,7 @@ def set_up(config, workdir: str, progress: bool | None,
       log=log, warn=warn, checkpointer=None, num_steps=num_steps,
       steps_per_epoch=per_epoch,
       cadence=Cadence(num_steps, spec.training.test_freq, spec.training.eval_every_epochs,
-                      per_epoch),
+                      per_epoch, spec.training.eval_start_step),
       save_every=spec.checkpoint.every_steps if spec.checkpoint.enabled else 0,
       started=started)
   run.checkpointer = make_checkpointer(spec, workdir, log)
@@ -267,11 +270,12 @@ def describe_schedule(run: Run) -> list[str]:
     length += f" = {_epochs(n / per_epoch)} of {per_epoch:,} steps"
   length += f" (num_batches={t.num_batches:,})" if t.num_batches else \
       f" (num_epochs={t.num_epochs:g})"
+  start = f" from step {t.eval_start_step:,}" if t.eval_start_step > 0 else ""
   if t.test_freq > 0:
-    when = f"an evaluation every {t.test_freq:,} steps and at the end"
+    when = f"an evaluation every {t.test_freq:,} steps{start} and at the end"
   elif t.eval_every_epochs > 0:
     when = (f"an evaluation every {t.eval_every_epochs:g} epoch (about "
-            f"{max(1.0, t.eval_every_epochs * per_epoch):,.0f} steps) and at the end")
+            f"{max(1.0, t.eval_every_epochs * per_epoch):,.0f} steps){start} and at the end")
   else:
     when = "an evaluation at the end"
   saves = ("no checkpoints" if run.checkpointer is None
