@@ -21,14 +21,21 @@ holds the notes this config follows ("gin" below is that file):
   train windows 0 to 298 in time order, one pass (the reference's START_TS 0,
   NUM_TRAIN_TS 299), evaluate on every anchor of window 299 (EVAL_HOLDOUT_TS 299,
   one window), the target AUC 0.75;
-  an evaluation every 0.1% of the train data (EVAL_EVERY_DATA_PCT 0.001: about 280
-  steps at 8,192; here the step nearest each thousandth of the epoch, whose steps are
-  the windows' full batches).
+  an evaluation every 0.1% of the train data on the rules' grid: every
+  ceil(0.001 * 2,290,835,423 / 8,192) = 280 steps (test_freq, from TRAIN_SAMPLES,
+  EVAL_EVERY_DATA_PCT and GLOBAL_BATCH below; the reference's EVAL_EVERY_DATA_PCT 0.001
+  gives the same), the first at the rules' first_eval_samples for the batch
+  (closed_dlrmv4.yaml: floor((4,480 B + 135,331,840) / 3) samples, rounded up to the
+  grid): step 7,000 = 57,344,000 samples at 8,192 (eval_start_step; the reference skips
+  evaluations until 2.5% of the epoch, step 6,992, so its first is there too). The
+  MLPerf log (logging.mlperf) gives eval_every_data_pct 0.001: the fraction whose grid
+  is test_freq (dlrm_jax.mlperf_log).
 
 Where this differs from the reference (docs/dlrmv4.md, "Not yet"): float32
-arithmetic (the reference trains in bfloat16 with Triton kernels), no dropout (the
-reference's 0.2 on the encoder's input and 0.1 in the layers), and evaluations from
-the first (the reference skips them until 2.5% of the epoch at 8,192).
+arithmetic (the reference trains in bfloat16 with Triton kernels), and no dropout (the
+reference's 0.2 on the encoder's input and 0.1 in the layers). The MLPerf log's
+max_sequence_length is 8 + 4,086 + 1 = 4,095, the longest sequence of both, where the
+reference logs its capacity, 4,096 (dlrm_jax.mlperf_log).
 
 Data. Yambda's flat 5b log prepared into daily windows with the reference's
 minimum history:
@@ -40,10 +47,25 @@ It cannot be fetched here; this config validates, plans and compiles
 (`python -m dlrm_jax.compile --config=configs/mlperf_dlrmv4.py --target=h200x8`).
 """
 
+import math
+
 from dlrm_jax.config import base_config
 
 GLOBAL_BATCH = 8_192
 LEARNING_RATE = 1e-6  # MLPerf's for GLOBAL_BATCH (linear in the batch)
+TRAIN_SAMPLES = 2_290_835_423  # the train windows' anchors: the rules' train_samples
+EVAL_EVERY_DATA_PCT = 0.001
+# The rules' evaluation grid, in steps of GLOBAL_BATCH: 280.
+EVAL_EVERY_STEPS = math.ceil(EVAL_EVERY_DATA_PCT * TRAIN_SAMPLES / GLOBAL_BATCH)
+
+
+def first_eval_step(batch: int = GLOBAL_BATCH, every: int = EVAL_EVERY_STEPS) -> int:
+  """The step of the rules' first_eval_samples: their fit of the earliest convergence
+  for the batch, floor((4480 B + 135,331,840) / 3) samples, rounded up to the grid of
+  `every` steps (7,000 at 8,192)."""
+  earliest = (4480 * batch + 135_331_840) // 3
+  interval = every * batch
+  return -(-earliest // interval) * interval // batch
 
 
 def get_config():
@@ -59,7 +81,8 @@ def get_config():
   c.mini_batch_size = GLOBAL_BATCH
   c.num_batches = 0  # one pass over the train windows
   c.num_epochs = 1.0
-  c.eval_every_epochs = 0.001
+  c.test_freq = EVAL_EVERY_STEPS
+  c.eval_start_step = first_eval_step()
   c.test_mini_batch_size = GLOBAL_BATCH
   c.test_num_batches = 0  # every anchor of the eval window
   c.target_auc = 0.75

@@ -6,6 +6,7 @@ import glob
 import gzip
 import json
 import logging
+import math
 import os
 import struct
 
@@ -240,3 +241,128 @@ def test_the_mlperf_log_passes_the_compliance_checker_but_for_a_benchmark_run_s_
       "opt_base_learning_rate": 0.01, "eval_samples": 1024, "train_samples": 20 * 256}.items()
   stop, = [e for e in events if e["key"] == "run_stop"]
   assert stop["metadata"]["status"] == "success"  # all steps, no target set
+
+
+def _failed_checks(path: str, ruleset: str) -> list[str]:
+  """Every check of mlperf-logging's compliance checker that `path` fails under
+  `ruleset`, one line each: the failed test (or the message's first line), with its key.
+  The checker keeps one message per key; this keeps each check a key failed (those of
+  keys a later rules file replaces dropped, as the checker drops them)."""
+  from mlperf_logging.compliance_checker import mlp_compliance
+
+  checker = mlp_compliance.make_checker("training", ruleset, quiet=False, werror=False)
+  messages = []
+  put = checker.put_message
+
+  def record(message, key=None):
+    messages.append((key, message))
+    put(message, key)
+
+  checker.put_message = record
+  assert not checker.check_file(path, f"training_{ruleset}/common.yaml")
+  failed = set()
+  for key, message in messages:
+    if key is not None and key not in checker.overwritable:
+      continue  # replaced by a later rules file's check of the key
+    lines = message.splitlines()
+    test = next((line[len("failed test: "):] for line in lines
+                 if line.startswith("failed test: ")), lines[0])
+    failed.add(f"{key}: {test.strip()}" if key else test.strip())
+  return sorted(failed)
+
+
+def test_a_dlrmv4_mlperf_log_passes_the_checker_but_for_the_benchmark_data_s_checks(
+    tmp_path):
+  """A 6-step DLRMv4 run on a synthetic log, with MLPerf's recipe where a short run can
+  follow it (the learning rate for its batch, the 24,000-step warmup), through
+  mlperf-logging's checker, ruleset training 6.1.0: every check passes except those
+  listed, which need the Yambda-5b data, a benchmark-length run or the launcher, and
+  max_sequence_length, which a benchmark run fails too (dlrm_jax.mlperf_log)."""
+  pytest.importorskip("mlperf_logging", reason="pip install 'dlrm_jax[mlperf]'")
+  from test_dlrmv4_train import tiny_config as dlrmv4_tiny_config
+  from dlrm_jax import mlperf_log
+
+  c = dlrmv4_tiny_config(tmp_path / "log")
+  batch = c.mini_batch_size
+  c.learning_rate = 1e-6 * batch / 8192  # the rules' rate for the batch
+  c.lr_num_warmup_steps = 24_000
+  c.logging.mlperf, c.logging.mlperf_org = True, "dlrm_jax tests"
+  result = trainer.train_and_evaluate(c, str(tmp_path / "run"))
+  path = str(tmp_path / "run" / "mlperf.log")
+  assert _failed_checks(path, mlperf_log.RULESETS["dlrmv4"]) == sorted([
+      # The page cache is cleared by a benchmark's launcher before the run, not by a trainer.
+      "cache_clear: Required AT_LEAST_ONE occurrence of 'cache_clear' but found 0",
+      # Yambda-5b's train windows hold 2,290,835,423 anchors, its eval window 2,058,204;
+      # the synthetic log far fewer.
+      "train_samples: v['value'] == s['train_samples']",
+      "eval_samples: v['value'] == 2058204",
+      # 8 contextual tokens + 12 history events + the candidate; a benchmark run's
+      # 8 + 4,086 + 1 = 4,095 fails too: the reference logs its capacity, 4,096.
+      "max_sequence_length: v['value'] == 4096",
+      # The rules' grid is ceil(0.001 * 2,290,835,423 / 32) steps here, its first point
+      # later still: this run's evaluations at steps 3 and 6 are on neither ...
+      "eval_accuracy: v['metadata']['samples_count'] % s['eval_interval_samples'] == 0",
+      "eval_accuracy: int(v['metadata']['samples_count']) == s['first_eval_samples']",
+      # ... and its cadence, 3 steps of 32, is not 0.1% of its train data.
+      "eval_every_data_pct: v['value'] == 0.001",
+      # The quality target: no evaluation of a 6-step run reaches an AUC of 0.75.
+      "Failed checks for eval_accuracy : v['value'] >= s['target_accuracy']",
+  ])
+  events = [json.loads(line.split(" ", 1)[1]) for line in open(path)]
+  points = {e["key"]: e["value"] for e in events if e["event_type"] == "POINT_IN_TIME"}
+  train = points["train_samples"]
+  assert train > 6 * batch  # every anchor of windows 0-7, not only the full batches trained
+  assert points.items() >= {
+      "submission_benchmark": "dlrmv4", "global_batch_size": batch,
+      "eval_samples": result.records[-1]["eval_rows"], "max_sequence_length": 8 + 12 + 1,
+      "opt_name": "Adam", "opt_adam_beta_1": 0.95, "opt_adam_beta_2": 0.999,
+      "opt_adam_epsilon": 1e-8, "opt_weight_decay": 0.0, "opt_gradient_clip_norm": 1.0,
+      "opt_sparse_name": "RowWiseAdagrad", "opt_base_learning_rate": c.learning_rate,
+      "opt_sparse_base_learning_rate": c.learning_rate,
+      "opt_learning_rate_warmup_steps": 24_000, "opt_learning_rate_warmup_start_lr": 0.0,
+      "lowest_numerical_precision_in_linear": "fp32", "micro_batch_size": batch,
+      "tensor_parallelism": 1}.items()
+  # test_freq's 3 steps as the shortest fraction of the train data the rules round up to them.
+  pct = points["eval_every_data_pct"]
+  assert math.ceil(pct * train / batch) == 3 and pct == mlperf_log.data_fraction(3, batch, train)
+  accuracy = [e for e in events if e["key"] == "eval_accuracy"]
+  assert [(a["metadata"]["samples_count"], a["value"]) for a in accuracy] == [
+      (r["step"] * batch, r["auc"]) for r in result.records] and len(accuracy) == 2
+
+
+def test_the_mlperf_dlrmv4_config_evaluates_on_the_rules_grid():
+  """configs/mlperf_dlrmv4.py's test_freq and eval_start_step are the grid and first
+  evaluation closed_dlrmv4.yaml derives from the batch (run through the rules' own
+  code), at its batch and the reference's two others; its log's eval_every_data_pct is
+  the rules' 0.001."""
+  yaml = pytest.importorskip("yaml")
+  pytest.importorskip("mlperf_logging", reason="pip install 'dlrm_jax[mlperf]'")
+  import importlib
+
+  import mlperf_logging.compliance_checker as checker_package
+  from dlrm_jax import mlperf_log
+
+  config = importlib.import_module("configs.mlperf_dlrmv4")
+  rules = yaml.safe_load(open(os.path.join(os.path.dirname(checker_package.__file__),
+                                           "training_6.1.0", "closed_dlrmv4.yaml")))
+  begin = next(r["BEGIN"]["CODE"] for r in rules if "BEGIN" in r)
+  post = next(r["KEY"]["POST"] for r in rules
+              if "KEY" in r and r["KEY"]["NAME"] == "global_batch_size")
+
+  def grid(batch):
+    state = {"s": {}, "math": math}
+    exec(begin, state)
+    exec(post, state, {"v": {"value": batch}})
+    s = state["s"]
+    return s["eval_interval_samples"] // batch, s["first_eval_samples"] // batch, s
+
+  c = config.get_config()
+  every, first, s = grid(c.mini_batch_size)
+  assert (c.test_freq, c.eval_start_step) == (every, first) == (280, 7000)
+  assert config.TRAIN_SAMPLES == s["train_samples"]
+  for batch in (16_384, 32_768):
+    every, first, _ = grid(batch)
+    steps = math.ceil(config.EVAL_EVERY_DATA_PCT * config.TRAIN_SAMPLES / batch)
+    assert (steps, config.first_eval_step(batch, steps)) == (every, first)
+  assert mlperf_log.data_fraction(c.test_freq, c.mini_batch_size, config.TRAIN_SAMPLES) \
+      == config.EVAL_EVERY_DATA_PCT

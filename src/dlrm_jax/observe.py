@@ -11,7 +11,7 @@ only process 0 writes. Each part is switched by the config:
   interval's `train/loss_interval`. Without tensorboardX installed a run says
   so once and trains on.
 - `logging.mlperf`: WORKDIR/mlperf.log in MLPerf's format (`mlperf-logging`'s
-  mllog), with the keys the training rules name for DLRM-DCNv2 (see `MLPerfLog`).
+  mllog), with the keys the training rules name for DLRM-DCNv2, or DLRMv4 (see `MLPerfLog`).
 - `profile_steps = "START-END"`: a `jax.profiler` trace of those steps in
   WORKDIR/tensorboard (TensorBoard's profile plugin reads it; the
   `*.trace.json.gz` beside it opens in Perfetto).

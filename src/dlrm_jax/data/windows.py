@@ -125,6 +125,12 @@ class WindowedEvents:
       return len(self._eval_anchors)
     return self.num_batches("train", self.batch_size) * self.batch_size
 
+  def train_anchors(self) -> int:
+    """Every anchor of the train windows (`num_rows("train")` counts those of full
+    batches, as trained): MLPerf DLRMv4's train_samples."""
+    counts = self.prepared.metadata["anchors_per_window"]
+    return sum(int(counts[w]) for w in self.windows.train)
+
   def num_batches(self, split: str = "train", batch_size: int | None = None) -> int:
     """Global batches of the split: train, full ones per window; eval, the last partial."""
     b = batch_size or self.batch_size
