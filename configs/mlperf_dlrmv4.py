@@ -33,9 +33,12 @@ holds the notes this config follows ("gin" below is that file):
 
 Where this differs from the reference (docs/dlrmv4.md, "Not yet"): float32
 arithmetic (the reference trains in bfloat16 with Triton kernels), and no dropout (the
-reference's 0.2 on the encoder's input and 0.1 in the layers). The MLPerf log's
-max_sequence_length is 8 + 4,086 + 1 = 4,095, the longest sequence of both, where the
-reference logs its capacity, 4,096 (dlrm_jax.mlperf_log).
+reference's 0.2 on the encoder's input and 0.1 in the layers).
+
+History length. The reference's max_seq_len 4,096 is a capacity of 8 contextual
+tokens, 4,087 history events and the candidate; its histories take at most 4,086 // 3
+= 1,362 events of each pool. history_length 4,087 takes the same (4,087 // 3 is 1,362
+too) within the same capacity, which the MLPerf log gives as max_sequence_length.
 
 Data. Yambda's flat 5b log prepared into daily windows with the reference's
 minimum history:
@@ -71,6 +74,7 @@ def first_eval_step(batch: int = GLOBAL_BATCH, every: int = EVAL_EVERY_STEPS) ->
 def get_config():
   c = base_config()
   c.model = "dlrmv4"  # the reference's sizes are the dlrmv4 fields' defaults
+  c.dlrmv4.history_length = 4_087  # the reference's capacity (see the docstring)
   c.learning_rate = LEARNING_RATE
   c.lr_num_warmup_steps = 24_000
   c.dense_optimizer = "adam"

@@ -240,3 +240,19 @@ def test_batch_shapes_are_the_data_sources_batches():
     assert set(shapes) == set(real), name
     for k, v in real.items():
       assert shapes[k].shape == v.shape and shapes[k].dtype == np.asarray(v).dtype, (name, k)
+
+
+@pytest.mark.parametrize("target", [TPU, GPU])
+def test_dlrmv4_compiles_with_its_sequences(target, tmp_path):
+  """DLRMv4 (its history sequences through the sharded tables, the HSTU network) compiles
+  for a TPU slice and NVIDIA GPUs from shapes alone, both steps."""
+  from test_dlrmv4_train import tiny_config
+
+  t = targets.get(target)
+  _need(t.chip.platform)
+  c = tiny_config(tmp_path / "unused", devices=0)  # no data: the shapes are the config's
+  for k, rows in (("item", 150), ("artist", 20), ("album", 50), ("uid", 40)):
+    c.dlrmv4[f"{k}_rows"] = rows
+  r = compile_lib.compile_config(c, t, name="dlrmv4_tiny")
+  assert r.fits and r.eval_memory["total"] > 0 and r.cost["flops"] > 0
+  assert r.plan.count("\n") > 11 and " history" not in r.plan  # 11 tables, no extra ones

@@ -20,7 +20,7 @@ from dlrm_jax.task import Task
 
 
 def tiny_config(path, devices: int = 1):
-  """DLRMv4 at D=8 on a synthetic log of 40 users (13 daily windows): 6 steps of 32 on
+  """DLRMv4 at D=8 on a synthetic log of 40 users (12 daily windows): 6 steps of 32 on
   windows 0-7, evaluated on window 8."""
   c = load_config("dlrmv4_small", devices=devices)
   v = c.dlrmv4
@@ -33,7 +33,8 @@ def tiny_config(path, devices: int = 1):
   c.data.path = str(path)
   c.data.seed = 1
   c.data.event_log.update(num_users=40, num_items=150, num_artists=20, num_albums=50,
-                          listens_per_user=60, days=10.0, min_history=8)
+                          listens_per_user=60, days=10.0, latent_dim=4, drift=0.0,
+                          affinity_scale=3.0, min_history=8)
   c.data.eval_window = 8
   c.mini_batch_size, c.num_batches, c.eval_every_epochs, c.test_freq = 32, 6, 0.0, 3
   c.test_mini_batch_size = 64
@@ -180,7 +181,7 @@ def test_a_run_resumed_mid_window_ends_as_an_uninterrupted_one(tmp_path):
     ({"dlrmv4.attention": "flash"}, "dlrmv4.attention='flash' is not one of"),
     ({"dlrmv4.cross_rows": "5-5"}, "dlrmv4.cross_rows='5-5' gives 2 sizes for the 7 crosses"),
     ({"dlrmv4.history_length": 40}, "num_position_buckets=16 is less than history_length + 1"),
-    ({"data.eval_window": 99}, "eval windows 99 are not within the log's 13 windows"),
+    ({"data.eval_window": 99}, "eval windows 99 are not within the log's 12 windows"),
     ({"data.num_train_windows": 9}, "the train windows 0 to 8 and the eval windows 8 overlap"),
     ({"dlrmv4.item_rows": 100}, "dlrmv4.item_rows=100, but"),
     ({"data.event_log.drift": 2.0}, "data.event_log: drift=2.0 must be in [0, 1]"),

@@ -276,8 +276,8 @@ def test_a_dlrmv4_mlperf_log_passes_the_checker_but_for_the_benchmark_data_s_che
   """A 6-step DLRMv4 run on a synthetic log, with MLPerf's recipe where a short run can
   follow it (the learning rate for its batch, the 24,000-step warmup), through
   mlperf-logging's checker, ruleset training 6.1.0: every check passes except those
-  listed, which need the Yambda-5b data, a benchmark-length run or the launcher, and
-  max_sequence_length, which a benchmark run fails too (dlrm_jax.mlperf_log)."""
+  listed, which need the Yambda-5b data, a benchmark-length run or the launcher
+  (dlrm_jax.mlperf_log)."""
   pytest.importorskip("mlperf_logging", reason="pip install 'dlrm_jax[mlperf]'")
   from test_dlrmv4_train import tiny_config as dlrmv4_tiny_config
   from dlrm_jax import mlperf_log
@@ -296,8 +296,8 @@ def test_a_dlrmv4_mlperf_log_passes_the_checker_but_for_the_benchmark_data_s_che
       # the synthetic log far fewer.
       "train_samples: v['value'] == s['train_samples']",
       "eval_samples: v['value'] == 2058204",
-      # 8 contextual tokens + 12 history events + the candidate; a benchmark run's
-      # 8 + 4,086 + 1 = 4,095 fails too: the reference logs its capacity, 4,096.
+      # 8 contextual tokens + 12 history events + the candidate (configs/mlperf_dlrmv4.py:
+      # 8 + 4,087 + 1).
       "max_sequence_length: v['value'] == 4096",
       # The rules' grid is ceil(0.001 * 2,290,835,423 / 32) steps here, its first point
       # later still: this run's evaluations at steps 3 and 6 are on neither ...

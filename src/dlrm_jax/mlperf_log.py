@@ -34,10 +34,10 @@ DLRMv4's keys, each the run's own value:
                             the longest sequence the network takes. The reference logs its
                             max_seq_len 4096, a capacity: it truncates histories past
                             4096 - 8 - 1 = 4087 events, which its histories of at most
-                            4,086 never reach, so its sequences too are at most 4,095
-                            long. configs/mlperf_dlrmv4.py's history_length 4,086 gives
-                            the same sequences, and logs 4095, which the rules' == 4096
-                            fails
+                            4,086 never reach. configs/mlperf_dlrmv4.py's history_length
+                            4,087 is that capacity: the same samples (each pool gives at
+                            most 4,087 // 3 = 1,362 events, as at 4,086), padded to
+                            8 + 4,087 + 1 = 4,096 tokens, as the reference's
   opt_name, opt_sparse_name 'Adam' and 'RowWiseAdagrad', the rules' spellings, for
                             dense_optimizer "adam" and embedding_optimizer
                             "rowwise_adagrad"; other optimisers by their config names
@@ -64,7 +64,7 @@ DLRMv4's keys, each the run's own value:
   config_filename           WORKDIR/config.txt, where the run writes its whole config
 
 Of the checks closed_dlrmv4.yaml makes, a benchmark run with configs/mlperf_dlrmv4.py
-on the prepared Yambda-5b log fails max_sequence_length (above) and cache_clear (the
+on the prepared Yambda-5b log fails cache_clear only (the
 launcher clears the page cache and logs it, not a trainer). A short run on another log
 fails also those that need that data or that length: train_samples (2,290,835,423
 anchors), eval_samples (2,058,204), the grid and first-evaluation checks of
