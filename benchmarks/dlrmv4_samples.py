@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 
+from dlrm_jax.data import anchors as anchors_lib
 from dlrm_jax.data import yambda
 from dlrm_jax.data.event_log import EventLog, EventLogSpec
 
@@ -38,12 +39,12 @@ LOGS = {"default": EventLogSpec(),
 CASES = (("default", 4086, 20_000), ("default", 64, 256), ("long", 4086, 20_000))
 
 
-def prepared(root: str, name: str) -> yambda.PreparedEvents:
+def prepared(root: str, name: str) -> anchors_lib.PreparedEvents:
   raw, out = os.path.join(root, name, "raw"), os.path.join(root, name, "prepared")
   if not os.path.exists(os.path.join(out, "metadata.json")):
     EventLog(LOGS[name]).write(raw)
     yambda.prepare(raw, out, min_history=64, log=lambda s: None)
-  return yambda.PreparedEvents(out)
+  return anchors_lib.PreparedEvents(out)
 
 
 def best_ms(run, repeat: int) -> float:
@@ -71,7 +72,7 @@ def main(argv=None) -> None:
       window = int(np.argmax(events.metadata["anchors_per_window"]))
       for kind, anchors in (
           ("random", np.sort(rng.choice(events.anchors, args.batch, replace=False))),
-          ("window", yambda.window_batch_anchors(events.window_anchors(window), args.batch,
+          ("window", anchors_lib.window_batch_anchors(events.window_anchors(window), args.batch,
                                                  0))):
         def run():
           return events.samples(anchors, history_length=length, scan_window=scan)

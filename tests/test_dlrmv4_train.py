@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from conftest import load_config
-from dlrm_jax import dlrmv4, trainer
+from dlrm_jax import dlrmv4, predict, trainer
+from dlrm_jax.checkpoint import CheckpointError
 from dlrm_jax.config import ConfigError
 from dlrm_jax.data import configure_data, windows
 from dlrm_jax.data.event_log import EventLog
@@ -173,6 +174,8 @@ def test_a_run_resumed_mid_window_ends_as_an_uninterrupted_one(tmp_path):
     np.testing.assert_array_equal(a, b)
   strip = lambda rs: [{k: v for k, v in r.items() if k not in trainer.TIMINGS} for r in rs]  # noqa: E731
   assert strip(resumed.records) == strip(whole.records)
+  with pytest.raises(CheckpointError, match="holds a dlrmv4 run: predict scores DLRM runs"):
+    predict.load_model(str(tmp_path / "whole"))  # not yet a DLRMv4 scorer
 
 
 @pytest.mark.parametrize("change, message", [

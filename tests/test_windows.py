@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from dlrm_jax import dlrmv4
-from dlrm_jax.data import windows, yambda
+from dlrm_jax.data import anchors as anchors_lib
+from dlrm_jax.data import windows
 from dlrm_jax.data.event_log import EventLogSpec
 from dlrm_jax.data.format import FormatError
 from dlrm_jax.evaluation import TEACHER
@@ -35,7 +36,7 @@ def test_the_train_stream_is_the_windows_in_order_in_the_reference_s_batches(log
   full batches only), windows one after the other, then the next epoch from the first."""
   prepared, _ = log
   data = _source(log, first=2, train=3)
-  want = [yambda.window_batch_anchors(prepared.window_anchors(w), 16, i)
+  want = [anchors_lib.window_batch_anchors(prepared.window_anchors(w), 16, i)
           for w in (2, 3, 4) for i in range(len(prepared.window_anchors(w)) // 16)]
   assert data.num_batches("train") == len(want) and data.num_rows("train") == 16 * len(want)
   for k in range(len(want) + 2):  # into the second epoch

@@ -18,6 +18,7 @@ import xxhash
 
 from conftest import REPO
 from dlrm_jax.data import format as fmt
+from dlrm_jax.data import anchors as anchors_lib
 from dlrm_jax.data import yambda
 from dlrm_jax.data.event_log import EventLog, EventLogSpec
 
@@ -38,7 +39,7 @@ def prepared(raw, tmp_path_factory):
   out = tmp_path_factory.mktemp("prepared") / "out"
   # Batches of 97 rows: users and the order check cross batch boundaries.
   yambda.prepare(str(raw), str(out), min_history=MIN_HISTORY, batch_rows=97, log=lambda s: None)
-  return yambda.PreparedEvents(str(out))
+  return anchors_lib.PreparedEvents(str(out))
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def test_the_interleaved_history_matches_a_naive_reading_of_the_rule(
 
 def per_anchor_history(action, user_start, p, history_length, scan_window):
   """The rule in numpy, one anchor at a time: the reference of the batched
-  `yambda.histories`."""
+  `anchors_lib.histories`."""
   user = np.searchsorted(user_start, p, side="right") - 1
   low = max(int(user_start[user]), p - scan_window)
   window = action[low:p]
@@ -160,10 +161,10 @@ def test_batched_histories_match_the_rule_anchor_by_anchor(seed, monkeypatch):
   anchors = rng.permutation(np.r_[anchors, anchors[:10]])
   seen = {"empty": 0, "pool capped": 0, "cut to L": 0, "window cut": 0}
   for chunk in (40, 1 << 20):  # one anchor or a few per chunk; all in one chunk
-    monkeypatch.setattr(yambda, "_CHUNK_EVENTS", chunk)
+    monkeypatch.setattr(anchors_lib, "_CHUNK_EVENTS", chunk)
     for history_length in (1, 2, 3, 4, 5, 7, 10, 31):
       for scan_window in (1, 3, 8, 25, 1000):
-        lengths, index = yambda.histories(action, user_start, anchors, history_length,
+        lengths, index = anchors_lib.histories(action, user_start, anchors, history_length,
                                           scan_window)
         assert lengths.shape == anchors.shape and lengths.sum() == len(index)
         for p, got in zip(anchors, np.split(index, np.cumsum(lengths)[:-1])):
@@ -178,7 +179,7 @@ def test_batched_histories_match_the_rule_anchor_by_anchor(seed, monkeypatch):
                                   for b in (1, 2, 4)) > len(want) > 0
           seen["window cut"] += p - scan_window > start
   assert all(seen.values()), seen
-  lengths, index = yambda.histories(action, user_start, [], 5, 8)
+  lengths, index = anchors_lib.histories(action, user_start, [], 5, 8)
   assert lengths.shape == index.shape == (0,)
 
 
@@ -195,7 +196,7 @@ def test_the_candidate_label_query_time_and_contextual_ids(raw, tmp_path, prepar
   # min_history 0: a user's first listen is an anchor with an empty history.
   out = tmp_path / "zero"
   yambda.prepare(str(raw), str(out), min_history=0, log=lambda s: None)
-  zero = yambda.PreparedEvents(str(out))
+  zero = anchors_lib.PreparedEvents(str(out))
   empty = [int(s) for s in zero.user_start if zero.events["action"][s] in (1, 4)][:3]
   assert empty
   s = zero.samples(empty, history_length=9)
@@ -235,11 +236,11 @@ def test_cross_hash_is_xxh64_of_the_packed_keys():
     digests = [xxhash.xxh64_intdigest(struct.pack(f"<{n}q", *map(int, k)), seed=0)
                for k in keys]
     for size in (1, 24, 2_000_000, 100_000_000, 2**62 + 5):
-      got = yambda.cross_hash(keys, size)
+      got = anchors_lib.cross_hash(keys, size)
       assert got.dtype == np.int64
       assert got.tolist() == [d % size for d in digests], (n, size)
   with pytest.raises(ValueError, match=r"keys of shape \(2, 4\): \[B, 1 to 3\] expected"):
-    yambda.cross_hash(np.zeros((2, 4), np.int64), 10)
+    anchors_lib.cross_hash(np.zeros((2, 4), np.int64), 10)
 
 
 def test_batches_follow_the_streaming_order_and_resume_mid_window(prepared):
@@ -249,13 +250,13 @@ def test_batches_follow_the_streaming_order_and_resume_mid_window(prepared):
   procs, size = 3, 5
   kept = anchors[:len(anchors) - len(anchors) % procs]
   for r in range(procs):
-    batches = [yambda.window_batch_anchors(anchors, size, b, r, procs)
+    batches = [anchors_lib.window_batch_anchors(anchors, size, b, r, procs)
                for b in range(prepared.num_batches(window, size, procs))]
     mine = kept[r::procs]
     assert len(batches) == len(mine) // size >= 2
     np.testing.assert_array_equal(np.concatenate(batches), mine[:len(batches) * size])
   with pytest.raises(IndexError):  # the partial last batch is dropped
-    yambda.window_batch_anchors(anchors, size, len(kept) // procs // size, 0, procs)
+    anchors_lib.window_batch_anchors(anchors, size, len(kept) // procs // size, 0, procs)
   everything = list(prepared.batches(window, size, process_index=1, process_count=procs,
                                      history_length=9))
   resumed = list(prepared.batches(window, size, start=2, process_index=1, process_count=procs,
@@ -284,7 +285,7 @@ def test_rerun_is_a_no_op_and_other_options_a_one_line_error(raw, tmp_path):
   os.remove(out / "metadata.json")
   (out / "anchors.npy").write_bytes(b"half")
   meta = yambda.prepare(str(raw), str(out), min_history=MIN_HISTORY, log=said.append)
-  assert len(yambda.PreparedEvents(str(out)).anchors) == meta["anchors"] > 0
+  assert len(anchors_lib.PreparedEvents(str(out)).anchors) == meta["anchors"] > 0
   (tmp_path / "other").mkdir()
   (tmp_path / "other" / "notes.txt").write_text("x")
   with pytest.raises(fmt.FormatError, match="is not empty"):
@@ -348,7 +349,7 @@ def test_a_log_without_is_organic_and_with_integer_event_types(copy, table, tmp_
   meta = yambda.prepare(str(copy), str(tmp_path / "out"), min_history=MIN_HISTORY,
                         batch_rows=500, log=lambda s: None)
   assert not meta["has_is_organic"]
-  other = yambda.PreparedEvents(str(tmp_path / "out"))
+  other = anchors_lib.PreparedEvents(str(tmp_path / "out"))
   assert not other.events["is_organic"].any()
   for k in ("action", "artist", "item"):
     np.testing.assert_array_equal(other.events[k], prepared.events[k])

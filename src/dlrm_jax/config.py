@@ -190,7 +190,7 @@ def _dlrmv4_fields(c):
   c.scan_window = 20000
   # Table rows; 0: sized from the data (the synthetic log's generator, or the largest id
   # in a prepared log + 1). The 7 crosses' rows are their hash moduli (dash list, in the
-  # order of dlrm_jax.data.yambda.CROSSES).
+  # order of dlrm_jax.data.anchors.CROSSES).
   c.item_rows = 9_390_624
   c.artist_rows = 1_293_395
   c.album_rows = 3_367_692

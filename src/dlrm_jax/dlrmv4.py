@@ -35,7 +35,7 @@ Inputs are embedding vectors (the sharded tables' lookups are the engine's part)
     }
 
 `ModelSpec` is a run's model (`config.model = "dlrmv4"`: the network's sizes, the
-tables, the history's length) and `task_parts` what `dlrm_jax.task.Task` trains of
+tables, the history's length); `dlrm_jax.task.dlrmv4_parts` is what the task trains of
 it: the tables (the pooled features `POOLED` and the history's sequences `SEQUENCES`,
 in the sharded embedding engine) and the network on their vectors, fed by batches
 of `BATCH_KEYS` (`dlrm_jax.data.windows`).
@@ -58,13 +58,13 @@ from flax import nnx
 
 from dlrm_jax import hstu
 from dlrm_jax.config import ConfigError, parse_widths
+from dlrm_jax.data.anchors import CROSSES
 
 ACTION_BITS = (1, 2, 4)  # listen-plus, like, skip
 # The tables, one per pooled feature of a batch's "sparse" ids, in this order: the
-# candidate's item, artist and album, then the contextual ids (dlrm_jax.data.yambda's
+# candidate's item, artist and album, then the contextual ids (dlrm_jax.data.anchors'
 # CONTEXTUAL: the uid and the 7 crosses).
-CROSS_NAMES = ("user_x_artist", "user_x_album", "user_x_hour", "item_x_hour", "artist_x_hour",
-               "user_x_is_organic", "user_x_artist_x_hour")
+CROSS_NAMES = tuple(name for name, _, _ in CROSSES)
 POOLED = ("item", "artist", "album", "uid") + CROSS_NAMES
 # The history's sequence features and the tables they read (the candidate's own).
 SEQUENCES = (("history_item", "item"), ("history_artist", "artist"), ("history_album", "album"))
@@ -325,37 +325,3 @@ def model_inputs(embedded, batch) -> dict:
       "query_time": batch["query_time"],
       "contextual": pooled[:, 3:],
   }
-
-
-def task_parts(run):
-  """What `dlrm_jax.task.Task` trains of a DLRMv4 run (`run.model` a `ModelSpec`): the
-  tables, one per `POOLED` feature, with the history's `SEQUENCES` reading the
-  candidate's; the network on their vectors."""
-  from dlrm_jax.embedding import EmbeddingCollection, SequenceSpec, TableSpec
-  from dlrm_jax.embedding.collection import STORAGE_DTYPES
-  from dlrm_jax.functional import ModelParts
-
-  spec = run.model
-  d = spec.embedding_dim
-  collection = EmbeddingCollection(
-      [TableSpec(name, rows, d) for name, rows in zip(POOLED, spec.table_rows)],
-      dtype=STORAGE_DTYPES[spec.embedding_dtype],
-      sequences=[SequenceSpec(name, table) for name, table in SEQUENCES])
-  attention = attention_of(spec)
-  make = lambda seed: DLRMv4(spec.network, rngs=nnx.Rngs(seed), attention=attention)  # noqa: E731
-
-  def init_params(seed: int) -> nnx.State:
-    # One compiled program for all initialisers (eagerly, XLA:CPU compiles each op).
-    return jax.jit(lambda: nnx.state(make(seed), nnx.Param))()
-
-  def lookup_fields(batch):
-    lengths = batch["history_length"]
-    return {"sparse": batch["sparse"],
-            "sequences": {name: batch[name] for name, _ in SEQUENCES},
-            "sequence_lengths": {name: lengths for name, _ in SEQUENCES}}
-
-  return ModelParts(
-      collection=collection, features=collection, abstract=lambda: nnx.eval_shape(
-          lambda: make(0)), init_params=init_params, lookup_fields=lookup_fields,
-      network=lambda model, embedded, batch: model(model_inputs(embedded, batch)),
-      objective=loss)

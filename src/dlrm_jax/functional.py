@@ -45,7 +45,7 @@ Batch = dict[str, jax.Array]
 class ModelParts:
   """What a model family gives `dlrm_jax.task.Task`: its tables, its dense network and
   how a batch feeds them (DLRM's: `dlrm_jax.task.dlrm_parts`; DLRMv4's:
-  `dlrm_jax.dlrmv4.task_parts`)."""
+  `dlrm_jax.task.dlrmv4_parts`)."""
 
   collection: Any  # EmbeddingCollection: the tables (and sequence features) as stored
   features: Any  # EmbeddingCollection: what a batch's "sparse" ids are checked against

@@ -91,6 +91,10 @@ def load_model(workdir: str, *, step: int | None = None, devices: int = 0) -> Mo
     contents = checkpointer.read_contents(step if step is not None else steps[-1])
     config = base_config()  # fields newer than the checkpoint keep their defaults
     config.update(contents.config)
+    if str(config.model) != "dlrm":
+      raise checkpoint_lib.CheckpointError(
+          f"{workdir} holds a {config.model} run: predict scores DLRM runs (DLRMv4's "
+          "scoring and export are not here yet; its eval AUC is in metrics.jsonl)")
     config.mesh.num_devices = int(devices)
     config.mesh.replicas = 1
     config.distributed.coordinator_address = ""

@@ -19,7 +19,8 @@ from dlrm_jax import parallel
 from dlrm_jax import state as state_lib
 from dlrm_jax import targets
 from dlrm_jax.config import ConfigError
-from dlrm_jax.embedding import EmbeddingCollection, Tables, make_sparse_optimizer
+from dlrm_jax.embedding import (EmbeddingCollection, SequenceSpec, Tables, TableSpec,
+                                make_sparse_optimizer)
 from dlrm_jax.embedding.collection import POOLINGS, STORAGE_DTYPES
 from dlrm_jax.embedding.planner import Plan, PlanError, parse_overrides, plan_tables
 from dlrm_jax.embedding.qr import QRTables
@@ -51,8 +52,9 @@ class Task:
       raise ConfigError(f"embedding_pooling={training.embedding_pooling!r} is not one of "
                         f"{POOLINGS}")
     self.spec = self.run.model
-    parts = dlrmv4.task_parts(self.run) if self.run.family == "dlrmv4" else dlrm_parts(self.run)
-    self.parts = parts
+    # The model family's tables, network and batch fields (config.model).
+    self.parts = parts = (dlrmv4_parts(self.run) if self.run.family == "dlrmv4"
+                          else dlrm_parts(self.run))
     self.qr = parts.qr  # DLRM's quotient-remainder tables; None for DLRMv4
     self.collection, self.features = parts.collection, parts.features
     self.mesh, self.axes = parallel.make_mesh(self.run.mesh, devices)
@@ -72,7 +74,8 @@ class Task:
     self.state_shardings = state_lib.state_shardings(self.state_shapes, self.embedding)
     self.functions = Functions(
         init=self.init_state, graphdef=self.graphdef, embedding=self.embedding,
-        lookup_fields=parts.lookup_fields, network=parts.network, tx=self.tx, sparse_opt=self.sparse_opt, objective=self.loss, schedule=self.schedule)
+        lookup_fields=parts.lookup_fields, network=parts.network, tx=self.tx,
+        sparse_opt=self.sparse_opt, objective=self.loss, schedule=self.schedule)
     self._train_step_jit = jax.jit(self.functions.train_step, donate_argnums=(0,),
                                    in_shardings=(self.state_shardings, None),
                                    out_shardings=(self.state_shardings, None))
@@ -149,6 +152,37 @@ def dlrm_parts(run: RunSpec) -> ModelParts:
       lookup_fields=tables.split,
       network=lambda model, emb, batch: model(batch["dense"], tables.combine(emb.pooled)),
       qr=tables)
+
+
+def dlrmv4_parts(run: RunSpec) -> ModelParts:
+  """DLRMv4's tables and network (`run.model` a `dlrm_jax.dlrmv4.ModelSpec`): a table per
+  pooled feature (`dlrmv4.POOLED`), the history's sequences (`dlrmv4.SEQUENCES`)
+  reading the candidate's; the network on their vectors and the history's actions and
+  timestamps."""
+  spec = run.model
+  d = spec.embedding_dim
+  collection = EmbeddingCollection(
+      [TableSpec(name, rows, d) for name, rows in zip(dlrmv4.POOLED, spec.table_rows)],
+      dtype=STORAGE_DTYPES[spec.embedding_dtype],
+      sequences=[SequenceSpec(name, table) for name, table in dlrmv4.SEQUENCES])
+  attention = dlrmv4.attention_of(spec)
+  make = lambda seed: dlrmv4.DLRMv4(spec.network, rngs=nnx.Rngs(seed), attention=attention)  # noqa: E731
+
+  def init_params(seed: int) -> nnx.State:
+    # One compiled program for all initialisers (eagerly, XLA:CPU compiles each op).
+    return jax.jit(lambda: nnx.state(make(seed), nnx.Param))()
+
+  def lookup_fields(batch):
+    lengths = batch["history_length"]
+    return {"sparse": batch["sparse"],
+            "sequences": {name: batch[name] for name, _ in dlrmv4.SEQUENCES},
+            "sequence_lengths": {name: lengths for name, _ in dlrmv4.SEQUENCES}}
+
+  return ModelParts(
+      collection=collection, features=collection, abstract=lambda: nnx.eval_shape(
+          lambda: make(0)), init_params=init_params, lookup_fields=lookup_fields,
+      network=lambda model, embedded, batch: model(dlrmv4.model_inputs(embedded, batch)),
+      objective=dlrmv4.loss)
 
 
 def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
