@@ -4,9 +4,9 @@ The log (dlrm_jax.data.event_log) is generated into data.path on first use and
 prepared into daily windows (docs/dlrmv4.md): 4,000 users of 1,000 items, each user
 with a fixed hidden taste that decides both which items they pick and which plays go
 past half the track (listen-plus, the label). A user's history shows the taste; no
-single item's popularity does. The run trains two passes over windows 0-44 (about
-345,000 anchors) in time order and evaluates on every anchor of window 45, the next
-day; the summary gives the generator's best AUC there (its hidden probability) and
+single item's popularity does. The run trains two passes over windows 0-44 (345,429
+anchors, 339,200 of them in full batches) in time order and evaluates on every anchor
+of window 45, the next day; the summary gives the generator's best AUC there (its hidden probability) and
 what each item's past listen-plus rate reaches.
 
     python train.py --config=configs/dlrmv4_small.py

@@ -3,13 +3,15 @@ wired together, checked against the model on rows gathered in numpy, the dense
 gradient of the tables, one device against eight, and a run end to end (its
 baselines computed another way, its resume mid-window bit for bit)."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 from conftest import load_config
-from dlrm_jax import dlrmv4, predict, trainer
+from dlrm_jax import checkpoint, dlrmv4, predict, trainer
 from dlrm_jax.checkpoint import CheckpointError
 from dlrm_jax.config import ConfigError
 from dlrm_jax.data import configure_data, windows
@@ -112,11 +114,11 @@ def test_eight_devices_match_one(tmp_path, overrides):
   one-device parameters and tables (float32 sums in other orders: 1e-5)."""
   states = []
   for devices in (1, 8):
-    task, data, _ = _task_and_batch(tmp_path / "log", devices=devices)
     c = tiny_config(tmp_path / "log", devices)
     c.sharding.overrides = overrides if devices > 1 else ""
     c.sharding.min_column_width = 4
-    task = Task(RunSpec.from_config(configure_data(c)))
+    run = RunSpec.from_config(configure_data(c))
+    task, data = Task(run), windows.make(run)
     state = task.init_state(0)
     for step in range(3):
       state, _ = task.train_step(state, data.batch(step))
@@ -158,7 +160,8 @@ def test_a_run_reports_its_baselines_computed_from_the_generator(tmp_path):
 
 def test_a_run_resumed_mid_window_ends_as_an_uninterrupted_one(tmp_path):
   """A 4-step run (its last batch mid-window) trained on to 8 steps ends with the
-  parameters, tables and records of an 8-step run, bit for bit."""
+  parameters, tables and records of an 8-step run, bit for bit; its checkpoint restores
+  onto 8 devices, and is refused by name to another network or optimiser state."""
   c = tiny_config(tmp_path / "log")
   c.checkpoint.enabled, c.checkpoint.async_save, c.test_freq = True, False, 4
   c.num_batches = 4
@@ -177,6 +180,28 @@ def test_a_run_resumed_mid_window_ends_as_an_uninterrupted_one(tmp_path):
   with pytest.raises(CheckpointError, match="holds a dlrmv4 run: predict scores DLRM runs"):
     predict.load_model(str(tmp_path / "whole"))  # not yet a DLRMv4 scorer
 
+  # Onto 8 devices (the tables re-laid out from the saved plan): the same arrays.
+  c8 = tiny_config(tmp_path / "log", devices=8)
+  c8.checkpoint.enabled, c8.num_batches = True, 8
+  task8 = Task(RunSpec.from_config(configure_data(c8)))
+  with checkpoint.Checkpointer(str(tmp_path / "whole" / "checkpoints")) as ckpt:
+    restored = ckpt.restore(task8)
+  assert restored.step == 8
+  for a, b in zip(whole.task.embedding.to_arrays(whole.state.tables),
+                  task8.embedding.to_arrays(restored.state.tables), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+  # Another network, or clipping switched off, is refused by name, not taken for damage.
+  for key, value, named in (("num_layers", 3, "dlrmv4.num_layers: checkpoint 2, config 3"),
+                            ("grad_clip_norm", 0.0, "grad_clip_norm: checkpoint > 0")):
+    other = tiny_config(tmp_path / "log")
+    other.checkpoint.enabled, other.num_batches = True, 9
+    (other.dlrmv4 if key == "num_layers" else other)[key] = value
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=re.escape(named)):
+      trainer.train_and_evaluate(other, str(tmp_path / "whole"))
+  with checkpoint.Checkpointer(str(tmp_path / "whole" / "checkpoints")) as ckpt:
+    assert ckpt.steps() == [4, 8]  # nothing moved aside
+
 
 @pytest.mark.parametrize("change, message", [
     ({"data.kind": "synthetic_ctr"}, "model='dlrmv4' does not train on data.kind='synthetic_ctr'"),
@@ -188,6 +213,9 @@ def test_a_run_resumed_mid_window_ends_as_an_uninterrupted_one(tmp_path):
     ({"data.num_train_windows": 9}, "the train windows 0 to 8 and the eval windows 8 overlap"),
     ({"dlrmv4.item_rows": 100}, "dlrmv4.item_rows=100, but"),
     ({"data.event_log.drift": 2.0}, "data.event_log: drift=2.0 must be in [0, 1]"),
+    ({"data.event_log.seed": 3}, "data.event_log.seed is not a knob of the synthetic log"),
+    ({"compute_dtype": "bfloat16"}, "DLRMv4 computes in float32 only"),
+    ({"loss_function": "mse"}, "DLRMv4's loss is the reference's"),
 ])
 def test_bad_dlrmv4_configs_are_one_line_errors(tmp_path, change, message):
   c = tiny_config(tmp_path / "log")

@@ -70,16 +70,17 @@ def test_two_processes_rows_are_the_one_process_batch(log):
 def test_every_eval_anchor_is_scored_once_with_its_hidden_probability(log):
   prepared, p_plus = log
   anchors = prepared.window_anchors(8)
-  for count in (1, 2):
+  assert len(anchors) % 16 not in (0, 1)  # a partial last batch of more than one row
+  for count in (1, 2, 8):  # at 8, some processes have no row in the last batch
     seen = []
     for r in range(count):
       data = _source(log, process_index=r, process_count=count)
+      # Every process has each of the split's batches (its share may be empty).
       for i in range(data.num_batches("eval")):
-        try:
-          b = data.batch(i, "eval")
-        except IndexError:  # this process's share ended a batch earlier
-          break
+        b = data.batch(i, "eval")
         seen.append(np.stack([b["sparse"][:, 3], b["query_time"], b[TEACHER]], axis=1))
+      with pytest.raises(IndexError):
+        data.batch(data.num_batches("eval"), "eval")
     seen = np.concatenate(seen)
     assert data.num_rows("eval") == len(anchors) == len(seen)
     s = prepared.samples(anchors, **OPTIONS)
@@ -97,7 +98,7 @@ def test_a_stream_resumes_at_its_position_and_refuses_another_order(log):
   resumed.restore(state)
   np.testing.assert_array_equal(next(resumed)["sparse"], next(stream)["sparse"])
   other = _source(log, first=1, train=3).batches(0)
-  with pytest.raises(ValueError, match="of other windows or another batch size"):
+  with pytest.raises(ValueError, match="of other windows, another batch size"):
     other.restore(state)
 
 
@@ -106,6 +107,9 @@ def test_a_stream_resumes_at_its_position_and_refuses_another_order(log):
     ((13, 0, 0, 13, 1), "eval windows 13 are not within the log's 13 windows (0 to 12)"),
     ((13, 5, 9, 2, 1), "train windows 5 to 13 are not within"),
     ((13, 0, 5, 4, 2), "the train windows 0 to 4 and the eval windows 4 to 5 overlap"),
+    ((13, 0, 0, -2, 1), "eval_window=-2 is not a window (-1: the last)"),
+    ((13, 6, 0, 4, 1), "num_train_windows=0 trains on the windows from first_window=6 to the "
+                       "eval windows, but those start at 4"),
 ])
 def test_windows_that_the_log_does_not_have_are_refused(args, message):
   with pytest.raises(ValueError) as e:

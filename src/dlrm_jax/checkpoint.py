@@ -69,6 +69,11 @@ MODEL_KEYS = ("arch_sparse_feature_size", "arch_mlp_bot", "arch_mlp_top", "arch_
               "qr_flag", "qr_collisions", "qr_operation", "qr_threshold")
 # Fields that matter only with a flag on (compared when either config has it on).
 GATED_KEYS = {"qr_collisions": "qr_flag", "qr_operation": "qr_flag", "qr_threshold": "qr_flag"}
+# DLRMv4's fields that define the saved arrays (compared when either config is DLRMv4's).
+DLRMV4_KEYS = tuple(f"dlrmv4.{k}" for k in (
+    "embedding_dim", "preprocessor_hidden_dim", "action_dim", "num_heads", "attention_dim",
+    "hidden_dim", "num_layers", "num_position_buckets", "num_time_buckets", "item_rows",
+    "artist_rows", "album_rows", "uid_rows", "cross_rows"))
 # The md_* fields matter through the table widths they give, which are compared instead.
 
 
@@ -94,11 +99,16 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   defaults = json.loads(base_config().to_json())
   saved_value = lambda key: _get(defaults, key) if _get(saved, key) is None else _get(saved, key)
   out = []
-  for key in MODEL_KEYS:
+  v4 = "dlrmv4" in (saved_value("model"), _get(current, "model"))
+  for key in ("model",) + MODEL_KEYS + (DLRMV4_KEYS if v4 else ()):
     a, b = saved_value(key), _get(current, key)
     gate = GATED_KEYS.get(key)
     if a != b and (gate is None or saved_value(gate) or _get(current, gate)):
       out.append(f"{key}: checkpoint {a!r}, config {b!r}")
+  clipped = [float(c.get("grad_clip_norm") or 0) > 0 for c in (saved, current)]
+  if clipped[0] != clipped[1]:  # clipping adds a level to the optimiser's state
+    out.append(f"grad_clip_norm: checkpoint {'> 0' if clipped[0] else '0 (none)'}, config "
+               f"{'> 0' if clipped[1] else '0 (none)'}")
   shape = ("arch_embedding_size", "arch_sparse_feature_size")
   if all(saved_value(k) == _get(current, k) for k in shape):
     a, b = dims_from_config({**defaults, **saved}), dims_from_config(current)
@@ -529,8 +539,17 @@ def _projection_rows(key: str, saved_flat: dict, saved_dims, dims, fresh: np.nda
 
 
 def _collection(config: dict) -> EmbeddingCollection:
-  """The tables of a saved config (quotient-remainder pairs and mixed widths included)."""
+  """The tables of a saved config (quotient-remainder pairs and mixed widths included;
+  DLRMv4's tables and sequences)."""
   from dlrm_jax.embedding.qr import QRTables
+
+  if config.get("model") == "dlrmv4":
+    from ml_collections import ConfigDict
+
+    from dlrm_jax.dlrmv4 import ModelSpec
+    from dlrm_jax.task import dlrmv4_collection
+
+    return dlrmv4_collection(ModelSpec.from_config(ConfigDict(config)))
 
   return EmbeddingCollection(QRTables.from_config(config).table_specs(
       config.get("embedding_pooling", "sum")))

@@ -335,6 +335,12 @@ class RunSpec:
       if bool(config.qr_flag) or bool(config.md_flag):
         raise ConfigError("qr_flag and md_flag are DLRM's: DLRMv4's tables are all "
                           "dlrmv4.embedding_dim wide, without quotient-remainder pairs")
+      if str(config.compute_dtype) != "float32":
+        raise ConfigError(f"compute_dtype={config.compute_dtype!r}: DLRMv4 computes in "
+                          "float32 only (bfloat16 is not here yet)")
+      if str(config.loss_function) != "bce":
+        raise ConfigError(f"loss_function={config.loss_function!r}: DLRMv4's loss is the "
+                          "reference's, 0.2 times the mean binary cross-entropy ('bce')")
       model = dlrmv4.ModelSpec.from_config(config)
     else:
       model = ModelSpec.from_config(config)

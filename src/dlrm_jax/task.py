@@ -154,17 +154,23 @@ def dlrm_parts(run: RunSpec) -> ModelParts:
       qr=tables)
 
 
+def dlrmv4_collection(spec: dlrmv4.ModelSpec) -> EmbeddingCollection:
+  """DLRMv4's tables: one per pooled feature (`dlrmv4.POOLED`), the history's sequences
+  (`dlrmv4.SEQUENCES`) reading the candidate's."""
+  return EmbeddingCollection(
+      [TableSpec(name, rows, spec.embedding_dim)
+       for name, rows in zip(dlrmv4.POOLED, spec.table_rows)],
+      dtype=STORAGE_DTYPES[spec.embedding_dtype],
+      sequences=[SequenceSpec(name, table) for name, table in dlrmv4.SEQUENCES])
+
+
 def dlrmv4_parts(run: RunSpec) -> ModelParts:
   """DLRMv4's tables and network (`run.model` a `dlrm_jax.dlrmv4.ModelSpec`): a table per
   pooled feature (`dlrmv4.POOLED`), the history's sequences (`dlrmv4.SEQUENCES`)
   reading the candidate's; the network on their vectors and the history's actions and
   timestamps."""
   spec = run.model
-  d = spec.embedding_dim
-  collection = EmbeddingCollection(
-      [TableSpec(name, rows, d) for name, rows in zip(dlrmv4.POOLED, spec.table_rows)],
-      dtype=STORAGE_DTYPES[spec.embedding_dtype],
-      sequences=[SequenceSpec(name, table) for name, table in dlrmv4.SEQUENCES])
+  collection = dlrmv4_collection(spec)
   attention = dlrmv4.attention_of(spec)
   make = lambda seed: dlrmv4.DLRMv4(spec.network, rngs=nnx.Rngs(seed), attention=attention)  # noqa: E731
 

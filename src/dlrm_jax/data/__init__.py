@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dlrm_jax.config import ConfigError, dash_list, parse_widths
 from dlrm_jax.data.synthetic import Batch, RandomData, SyntheticCTR, hashed_uniform
-from dlrm_jax.specs import DataSpec, RunSpec
+from dlrm_jax.specs import DLRMV4_DATA, DataSpec, RunSpec
 
 DATA_KINDS = ("synthetic_ctr", "random", "criteo_kaggle", "criteo_terabyte", "event_log",
               "yambda")
 CRITEO_KINDS = {"criteo_kaggle": "kaggle", "criteo_terabyte": "terabyte"}
-DLRMV4_KINDS = ("event_log", "yambda")  # listening logs in time windows (DLRMv4)
+DLRMV4_KINDS = DLRMV4_DATA  # listening logs in time windows (DLRMv4)
 
 
 def configure_data(config):
