@@ -4,7 +4,8 @@ Usage: python multiprocess_worker.py PORT NUM_PROCESSES PROCESS_ID WORKDIR [STEP
 Set XLA_FLAGS=--xla_force_host_platform_device_count=N for N devices per process.
 A WORKDIR with checkpoints resumes from the latest; STEPS (default: the
 config's) is where the run ends. With CRITEO_DATA=DIR in the environment it
-trains `criteo_config(DIR)` instead (each process reads its own rows).
+trains `criteo_config(DIR)` instead (each process reads its own rows); with
+DLRMV4_LOG=DIR, test_dlrmv4_train's tiny DLRMv4 on the synthetic log in DIR.
 """
 
 import faulthandler
@@ -24,8 +25,13 @@ def main(port: str, num_processes: str, process_id: str, workdir: str, steps: st
   from dlrm_jax import trainer
   from test_multiprocess import criteo_config, make_config
 
-  data = os.environ.get("CRITEO_DATA")
-  c = criteo_config(data) if data else make_config()
+  data, log = os.environ.get("CRITEO_DATA"), os.environ.get("DLRMV4_LOG")
+  if log:
+    from test_dlrmv4_train import tiny_config
+
+    c = tiny_config(log, devices=0)
+  else:
+    c = criteo_config(data) if data else make_config()
   c.distributed.coordinator_address = f"127.0.0.1:{port}"
   c.distributed.num_processes = int(num_processes)
   c.distributed.process_id = int(process_id)

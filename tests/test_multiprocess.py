@@ -207,3 +207,27 @@ def test_two_processes_evaluate_a_whole_prepared_split_as_one_process(tmp_path):
     assert got["eval_rows"] == want["eval_rows"] == rows
     for key in ("auc", "logloss", "accuracy"):
       assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+
+
+def test_two_processes_train_dlrmv4_as_one_process(tmp_path):
+  """DLRMv4 on 2 processes x 2 devices: each process builds its share of every batch
+  of the synthetic log (the reference's ranks' round-robin) and of the eval window
+  (its last batch partial); the records and tables equal a 1-process run's on
+  4 devices (float32 sums in another order: 1e-5)."""
+  from test_dlrmv4_train import tiny_config
+
+  log = tmp_path / "log"
+  single_config = tiny_config(log, devices=4)  # the log made here, once
+  single = trainer.train_and_evaluate(single_config, str(tmp_path / "single"))
+  assert single.records[-1]["eval_rows"] % 64  # a partial last eval batch, padded
+  _run_processes(tmp_path / "multi", DLRMV4_LOG=str(log))
+  records = [json.loads(l) for l in (tmp_path / "multi" / "metrics.jsonl").read_text()
+             .splitlines()]
+  assert [r["step"] for r in records] == [r["step"] for r in single.records] == [3, 6]
+  for got, want in zip(records, single.records, strict=True):
+    assert got["eval_rows"] == want["eval_rows"]
+    for key in ("auc", "logloss", "train_loss"):
+      assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+  tables = np.load(tmp_path / "multi" / "tables.npz")
+  for i, want in enumerate(single.task.embedding.to_arrays(single.state.tables)):
+    np.testing.assert_allclose(tables[f"arr_{i}"], want, rtol=1e-5, atol=1e-6)

@@ -287,7 +287,8 @@ def synthetic_log(path: str, spec: EventLogSpec, *, min_history: int, window_sec
     generated = EventLog(spec)
     generated.write(os.path.join(work, "raw"))
     yambda.prepare(os.path.join(work, "raw"), os.path.join(work, "prepared"),
-                   min_history=min_history, window_seconds=window_seconds, log=log)
+                   min_history=min_history, window_seconds=window_seconds,
+                   log=lambda m: log(m.replace(work, path)))  # where it will be
     np.save(os.path.join(work, "p_plus.npy"), generated.events["p_plus"].astype(np.float32))
     write_json_atomic(os.path.join(work, "generator.json"), settings)
     try:
