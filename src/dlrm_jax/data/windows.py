@@ -6,7 +6,7 @@ train windows' anchors, window after window in time order and, within a window, 
 the reference's streaming order (`window_batch_anchors`: user-major, full
 batches only); an epoch is one pass over them. The eval split is the eval windows'
 anchors, all of them (the last batch partial). Batch `k` of the train stream is a
-function of `k` alone, so a run resumes mid-window.
+function of `k` and the process count alone, so a run resumes mid-window.
 
 A batch is flat, as `dlrm_jax.dlrmv4.BATCH_KEYS` lists: "sparse" [B, 11] int32 (the
 candidate's item, artist and album, the uid and the 7 crosses: the pooled features,
