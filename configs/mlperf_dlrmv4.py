@@ -31,9 +31,11 @@ holds the notes this config follows ("gin" below is that file):
   MLPerf log (logging.mlperf) gives eval_every_data_pct 0.001: the fraction whose grid
   is test_freq (dlrm_jax.mlperf_log).
 
-Where this differs from the reference (docs/dlrmv4.md, "Not yet"): float32
-arithmetic (the reference trains in bfloat16 with Triton kernels), and no dropout (the
-reference's 0.2 on the encoder's input and 0.1 in the layers).
+Dropout as the reference's: 0.2 on the encoder's input, 0.1 on each STU layer's
+[U, O, Y] (the dlrmv4 fields' defaults). Where this differs from the reference
+(docs/dlrmv4.md, "Not yet"): float32 arithmetic (the reference trains in bfloat16
+with Triton kernels), and dropout bits of its own (the same on any mesh; not the
+reference's generator's).
 
 History length. The reference's max_seq_len 4,096 is a capacity of 8 contextual
 tokens, 4,087 history events and the candidate; its histories take at most 4,086 // 3

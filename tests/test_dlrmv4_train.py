@@ -3,6 +3,7 @@ wired together, checked against the model on rows gathered in numpy, the dense
 gradient of the tables, one device against eight, and a run end to end (its
 baselines computed another way, its resume mid-window bit for bit)."""
 
+import dataclasses
 import re
 
 import jax
@@ -105,16 +106,18 @@ def test_sparse_step_is_sgd_on_the_dense_gradient_of_the_tables(tmp_path):
   np.testing.assert_array_equal(touched, used)  # the history's rows get gradients too
 
 
-@pytest.mark.parametrize("overrides", [
-    "item:row_wise,artist:column_wise,album:replicated,uid:table_wise",
-    "item:table_wise,artist:row_wise,album:row_wise,uid:replicated",
+@pytest.mark.parametrize("overrides, dropout", [
+    ("item:row_wise,artist:column_wise,album:replicated,uid:table_wise", 0.0),
+    ("item:table_wise,artist:row_wise,album:row_wise,uid:replicated", 0.3),
 ])
-def test_eight_devices_match_one(tmp_path, overrides):
-  """Three train steps on 8 devices, with the tables sharded several ways, give the
-  one-device parameters and tables (float32 sums in other orders: 1e-5)."""
+def test_eight_devices_match_one(tmp_path, overrides, dropout):
+  """Three train steps on 8 devices, with the tables sharded several ways (and with
+  dropout: the same bits on any layout), give the one-device parameters and tables
+  (float32 sums in other orders: 1e-5)."""
   states = []
   for devices in (1, 8):
     c = tiny_config(tmp_path / "log", devices)
+    c.dlrmv4.input_dropout = c.dlrmv4.linear_dropout = dropout
     c.sharding.overrides = overrides if devices > 1 else ""
     c.sharding.min_column_width = 4
     run = RunSpec.from_config(configure_data(c))
@@ -228,3 +231,30 @@ def test_bad_dlrmv4_configs_are_one_line_errors(tmp_path, change, message):
   with pytest.raises(ConfigError, match=None) as e:
     trainer.set_up(c, str(tmp_path / "run"), False, None)
   assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_dropout_trains_and_leaves_evaluation_alone(tmp_path):
+  """With the reference's dropout, the train step's loss is the network's in training
+  mode: drawn from the seed and the step (the same twice, another at the next step or
+  seed), unlike the eval-mode loss; with rates 0 it is the eval-mode loss."""
+  losses = {}
+  for rates, seed in (((0.0, 0.0), 0), ((0.2, 0.1), 0), ((0.2, 0.1), 1)):
+    c = tiny_config(tmp_path / "log")
+    c.dlrmv4.input_dropout, c.dlrmv4.linear_dropout = rates
+    c.seed = seed
+    task = Task(RunSpec.from_config(configure_data(c)))
+    batch = task.device_batch(windows.make(task.run).batch(0))
+    step = jax.jit(task.functions.train_step)
+    state = task.init_state(0)  # the same parameters for every seed
+    eval_loss = float(task.functions.loss(state.params, state.tables, batch))
+    train = [float(step(state, batch)[1]["loss"]) for _ in range(2)]
+    state = dataclasses.replace(state, step=state.step + 1)
+    next_step = float(step(state, batch)[1]["loss"])
+    losses[rates, seed] = (eval_loss, train, next_step)
+  eval0, train0, _ = losses[(0.0, 0.0), 0]
+  assert train0 == [pytest.approx(eval0, rel=1e-6)] * 2
+  eval1, train1, next1 = losses[(0.2, 0.1), 0]
+  assert eval1 == pytest.approx(eval0, rel=1e-6)  # evaluation: no dropout
+  assert train1[0] == train1[1] != pytest.approx(eval1, rel=1e-4)
+  assert next1 != pytest.approx(train1[0], rel=1e-4)
+  assert losses[(0.2, 0.1), 1][1][0] != pytest.approx(train1[0], rel=1e-4)

@@ -233,3 +233,17 @@ def test_spec_refuses_a_time_table_below_the_clamp():
   with pytest.raises(ConfigError, match="needs num_time_buckets >= 31, got 16"):
     hstu.HSTUSpec(embedding_dim=32, num_heads=2, attention_dim=16, hidden_dim=16, num_layers=1,
                   num_position_buckets=32, num_time_buckets=16)
+
+
+def test_dropout_keeps_the_expectation_and_draws_from_its_key():
+  """hstu.dropout zeroes about `rate` of the values and scales the rest by 1 / (1 - rate),
+  the same for a key and other for another; rate 0 is the identity."""
+  x = jnp.arange(1, 40001, dtype=jnp.float32).reshape(200, 200)
+  key = jax.random.key(3)
+  out = np.asarray(hstu.dropout(x, 0.25, key))
+  kept = out != 0
+  assert abs(kept.mean() - 0.75) < 0.01
+  np.testing.assert_allclose(out[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+  np.testing.assert_array_equal(out, hstu.dropout(x, 0.25, key))
+  assert (np.asarray(hstu.dropout(x, 0.25, jax.random.key(4))) != out).any()
+  assert hstu.dropout(x, 0.0, key) is x

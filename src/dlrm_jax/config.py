@@ -180,6 +180,8 @@ def _dlrmv4_fields(c):
   c.num_layers = 3
   c.num_position_buckets = 8192
   c.num_time_buckets = 2048
+  c.input_dropout = 0.2  # on the encoder's input, in training
+  c.linear_dropout = 0.1  # on each STU layer's [U, O, U * LN(O)] before its projection
   # dense | chunked: the attention's implementation (dlrm_jax.hstu); chunked takes
   # attention_chunk queries at a time, so that no [B, H, N, N] scores exist at once.
   c.attention = "chunked"

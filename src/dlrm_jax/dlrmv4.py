@@ -40,8 +40,9 @@ it: the tables (the pooled features `POOLED` and the history's sequences `SEQUEN
 in the sharded embedding engine) and the network on their vectors, fed by batches
 of `BATCH_KEYS` (`dlrm_jax.data.windows`).
 
-Not here yet: dropout (the reference trains with 0.2 on the encoder's input and 0.1
-inside the layers) and bfloat16.
+Training-mode dropout is the reference's (`input_dropout` on the encoder's input,
+`linear_dropout` in each STU layer: `hstu.Dropout`), given a key; without one the
+model is in eval mode. Not here yet: bfloat16.
 """
 
 from __future__ import annotations
@@ -95,10 +96,15 @@ class DLRMv4Spec:
   num_layers: int = 3
   num_position_buckets: int = 8192
   num_time_buckets: int = 2048
+  input_dropout: float = 0.2  # on the encoder's input, in training
+  linear_dropout: float = 0.1  # on each STU layer's [U, O, Y], in training
 
   def __post_init__(self):
+    for name in ("input_dropout", "linear_dropout"):
+      if not 0 <= getattr(self, name) < 1:
+        raise ConfigError(f"DLRMv4 {name}={getattr(self, name)} must be in [0, 1)")
     for field in dataclasses.fields(self):
-      if getattr(self, field.name) < 1:
+      if field.type == "int" and getattr(self, field.name) < 1:
         raise ConfigError(f"DLRMv4 {field.name}={getattr(self, field.name)} must be >= 1")
 
   @property
@@ -158,7 +164,8 @@ class ModelSpec:
   @classmethod
   def from_config(cls, config) -> "ModelSpec":
     c = config.dlrmv4
-    network = DLRMv4Spec(**{f.name: int(c[f.name]) for f in dataclasses.fields(DLRMv4Spec)
+    network = DLRMv4Spec(**{f.name: {"int": int, "float": float}[f.type](c[f.name])
+                            for f in dataclasses.fields(DLRMv4Spec)
                             if f.name != "num_contextual"})  # the uid and the 7 crosses
     crosses = parse_widths("dlrmv4.cross_rows", c.cross_rows)
     if len(crosses) != len(CROSS_NAMES):
@@ -274,11 +281,15 @@ class DLRMv4(nnx.Module):
     ts = jnp.concatenate([jnp.zeros((b, s.num_contextual), ts.dtype), ts], axis=1)
     return x, ts, s.num_contextual + n + 1
 
-  def __call__(self, batch) -> jax.Array:
+  def __call__(self, batch, dropout_key: jax.Array | None = None) -> jax.Array:
+    """The logits [B]; with `dropout_key`, in training mode (the spec's dropout)."""
+    s = self.spec
+    drop = None if dropout_key is None or not (s.input_dropout or s.linear_dropout) else \
+        hstu.Dropout(dropout_key, s.input_dropout, s.linear_dropout)
     x, ts, lengths = self.sequence(batch)
     ones = jnp.ones_like(lengths)
     out = self.encoder(x, ts, lengths, ones, max_seq_len=jnp.max(lengths),
-                       attention=self.attention)
+                       attention=self.attention, train_dropout=drop)
     user = jnp.take_along_axis(out, (lengths - 1)[:, None, None], axis=1)[:, 0]
     user = self.output_norm(self.output_projection(
         jnp.concatenate([user, time_features(batch["query_time"])], axis=-1)))

@@ -52,7 +52,7 @@ class ModelParts:
   abstract: Callable[[], nnx.Module]  # the dense network, shapes only
   init_params: Callable[[int], nnx.State]  # seed -> its initial parameters
   lookup_fields: Callable[[Batch], Batch]  # see `Functions`
-  network: Callable[[nnx.Module, Embedded, Batch], jax.Array]  # see `Functions`
+  network: Callable[[nnx.Module, Embedded, Batch, jax.Array | None], jax.Array]  # `Functions`
   objective: Callable[[jax.Array, jax.Array], jax.Array] | None = None  # None: the config's
   qr: Any = None  # DLRM's QRTables (dlrm_jax.embedding.qr)
 
@@ -75,12 +75,14 @@ class Functions:
   embedding: ShardedEmbedding
   # batch -> the embedding engine's fields ("sparse", ..., "sequences"; ShardedEmbedding)
   lookup_fields: Callable[[Batch], Batch]
-  # (the dense network, the batch's embeddings, the batch) -> logits [B]
-  network: Callable[[nnx.Module, Embedded, Batch], jax.Array]
+  # (the dense network, the batch's embeddings, the batch, a dropout key: training mode,
+  # or None) -> logits [B]
+  network: Callable[[nnx.Module, Embedded, Batch, jax.Array | None], jax.Array]
   tx: optax.GradientTransformation  # the MLPs' optimiser, at a learning rate of 1
   sparse_opt: Any  # the tables' optimiser (dlrm_jax.embedding.optimizers)
   objective: Callable[[jax.Array, jax.Array], jax.Array]  # mean loss of (logits, labels)
   schedule: Callable[[jax.Array], jax.Array]  # step -> learning rate
+  seed: int = 0  # of the train step's dropout bits (a network with dropout: DLRMv4's)
 
   def init_optimizers(self, params: nnx.State, tables: Tables) -> tuple[Any, Any]:
     """The MLPs' and the tables' fresh optimiser states."""
@@ -96,9 +98,9 @@ class Functions:
     return jax.nn.sigmoid(self.apply(params, tables, batch))
 
   def loss(self, params: nnx.State, tables: Tables, batch: Batch) -> jax.Array:
-    """The mean training loss of a batch (`loss_function`). Differentiable with respect
-    to `params` and to `tables`; the gradient with respect to the tables is dense (the
-    tables' shape), where `train_step` never forms one."""
+    """The mean loss of a batch (`loss_function`), in eval mode (no dropout).
+    Differentiable with respect to `params` and to `tables`; the gradient with respect
+    to the tables is dense (the tables' shape), where `train_step` never forms one."""
     return self._loss(params, self.embedding.embed_all(tables, self.lookup_fields(batch)),
                       batch)
 
@@ -112,8 +114,9 @@ class Functions:
     train at `schedule(state.step)`.
     """
     forward = self.embedding.forward(state.tables, self.lookup_fields(batch))
+    key = jax.random.fold_in(jax.random.key(self.seed), state.step)  # a network's dropout
     loss, (g_params, g_vectors) = jax.value_and_grad(
-        lambda params, vectors: self._loss(params, forward.exchange(vectors), batch),
+        lambda params, vectors: self._loss(params, forward.exchange(vectors), batch, key),
         argnums=(0, 1))(state.params, forward.vectors)
     lr = self.schedule(state.step)
     with jax.named_scope("dense update"):
@@ -125,12 +128,14 @@ class Functions:
                            tables=tables, emb_opt_state=emb_opt_state)
     return new_state, {"loss": loss, "lr": lr}
 
-  def _logits(self, params: nnx.State, emb: Embedded, batch: Batch) -> jax.Array:
-    """The dense network on the batch's embeddings."""
+  def _logits(self, params: nnx.State, emb: Embedded, batch: Batch,
+              key: jax.Array | None = None) -> jax.Array:
+    """The dense network on the batch's embeddings (with `key`: in training mode)."""
     with jax.named_scope("dense"):
-      return self.network(nnx.merge(self.graphdef, params), emb, batch)
+      return self.network(nnx.merge(self.graphdef, params), emb, batch, key)
 
-  def _loss(self, params: nnx.State, emb: Embedded, batch: Batch) -> jax.Array:
-    logits = self._logits(params, emb, batch)
+  def _loss(self, params: nnx.State, emb: Embedded, batch: Batch,
+            key: jax.Array | None = None) -> jax.Array:
+    logits = self._logits(params, emb, batch, key)
     with jax.named_scope("dense"):
       return self.objective(logits, batch["label"])

@@ -257,6 +257,32 @@ def chunked_attention(q, k, v, mask: AttentionMask, *, chunk_size: int = 256) ->
   return out.swapaxes(0, 1).reshape(batch, blocks * chunk_size, heads, v.shape[-1])[:, :width]
 
 
+# --- Dropout -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Dropout:
+  """Training-mode dropout, as the reference trains: `input_rate` on the positional
+  encoder's output, `linear_rate` on each STU layer's [U, O, Y] before W_o; the bits
+  drawn from `key` (folded with 0 for the input, l + 1 for layer l)."""
+
+  key: jax.Array
+  input_rate: float = 0.0
+  linear_rate: float = 0.0
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+  """x with each value zeroed with probability `rate`, the others divided by 1 - rate.
+  The bits are drawn split over the mesh as `x` is (the same bits on any layout)."""
+  if rate <= 0:
+    return x
+  sharding = jax.typeof(x).sharding
+  out = (NamedSharding(sharding.mesh, sharding.spec)
+         if any(axis is not None for axis in sharding.spec) else None)
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape, out_sharding=out)
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
 # --- STU layers and the encoder ----------------------------------------------------------
 
 
@@ -277,9 +303,11 @@ class STULayer(nnx.Module):
                              kernel_init=nnx.initializers.xavier_uniform(), **kind)
     self.spec = spec
 
-  def parts(self, h: jax.Array, mask: AttentionMask, attention: Attention = dense_attention
+  def parts(self, h: jax.Array, mask: AttentionMask, attention: Attention = dense_attention,
+            drop: tuple[float, jax.Array] | None = None
             ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(SiLU(U), O, h'): [B, N, H*d_v], [B, N, H*d_v], [B, N, D]."""
+    """(SiLU(U), O, h'): [B, N, H*d_v], [B, N, H*d_v], [B, N, D]; with `drop` (a rate and
+    a key), dropout on [U, O, Y] before W_o."""
     s = self.spec
     batch, width, _ = h.shape
     u, v, q, k = jnp.split(self.uvqk(self.input_norm(h)), np.cumsum(s.uvqk_widths)[:-1], axis=-1)
@@ -288,7 +316,10 @@ class STULayer(nnx.Module):
     v = v.reshape(batch, width, s.num_heads, s.hidden_dim)
     o = attention(q, k, v, mask).reshape(batch, width, -1)
     y = u * self.output_norm(o)
-    return u, o, h + self.output(jnp.concatenate([u, o, y], axis=-1))
+    uoy = jnp.concatenate([u, o, y], axis=-1)
+    if drop is not None:
+      uoy = dropout(uoy, *drop)
+    return u, o, h + self.output(uoy)
 
   def __call__(self, h, mask: AttentionMask, attention: Attention = dense_attention) -> jax.Array:
     return self.parts(h, mask, attention)[2]
@@ -308,19 +339,24 @@ class HSTU(nnx.Module):
     self.spec = spec
 
   def __call__(self, x, timestamps, lengths, num_targets, *, max_seq_len=None,
-               attention: Attention = dense_attention, intermediates: bool = False):
+               attention: Attention = dense_attention, intermediates: bool = False,
+               train_dropout: Dropout | None = None):
     """[B, N, D] outputs (zeros at padded tokens) of `x` [B, N, D] with `timestamps`
     [B, N], `lengths` and `num_targets` [B]. `max_seq_len` (the attention's divisor,
     default N) may be below the padded width N. With `intermediates`, also a dict of the
     positional encoder's output ("x_after_pos") and each layer's "layer{l}.u", ".attn"
-    and ".out" (the fixtures' names)."""
+    and ".out" (the fixtures' names). `train_dropout`: training mode (None: none)."""
     mask = AttentionMask(lengths, num_targets, self.spec.contextual_seq_len,
                          self.spec.max_attn_len,
                          x.shape[1] if max_seq_len is None else max_seq_len)
     h = self.positional(x, timestamps, lengths, num_targets)
+    d = train_dropout
+    if d is not None:
+      h = dropout(h, d.input_rate, jax.random.fold_in(d.key, 0))
     found = {"x_after_pos": h}
     for l, layer in enumerate(self.layers):
-      u, o, h = layer.parts(h, mask, attention)
+      drop = None if d is None else (d.linear_rate, jax.random.fold_in(d.key, l + 1))
+      u, o, h = layer.parts(h, mask, attention, drop)
       found |= {f"layer{l}.u": u, f"layer{l}.attn": o, f"layer{l}.out": h}
     valid = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
     out = jnp.where(valid[..., None], h, 0)

@@ -75,7 +75,8 @@ class Task:
     self.functions = Functions(
         init=self.init_state, graphdef=self.graphdef, embedding=self.embedding,
         lookup_fields=parts.lookup_fields, network=parts.network, tx=self.tx,
-        sparse_opt=self.sparse_opt, objective=self.loss, schedule=self.schedule)
+        sparse_opt=self.sparse_opt, objective=self.loss, schedule=self.schedule,
+        seed=training.seed)
     self._train_step_jit = jax.jit(self.functions.train_step, donate_argnums=(0,),
                                    in_shardings=(self.state_shardings, None),
                                    out_shardings=(self.state_shardings, None))
@@ -150,7 +151,7 @@ def dlrm_parts(run: RunSpec) -> ModelParts:
                 if qr.qr_flag else collection),
       abstract=lambda: abstract_model(spec), init_params=lambda seed: init_params(spec, seed),
       lookup_fields=tables.split,
-      network=lambda model, emb, batch: model(batch["dense"], tables.combine(emb.pooled)),
+      network=lambda model, emb, batch, _: model(batch["dense"], tables.combine(emb.pooled)),
       qr=tables)
 
 
@@ -187,7 +188,8 @@ def dlrmv4_parts(run: RunSpec) -> ModelParts:
   return ModelParts(
       collection=collection, features=collection, abstract=lambda: nnx.eval_shape(
           lambda: make(0)), init_params=init_params, lookup_fields=lookup_fields,
-      network=lambda model, embedded, batch: model(dlrmv4.model_inputs(embedded, batch)),
+      network=lambda model, embedded, batch, key: model(dlrmv4.model_inputs(embedded, batch),
+                                                        dropout_key=key),
       objective=dlrmv4.loss)
 
 
