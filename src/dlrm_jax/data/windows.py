@@ -120,7 +120,7 @@ class WindowedEvents:
                                cross_sizes=tuple(cross_sizes))
     self.p_plus = p_plus
     self.process_index, self.process_count = process_index, process_count
-    self._anchors: dict[tuple, np.ndarray] = {}
+    self._anchors: dict[int, np.ndarray] = {}  # window -> its anchors
     self._eval_anchors = np.concatenate([prepared.window_anchors(w) for w in windows.eval])
     self._train_offsets = {}  # batch size -> each train window's first batch, and the total
 
@@ -146,7 +146,7 @@ class WindowedEvents:
 
   def _offsets(self, batch_size: int) -> np.ndarray:
     """The first global batch of each train window, then the total (from the metadata's
-    counts: `yambda.window_batch_anchors`' full batches of each process)."""
+    counts: `window_batch_anchors`' full batches of each process)."""
     if batch_size not in self._train_offsets:
       per_process, p = batch_size // self.process_count, self.process_count
       per_window = self.prepared.metadata["anchors_per_window"]
@@ -233,8 +233,8 @@ class WindowedEvents:
 
 
 class Stream:
-  """The train batches from a position on; the position (a global batch number) is all
-  a checkpoint keeps."""
+  """The train batches from a position on; a checkpoint keeps the position (a global
+  batch number) with what it depends on (`state_at`)."""
 
   def __init__(self, data: WindowedEvents, start: int, batch_size: int):
     self.data, self.position, self.batch_size = data, start, batch_size
