@@ -83,6 +83,18 @@ class EventLogSpec:
       raise ValueError(f"days={self.days} must be > 0")
 
 
+POPULARITY_PRIOR = 10.0  # listens of weight given to the overall listen-plus rate
+
+
+def listen_plus_rates(items: np.ndarray, plus: np.ndarray, num_items: int) -> np.ndarray:
+  """Each item's listen-plus rate over listens of `items` with outcomes `plus`, smoothed
+  towards the overall rate by POPULARITY_PRIOR listens: the popularity baseline."""
+  seen = np.bincount(items, minlength=num_items)
+  overall = plus.mean() if len(plus) else 0.5
+  return (np.bincount(items, plus, minlength=num_items) + POPULARITY_PRIOR * overall) / (
+      seen + POPULARITY_PRIOR)
+
+
 class EventLog:
   """A synthetic log: `events` (the rows, sorted by user then time, with the hidden
   listen-plus probability of each listen in `p_plus`), `albums` and `artists` (each
@@ -203,11 +215,7 @@ class EventLog:
     from dlrm_jax.metrics import roc_auc
 
     train, test = self.listens(end_s=split_s), self.listens(start_s=split_s)
-    n = self.spec.num_items
-    plus = np.bincount(train["item_id"], train["label"], minlength=n)
-    seen = np.bincount(train["item_id"], minlength=n)
-    prior, strength = train["label"].mean(), 10.0
-    rate = (plus + strength * prior) / (seen + strength)
+    rate = listen_plus_rates(train["item_id"], train["label"], self.spec.num_items)
     return roc_auc(test["label"], rate[test["item_id"]])
 
   # Files --------------------------------------------------------------------------

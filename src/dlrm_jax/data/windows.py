@@ -34,13 +34,12 @@ from dlrm_jax import metrics as metrics_lib
 from dlrm_jax.config import ConfigError
 from dlrm_jax.data import yambda
 from dlrm_jax.data.anchors import PreparedEvents, window_batch_anchors
-from dlrm_jax.data.event_log import EventLog, EventLogSpec
+from dlrm_jax.data.event_log import EventLog, EventLogSpec, listen_plus_rates
 from dlrm_jax.data.format import FormatError, write_json_atomic
 from dlrm_jax.data.source import Batch
 from dlrm_jax.evaluation import TEACHER
 
 HISTORY_FIELDS = ("item", "artist", "album", "action", "timestamp")
-POPULARITY_PRIOR = 10.0  # listens of weight given to the overall listen-plus rate
 POPULARITY_MAX_EVENTS = 100_000_000  # a larger log gets no popularity baseline (one pass)
 
 
@@ -120,7 +119,7 @@ class WindowedEvents:
                                cross_sizes=tuple(cross_sizes))
     self.p_plus = p_plus
     self.process_index, self.process_count = process_index, process_count
-    self._anchors: dict[int, np.ndarray] = {}  # window -> its anchors
+    # Held apart, so that the train stream's window stays PreparedEvents' cached one.
     self._eval_anchors = np.concatenate([prepared.window_anchors(w) for w in windows.eval])
     self._train_offsets = {}  # batch size -> each train window's first batch, and the total
 
@@ -173,19 +172,10 @@ class WindowedEvents:
     step = index % int(offsets[-1])
     w = int(np.searchsorted(offsets, step, side="right")) - 1
     window = self.windows.train[w]
-    anchors = window_batch_anchors(self.window_anchors(window), per_process,
+    anchors = window_batch_anchors(self.prepared.window_anchors(window), per_process,
                                    step - int(offsets[w]), self.process_index,
                                    self.process_count)
     return self._batch(anchors)
-
-  def window_anchors(self, window: int) -> np.ndarray:
-    """The window's anchors (the last two windows' kept: the train stream's and the
-    one before it)."""
-    if window not in self._anchors:
-      if len(self._anchors) >= 2:
-        self._anchors.pop(next(iter(self._anchors)))
-      self._anchors[window] = self.prepared.window_anchors(window)
-    return self._anchors[window]
 
   def _batch(self, anchors: np.ndarray, teacher: bool = False) -> Batch:
     s = self.prepared.samples(anchors, **self.sample_options)
@@ -213,7 +203,7 @@ class WindowedEvents:
 
   def popularity_auc(self) -> float | None:
     """The eval AUC of each candidate item's listen-plus rate over the listens before
-    the eval windows (smoothed towards the overall rate by POPULARITY_PRIOR listens):
+    the eval windows (`event_log.listen_plus_rates`):
     what a model without the user's history reaches. None for a log of more than
     POPULARITY_MAX_EVENTS events (not computed: a pass over every event)."""
     e, meta = self.prepared.events, self.prepared.metadata
@@ -223,11 +213,7 @@ class WindowedEvents:
     action, ts, item = (np.asarray(e[k]) for k in ("action", "timestamp", "item"))
     listen = ((action & (yambda.LP_BIT | yambda.SKIP_BIT)) != 0) & (ts < start)
     plus = (action[listen] & yambda.LP_BIT) != 0
-    n = int(item.max()) + 1
-    seen = np.bincount(item[listen], minlength=n)
-    rate = ((np.bincount(item[listen], plus, minlength=n)
-             + POPULARITY_PRIOR * (plus.mean() if len(plus) else 0.5))
-            / (seen + POPULARITY_PRIOR))
+    rate = listen_plus_rates(item[listen], plus, int(item.max()) + 1)
     labels = ((action[self._eval_anchors] & yambda.LP_BIT) != 0).astype(np.float32)
     return metrics_lib.roc_auc(labels, rate[item[self._eval_anchors]])
 
