@@ -101,8 +101,8 @@ def _assert_same_slots(got, want, rtol=1e-5, atol=1e-9):
     for t, spec in enumerate(emb.specs):
       g = emb.groups[emb.plan.placements[t].kind]
       mine = np.empty((spec.rows,) + leaf[g.kind].shape[1:], np.float32)
-      for start, row, count in g.blocks(t):
-        mine[row:row + count] = leaf[g.kind][start:start + count]
+      for start, row, count, stride in g.blocks(t):
+        mine[row:row + count * stride:stride] = leaf[g.kind][start:start + count]
       np.testing.assert_allclose(mine, want_leaf[offsets[t]:offsets[t] + spec.rows],
                                  rtol=rtol, atol=atol, err_msg=f"{name} of table {t}")
 
@@ -349,6 +349,10 @@ def test_the_backend_kernel_serves_every_layout(monkeypatch):
       calls.append("pool")
       return super().segment_pool(vectors, scale, segments, num_segments)
 
+    def sum_rows(self, rows, values, num_rows):
+      calls.append("pool")
+      return super().sum_rows(rows, values, num_rows)
+
     def update(self, *args, **kwargs):
       calls.append("update")
       return super().update(*args, **kwargs)
@@ -433,10 +437,11 @@ def _flat_and_padded(seed=0):
   return {"sparse": ids, "sparse_weights": weights}, padded
 
 
-def _embedding_step(devices, overrides, batch, replicas=1):
+def _embedding_step(devices, overrides, batch, replicas=1, row_capacity=0.0):
   """One row-wise Adagrad step of the tables alone on `devices` devices (in `replicas`
   groups): a fixed nonlinear loss of the pooled vectors. Returns the pooled vectors, the
-  loss, the updated tables and accumulators (per table), and the lookups."""
+  loss, the updated tables and accumulators (per table), the lookups (unbounded), the
+  train step's (bounded by `row_capacity`) and the ids it dropped."""
   from jax.sharding import NamedSharding
 
   from dlrm_jax import parallel
@@ -449,7 +454,7 @@ def _embedding_step(devices, overrides, batch, replicas=1):
   mesh, axes = parallel.make_mesh(MeshSpec(devices, replicas, "explicit"))
   plan = plan_tables(coll.specs, devices // replicas, batch_size=BATCH, lookups=coll.hotness,
                      min_column_width=1, overrides=parse_overrides(overrides))
-  emb = ShardedEmbedding(coll, plan, mesh, axes)
+  emb = ShardedEmbedding(coll, plan, mesh, axes, row_capacity=row_capacity)
   opt = make_sparse_optimizer("rowwise_adagrad")
   tables = jax.jit(emb.init, out_shardings=emb.table_shardings())(np.uint32(4))
   state = emb.init_optimizer(opt, tables)
@@ -468,14 +473,15 @@ def _embedding_step(devices, overrides, batch, replicas=1):
 
     (value, pooled), grads = jax.value_and_grad(loss, has_aux=True)(forward.vectors)
     tables, state = forward.apply_gradients(opt, tables, state, grads, 0.3, 0)
-    return value, pooled, tables, state
+    return value, pooled, tables, state, forward.dropped
 
   lookups = jax.jit(emb.lookup)(tables, batch)
-  value, pooled, tables, state = step(tables, state, batch)
+  bounded = jax.jit(lambda t, b: emb.lookup(t, b, bounded=True))(tables, batch)
+  value, pooled, tables, state, dropped = step(tables, state, batch)
   return {"loss": float(value), "pooled": np.asarray(pooled), "tables": emb.to_arrays(tables),
           "accumulators": unstack_rows(emb.groups, {k: np.asarray(v["accumulator"])
                                                     for k, v in state.items()}),
-          "lookups": lookups, "embedding": emb}
+          "lookups": lookups, "bounded": bounded, "dropped": int(dropped), "embedding": emb}
 
 
 def _assert_same_step(got, want):
@@ -559,6 +565,8 @@ def test_flat_bags_cost_per_id_in_every_layout():
       assert rows.shape == (n * n, BATCH // n, max(per_device.values()))
     elif kind == REPLICATED:  # local
       assert rows.shape == (BATCH, ids)
+    elif kind == ROW_WISE:  # unbounded (evaluation): room for every id of the group
+      assert rows.shape == (n * BATCH * ids,)
     else:  # all-gathered ids: each device has every sample's ids of the group
       assert rows.shape == (n * BATCH, ids)
     assert lookups[kind]["vectors"].shape[:-1] == rows.shape
@@ -652,3 +660,82 @@ def test_16_bit_tables_in_every_layout(dtype):
   np.testing.assert_allclose(got["predictions"], want["predictions"], rtol=1e-5, atol=1e-6)
   # The 16-bit run follows the float32 one closely.
   np.testing.assert_allclose(got["predictions"], full["predictions"], rtol=2e-2, atol=2e-3)
+
+
+def test_row_wise_owners_gather_only_their_share_of_the_ids_and_match_one_device(monkeypatch):
+  """In a train step each device gathers, pools and updates only the ids of its own rows
+  (row r on device r mod 8), compacted into `capacity` slots (2 x an even share): its
+  work is a share of the batch's ids, not all of them, and the step equals one device's."""
+  from dlrm_jax.embedding.layouts import RowWise
+
+  monkeypatch.setattr(RowWise, "MIN_CAPACITY", 8)
+  flat, _ = _flat_and_padded()
+  n, ids = 8, BATCH * sum(HOTNESS)
+  got = _embedding_step(n, FLAT_PLANS["row_wise"], flat, row_capacity=2.0)
+  g = got["embedding"].groups[ROW_WISE]
+  capacity = g.capacity(ids)
+  assert capacity == -(-2 * ids // n // 8) * 8 < ids // 3
+  rows = np.asarray(got["bounded"][ROW_WISE]["rows"]).reshape(n, capacity)
+  assert got["bounded"][ROW_WISE]["vectors"].shape == (n * capacity, 8)
+  owners = flat["sparse"] % n  # each id's device: the same count of real rows on each
+  assert [(r < g.rows_per_device).sum() for r in rows] == [(owners == d).sum() for d in range(n)]
+  assert got["dropped"] == 0
+  _assert_same_step(got, _padded_one_device())
+
+
+def test_row_wise_ids_past_capacity_are_counted():
+  """Ids past a device's capacity are left out of the step and counted, never silently:
+  every id a multiple of 8 falls on device 0, which keeps MIN_CAPACITY of them."""
+  from dlrm_jax.embedding.layouts import RowWise
+
+  flat, _ = _flat_and_padded()
+  ids = flat["sparse"] // 8 * 8
+  total = ids.size
+  assert total > RowWise.MIN_CAPACITY * 1.5
+  got = _embedding_step(8, FLAT_PLANS["row_wise"], {**flat, "sparse": ids}, row_capacity=2.0)
+  assert got["embedding"].groups[ROW_WISE].capacity(total) == RowWise.MIN_CAPACITY
+  assert got["dropped"] == total - RowWise.MIN_CAPACITY
+
+
+def test_a_train_step_past_the_row_wise_capacity_stops_the_run_before_any_checkpoint(
+    tmp_path, monkeypatch):
+  from dlrm_jax.embedding.layouts import RowWise
+
+  monkeypatch.setattr(RowWise, "MIN_CAPACITY", 8)
+  c = _config(8, _all(ROW_WISE))
+  c.sharding.row_wise_capacity = 0.5  # half an even share: every device drops ids
+  c.num_batches = 4
+  with pytest.raises(trainer.DroppedIdsError, match=r"^step 1 had [\d,]+ row-wise ids more "
+                     r"than their devices' capacity \(sharding.row_wise_capacity=0.5 x an even "
+                     r"share of the batch's ids\): training stopped. No checkpoint was saved "
+                     r"before it; raise sharding.row_wise_capacity"):
+    trainer.train_and_evaluate(c, str(tmp_path / "run"), log=lambda s: None)
+  assert not any((tmp_path / "run").rglob("_CHECKPOINT_METADATA"))
+
+
+@pytest.mark.parametrize("rows,dense", [((500, 300, 200, 120, 500, 64, 40, 250), False),
+                                        ((12, 15, 13, 16, 14, 12, 17, 18), True)])
+def test_replicated_copies_stay_bit_identical_and_equal_one_device(rows, dense):
+  """Replicated tables exchange the batch's touched rows (ids and gradients all-gathered,
+  the same sparse update on every copy) where the batch has fewer ids than the tables
+  rows, else all-reduce a dense gradient; with the same rows looked up from every device,
+  every copy ends bit-identical and equal to the one-device run."""
+  from dlrm_jax.embedding.layouts import sparse_replica_update
+
+  def config(devices, overrides=""):
+    c = _config(devices, overrides, optimizer="rowwise_adagrad")
+    c.arch_embedding_size = "-".join(map(str, rows))
+    return c
+
+  assert sparse_replica_update(BATCH * NUM_TABLES, sum(rows)) != dense
+  got = _train(config(8, _all(REPLICATED)), make_batches=_repeated_id_batches)
+  want = _train(config(1), make_batches=_repeated_id_batches)
+  _assert_same(got, want, rtol=1e-4, atol=1e-4)
+  for leaf in (got["state"].tables[REPLICATED],
+               *jax.tree.leaves(got["state"].emb_opt_state[REPLICATED])):
+    copies = [np.asarray(s.data) for s in leaf.addressable_shards]
+    assert len(copies) == 8 and all(np.array_equal(c, copies[0]) for c in copies[1:])
+  hlo = got["task"].lower_train_step(got["task"].init_state(0), got["task"].device_batch(
+      _repeated_id_batches(got["task"])[0])).compile().as_text()
+  table_shaped = re.findall(rf"f32\[{sum(rows)},8\][^\n]*all-reduce\(", hlo)
+  assert bool(table_shaped) == dense

@@ -238,6 +238,10 @@ def _device_fields(config_dict):
   sharding.memory_budget_mb = 0.0  # per device, tables + optimiser state; 0: 90% of a
   # GPU's or TPU's memory, no limit on CPU.
   sharding.min_column_width = 32  # narrowest column slice the planner makes.
+  # Row-wise tables: each device gathers and updates only the ids of its own rows, up
+  # to this many times an even share of the batch's ids (0: all of them). A train step
+  # with more stops the run, naming this field (dlrm_jax.embedding.layouts.RowWise).
+  sharding.row_wise_capacity = 2.0
   # Multi-process runs: jax.distributed.initialize (or set JAX_COORDINATOR_ADDRESS etc.).
   distributed.coordinator_address = ""  # "host:port"; "" and no env: single process.
   distributed.num_processes = 0  # 0: from the environment or the cluster.

@@ -106,7 +106,9 @@ class Functions:
 
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     """One optimisation step: (the next state, {"loss": the batch's loss before the
-    step, "lr": the step's learning rate}).
+    step, "lr": the step's learning rate, "dropped_ids": row-wise ids past their
+    owner's capacity, left out of the step: 0 unless `sharding.row_wise_capacity` is
+    too small for the batch}).
 
     The loss is differentiated with respect to the dense parameters and to the
     looked-up vectors (where their rows live), never the tables: the MLPs get the
@@ -126,7 +128,7 @@ class Functions:
         self.sparse_opt, state.tables, state.emb_opt_state, g_vectors, lr, state.step)
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                            tables=tables, emb_opt_state=emb_opt_state)
-    return new_state, {"loss": loss, "lr": lr}
+    return new_state, {"loss": loss, "lr": lr, "dropped_ids": forward.dropped}
 
   def _logits(self, params: nnx.State, emb: Embedded, batch: Batch,
               key: jax.Array | None = None) -> jax.Array:

@@ -61,7 +61,8 @@ class Task:
     mine = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
     self.plan = make_plan(self.run, self.collection, self.mesh.shape[self.axes.shard],
                           device_memory(mine[0] if mine else self.mesh.devices.flat[0]))
-    self.embedding = ShardedEmbedding(self.collection, self.plan, self.mesh, self.axes)
+    self.embedding = ShardedEmbedding(self.collection, self.plan, self.mesh, self.axes,
+                                      row_capacity=self.run.sharding.row_wise_capacity)
     self.schedule = lr_schedule(training)
     self.tx = make_dense_optimizer(training)
     self.sparse_opt = make_sparse_optimizer(training.embedding_optimizer,

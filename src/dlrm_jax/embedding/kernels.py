@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from dlrm_jax.embedding.bags import pool_equal, pool_segments
 from dlrm_jax.embedding.collection import gather_rows
-from dlrm_jax.embedding.optimizers import sum_duplicates
+from dlrm_jax.embedding.optimizers import run_totals, sum_duplicates
 
 
 class LocalLookup(Protocol):
@@ -54,6 +54,10 @@ class LocalLookup(Protocol):
              lr: jax.Array, step: jax.Array, **kwargs) -> tuple[jax.Array, dict]:
     """The sparse optimiser `opt` on rows [N] of `table` with gradients [N, D] (repeats
     allowed; rows >= the table's row count are padding)."""
+
+  def sum_rows(self, rows: jax.Array, values: jax.Array, num_rows: int) -> jax.Array:
+    """[num_rows, D]: row r the sum of the values [N, D] whose rows [N] (sorted) are r;
+    rows >= num_rows dropped. Differentiable with respect to `values`."""
 
   def row_gradients(self, rows: jax.Array, grads: jax.Array,
                     num_rows: int) -> tuple[jax.Array, jax.Array]:
@@ -78,6 +82,9 @@ class PortableLookup:
     tables, state = opt.update({"stacked": table}, state, rows, grads, lr, step, **kwargs)
     return tables["stacked"], state
 
+  def sum_rows(self, rows, values, num_rows):
+    return jax.ops.segment_sum(values, rows, num_segments=num_rows, indices_are_sorted=True)
+
   def row_gradients(self, rows, grads, num_rows):
     dense = jax.ops.segment_sum(grads, rows, num_segments=num_rows + 1)[:num_rows]
     touched = jax.ops.segment_sum(jnp.ones_like(rows), rows, num_segments=num_rows + 1)
@@ -100,13 +107,28 @@ class SortedLookup(PortableLookup):
     tables, state = opt.apply_rows({"stacked": table}, state, unique, summed, lr, step, **kwargs)
     return tables["stacked"], state
 
+  def sum_rows(self, rows, values, num_rows):
+    # Each run's total, at its last position, written to its row; the other positions
+    # to distinct places past the end (dropped): unique indices, and the transpose (the
+    # gradient) a gather, not a scatter-add.
+    is_first, totals = run_totals(rows, values)
+    is_last = jnp.concatenate([is_first[1:], jnp.ones((1,), bool)])
+    n = rows.shape[0]
+    target = jnp.where(is_last & (rows < num_rows), rows, num_rows + jnp.arange(n))
+    return jnp.zeros((num_rows, values.shape[-1]), values.dtype).at[target].set(
+        totals, mode="drop", unique_indices=True)
+
   def row_gradients(self, rows, grads, num_rows):
     unique, summed = sum_duplicates(rows, grads, num_rows, method="scan")
-    dense = jnp.zeros((num_rows, grads.shape[-1]), grads.dtype).at[unique].set(
-        summed, mode="drop", unique_indices=True, indices_are_sorted=True)
-    touched = jnp.zeros((num_rows,), rows.dtype).at[unique].set(
-        1, mode="drop", unique_indices=True, indices_are_sorted=True)
-    return dense, touched
+    touched = _write_unique(unique, jnp.ones(unique.shape, rows.dtype), num_rows)
+    return _write_unique(unique, summed, num_rows), touched
+
+
+def _write_unique(unique: jax.Array, values: jax.Array, num_rows: int) -> jax.Array:
+  """Zeros [num_rows, ...] with values [N, ...] written at distinct sorted rows [N]
+  (rows >= num_rows dropped): a scatter with unique indices, no atomics."""
+  return jnp.zeros((num_rows,) + values.shape[1:], values.dtype).at[unique].set(
+      values, mode="drop", unique_indices=True, indices_are_sorted=True)
 
 
 # A device platform ("cpu", "gpu", "tpu": the mesh's devices') -> the local lookup it runs.

@@ -28,8 +28,8 @@ from dlrm_jax.embedding.bags import Bags
 from dlrm_jax.embedding.collection import EmbeddingCollection
 from dlrm_jax.embedding.kernels import LocalLookup, PortableLookup
 from dlrm_jax.embedding.mixed import width_key
-from dlrm_jax.embedding.planner import (COLUMN_WISE, REPLICATED, ROW_WISE, SHARDING_TYPES,
-                                        TABLE_WISE, Plan)
+from dlrm_jax.embedding.planner import (COLUMN_WISE, REPLICATED, ROW_ORDERS, ROW_WISE,
+                                        SHARDING_TYPES, TABLE_WISE, Plan)
 from dlrm_jax.ops import take_static
 from dlrm_jax.parallel import MeshAxes
 
@@ -67,7 +67,8 @@ class Layout:
     return (rows, cols // 2) if self.packed else (rows, cols)
 
   def blocks(self, t: int):
-    """(storage_row, table_row, count) blocks where table t's rows are stored."""
+    """(storage_row, table_row, count, stride) blocks where table t's rows are stored:
+    storage rows [storage_row, + count) hold table rows table_row + i * stride."""
     raise NotImplementedError
 
   def local_row_info(self, local_rows: jax.Array):
@@ -83,10 +84,11 @@ class Layout:
                                         self.local_cols(), packed=self.packed)
 
   # Per-device programs --------------------------------------------------------
-  def route(self, table, ids, scale, bags: Bags) -> dict[str, jax.Array]:
+  def route(self, table, ids, scale, bags: Bags, bounded: bool = True) -> dict[str, jax.Array]:
     """Ids [b, L_g] of this device's samples (-1: padding) with per-id pooling scales
     (None: weight 1), laid out as `bags` (tables numbered by their place in `features`)
-    -> what the owners gathered."""
+    -> what the owners gathered. `bounded`: a row-wise owner keeps at most its capacity
+    of ids (a train step); False: every id (evaluation, where nothing may be dropped)."""
     raise NotImplementedError
 
   def exchange(self, lookup: dict[str, jax.Array], bags: Bags) -> jax.Array:
@@ -193,7 +195,7 @@ class TableWise(Layout):
 
   def blocks(self, t):
     d, _, offset = self.where[self.features.index(t)]
-    return [(d * self.rows_per_device + offset, 0, int(self.collection.rows[t]))]
+    return [(d * self.rows_per_device + offset, 0, int(self.collection.rows[t]), 1)]
 
   def local_row_info(self, local_rows):
     d = jax.lax.axis_index(self.axes.shard)
@@ -217,7 +219,7 @@ class TableWise(Layout):
     x = x.reshape(b, self.n, slots.width).transpose(1, 0, 2)
     return jax.lax.all_to_all(x, self.axes.shard, 0, 0, tiled=True)
 
-  def route(self, table, ids, scale, bags):
+  def route(self, table, ids, scale, bags, bounded=True):
     slots = self.slots(bags)
     received = self._to_owners(ids, -1, slots)  # [source device, b, slot]: ids of my tables
     d = jax.lax.axis_index(self.axes.shard)
@@ -245,49 +247,116 @@ class TableWise(Layout):
 
 
 class RowWise(Layout):
-  """Each table's rows split into equal contiguous blocks, block d on device d."""
+  """Each table's rows spread over the devices: row r on device r mod n, at local row
+  r // n ("cyclic", `Plan.row_order`: the batch's hot rows spread evenly whatever their
+  numbers), or in contiguous blocks ("blocks": checkpoints written before).
+
+  Every device sees the ids of the whole batch (an all-gather of int32s) and keeps
+  those of its own rows, compacted into a buffer of `capacity(ids)` slots, in the
+  batch's order: it gathers, pools and updates those rows only, so its work is its
+  share of the batch's ids, not all of them. The partial sums of each sample's bags
+  (zero where a device owns none of a bag's ids) are reduce-scattered to the samples'
+  devices. Ids beyond a device's capacity are dropped and counted ("dropped"): the
+  trainer stops on any, before a checkpoint keeps their step (`dlrm_jax.trainer`).
+  """
 
   kind = ROW_WISE
 
-  def __init__(self, collection, features, n, axes, kernel=None):
+  def __init__(self, collection, features, n, axes, kernel=None, capacity: float = 0.0,
+               order: str = "cyclic"):
     super().__init__(collection, features, n, axes, kernel)
+    if order not in ROW_ORDERS:
+      raise ValueError(f"row order {order!r} is not one of {ROW_ORDERS}")
+    self.order = order
     self.block = -(-self.rows // n)  # rows of each table per device
     self.local_offset = np.concatenate([[0], np.cumsum(self.block)[:-1]])
     self.rows_per_device = int(self.block.sum())
     self.shape = (n * self.rows_per_device, self.dim)
     self.spec = P(axes.shard, None)
+    self.capacity_factor = float(capacity)
+
+  # The fewest slots a bounded lookup keeps: below it, a buffer of every id costs little
+  # and small batches (whose shares vary most) never drop one.
+  MIN_CAPACITY = 1024
+
+  def capacity(self, ids: int) -> int:
+    """The slots a device keeps for its share of `ids` ids: `capacity_factor` times an
+    even share, a multiple of 8 and at least MIN_CAPACITY (0: all of them, which never
+    drops one)."""
+    if self.capacity_factor <= 0:
+      return ids
+    share = -(-int(np.ceil(self.capacity_factor * ids / self.n)) // 8) * 8
+    return min(ids, max(share, self.MIN_CAPACITY))
 
   def blocks(self, t):
     g = self.features.index(t)
-    c, rows = int(self.block[g]), int(self.rows[g])
-    return [(d * self.rows_per_device + int(self.local_offset[g]), d * c,
-             min(c, rows - d * c)) for d in range(self.n) if d * c < rows]
+    c, rows, start = int(self.block[g]), int(self.rows[g]), int(self.local_offset[g])
+    if self.order == "cyclic":
+      return [(d * self.rows_per_device + start, d, -(-(rows - d) // self.n), self.n)
+              for d in range(min(self.n, rows))]
+    return [(d * self.rows_per_device + start, d * c, min(c, rows - d * c), 1)
+            for d in range(self.n) if d * c < rows]
+
+  def owner_and_row(self, ids, block):
+    """The device holding each table row `ids` ([..], >= 0) and its row there within its
+    table's part (`block`: the table's rows per device, per id)."""
+    if self.order == "cyclic":
+      return ids % self.n, ids // self.n
+    return ids // block, ids % block
 
   def local_row_info(self, local_rows):
     d = jax.lax.axis_index(self.axes.shard)
     starts = jnp.asarray(self.local_offset.astype(np.int32))
     g = jnp.clip(jnp.searchsorted(starts, local_rows, side="right") - 1, 0)
-    row = d * jnp.asarray(self.block.astype(np.int32))[g] + local_rows - starts[g]
+    within = local_rows - starts[g]
+    row = (within * self.n + d if self.order == "cyclic"
+           else d * jnp.asarray(self.block.astype(np.int32))[g] + within)
     valid = row < jnp.asarray(self.rows.astype(np.int32))[g]
     offsets = jnp.asarray(self.collection.offsets[list(self.features)].astype(np.int32))
     return jnp.where(valid, offsets[g] + row, 0), valid
 
-  def route(self, table, ids, scale, bags):
+  def route(self, table, ids, scale, bags, bounded=True):
     ids = jax.lax.all_gather(ids, self.axes.shard, tiled=True)  # [B_group, L_g]
+    batch, width = ids.shape
     d = jax.lax.axis_index(self.axes.shard)
-    block = self._column_const(self.block, bags)
-    mine = (ids >= 0) & (ids // block == d)
-    rows = jnp.where(mine, ids - d * block + self._column_const(self.local_offset, bags),
-                     table.shape[0])
-    if scale is None:
-      scale = mine.astype(jnp.float32)
-    else:
-      scale = jnp.where(mine, jax.lax.all_gather(scale, self.axes.shard, tiled=True), 0.0)
-    return {"vectors": self.kernel.gather(table, rows), "rows": rows, "scale": scale}
+    owner, row = self.owner_and_row(ids, self._column_const(self.block, bags))
+    mine = ((ids >= 0) & (owner == d)).reshape(-1)
+    at, dropped = _compact(mine, self.capacity(batch * width) if bounded else batch * width)
+    kept = at < mine.shape[0]
+    at = jnp.where(kept, at, 0)
+    column = at % width
+    offset = jnp.asarray(bags.per_table_column(self.local_offset).astype(np.int32))
+    rows = jnp.where(kept, row.reshape(-1)[at] + offset[column], table.shape[0])
+    weight = kept.astype(jnp.float32)
+    if scale is not None:
+      scale = jax.lax.all_gather(scale, self.axes.shard, tiled=True)
+      weight = jnp.where(kept, scale.reshape(-1)[at], 0.0)
+    k = len(bags.widths)  # the bag of each kept id, sample by sample; k * batch: none
+    bag = jnp.where(kept, (at // width) * k + jnp.asarray(bags.segments())[column], batch * k)
+    return {"vectors": self.kernel.gather(table, rows), "rows": rows, "scale": weight,
+            "bag": bag, "dropped": dropped[None],
+            "samples": jnp.zeros((batch, 0), jnp.int8)}  # B_group, for `exchange`
 
   def exchange(self, lookup, bags):
-    partial = self._pool(lookup["vectors"], lookup["scale"], bags)  # [B_group, K_g, D], mine
+    vectors, k = lookup["vectors"], len(bags.widths)
+    batch = lookup["samples"].shape[0]
+    partial = self.kernel.sum_rows(lookup["bag"], vectors * lookup["scale"][:, None].astype(
+        vectors.dtype), batch * k).reshape(batch, k, -1)  # my rows' part of each bag
     return jax.lax.psum_scatter(partial, self.axes.shard, scatter_dimension=0, tiled=True)
+
+
+def _compact(keep: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+  """The positions of the first `capacity` True entries of `keep` [N], in order
+  (N where fewer), and how many True entries did not fit: a prefix count and a
+  scatter with unique indices (no sort, no atomics)."""
+  n = keep.shape[0]
+  count = jnp.cumsum(keep.astype(jnp.int32))
+  # Kept entries go to their rank; the others (and ranks past the capacity) to distinct
+  # places past the end, which the scatter drops.
+  slot = jnp.where(keep & (count <= capacity), count - 1, capacity + jnp.arange(n))
+  at = jnp.full((capacity,), n, jnp.int32).at[slot].set(
+      jnp.arange(n, dtype=jnp.int32), mode="drop", unique_indices=True)
+  return at, jnp.maximum(count[-1] - capacity, 0)
 
 
 class WholeTables(Layout):
@@ -300,7 +369,7 @@ class WholeTables(Layout):
 
   def blocks(self, t):
     g = self.features.index(t)
-    return [(int(self.offset[g]), 0, int(self.rows[g]))]
+    return [(int(self.offset[g]), 0, int(self.rows[g]), 1)]
 
   def local_row_info(self, local_rows):
     starts = jnp.asarray(self.offset.astype(np.int32))
@@ -329,7 +398,7 @@ class ColumnWise(WholeTables):
     d = jax.lax.axis_index(self.axes.shard).astype(jnp.uint32)
     return d * width + jnp.arange(width, dtype=jnp.uint32)
 
-  def route(self, table, ids, scale, bags):
+  def route(self, table, ids, scale, bags, bounded=True):
     rows = self._rows(jax.lax.all_gather(ids, self.axes.shard, tiled=True), bags)
     out = {"vectors": self.kernel.gather(table, rows), "rows": rows}
     if scale is not None:
@@ -345,7 +414,12 @@ class ColumnWise(WholeTables):
 
 
 class Replicated(WholeTables):
-  """Small tables copied to every device; a dense all-reduced gradient keeps copies equal."""
+  """Small tables copied to every device. Every copy applies the same update: where the
+  batch's ids are fewer than the tables' rows, the ids and their gradients of every
+  device are all-gathered and each copy applies the sparse update to the touched rows
+  (cost follows the batch); otherwise a dense gradient of the rows is all-reduced
+  (cost follows the table, the smaller). Either way the copies stay bit-identical:
+  each device runs the same update on the same values in the same order."""
 
   kind = REPLICATED
 
@@ -353,7 +427,7 @@ class Replicated(WholeTables):
     super().__init__(collection, features, n, axes, kernel)
     self.spec = P(None, None)
 
-  def route(self, table, ids, scale, bags):
+  def route(self, table, ids, scale, bags, bounded=True):
     rows = self._rows(ids, bags)
     out = {"vectors": self.kernel.gather(table, rows), "rows": rows}
     if scale is not None:
@@ -367,6 +441,11 @@ class Replicated(WholeTables):
     n_rows = table.shape[0]
     rows = lookup["rows"].reshape(-1)
     grads = grads.reshape(-1, grads.shape[-1])
+    if sparse_replica_update(rows.shape[0] * jax.lax.axis_size(self.axes.batch), n_rows):
+      rows = jax.lax.all_gather(rows, self.axes.batch, tiled=True)
+      grads = jax.lax.all_gather(grads, self.axes.batch, tiled=True)
+      return self.kernel.update(opt, table, state, rows, grads, lr, step,
+                                **self._update_kwargs())
     dense, touched = self.kernel.row_gradients(rows, grads, n_rows)
     dense = jax.lax.psum(dense, self.axes.batch)
     touched = jax.lax.psum(touched, self.axes.batch)
@@ -375,11 +454,20 @@ class Replicated(WholeTables):
                               **self._update_kwargs())
 
 
+def sparse_replica_update(ids: int, rows: int) -> bool:
+  """Whether replicated tables of `rows` rows in all, read by `ids` ids per step over
+  all devices, exchange the touched rows (all-gather of ids x (D + 1) values) rather
+  than all-reduce a dense gradient (about 2 x rows x (D + 1) values moved)."""
+  return ids < 2 * rows
+
+
 def plan_groups(collection: EmbeddingCollection, plan: Plan, axes: MeshAxes = MeshAxes(),
-                kernel: LocalLookup | None = None) -> dict[str, Layout]:
+                kernel: LocalLookup | None = None, row_capacity: float = 0.0
+                ) -> dict[str, Layout]:
   """The stacked layout of each sharding type (and table width, for tables of several:
   keys `kind`, `kind_dW`, dlrm_jax.embedding.mixed) of `plan`; needs no mesh (checkpoints
-  re-lay out saved tables of another plan with it, on the host)."""
+  re-lay out saved tables of another plan with it, on the host). `row_capacity`: the
+  row-wise lookups' capacity factor (`RowWise.capacity`)."""
   n = plan.num_shards
   groups: dict[str, Layout] = {}
   for kind in SHARDING_TYPES:
@@ -392,8 +480,11 @@ def plan_groups(collection: EmbeddingCollection, plan: Plan, axes: MeshAxes = Me
       if kind == TABLE_WISE:
         owners = [plan.placements[t].device for t in features]
         groups[key] = TableWise(collection, features, n, axes, owners, kernel)
+      elif kind == ROW_WISE:
+        groups[key] = RowWise(collection, features, n, axes, kernel, row_capacity,
+                              plan.row_order)
       else:
-        cls = {ROW_WISE: RowWise, COLUMN_WISE: ColumnWise, REPLICATED: Replicated}[kind]
+        cls = {COLUMN_WISE: ColumnWise, REPLICATED: Replicated}[kind]
         groups[key] = cls(collection, features, n, axes, kernel)
   return groups
 
@@ -406,8 +497,8 @@ def unstack_rows(groups: dict[str, Layout], stored: dict[str, np.ndarray]) -> li
     storage = np.asarray(stored[kind])
     for t in g.features:
       a = np.empty((int(g.collection.rows[t]),) + storage.shape[1:], storage.dtype)
-      for start, row, count in g.blocks(t):
-        a[row:row + count] = storage[start:start + count]
+      for start, row, count, stride in g.blocks(t):
+        a[row:row + count * stride:stride] = storage[start:start + count]
       out[t] = a
   return out
 
@@ -421,8 +512,8 @@ def stack_rows(groups: dict[str, Layout], arrays: Sequence[np.ndarray],
     storage = np.zeros(shapes[kind], np.asarray(arrays[g.features[0]]).dtype)
     for t in g.features:
       a = np.asarray(arrays[t])
-      for start, row, count in g.blocks(t):
-        storage[start:start + count] = a[row:row + count]
+      for start, row, count, stride in g.blocks(t):
+        storage[start:start + count] = a[row:row + count * stride:stride]
     out[kind] = storage
   return out
 

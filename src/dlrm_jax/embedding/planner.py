@@ -48,6 +48,10 @@ ROW_WISE = "row_wise"
 COLUMN_WISE = "column_wise"
 REPLICATED = "replicated"
 SHARDING_TYPES = (TABLE_WISE, ROW_WISE, COLUMN_WISE, REPLICATED)
+# Which rows of a row-wise table a device holds: "cyclic", row r on device r mod n
+# (hot rows spread over the devices whatever their numbers); "blocks", contiguous
+# blocks (the layout of checkpoints written before the cyclic one).
+ROW_ORDERS = ("cyclic", "blocks")
 
 class PlanError(ValueError):
   """The tables cannot be placed on the devices; the message gives the numbers."""
@@ -77,6 +81,7 @@ class Plan:
   dims: tuple[int, ...]
   rows: tuple[int, ...]
   names: tuple[str, ...]
+  row_order: str = "cyclic"  # ROW_ORDERS
 
   def to_json(self) -> dict:
     """The plan as JSON values (checkpoints keep the plan their tables were laid out by)."""
@@ -91,13 +96,16 @@ class Plan:
     d["placements"] = tuple(Placement(kind, int(device)) for kind, device in d["placements"])
     for k in ("table_bytes", "lookups", "dims", "rows", "names"):
       d[k] = tuple(d[k])
+    d.setdefault("row_order", "blocks")  # saved before row-wise tables went cyclic
     return cls(**d)
 
   def same_layout(self, other: "Plan") -> bool:
     """Whether two plans store the tables in identical stacked arrays."""
     return (self.num_shards == other.num_shards
             and tuple(self.placements) == tuple(other.placements)
-            and tuple(self.rows) == tuple(other.rows) and tuple(self.dims) == tuple(other.dims))
+            and tuple(self.rows) == tuple(other.rows) and tuple(self.dims) == tuple(other.dims)
+            and (self.row_order == other.row_order
+                 or all(p.kind != ROW_WISE for p in self.placements)))
 
   def device_bytes(self) -> list[int]:
     """Bytes of tables and optimiser state that each device holds.

@@ -17,15 +17,19 @@ whose communication is explicit:
 
 1. `route`: ids travel to the devices that own their rows, which gather the
    rows locally. table_wise: `all_to_all` of ids (the paper's butterfly
-   shuffle); row_wise and column_wise: `all_gather` of ids; replicated: local.
+   shuffle); row_wise and column_wise: `all_gather` of ids, and a row-wise
+   owner keeps only its own ids (up to a capacity in a train step:
+   `layouts.RowWise`); replicated: local.
 2. `exchange` (differentiated): the looked-up vectors, pooled at their owner,
    travel back to the devices that own the samples. table_wise: `all_to_all`;
-   row_wise: `psum_scatter` of masked partial sums; column_wise: `all_to_all`
+   row_wise: `psum_scatter` of the owners' partial sums; column_wise: `all_to_all`
    of column slices; replicated: nothing. Its transpose, which `jax.grad`
    derives, carries the gradients back along the same paths.
 3. `update`: each device applies the sparse optimiser to the rows it owns,
    with the gradients that arrived in step 2's transpose. Replicated tables
-   all-reduce a dense gradient of their (small) rows instead.
+   all-gather every device's ids and gradients and apply the same sparse
+   update on every copy (or, where the tables have fewer rows than the batch
+   has ids, all-reduce a dense gradient of their rows).
 
 The gradient is taken with respect to the looked-up vectors where they live
 (on the owning device), so no gradient the size of a table ever exists and
@@ -96,7 +100,8 @@ class ShardedEmbedding:
   """
 
   def __init__(self, collection: EmbeddingCollection, plan: Plan, mesh: Mesh,
-               axes: MeshAxes = MeshAxes(), kernel: LocalLookup | None = None):
+               axes: MeshAxes = MeshAxes(), kernel: LocalLookup | None = None,
+               row_capacity: float = 0.0):
     if len(plan.placements) != collection.num_tables:
       raise ValueError(f"the plan places {len(plan.placements)} tables, the collection has "
                        f"{collection.num_tables}")
@@ -107,7 +112,8 @@ class ShardedEmbedding:
     self.collection, self.plan, self.mesh, self.axes = collection, plan, mesh, axes
     self.specs = collection.specs
     self.kernel = kernel or local_lookup(mesh.devices.flat[0].platform)
-    self.groups: dict[str, Layout] = plan_groups(collection, plan, axes, self.kernel)
+    self.groups: dict[str, Layout] = plan_groups(collection, plan, axes, self.kernel,
+                                                 row_capacity)
 
   # Shardings ------------------------------------------------------------------
   def table_shardings(self) -> dict[str, NamedSharding]:
@@ -261,9 +267,10 @@ class ShardedEmbedding:
     scale = self.collection.bag_scale(ids.shape, weights, mask)
     return ids.reshape(ids.shape[0], -1), scale.reshape(ids.shape[0], -1)
 
-  def lookup(self, tables: Tables, batch) -> Lookups:
+  def lookup(self, tables: Tables, batch, bounded: bool = False) -> Lookups:
     """Step 1: each device gathers the rows it owns for the ids that reach it (groups
-    whose tables no bag of the batch reads have no entry)."""
+    whose tables no bag of the batch reads have no entry). `bounded`: row-wise owners
+    keep at most their capacity of ids (a train step, `forward`); by default every id."""
     fields = {k: batch[k] for k in ("sparse", "sparse_weights", "sparse_mask", "sequences",
                                     "sequence_lengths") if k in batch}
     bags = self.bags(batch)
@@ -281,7 +288,7 @@ class ShardedEmbedding:
           scale_g = None if scale is None else jnp.take(scale, cols, axis=1)
         else:
           ids_g, scale_g = ids, scale
-        out[kind] = g.route(tables[kind], ids_g, scale_g, bags_g)
+        out[kind] = g.route(tables[kind], ids_g, scale_g, bags_g, bounded)
       return out
 
     return jax.shard_map(route, mesh=self.mesh,
@@ -335,7 +342,7 @@ class ShardedEmbedding:
   def forward(self, tables: Tables, batch) -> "Forward":
     """Step 1 now (each device gathers the rows it owns), steps 2 and 3 as functions."""
     with jax.named_scope("lookup"):
-      lookups = self.lookup(tables, batch)
+      lookups = self.lookup(tables, batch, bounded=True)
     return Forward(self, lookups, self.bags(batch), self.sequence_shapes(batch))
 
   def update(self, opt, tables: Tables, state, lookups: Lookups,
@@ -378,6 +385,9 @@ class Forward:
     self._embedding, self._lookups, self.bags = embedding, lookups, bags
     self.sequences = sequences  # the sequence features' names and capacities
     self.vectors: dict[str, jax.Array] = {k: v["vectors"] for k, v in lookups.items()}
+    # Row-wise ids past their owner's capacity, left out of this step (0: none).
+    self.dropped: jax.Array = sum((jnp.sum(v["dropped"]) for v in lookups.values()
+                                   if "dropped" in v), jnp.zeros((), jnp.int32))
 
   def exchange(self, vectors: dict[str, jax.Array]) -> Embedded:
     """Step 2 (differentiable): `vectors` pooled and sent to their samples -> the pooled
