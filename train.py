@@ -76,7 +76,7 @@ def main(argv):
     result = trainer.train_and_evaluate(config, workdir, log=lambda s: print(s, flush=True))
   except ConfigError as e:
     _exit_with(str(e))
-  except (trainer.NonFiniteLossError, trainer.DroppedIdsError, checkpoint.CheckpointError) as e:
+  except (stopping.NonFiniteLossError, stopping.DroppedIdsError, checkpoint.CheckpointError) as e:
     raise SystemExit(f"error: {e}") from None
   except stopping.Stopped as e:  # SIGINT or SIGTERM: a checkpoint of the step reached
     if _is_lead():

@@ -13,7 +13,7 @@ import pytest
 
 from checkpoint_worker import inject, resume_config
 from conftest import REPO, fill, load_config, small_criteo_config, tmpfs
-from dlrm_jax import checkpoint, predict, trainer
+from dlrm_jax import checkpoint, predict, stopping, trainer
 from dlrm_jax.config import ConfigError
 from dlrm_jax.data import RandomData
 from dlrm_jax.embedding import EmbeddingCollection
@@ -591,7 +591,7 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpo
   try:
     c = resume_config()
     c.loss_function = "bce" if bad == "nan" else "mse"
-    with pytest.raises(trainer.NonFiniteLossError, match=rf"loss is {bad} at step 14: .*"
+    with pytest.raises(stopping.NonFiniteLossError, match=rf"loss is {bad} at step 14: .*"
                        r"last good checkpoint is step 10"):
       trainer.train_and_evaluate(c, str(tmp_path))
   finally:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from dlrm_jax import trainer
+from dlrm_jax import stopping, trainer
 from dlrm_jax.task import Task
 from dlrm_jax.config import ConfigError
 from dlrm_jax.data import RandomData
@@ -705,7 +705,7 @@ def test_a_train_step_past_the_row_wise_capacity_stops_the_run_before_any_checkp
   c = _config(8, _all(ROW_WISE))
   c.sharding.row_wise_capacity = 0.5  # half an even share: every device drops ids
   c.num_batches = 4
-  with pytest.raises(trainer.DroppedIdsError, match=r"^step 1 had [\d,]+ row-wise ids more "
+  with pytest.raises(stopping.DroppedIdsError, match=r"^step 1 had [\d,]+ row-wise ids more "
                      r"than their devices' capacity \(sharding.row_wise_capacity=0.5 x an even "
                      r"share of the batch's ids\): training stopped. No checkpoint was saved "
                      r"before it; raise sharding.row_wise_capacity"):

@@ -1,5 +1,6 @@
 """Stopping a run on SIGINT (Ctrl-C) or SIGTERM (a preemptible machine's notice) after
-a step, with a checkpoint of that step.
+a step, with a checkpoint of that step; and on a step whose result no checkpoint may
+keep (`check_losses`: a NaN or infinite loss, row-wise ids past their capacity).
 
 `StopSignals` is a context manager around the train loop. Its handler only notes
 the signal; the loop asks `requested()` after each step and, when it says so,
@@ -32,6 +33,7 @@ import signal
 import threading
 
 import jax
+import numpy as np
 from orbax.checkpoint import multihost
 
 from dlrm_jax import parallel
@@ -115,3 +117,60 @@ class StopSignals:
       client.key_value_set(key + str(jax.process_index()), str(self._received))
     parallel.barrier("stop signals")
     return max((int(v) for _, v in client.key_value_dir_get(key)), default=0)
+
+
+class NonFiniteLossError(RuntimeError):
+  """The training loss became NaN or infinite; the message names the step and the
+  last good checkpoint."""
+
+
+class DroppedIdsError(RuntimeError):
+  """A train step left out row-wise ids past their owner's capacity
+  (`sharding.row_wise_capacity`); the message names the step and the last good
+  checkpoint."""
+
+
+def check_losses(run, prog, upto: int) -> None:
+  """Stops on a NaN or infinite loss among losses[losses_checked:upto], or on row-wise ids
+  dropped by a step up to that loss's, naming its step (`run`, `prog`: the trainer's
+  `Run` and `Progress`)."""
+  check_dropped(run, prog, prog.steps_done - len(prog.losses) + upto)
+  if upto <= prog.losses_checked:
+    return
+  values = np.asarray(jax.device_get(prog.losses[prog.losses_checked:upto]), np.float32)
+  bad = np.flatnonzero(~np.isfinite(values))
+  if bad.size:
+    bad_step = prog.steps_done - len(prog.losses) + prog.losses_checked + int(bad[0]) + 1
+    raise NonFiniteLossError(
+        f"the training loss is {values[bad[0]]} at step {bad_step}: training stopped. "
+        + _last_good(run) + "lower the learning rate or check the data, then rerun (a rerun "
+        "resumes from it).")
+  prog.losses_checked = upto
+
+
+def check_dropped(run, prog, upto_step: int) -> None:
+  """Stops on a step up to `upto_step` that left out row-wise ids past their owner's
+  capacity (its update is not exact, so no checkpoint may keep it), naming the step."""
+  due = [(s, n) for s, n in prog.dropped if s <= upto_step]
+  if not due:
+    return
+  prog.dropped = prog.dropped[len(due):]
+  counts = np.asarray(jax.device_get([n for _, n in due]))
+  if counts.any():
+    k = int(np.flatnonzero(counts)[0])
+    capacity = run.spec.sharding.row_wise_capacity
+    raise DroppedIdsError(
+        f"step {due[k][0]} had {int(counts[k]):,} row-wise ids more than their devices' "
+        f"capacity (sharding.row_wise_capacity={capacity:g} x an even share of the batch's "
+        "ids): training stopped. " + _last_good(run) + "raise sharding.row_wise_capacity "
+        "(0: every id) and rerun (a rerun resumes from it).")
+
+
+def _last_good(run) -> str:
+  """Where a stopped run's last good checkpoint is, as the start of a sentence."""
+  last_good = None
+  if run.checkpointer is not None:
+    run.checkpointer.wait()
+    last_good = run.checkpointer.latest_step()
+  return (f"The last good checkpoint is step {last_good} in {run.checkpointer.directory}; "
+          if last_good is not None else "No checkpoint was saved before it; ")

@@ -33,6 +33,7 @@ from dlrm_jax import observe
 from dlrm_jax import optim
 from dlrm_jax import parallel
 from dlrm_jax import stopping
+from dlrm_jax.stopping import check_losses
 from dlrm_jax.config import ConfigError
 from dlrm_jax.data import configure_data, make_data
 from dlrm_jax.data.prefetch import prefetch
@@ -47,17 +48,6 @@ TIMINGS = ("examples_per_sec", "seconds")
 
 # A run longer than this many epochs of its data is warned about at start-up.
 MANY_EPOCHS = 5
-
-
-class NonFiniteLossError(RuntimeError):
-  """The training loss became NaN or infinite; the message names the step and the
-  last good checkpoint."""
-
-
-class DroppedIdsError(RuntimeError):
-  """A train step left out row-wise ids past their owner's capacity
-  (`sharding.row_wise_capacity`); the message names the step and the last good
-  checkpoint."""
 
 
 @dataclasses.dataclass
@@ -491,51 +481,6 @@ def evaluate_interval(run: Run, prog: Progress, lr: jax.Array) -> dict:
   prog.records.append(record)
   prog.losses, prog.interval_steps, prog.losses_checked = [], 0, 0
   return record
-
-
-def check_losses(run: Run, prog: Progress, upto: int) -> None:
-  """Stops on a NaN or infinite loss among losses[losses_checked:upto], or on row-wise ids
-  dropped by a step up to that loss's, naming its step."""
-  check_dropped(run, prog, prog.steps_done - len(prog.losses) + upto)
-  if upto <= prog.losses_checked:
-    return
-  values = np.asarray(jax.device_get(prog.losses[prog.losses_checked:upto]), np.float32)
-  bad = np.flatnonzero(~np.isfinite(values))
-  if bad.size:
-    bad_step = prog.steps_done - len(prog.losses) + prog.losses_checked + int(bad[0]) + 1
-    raise NonFiniteLossError(
-        f"the training loss is {values[bad[0]]} at step {bad_step}: training stopped. "
-        + _last_good(run) + "lower the learning rate or check the data, then rerun (a rerun "
-        "resumes from it).")
-  prog.losses_checked = upto
-
-
-def check_dropped(run: Run, prog: Progress, upto_step: int) -> None:
-  """Stops on a step up to `upto_step` that left out row-wise ids past their owner's
-  capacity (its update is not exact, so no checkpoint may keep it), naming the step."""
-  due = [(s, n) for s, n in prog.dropped if s <= upto_step]
-  if not due:
-    return
-  prog.dropped = prog.dropped[len(due):]
-  counts = np.asarray(jax.device_get([n for _, n in due]))
-  if counts.any():
-    k = int(np.flatnonzero(counts)[0])
-    capacity = run.spec.sharding.row_wise_capacity
-    raise DroppedIdsError(
-        f"step {due[k][0]} had {int(counts[k]):,} row-wise ids more than their devices' "
-        f"capacity (sharding.row_wise_capacity={capacity:g} x an even share of the batch's "
-        "ids): training stopped. " + _last_good(run) + "raise sharding.row_wise_capacity "
-        "(0: every id) and rerun (a rerun resumes from it).")
-
-
-def _last_good(run: Run) -> str:
-  """Where a stopped run's last good checkpoint is, as the start of a sentence."""
-  last_good = None
-  if run.checkpointer is not None:
-    run.checkpointer.wait()
-    last_good = run.checkpointer.latest_step()
-  return (f"The last good checkpoint is step {last_good} in {run.checkpointer.directory}; "
-          if last_good is not None else "No checkpoint was saved before it; ")
 
 
 def save(run: Run, prog: Progress, stream: BatchStream, metrics: dict | None,
