@@ -237,7 +237,8 @@ def _device_fields(config_dict):
   sharding.overrides = ""
   sharding.memory_budget_mb = 0.0  # per device, tables + optimiser state; 0: 90% of a
   # GPU's or TPU's memory, no limit on CPU.
-  sharding.min_column_width = 32  # narrowest column slice the planner makes.
+  sharding.min_column_width = 0  # narrowest column slice the planner makes; 0: the
+  # devices' (128 on TPU, its lane width; 32 elsewhere: planner.MIN_COLUMN_WIDTH).
   # Multi-process runs: jax.distributed.initialize (or set JAX_COORDINATOR_ADDRESS etc.).
   distributed.coordinator_address = ""  # "host:port"; "" and no env: single process.
   distributed.num_processes = 0  # 0: from the environment or the cluster.

@@ -158,7 +158,12 @@ class MeshSpec:
 class ShardingSpec:
   overrides: str  # "t3:row_wise,t7:table_wise:2" (parsed by the planner)
   memory_budget_mb: float  # 0: the device's own
-  min_column_width: int
+  min_column_width: int  # 0: the devices' platform's (dlrm_jax.embedding.planner)
+
+  def __post_init__(self):
+    if self.min_column_width < 0:
+      raise ConfigError(f"sharding.min_column_width={self.min_column_width} must be >= 0 "
+                        "(0: the devices' platform's)")
 
   @classmethod
   def from_config(cls, c) -> "ShardingSpec":
