@@ -256,3 +256,30 @@ def test_dlrmv4_compiles_with_its_sequences(target, tmp_path):
   r = compile_lib.compile_config(c, t, name="dlrmv4_tiny")
   assert r.fits and r.eval_memory["total"] > 0 and r.cost["flops"] > 0
   assert r.plan.count("\n") > 11 and " history" not in r.plan  # 11 tables, no extra ones
+
+
+def test_tpu_plans_no_column_slice_narrower_than_its_lanes():
+  """The MLPerf DLRM-DCNv2 tables (D = 128) on v5p-8's 4 chips, as the compile tool plans
+  them: TPU lays an array's last dimension out in 128-lane tiles, so the planner splits
+  no table into 32-column slices there (it did: five 40M-row tables), while on 4 CPU
+  or GPU devices it still does; an explicit `sharding.min_column_width` wins."""
+  from dlrm_jax.embedding.planner import COLUMN_WISE, ROW_WISE
+  from dlrm_jax.specs import RunSpec
+  from dlrm_jax.task import dlrm_parts, make_plan
+
+  run = RunSpec.from_config(load_config("mlperf_dcnv2", devices=0))
+  collection = dlrm_parts(run).collection
+  memory = targets.get("v5p-8").chip.memory_bytes
+
+  def split(platform, run=run):
+    plan = make_plan(run, collection, 4, memory, platform)
+    return {kind: [collection.dims[t] // 4 for t, p in enumerate(plan.placements)
+                   if p.kind == kind] for kind in (COLUMN_WISE, ROW_WISE)}
+
+  tpu = split("tpu")
+  assert tpu[COLUMN_WISE] == [] and len(tpu[ROW_WISE]) == 5, tpu
+  for platform in ("cpu", "gpu"):
+    assert split(platform)[COLUMN_WISE] == [32] * 5
+  c = load_config("mlperf_dcnv2", devices=0)
+  c.sharding.min_column_width = 32
+  assert split("tpu", RunSpec.from_config(c))[COLUMN_WISE] == [32] * 5

@@ -237,7 +237,8 @@ def _device_fields(config_dict):
   sharding.overrides = ""
   sharding.memory_budget_mb = 0.0  # per device, tables + optimiser state; 0: 90% of a
   # GPU's or TPU's memory, no limit on CPU.
-  sharding.min_column_width = 32  # narrowest column slice the planner makes.
+  sharding.min_column_width = 0  # narrowest column slice the planner makes; 0: the
+  # devices' (128 on TPU, its lane width; 32 elsewhere: planner.MIN_COLUMN_WIDTH).
   # Row-wise tables: each device gathers and updates only the ids of its own rows, up
   # to this many times an even share of the batch's ids (0: all of them). A train step
   # with more stops the run, naming this field (dlrm_jax.embedding.layouts.RowWise).

@@ -158,16 +158,22 @@ class MeshSpec:
 class ShardingSpec:
   overrides: str  # "t3:row_wise,t7:table_wise:2" (parsed by the planner)
   memory_budget_mb: float  # 0: the device's own
-  min_column_width: int
+  min_column_width: int  # 0: the devices' platform's (dlrm_jax.embedding.planner)
   row_wise_capacity: float = 2.0  # x an even share of a row-wise group's ids; 0: all
+
+  def __post_init__(self):
+    if self.min_column_width < 0:
+      raise ConfigError(f"sharding.min_column_width={self.min_column_width} must be >= 0 "
+                        "(0: the devices' platform's)")
+    if self.row_wise_capacity < 0:
+      raise ConfigError(f"sharding.row_wise_capacity={self.row_wise_capacity} must be >= 0 "
+                        "(0: every id)")
 
   @classmethod
   def from_config(cls, c) -> "ShardingSpec":
-    capacity = float(c.get("row_wise_capacity", 2.0))
-    if capacity < 0:
-      raise ConfigError(f"sharding.row_wise_capacity={capacity} must be >= 0 (0: every id)")
     return cls(overrides=str(c.overrides), memory_budget_mb=float(c.memory_budget_mb),
-               min_column_width=int(c.min_column_width), row_wise_capacity=capacity)
+               min_column_width=int(c.min_column_width),
+               row_wise_capacity=float(c.get("row_wise_capacity", 2.0)))
 
 
 @dataclasses.dataclass(frozen=True)

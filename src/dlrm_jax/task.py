@@ -22,7 +22,8 @@ from dlrm_jax.config import ConfigError
 from dlrm_jax.embedding import (EmbeddingCollection, SequenceSpec, Tables, TableSpec,
                                 make_sparse_optimizer)
 from dlrm_jax.embedding.collection import POOLINGS, STORAGE_DTYPES
-from dlrm_jax.embedding.planner import Plan, PlanError, parse_overrides, plan_tables
+from dlrm_jax.embedding.planner import (Plan, PlanError, min_column_width, parse_overrides,
+                                        plan_tables)
 from dlrm_jax.embedding.qr import QRTables
 from dlrm_jax.embedding.sharded import ShardedEmbedding
 from dlrm_jax.functional import Functions, ModelParts
@@ -59,8 +60,9 @@ class Task:
     self.collection, self.features = parts.collection, parts.features
     self.mesh, self.axes = parallel.make_mesh(self.run.mesh, devices)
     mine = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+    device = mine[0] if mine else self.mesh.devices.flat[0]
     self.plan = make_plan(self.run, self.collection, self.mesh.shape[self.axes.shard],
-                          device_memory(mine[0] if mine else self.mesh.devices.flat[0]))
+                          device_memory(device), device.platform)
     self.embedding = ShardedEmbedding(self.collection, self.plan, self.mesh, self.axes,
                                       row_capacity=self.run.sharding.row_wise_capacity)
     self.schedule = lr_schedule(training)
@@ -195,9 +197,11 @@ def dlrmv4_parts(run: RunSpec) -> ModelParts:
 
 
 def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
-              memory: int | None = None) -> Plan:
+              memory: int | None = None, platform: str = "cpu") -> Plan:
   """The sharding plan for the run's tables over `num_shards` devices of `memory` bytes
-  each (None: unknown): within `sharding.memory_budget_mb`, else 90% of `memory`."""
+  each (None: unknown) on `platform` ("cpu", "gpu", "tpu"): within
+  `sharding.memory_budget_mb`, else 90% of `memory`; column slices of at least
+  `sharding.min_column_width` values, else the platform's (`planner.min_column_width`)."""
   sharding = run.sharding
   budget_mb = sharding.memory_budget_mb
   budget = int(budget_mb * 2**20) if budget_mb > 0 else (
@@ -206,7 +210,8 @@ def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
     return plan_tables(
         collection.specs, num_shards, batch_size=run.training.mini_batch_size,
         lookups=collection.hotness, optimizer=run.training.embedding_optimizer,
-        memory_budget=budget, min_column_width=sharding.min_column_width,
+        memory_budget=budget,
+        min_column_width=sharding.min_column_width or min_column_width(platform),
         overrides=parse_overrides(sharding.overrides), table_itemsize=collection.dtype.itemsize)
   except PlanError as e:
     raise ConfigError(str(e)) from None

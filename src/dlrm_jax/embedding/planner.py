@@ -32,7 +32,8 @@ order, for each table (largest first):
    too, and the device where the table grows its width's array least (not at
    all, where it fits under the fullest device's share) comes first;
 5. otherwise split it: `column_wise` when its width splits into slices of at
-   least `min_column_width` values, else `row_wise`.
+   least `min_column_width` values (`MIN_COLUMN_WIDTH`: 128 on TPU, 32
+   elsewhere), else `row_wise`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,18 @@ SHARDING_TYPES = (TABLE_WISE, ROW_WISE, COLUMN_WISE, REPLICATED)
 # (hot rows spread over the devices whatever their numbers); "blocks", contiguous
 # blocks (the layout of checkpoints written before the cyclic one).
 ROW_ORDERS = ("cyclic", "blocks")
+
+# The narrowest column slice worth making, by the devices' platform (`jax.Device.platform`):
+# on TPU an array's last dimension is laid out in tiles of 128 lanes, so a narrower slice
+# is padded to 128 (a [rows, 32] slice takes the memory and traffic of [rows, 128]).
+MIN_COLUMN_WIDTH = {"tpu": 128}
+DEFAULT_MIN_COLUMN_WIDTH = 32  # other platforms (GPU, CPU)
+
+
+def min_column_width(platform: str) -> int:
+  """The narrowest column slice for devices of `platform` ("tpu", "gpu", "cpu")."""
+  return MIN_COLUMN_WIDTH.get(platform, DEFAULT_MIN_COLUMN_WIDTH)
+
 
 class PlanError(ValueError):
   """The tables cannot be placed on the devices; the message gives the numbers."""
@@ -211,7 +224,8 @@ def _parse_placement(name: str, text: str, num_shards: int) -> Placement:
 
 def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
                 lookups: Sequence[float] | float = 1.0, optimizer: str = "sgd",
-                memory_budget: int | None = None, min_column_width: int = 32,
+                memory_budget: int | None = None,
+                min_column_width: int = DEFAULT_MIN_COLUMN_WIDTH,
                 overrides: Mapping[str, str] | None = None, table_itemsize: int = 4) -> Plan:
   """Places every table over `num_shards` devices (see the module docstring).
 
@@ -223,7 +237,8 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
     optimizer: the sparse optimiser (its state counts towards memory).
     memory_budget: bytes each device may hold for tables and optimiser state;
       None for no limit.
-    min_column_width: the narrowest column slice column-wise splitting may make.
+    min_column_width: the narrowest column slice column-wise splitting may make (the
+      devices' figure: `min_column_width(platform)`).
     overrides: table name -> placement text, e.g. {"t3": "row_wise"}.
     table_itemsize: bytes per stored table value (4: float32, 2: bfloat16 or float16);
       optimiser state is float32 either way.
