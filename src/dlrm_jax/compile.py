@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import time
 from typing import Any
 
@@ -31,9 +30,7 @@ import numpy as np
 from dlrm_jax import targets as targets_lib
 from dlrm_jax import traffic as traffic_lib
 from dlrm_jax.config import DEFAULT_CONFIG, ConfigError
-from dlrm_jax.traffic import COLLECTIVES, SHAPE, shape_bytes
-# "%name = RESULT-SHAPE op-name(" in an HLO text; the op may be an async "-start".
-_OP = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+from dlrm_jax.traffic import collectives
 
 
 def prepare_backends() -> None:
@@ -75,22 +72,6 @@ def batch_shapes(run) -> dict[str, Any]:
     shape = (b, int(hot.sum()))
   out["sparse"] = jax.ShapeDtypeStruct(shape, np.int32)
   return out
-
-
-def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
-  """Each collective kind in a compiled HLO text: its count and the bytes of its results
-  per device (an async start's output only: the operand it carries is not counted)."""
-  out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
-  for line in hlo_text.splitlines():
-    m = _OP.search(line)
-    if not m:
-      continue
-    shapes = [shape_bytes(f"{d}[{dims}]") for d, dims in SHAPE.findall(m.group(1))]
-    if m.group(3) and m.group(2) != "all-reduce" and len(shapes) > 1:
-      shapes = shapes[len(shapes) // 2:]  # (operands..., outputs...)
-    out[m.group(2)]["count"] += 1
-    out[m.group(2)]["bytes"] += sum(shapes)
-  return {k: v for k, v in out.items() if v["count"]}
 
 
 def cost(compiled) -> dict[str, float] | None:

@@ -163,8 +163,10 @@ def parse(hlo_text: str) -> tuple[dict[str, Computation], str]:
       elif line.startswith("}"):
         current = None
       continue
-    m = _INSTRUCTION.match(line) if current is not None else None
+    m = _INSTRUCTION.match(line)
     if m:
+      if current is None:  # a fragment without its computation's header
+        current = computations.setdefault("", Computation())
       name, shape, opcode, rest = m.groups()
       operands, attributes = _split_operands(rest)
       op = _OP_NAME.search(attributes)
@@ -184,7 +186,7 @@ def _top_level(shape: str) -> list[str]:
     return [shape]
   out, depth, start = [], 0, 1
   for i, ch in enumerate(shape):
-    depth += {"(": 1, ")": -1, "{": 1, "}": -1}.get(ch, 0)
+    depth += {"(": 1, ")": -1, "{": 1, "}": -1, "[": 1, "]": -1}.get(ch, 0)
     if (ch == "," and depth == 1) or (depth == 0 and ch == ")"):
       out.append(shape[start:i].strip())
       start = i + 1
@@ -226,6 +228,20 @@ def _op_traffic(ins: Instruction, comp: Computation) -> tuple[int, int]:
     out = _async_outputs(ins) if op.endswith("-start") else ins.result_bytes
     return comp.operand_bytes(ins) + out, out
   return comp.operand_bytes(ins) + ins.result_bytes, 0
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """Each collective kind in a compiled HLO text (in every computation, fusions' too):
+  its count and the bytes of its results per device (an async start's outputs only)."""
+  out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
+  for comp in parse(hlo_text)[0].values():
+    for ins in comp.instructions.values():
+      if _collective(ins.opcode):
+        kind = out[ins.opcode.removesuffix("-start")]
+        kind["count"] += 1
+        kind["bytes"] += (_async_outputs(ins) if ins.opcode.endswith("-start")
+                          else ins.result_bytes)
+  return {k: v for k, v in out.items() if v["count"]}
 
 
 def _indexed_uses(name: str, users) -> list[Instruction] | None:
