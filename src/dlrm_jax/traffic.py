@@ -16,19 +16,21 @@ not seen):
   whole size: a gather's, dynamic-slice's or slice's data operand counts the
   rows read (the result's bytes); the in-place operand of a scatter or
   dynamic-update-slice counts nothing, and its result the rows written (the
-  updates' bytes). So a gather counts its result twice (the rows read, the
-  result written) plus its indices; a scatter its updates twice (read, and
-  written into the operand's rows) plus its indices, whatever the operand's
-  size. (A scatter-add also reads the rows it adds to: not counted.)
-- A fusion counts once, as one op: its operands (the fused computation's
-  parameters) and its result(s), not its inner ops. A parameter whose every
-  use inside (looking through bitcasts) is as the data operand of a gather,
-  dynamic-slice or slice, or the in-place operand of a scatter or dynamic-update-slice,
-  is only indexed: it counts the rows those ops touch, as above, and a result
-  that is such an in-place update of it (through bitcasts and chains of
-  updates) counts the updates' bytes. Each part goes to the phase of the
-  instruction that makes it (the gather, the scatter, the output's producer),
-  or the fusion's where that has no op_name.
+  updates' bytes). Their other operands (indices, offsets, updates) count
+  whole. So a gather counts its result twice (the rows read, the result
+  written) plus its indices; a scatter its updates twice (read, and written
+  into the operand's rows) plus its indices, whatever the operand's size. (A
+  scatter-add also reads the rows it adds to: not counted.)
+- A fusion (and XLA:GPU's async fusion-start) counts once, as one op: its
+  operands (the fused computation's parameters) and its result(s), not its
+  inner ops. A parameter whose every use inside (looking through bitcasts) is
+  as the data operand of a gather, dynamic-slice or slice, or the in-place
+  operand of a scatter or dynamic-update-slice, is only indexed: it counts the
+  rows those ops read, as above, and a result that is an in-place update of it
+  (through bitcasts and chains of updates) counts the updates' bytes. Each
+  part goes to the phase of the instruction inside that makes it (the gather,
+  the scatter, the output's producer), or the fusion's where that has no
+  op_name; the parameters counted whole go to the fusion's.
 - A collective (all-to-all, all-gather, reduce-scatter, all-reduce,
   collective-permute, sync or an async start; also one inside a fusion)
   counts its result bytes as interconnect bytes, and its HBM bytes as any op.
