@@ -288,7 +288,7 @@ def format_report(r: Report) -> str:
   if r.roofline:
     f = r.roofline
     hbm = (f"traffic model, {_size(traffic_lib.totals(r.traffic, {})[0])}; XLA's bytes "
-           f"accessed {_si(r.cost.get('bytes accessed', 0), 'B')}" if r.traffic else
+           f"accessed {_size(r.cost.get('bytes accessed', 0))}" if r.traffic else
            "XLA's bytes accessed")
     lines += ["roofline lower bound per step (a model from the chip's peak figures):",
               f"  compute      {f['compute_s'] * 1e3:10.3f} ms",
