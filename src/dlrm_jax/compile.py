@@ -10,8 +10,10 @@ compiles the real train step (and the evaluation step) at the config's global
 batch from shapes alone (no data, no arrays), and reports per device: the
 compiler's memory (arguments, outputs, aliased, temporaries) against the chip's,
 with a verdict; FLOPs and bytes accessed (XLA's cost model); each collective kind
-in the compiled program with its count and bytes; a roofline lower bound on the
-step time from the chip's peaks, and the samples/s it implies. All of these are
+in the compiled program with its count and bytes; the HBM and interconnect bytes
+of each phase of the step by one rule (`dlrm_jax.traffic`) beside what the step
+physically needs; a roofline lower bound on the step time from the chip's peaks
+(its HBM term from that traffic), and the samples/s it implies. All of these are
 models of a program, not measurements of a machine.
 """
 
@@ -20,23 +22,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import time
 from typing import Any
 
 import numpy as np
 
 from dlrm_jax import targets as targets_lib
+from dlrm_jax import traffic as traffic_lib
 from dlrm_jax.config import DEFAULT_CONFIG, ConfigError
-
-COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce",
-               "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "s4": 0.5,
-                "u4": 0.5}
-_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
-# "%name = RESULT-SHAPE op-name(" in an HLO text; the op may be an async "-start".
-_OP = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+from dlrm_jax.traffic import collectives
 
 
 def prepare_backends() -> None:
@@ -78,27 +72,6 @@ def batch_shapes(run) -> dict[str, Any]:
     shape = (b, int(hot.sum()))
   out["sparse"] = jax.ShapeDtypeStruct(shape, np.int32)
   return out
-
-
-def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
-  """Each collective kind in a compiled HLO text: its count and the bytes of its results
-  per device (an async start's output only: the operand it carries is not counted)."""
-  out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
-  for line in hlo_text.splitlines():
-    m = _OP.search(line)
-    if not m:
-      continue
-    shapes = [_bytes(d, dims) for d, dims in _SHAPE.findall(m.group(1))]
-    if m.group(3) and m.group(2) != "all-reduce" and len(shapes) > 1:
-      shapes = shapes[len(shapes) // 2:]  # (operands..., outputs...)
-    out[m.group(2)]["count"] += 1
-    out[m.group(2)]["bytes"] += sum(shapes)
-  return {k: v for k, v in out.items() if v["count"]}
-
-
-def _bytes(dtype: str, dims: str) -> int:
-  return int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64)
-             * _DTYPE_BYTES.get(dtype, 4))
 
 
 def cost(compiled) -> dict[str, float] | None:
@@ -144,6 +117,9 @@ class Report:
   memory: dict[str, int] = dataclasses.field(default_factory=dict)
   cost: dict[str, float] | None = None
   collectives: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+  # Phase -> {"hbm", "interconnect"} bytes (dlrm_jax.traffic's rule), and the physical need.
+  traffic: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+  need: dict[str, int] = dataclasses.field(default_factory=dict)
   roofline: dict[str, float] = dataclasses.field(default_factory=dict)
   eval_memory: dict[str, int] = dataclasses.field(default_factory=dict)
   eval_compile_seconds: float = 0.0
@@ -180,14 +156,17 @@ def memory_of(compiled) -> dict[str, int]:
 
 
 def roofline(report: Report, chip: targets_lib.Chip | None) -> dict[str, float]:
-  """The step's lower bound per device: the largest of FLOPs / peak FLOP/s, bytes
-  accessed / HBM bandwidth and collective bytes / interconnect bandwidth (each
-  printed), and the global samples/s that bound allows."""
+  """The step's lower bound per device: the largest of FLOPs / peak FLOP/s, HBM bytes /
+  HBM bandwidth and collective bytes / interconnect bandwidth (each printed), and the
+  global samples/s that bound allows. The HBM bytes are the traffic model's total
+  (`dlrm_jax.traffic`) where the report has one, else XLA's bytes accessed."""
   if chip is None or not report.cost:
     return {}
+  hbm = (traffic_lib.totals(report.traffic, {})[0] if report.traffic
+         else report.cost.get("bytes accessed", 0.0))
   terms = {
       "compute_s": report.cost.get("flops", 0.0) / chip.flops(report.compute_dtype),
-      "hbm_s": report.cost.get("bytes accessed", 0.0) / chip.hbm_bytes_per_s,
+      "hbm_s": hbm / chip.hbm_bytes_per_s,
       "interconnect_s": sum(c["bytes"] for c in report.collectives.values())
       / chip.interconnect_bytes_per_s,
   }
@@ -236,7 +215,10 @@ def compile_config(config, target: targets_lib.Target, *, evaluate: bool = True,
     raise
   report.memory = memory_of(compiled)
   report.cost = cost(compiled)
-  report.collectives = collectives(compiled.as_text())
+  text = compiled.as_text()
+  report.collectives = collectives(text)
+  report.traffic = traffic_lib.hlo_traffic(text)
+  report.need = traffic_lib.physical_need(run, task.plan, len(devices), task.state_shapes)
   report.roofline = roofline(report, target.chip)
   if target.memory_bytes:
     spare = target.memory_bytes - report.memory["total"]
@@ -301,17 +283,24 @@ def format_report(r: Report) -> str:
               for k, v in r.collectives.items()]
   elif r.memory:
     lines.append("collectives: none")
+  if r.traffic:
+    lines += [TRAFFIC_TITLE + ":", traffic_lib.format_table(r.traffic, r.need)]
   if r.roofline:
     f = r.roofline
+    hbm = (f"traffic model, {_size(traffic_lib.totals(r.traffic, {})[0])}; XLA's bytes "
+           f"accessed {_size(r.cost.get('bytes accessed', 0))}" if r.traffic else
+           "XLA's bytes accessed")
     lines += ["roofline lower bound per step (a model from the chip's peak figures):",
               f"  compute      {f['compute_s'] * 1e3:10.3f} ms",
-              f"  HBM          {f['hbm_s'] * 1e3:10.3f} ms",
+              f"  HBM          {f['hbm_s'] * 1e3:10.3f} ms   ({hbm})",
               f"  interconnect {f['interconnect_s'] * 1e3:10.3f} ms",
               f"  step >= {f['step_s'] * 1e3:.3f} ms: at most {f['samples_per_s']:,.0f} "
               f"samples/s ({f['samples_per_s'] / r.devices:,.0f} per device)"]
   return "\n".join(lines)
 
 
+TRAFFIC_TITLE = ("traffic per device per step by phase (the rule in dlrm_jax.traffic; a "
+                 "model, not a measurement)")
 MD_HEADER = ("| config / target | devices | arguments | temporaries | total | memory | fits | "
              "FLOPs | bytes accessed | collectives (count, bytes) | roofline samples/s | "
              "compile (s) |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -332,12 +321,15 @@ def markdown_row(r: Report) -> str:
 
 
 def write(report: Report, out: str) -> None:
-  """compile.json and compile.md in `out`."""
+  """compile.json and compile.md (the report's row, then its traffic table) in `out`."""
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "compile.json"), "w") as f:
     json.dump(report.to_json(), f, indent=1)
   with open(os.path.join(out, "compile.md"), "w") as f:
     f.write(MD_HEADER + "\n" + markdown_row(report) + "\n")
+    if report.traffic:
+      f.write(f"\n{TRAFFIC_TITLE}:\n\n"
+              + traffic_lib.format_table(report.traffic, report.need) + "\n")
 
 
 def main(argv) -> None:

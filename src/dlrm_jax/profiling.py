@@ -38,7 +38,11 @@ def phase_of(op_name: str) -> str:
   """The phase of an instruction's `op_name` ("jit(step)/transpose(jvp(dense))/dot" ->
   "dense backward"); OTHER when no phase scope encloses it."""
   for part in op_name.split("/"):
-    wrappers, core = _WRAPPED.match(part).groups()
+    # Ops XLA merged (GPU's combined all-reduce) name theirs "(a/b:c/d)".
+    m = _WRAPPED.match(part.lstrip("("))
+    if m is None:
+      continue
+    wrappers, core = m.groups()
     if core in PHASES:
       if core in DIFFERENTIATED:
         return f"{core} {'backward' if 'transpose(' in wrappers else 'forward'}"
