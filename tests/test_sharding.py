@@ -268,18 +268,21 @@ def test_planner_splits_tables_too_big_for_one_device():
 
 
 def test_planner_places_a_replicable_table_otherwise_when_copies_do_not_fit():
-  """A table whose all-reduce is cheaper than its lookups (10 ids a sample) is replicated,
-  but not where a copy on every device is over the budget: then it is split, without an
-  error, within the budget. Each rule with the case that forces it."""
-  specs = _specs([19_000])  # 1.16 MiB with sgd; replicable at batch 2048 x 10 ids
-  free = plan_tables(specs, 4, batch_size=2048, lookups=10)
+  """A table whose copies are kept equal with fewer bytes than its lookups move (10 ids a
+  sample) is replicated, but not where a copy on every device is over the budget: then
+  it is split, without an error, within the budget. Each rule with the case that forces
+  it."""
+  specs = _specs([500])  # 31 KiB with sgd; a dense all-reduce of 66 KiB a device
+  free = plan_tables(specs, 4, batch_size=2048, lookups=10)  # against 84 KiB table-wise
   assert [p.kind for p in free.placements] == [REPLICATED]
-  budget = 2**20  # a copy does not fit, nor does the whole table on one device
+  assert not plan_tables(_specs([700]), 4, batch_size=2048, lookups=10).placements[0].kind \
+      == REPLICATED  # 93 KiB to keep its copies equal
+  budget = 16_000  # a copy does not fit, nor does the whole table on one device
   tight = plan_tables(specs, 4, batch_size=2048, lookups=10, memory_budget=budget)
   assert [p.kind for p in tight.placements] == [ROW_WISE]  # 16 / 4 columns < 32
   assert max(tight.device_bytes()) <= budget
   # Overrides win over every rule: the replicable table row-wise, a big one on device 3.
-  pinned = plan_tables(_specs([19_000, 200_000]), 4, batch_size=2048, lookups=[10, 1],
+  pinned = plan_tables(_specs([500, 200_000]), 4, batch_size=2048, lookups=[10, 1],
                        overrides={"t0": "row_wise", "t1": "table_wise:3"})
   assert [(p.kind, p.device) for p in pinned.placements] == [(ROW_WISE, -1), (TABLE_WISE, 3)]
 
@@ -720,7 +723,7 @@ def test_replicated_copies_stay_bit_identical_and_equal_one_device(rows, dense):
   the same sparse update on every copy) where the batch has fewer ids than the tables
   rows, else all-reduce a dense gradient; with the same rows looked up from every device,
   every copy ends bit-identical and equal to the one-device run."""
-  from dlrm_jax.embedding.layouts import sparse_replica_update
+  from dlrm_jax.embedding.planner import sparse_replica_update
 
   def config(devices, overrides=""):
     c = _config(devices, overrides, optimizer="rowwise_adagrad")
@@ -739,3 +742,38 @@ def test_replicated_copies_stay_bit_identical_and_equal_one_device(rows, dense):
       _repeated_id_batches(got["task"])[0])).compile().as_text()
   table_shaped = re.findall(rf"f32\[{sum(rows)},8\][^\n]*all-reduce\(", hlo)
   assert bool(table_shaped) == dense
+
+
+def test_row_wise_tables_saved_in_contiguous_blocks_relayout_into_the_cyclic_order():
+  """A plan saved before row-wise rows were spread cyclically (its JSON has no row_order)
+  reads as contiguous blocks, is not the same layout, and its stored tables and slots
+  re-lay out into the cyclic one value for value."""
+  from dlrm_jax import parallel
+  from dlrm_jax.embedding.layouts import plan_groups, stack_rows, unstack_rows
+  from dlrm_jax.embedding.planner import Plan
+  from dlrm_jax.embedding.sharded import ShardedEmbedding
+  from dlrm_jax.specs import MeshSpec
+
+  coll = _bag_collection()
+  plan = plan_tables(coll.specs, 8, batch_size=BATCH, overrides=parse_overrides(_all(ROW_WISE)))
+  saved = plan.to_json()
+  del saved["row_order"]
+  old = Plan.from_json(saved)
+  assert (plan.row_order, old.row_order) == ("cyclic", "blocks") and not old.same_layout(plan)
+  rng = np.random.default_rng(0)
+  tables = [rng.normal(size=(s.rows, s.dim)).astype(np.float32) for s in coll.specs]
+  sums = [rng.random(s.rows).astype(np.float32) for s in coll.specs]
+  old_groups, shape = plan_groups(coll, old), {ROW_WISE: plan_groups(coll, plan)[ROW_WISE].shape}
+  stored = stack_rows(old_groups, tables, shape)
+  stored_sums = stack_rows(old_groups, sums, {ROW_WISE: shape[ROW_WISE][:1]})
+  mesh, axes = parallel.make_mesh(MeshSpec(8, 1, "explicit"))
+  emb = ShardedEmbedding(coll, plan, mesh, axes)
+  assert not np.array_equal(stored[ROW_WISE], stack_rows(emb.groups, tables, shape)[ROW_WISE])
+  target = {ROW_WISE: {"accumulator": jax.ShapeDtypeStruct(shape[ROW_WISE][:1], np.float32)}}
+  placed, slots = emb.relayout(coll, old, stored, {ROW_WISE: {"accumulator": stored_sums[
+      ROW_WISE]}}, target)
+  for got, want in zip(emb.to_arrays(placed), tables, strict=True):
+    np.testing.assert_array_equal(got, want)
+  got_sums = unstack_rows(emb.groups, {ROW_WISE: np.asarray(slots[ROW_WISE]["accumulator"])})
+  for got, want in zip(got_sums, sums, strict=True):
+    np.testing.assert_array_equal(got, want)

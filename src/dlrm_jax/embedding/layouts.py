@@ -29,7 +29,7 @@ from dlrm_jax.embedding.collection import EmbeddingCollection
 from dlrm_jax.embedding.kernels import LocalLookup, PortableLookup
 from dlrm_jax.embedding.mixed import width_key
 from dlrm_jax.embedding.planner import (COLUMN_WISE, REPLICATED, ROW_ORDERS, ROW_WISE,
-                                        SHARDING_TYPES, TABLE_WISE, Plan)
+                                        SHARDING_TYPES, TABLE_WISE, Plan, sparse_replica_update)
 from dlrm_jax.ops import take_static
 from dlrm_jax.parallel import MeshAxes
 
@@ -452,13 +452,6 @@ class Replicated(WholeTables):
     all_rows = jnp.where(touched > 0, jnp.arange(n_rows, dtype=rows.dtype), n_rows)
     return self.kernel.update(opt, table, state, all_rows, dense, lr, step,
                               **self._update_kwargs())
-
-
-def sparse_replica_update(ids: int, rows: int) -> bool:
-  """Whether replicated tables of `rows` rows in all, read by `ids` ids per step over
-  all devices, exchange the touched rows (all-gather of ids x (D + 1) values) rather
-  than all-reduce a dense gradient (about 2 x rows x (D + 1) values moved)."""
-  return ids < 2 * rows
 
 
 def plan_groups(collection: EmbeddingCollection, plan: Plan, axes: MeshAxes = MeshAxes(),

@@ -5,12 +5,14 @@ implements them with explicit collectives):
 
 - `table_wise`:  the whole table on one device; lookups reach it through an
                  all-to-all (the paper's butterfly shuffle).
-- `row_wise`:    rows split evenly over all devices, for tables too big for one;
-                 ids are all-gathered and partial results reduce-scattered.
+- `row_wise`:    rows spread evenly over all devices (row r on device r mod n),
+                 for tables too big for one; ids are all-gathered, each device
+                 gathers its own, and partial results are reduce-scattered.
 - `column_wise`: the embedding dimension split over all devices; ids are
                  all-gathered and column slices exchanged with an all-to-all.
 - `replicated`:  a copy on every device (data parallel), for small tables whose
-                 gradient all-reduce moves fewer bytes than table-wise lookups.
+                 copies are kept equal (the touched rows all-gathered, or a dense
+                 gradient all-reduced) with fewer bytes than table-wise lookups.
 
 The planner works from sizes alone, before anything is allocated, and refuses
 a plan that does not fit with an error that gives the numbers. Its rules, in
@@ -19,8 +21,10 @@ order, for each table (largest first):
 1. a per-table override from the config wins (`table_wise[:DEVICE]`,
    `row_wise`, `column_wise`, `replicated`);
 2. on one device every table is table-wise (one stacked array);
-3. `replicated` if all-reducing its dense gradient moves fewer bytes than
-   serving its lookups table-wise, and a copy fits on every device;
+3. `replicated` if keeping its copies equal (`replica_exchange_bytes`) moves
+   fewer bytes per device than serving its lookups table-wise (a device's share
+   of the batch's ids out, pooled vectors and gradients back), and a copy fits
+   on every device;
 4. `table_wise` if it is no bigger than half an even share of all
    non-replicated bytes (table-wise storage is one array per table width with
    an equal share per device, so one big table would pad every device up to
@@ -64,6 +68,23 @@ DEFAULT_MIN_COLUMN_WIDTH = 32  # other platforms (GPU, CPU)
 def min_column_width(platform: str) -> int:
   """The narrowest column slice for devices of `platform` ("tpu", "gpu", "cpu")."""
   return MIN_COLUMN_WIDTH.get(platform, DEFAULT_MIN_COLUMN_WIDTH)
+
+
+def sparse_replica_update(ids: int, rows: int) -> bool:
+  """Whether replicated tables of `rows` rows in all, read by `ids` ids per step over all
+  devices, keep their copies equal by exchanging the touched rows (an all-gather of
+  ids x (D + 1) values) rather than by all-reducing a dense gradient of every row
+  (about 2 x rows x (D + 1) values moved): whichever moves fewer."""
+  return ids < 2 * rows
+
+
+def replica_exchange_bytes(ids: float, rows: int, dim: int) -> float:
+  """Bytes a device moves per step to keep a replicated table's copies equal: the touched
+  rows' ids and gradients of every device, or a dense gradient (and touch counts)
+  all-reduced (`sparse_replica_update`)."""
+  if sparse_replica_update(ids, rows):
+    return ids * (dim + 1) * 4
+  return 2 * rows * (dim + 1) * 4
 
 
 class PlanError(ValueError):
@@ -160,8 +181,10 @@ class Plan:
       elif p.kind == COLUMN_WISE:  # all ids to every device; column slices exchanged both ways.
         out["all_gather"] += int(frac * n * ids)
         out["all_to_all"] += int(frac * 2 * vec)
+      elif sparse_replica_update(b * h, rows):  # replicated: touched rows' ids, gradients
+        out["all_gather"] += int(frac * n * replica_exchange_bytes(b * h, rows, d))
       else:  # replicated: the dense gradient (and touch counts) all-reduced.
-        out["all_reduce"] += int(2 * frac * n * rows * (d + 1) * 4)
+        out["all_reduce"] += int(frac * n * replica_exchange_bytes(b * h, rows, d))
     return out
 
   def describe(self) -> str:
@@ -303,10 +326,12 @@ class _Placer:
     self.total_load = max(1.0, sum(batch_size * h * s.dim for h, s in zip(hot, specs)))
 
   def replicable(self, k: int) -> bool:
-    """Whether all-reducing the table's gradient moves less than serving its lookups."""
-    spec = self.specs[k]
-    allreduce_bytes = 2 * spec.rows * (spec.dim + 1) * 4
-    return self.n > 1 and allreduce_bytes < self.batch_size * self.hot[k] * (4 + 2 * spec.dim * 4)
+    """Whether keeping copies of the table equal moves fewer bytes per device than
+    serving its lookups table-wise would (ids out, pooled vectors and their gradients
+    back: a device's share of the batch's)."""
+    spec, b, h = self.specs[k], self.batch_size, self.hot[k]
+    table_wise = b * (4 * h + 2 * spec.dim * 4) / self.n
+    return self.n > 1 and replica_exchange_bytes(b * h, spec.rows, spec.dim) < table_wise
 
   def add(self, k: int, p: Placement) -> None:
     self.placements[k] = p
