@@ -79,3 +79,15 @@ def fill(path, leave: int) -> None:
   """Fills the file system of `path` up to `leave` free bytes (with path/filler)."""
   st = os.statvfs(path)
   (path / "filler").write_bytes(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
+
+
+def update_scatters(hlo_text: str) -> list[str]:
+  """The scatters of a compiled step's HLO text (`Compiled.as_text()`) that its sparse
+  update makes (by the op_name scope, `dlrm_jax.profiling.phase_of`): a GPU kernel's
+  must all declare unique indices (no contended atomics)."""
+  import re
+
+  from dlrm_jax.profiling import phase_of
+
+  return [line for line in hlo_text.splitlines() if re.search(r"\sscatter\(", line)
+          and phase_of((re.findall(r'op_name="([^"]*)"', line) or [""])[0]) == "sparse update"]

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config
+from conftest import REPO, load_config, update_scatters
 from dlrm_jax import compile as compile_lib
 from dlrm_jax import targets
 from dlrm_jax.config import ConfigError
@@ -111,15 +111,11 @@ def test_default_and_dcnv2_compile_with_a_report(target, config):
   assert "roofline lower bound" in compile_lib.format_report(r)
 
 
-def _scatters(hlo: str) -> list[str]:
-  return [l for l in hlo.splitlines() if re.search(r"\sscatter\(", l)]
-
-
 def test_gpu_step_has_no_scatter_with_repeated_indices():
   """On NVIDIA devices the tables' update is SortedLookup's: ids sorted and summed, each
-  row written once, so every scatter of the compiled step declares unique indices (no
-  contended atomics). The TPU step, whose kernel is the portable one, has scatters that
-  do not: the check can tell the two apart."""
+  row written once, so every scatter of the compiled step's sparse update declares
+  unique indices (no contended atomics). The TPU step, whose kernel is the portable one,
+  has update scatters that do not: the check can tell the two apart."""
   _need("cuda")
   _need("tpu")
   texts = {}
@@ -127,7 +123,7 @@ def test_gpu_step_has_no_scatter_with_repeated_indices():
     t = targets.get(target)
     c = _small(kind="row_wise")
     texts[target] = compile_lib.compile_train_step(*_task(c, t))[0].as_text()
-  gpu, tpu = _scatters(texts[GPU]), _scatters(texts[TPU])
+  gpu, tpu = update_scatters(texts[GPU]), update_scatters(texts[TPU])
   assert gpu and all("unique_indices=true" in l for l in gpu), gpu
   assert any("unique_indices=true" not in l for l in tpu), tpu
 

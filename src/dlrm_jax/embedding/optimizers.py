@@ -65,45 +65,30 @@ def sum_duplicates(rows: jax.Array, grads: jax.Array, fill_row: int,
     `fill_row`) and their summed gradients [N, D] (zero in unused slots), each
     row's gradients added in the order of the lookups.
   """
-  if method == "scan":
-    order = jnp.argsort(rows)
-    return _sum_sorted_runs(rows[order], grads[order], fill_row)
-  if method != "segment_sum":
-    raise ValueError(f"method={method!r} is not 'segment_sum' or 'scan'")
   n = rows.shape[0]
-  sorted_rows = jnp.sort(rows)
+  if method == "segment_sum":
+    sorted_rows = jnp.sort(rows)
+  elif method == "scan":
+    order = jnp.argsort(rows)
+    sorted_rows = rows[order]
+  else:
+    raise ValueError(f"method={method!r} is not 'segment_sum' or 'scan'")
   is_first = jnp.concatenate([jnp.ones((1,), bool), sorted_rows[1:] != sorted_rows[:-1]])
   segment = jnp.cumsum(is_first.astype(jnp.int32)) - 1
-  unique = jnp.full((n,), fill_row, rows.dtype).at[segment].set(sorted_rows, mode="drop")
-  slot = jnp.searchsorted(unique, rows).astype(jnp.int32)  # padding: the fill's first slot
-  return unique, jax.ops.segment_sum(grads, slot, num_segments=n)
-
-
-def _sum_sorted_runs(sorted_rows: jax.Array, values: jax.Array,
-                     fill_row: int) -> tuple[jax.Array, jax.Array]:
-  """`sum_duplicates`' "scan" for rows [N] already sorted, with their values [N, D]:
-  the distinct rows [N] (then `fill_row`) and their sums [N, D] (then zero)."""
-  n = sorted_rows.shape[0]
-  is_first, totals = run_totals(sorted_rows, values)
-  segment = jnp.cumsum(is_first.astype(jnp.int32)) - 1
-  slot = jnp.arange(n, dtype=segment.dtype)
-  last = jnp.searchsorted(segment, slot, side="right") - 1  # where run `slot` ends
-  valid = slot <= segment[-1]
-  return (jnp.where(valid, sorted_rows[last], fill_row),
-          jnp.where(valid[:, None], totals[last], 0).astype(values.dtype))
-
-
-def run_totals(sorted_rows: jax.Array, values: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Runs of equal rows [N] (sorted) summed by a segmented prefix sum
-  (`lax.associative_scan`): whether each position starts a run [N], and the sum of its
-  run's values up to it [N, D] (the run's total at its last position). Element-wise
-  work only: differentiable without a scatter."""
-  is_first = jnp.concatenate([jnp.ones((1,), bool), sorted_rows[1:] != sorted_rows[:-1]])
+  if method == "segment_sum":
+    unique = jnp.full((n,), fill_row, rows.dtype).at[segment].set(sorted_rows, mode="drop")
+    slot = jnp.searchsorted(unique, rows).astype(jnp.int32)  # padding: the fill's first slot
+    return unique, jax.ops.segment_sum(grads, slot, num_segments=n)
 
   def add_within_runs(a, b):  # associative: a run's first element restarts the sum
     return a[0] | b[0], jnp.where(b[0][:, None], b[1], a[1] + b[1])
 
-  return is_first, jax.lax.associative_scan(add_within_runs, (is_first, values))[1]
+  _, totals = jax.lax.associative_scan(add_within_runs, (is_first, grads[order]))
+  slot = jnp.arange(n, dtype=segment.dtype)
+  last = jnp.searchsorted(segment, slot, side="right") - 1  # where run `slot` ends
+  valid = slot <= segment[-1]
+  return (jnp.where(valid, sorted_rows[last], fill_row),
+          jnp.where(valid[:, None], totals[last], 0).astype(grads.dtype))
 
 
 def _take(x: jax.Array, rows: jax.Array) -> jax.Array:
