@@ -87,6 +87,11 @@ def get_config():
   c.dense_optimizer_args = "eps=1e-8,initial_accumulator_value=0"
   c.embedding_optimizer = "adagrad"  # per element, as torch.optim.Adagrad
   c.embedding_optimizer_args = "eps=1e-8,initial_accumulator_value=0"
+  # Row-wise tables: 1.25 x an even share of the batch's ids per device (not the default
+  # 2): the data's ids are hashed modulo 40M rows and spread cyclically, so no device
+  # holds many more than its share, and a device's gathers and updates then stay below
+  # its share of all the batch's ids. A step past it stops the run, naming this field.
+  c.sharding.row_wise_capacity = 1.25
   c.lr_num_warmup_steps = 0
   c.lr_decay_start_step = 0
   c.lr_num_decay_steps = 0
