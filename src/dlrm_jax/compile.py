@@ -110,6 +110,7 @@ class Report:
   compute_dtype: str
   plan: str
   plan_bytes: int  # the planner's tables + optimiser state on the fullest device
+  plan_temporaries: int  # the planner's estimate of the step's temporaries per device
   memory_bytes: int | None  # the chip's
   compile_seconds: float
   fits: bool | None = None
@@ -200,6 +201,7 @@ def compile_config(config, target: targets_lib.Target, *, evaluate: bool = True,
       config=name, target=target.name, device_kind=devices[0].device_kind,
       devices=len(devices), global_batch=b, compute_dtype=run.model.compute_dtype,
       plan=task.plan.describe(), plan_bytes=int(max(task.plan.device_bytes())),
+      plan_temporaries=task.plan.temporaries,
       memory_bytes=target.memory_bytes, compile_seconds=0.0,
       versions={"jax": jax.__version__, "jaxlib": jax.lib.__version__})
   t = time.perf_counter()
@@ -253,6 +255,10 @@ def _si(n: float, unit: str) -> str:
   return f"{n:.0f} {unit}"
 
 
+def _ratio(estimate: float, actual: float) -> str:
+  return f"{estimate / actual - 1:+.0%}" if actual else "-"
+
+
 def format_report(r: Report) -> str:
   """The report as text for a terminal."""
   lines = [f"{r.config or 'config'} on {r.target}: {r.devices} x {r.device_kind}, global "
@@ -267,7 +273,8 @@ def format_report(r: Report) -> str:
               f"state {_size(r.plan_bytes)})",
               f"  outputs      {_size(m['outputs']):>12}",
               f"  aliased      {_size(m['aliased']):>12}   (donated state, counted once)",
-              f"  temporaries  {_size(m['temporaries']):>12}",
+              f"  temporaries  {_size(m['temporaries']):>12}   (planner's estimate "
+              f"{_size(r.plan_temporaries)}, {_ratio(r.plan_temporaries, m['temporaries'])})",
               f"  total        {_size(m['total']):>12}   of {_size(r.memory_bytes)}"]
     if r.eval_memory:
       lines.append(f"  eval step    {_size(r.eval_memory['total']):>12}   total")
@@ -301,9 +308,10 @@ def format_report(r: Report) -> str:
 
 TRAFFIC_TITLE = ("traffic per device per step by phase (the rule in dlrm_jax.traffic; a "
                  "model, not a measurement)")
-MD_HEADER = ("| config / target | devices | arguments | temporaries | total | memory | fits | "
-             "FLOPs | bytes accessed | collectives (count, bytes) | roofline samples/s | "
-             "compile (s) |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+MD_HEADER = ("| config / target | devices | arguments | temporaries (planner's estimate) | "
+             "total | memory | fits | FLOPs | bytes accessed | HBM traffic (x need) | "
+             "collectives (count, bytes) | roofline samples/s | compile (s) |\n"
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def markdown_row(r: Report) -> str:
@@ -312,11 +320,15 @@ def markdown_row(r: Report) -> str:
   coll = ", ".join(f"{v['count']} {k} {_size(v['bytes'])}" for k, v in r.collectives.items())
   fits = "yes" if r.fits else ("no" if r.fits is False else "-")
   rate = r.roofline.get("samples_per_s")
+  hbm = "-"
+  if r.traffic:
+    moved, _, need = traffic_lib.totals(r.traffic, r.need)
+    hbm = f"{_size(moved)} ({moved / need:.1f}x)" if need else _size(moved)
   return (f"| {r.config} / {r.target} | {r.devices} | {_size(m.get('arguments'))} | "
-          f"{_size(m.get('temporaries'))} | {_size(m.get('total'))} | "
-          f"{_size(r.memory_bytes)} | {fits} | "
+          f"{_size(m.get('temporaries'))} ({_size(r.plan_temporaries)}) | "
+          f"{_size(m.get('total'))} | {_size(r.memory_bytes)} | {fits} | "
           f"{_si(c['flops'], 'FLOP') if 'flops' in c else '-'} | "
-          f"{_si(c['bytes accessed'], 'B') if 'bytes accessed' in c else '-'} | "
+          f"{_si(c['bytes accessed'], 'B') if 'bytes accessed' in c else '-'} | {hbm} | "
           f"{coll or '-'} | {f'{rate:,.0f}' if rate else '-'} | {r.compile_seconds:.0f} |")
 
 

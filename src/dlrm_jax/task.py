@@ -8,6 +8,8 @@ plan and donates it to the train step.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -21,9 +23,10 @@ from dlrm_jax import targets
 from dlrm_jax.config import ConfigError
 from dlrm_jax.embedding import (EmbeddingCollection, SequenceSpec, Tables, TableSpec,
                                 make_sparse_optimizer)
+from dlrm_jax.embedding import costs
 from dlrm_jax.embedding.collection import POOLINGS, STORAGE_DTYPES
-from dlrm_jax.embedding.planner import (Plan, PlanError, min_column_width, parse_overrides,
-                                        plan_tables)
+from dlrm_jax.embedding.planner import (Plan, PlanError, fmt_bytes, min_column_width,
+                                        parse_overrides, plan_tables)
 from dlrm_jax.embedding.qr import QRTables
 from dlrm_jax.embedding.sharded import ShardedEmbedding
 from dlrm_jax.functional import Functions, ModelParts
@@ -59,18 +62,19 @@ class Task:
     self.qr = parts.qr  # DLRM's quotient-remainder tables; None for DLRMv4
     self.collection, self.features = parts.collection, parts.features
     self.mesh, self.axes = parallel.make_mesh(self.run.mesh, devices)
-    mine = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
-    device = mine[0] if mine else self.mesh.devices.flat[0]
-    self.plan = make_plan(self.run, self.collection, self.mesh.shape[self.axes.shard],
-                          device_memory(device), device.platform)
-    self.embedding = ShardedEmbedding(self.collection, self.plan, self.mesh, self.axes,
-                                      row_capacity=self.run.sharding.row_wise_capacity)
     self.schedule = lr_schedule(training)
     self.tx = make_dense_optimizer(training)
     self.sparse_opt = make_sparse_optimizer(training.embedding_optimizer,
                                             training.embedding_optimizer_args)
     self.loss = parts.objective or make_loss(training)
     self.graphdef, abstract_params = nnx.split(parts.abstract())
+    mine = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+    device = mine[0] if mine else self.mesh.devices.flat[0]
+    self.plan = make_plan(self.run, self.collection, self.mesh.shape[self.axes.shard],
+                          device_memory(device), device.platform,
+                          dense_bytes(abstract_params, self.tx))
+    self.embedding = ShardedEmbedding(self.collection, self.plan, self.mesh, self.axes,
+                                      row_capacity=self.run.sharding.row_wise_capacity)
     self.batch_sharding = NamedSharding(self.mesh, self.embedding.batch_spec)
     self.state_shapes = state_lib.state_shapes(abstract_params, self.embedding, self.tx,
                                                self.sparse_opt)
@@ -197,24 +201,62 @@ def dlrmv4_parts(run: RunSpec) -> ModelParts:
 
 
 def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
-              memory: int | None = None, platform: str = "cpu") -> Plan:
+              memory: int | None = None, platform: str = "cpu",
+              dense: tuple[int, int] = (0, 0)) -> Plan:
   """The sharding plan for the run's tables over `num_shards` devices of `memory` bytes
   each (None: unknown) on `platform` ("cpu", "gpu", "tpu"): within
-  `sharding.memory_budget_mb`, else 90% of `memory`; column slices of at least
-  `sharding.min_column_width` values, else the platform's (`planner.min_column_width`)."""
+  `sharding.memory_budget_mb`, else 90% of `memory`, less the dense network's state
+  and the step's temporaries (`dense`: the dense parameters' bytes and those of their
+  state with the optimiser's; the temporaries estimated by `embedding.costs` for the
+  plan, which is made again within what they leave where they do not fit beside it);
+  column slices of at least `sharding.min_column_width` values, else the platform's
+  (`planner.min_column_width`)."""
   sharding = run.sharding
   budget_mb = sharding.memory_budget_mb
   budget = int(budget_mb * 2**20) if budget_mb > 0 else (
       int(0.9 * memory) if memory else None)
-  try:
-    return plan_tables(
+  slots = make_sparse_optimizer(run.training.embedding_optimizer).slot_values_per_row
+
+  def plan_within(limit):
+    plan = plan_tables(
         collection.specs, num_shards, batch_size=run.training.mini_batch_size,
         lookups=collection.hotness, optimizer=run.training.embedding_optimizer,
-        memory_budget=budget,
+        memory_budget=limit,
         min_column_width=sharding.min_column_width or min_column_width(platform),
         overrides=parse_overrides(sharding.overrides), table_itemsize=collection.dtype.itemsize)
+    step = costs.step_temporaries(plan, run.model, slots, dense[0],
+                                  sharding.row_wise_capacity)
+    return dataclasses.replace(plan, temporaries=step, dense_bytes=dense[1])
+
+  try:
+    plan = plan_within(budget)
+    if budget is not None and _device_total(plan) > budget:
+      plan = plan_within(budget - plan.temporaries - plan.dense_bytes)
   except PlanError as e:
     raise ConfigError(str(e)) from None
+  if budget is not None and _device_total(plan) > budget:
+    raise ConfigError(
+        f"the embedding tables need {fmt_bytes(max(plan.device_bytes()))} per device and the "
+        f"step about {fmt_bytes(plan.temporaries)} more (its temporaries, an estimate) and "
+        f"{fmt_bytes(plan.dense_bytes)} (the dense network's state): over the per-device "
+        f"budget of {fmt_bytes(budget)} by {fmt_bytes(_device_total(plan) - budget)}; use "
+        "more devices, a smaller mini_batch_size, embedding_optimizer=rowwise_adagrad or "
+        f"16-bit tables\n{plan.describe()}")
+  return plan
+
+
+def _device_total(plan: Plan) -> int:
+  """Bytes the fullest device needs: tables, optimiser state, the step's temporaries and
+  the dense network's state."""
+  return max(plan.device_bytes()) + plan.temporaries + plan.dense_bytes
+
+
+def dense_bytes(abstract_params, tx) -> tuple[int, int]:
+  """The dense parameters' bytes, and theirs with their optimiser's state."""
+  size = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)
+                          if hasattr(x, "dtype"))
+  params = size(abstract_params)
+  return params, params + size(jax.eval_shape(tx.init, abstract_params))
 
 
 def device_memory(device) -> int | None:

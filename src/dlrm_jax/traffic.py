@@ -354,18 +354,6 @@ def hlo_traffic(hlo_text: str) -> dict[str, dict[str, int]]:
   return {p: v for p, v in out.items() if v["hbm"] or v["interconnect"]}
 
 
-def _dense_values_per_sample(model) -> int:
-  """Values a DLRM's dense network writes per sample in the forward pass (a rough
-  figure: the MLPs' layers, the interaction's input and output, the cross layers);
-  0 for a model without DLRM's MLPs (DLRMv4: not estimated)."""
-  if not hasattr(model, "bottom"):
-    return 0
-  inputs = (model.num_tables + 1) * model.embedding_dim
-  cross = inputs * model.dcn_num_layers if model.interaction == "dcn" else 0
-  return int(sum(model.bottom[1:]) + inputs + cross + model.interaction_width
-             + sum(model.top))
-
-
 def physical_need(run, plan, devices: int, state=None) -> dict[str, int]:
   """Phase -> bytes per device per step that the train step cannot do without (a model:
   each byte moved once, ids not deduplicated, so the sparse terms are upper bounds):
@@ -387,6 +375,7 @@ def physical_need(run, plan, devices: int, state=None) -> dict[str, int]:
   import jax
   import jax.numpy as jnp
 
+  from dlrm_jax.embedding.costs import dense_values_per_sample
   from dlrm_jax.embedding.optimizers import SPARSE_OPTIMIZERS
   from dlrm_jax.embedding.planner import REPLICATED
 
@@ -401,7 +390,7 @@ def physical_need(run, plan, devices: int, state=None) -> dict[str, int]:
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
     opt = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state)
               if hasattr(x, "dtype"))
-  acts = per_device * _dense_values_per_sample(run.model) * 4
+  acts = per_device * dense_values_per_sample(run.model) * 4
   need = {
       "lookup": sum(n * d * item for n, d in zip(ids, plan.dims)),
       "exchange forward": vectors, "exchange backward": vectors,

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from dlrm_jax.embedding.bags import Bags
 from dlrm_jax.embedding.collection import EmbeddingCollection
+from dlrm_jax.embedding.costs import MIN_ROW_CAPACITY, row_capacity
 from dlrm_jax.embedding.kernels import LocalLookup, PortableLookup
 from dlrm_jax.embedding.mixed import width_key
 from dlrm_jax.embedding.planner import (COLUMN_WISE, REPLICATED, ROW_ORDERS, ROW_WISE,
@@ -275,18 +276,11 @@ class RowWise(Layout):
     self.spec = P(axes.shard, None)
     self.capacity_factor = float(capacity)
 
-  # The fewest slots a bounded lookup keeps: below it, a buffer of every id costs little
-  # and small batches (whose shares vary most) never drop one.
-  MIN_CAPACITY = 1024
+  MIN_CAPACITY = MIN_ROW_CAPACITY
 
   def capacity(self, ids: int) -> int:
-    """The slots a device keeps for its share of `ids` ids: `capacity_factor` times an
-    even share, a multiple of 8 and at least MIN_CAPACITY (0: all of them, which never
-    drops one)."""
-    if self.capacity_factor <= 0:
-      return ids
-    share = -(-int(np.ceil(self.capacity_factor * ids / self.n)) // 8) * 8
-    return min(ids, max(share, self.MIN_CAPACITY))
+    """The slots a device keeps for its share of `ids` ids (`costs.row_capacity`)."""
+    return row_capacity(ids, self.n, self.capacity_factor, self.MIN_CAPACITY)
 
   def blocks(self, t):
     g = self.features.index(t)

@@ -116,6 +116,10 @@ class Plan:
   rows: tuple[int, ...]
   names: tuple[str, ...]
   row_order: str = "cyclic"  # ROW_ORDERS
+  # Per device, beside the tables: the train step's temporaries (an estimate,
+  # `dlrm_jax.embedding.costs`) and the dense network's parameters and optimiser state.
+  temporaries: int = 0
+  dense_bytes: int = 0
 
   def to_json(self) -> dict:
     """The plan as JSON values (checkpoints keep the plan their tables were laid out by)."""
@@ -201,6 +205,10 @@ class Plan:
     per = self.device_bytes()
     lines.append(f"  per device: min {fmt_bytes(min(per))}, max {fmt_bytes(max(per))} "
                  "(tables + optimiser state)")
+    if self.temporaries or self.dense_bytes:
+      lines.append(f"  and the step's temporaries {fmt_bytes(self.temporaries)} (an estimate), "
+                   f"the dense network's state {fmt_bytes(self.dense_bytes)}: "
+                   f"{fmt_bytes(max(per) + self.temporaries + self.dense_bytes)} in all")
     traffic = self.traffic()
     lines.append("  per step (estimate): " + ", ".join(
         f"{name} {fmt_bytes(v)}" for name, v in traffic.items()))

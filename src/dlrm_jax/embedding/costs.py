@@ -1,0 +1,126 @@
+"""What a train step needs besides its state: a model of its temporaries per device.
+
+The planner places tables and optimiser state within a device's budget; the step
+also needs room for what it makes and drops each step (XLA's temporaries). This
+estimates them from the batch, the plan's layouts and the dense network, before
+anything is compiled, from shapes alone (no constants fitted to a compiler):
+
+- per sharding type, the ids a device handles in a step (`ids_per_device`) and
+  the width of their vectors: table-wise, every sample's ids of the tables it
+  owns (the all-to-all's slots); row-wise, its capacity
+  (`layouts.RowWise.capacity`); column-wise, every id of the batch at its slice
+  of the width; replicated, its own samples' ids (and, when copies exchange
+  touched rows, every device's);
+- every id's gradient (all live when the sparse update starts), and, for the
+  group being updated (one at a time), its summed gradients and its new
+  optimiser slot values;
+- the pooled vectors of a device's samples and their gradients, and row-wise's
+  partial sums of the whole batch's bags and their all-gathered gradients;
+- the dense network's activations and their gradients (`dense_values_per_sample`
+  values per sample), and three copies of its parameters (gradients, update,
+  optimiser arithmetic).
+
+The step's peak is the larger of two: the dense network's backward pass (its
+activations, their gradients, its parameters' copies, a device's pooled
+vectors), and the embedding's (every id's gradient, one group's update, the
+pooled vectors' and row-wise partial sums' gradients), as the dense
+activations are gone before the sparse update starts. A model of buffers, not
+XLA's schedule (which fuses, and reuses memory differently on each backend): an
+estimate, printed beside the compiler's figure by `python -m dlrm_jax.compile`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from dlrm_jax.embedding.planner import (COLUMN_WISE, REPLICATED, ROW_WISE, TABLE_WISE, Plan,
+                                        sparse_replica_update)
+
+# The fewest ids a row-wise device keeps in a train step: below it, a buffer of every id
+# costs little and small batches (whose shares vary most) never drop one.
+MIN_ROW_CAPACITY = 1024
+
+
+def row_capacity(ids: int, n: int, factor: float, minimum: int = MIN_ROW_CAPACITY) -> int:
+  """The slots a row-wise device keeps for its share of a group's `ids` ids over `n`
+  devices: `factor` times an even share, a multiple of 8 and at least `minimum`, at most
+  all of them (factor 0: all of them, which never drops one)."""
+  if factor <= 0:
+    return ids
+  share = -(-int(np.ceil(factor * ids / n)) // 8) * 8
+  return min(ids, max(share, minimum))
+
+
+def ids_per_device(plan: Plan, capacity: float = 0.0) -> dict[str, tuple[float, float]]:
+  """Sharding type -> (ids a device handles per train step, the width of their vectors
+  there) for `plan`'s global batch; row-wise with the capacity factor `capacity`."""
+  n, batch = plan.num_shards, plan.batch_size
+  out = {}
+  for kind in (TABLE_WISE, ROW_WISE, COLUMN_WISE, REPLICATED):
+    tables = [k for k, p in enumerate(plan.placements) if p.kind == kind]
+    if not tables:
+      continue
+    hot = sum(plan.lookups[k] for k in tables)
+    dim = max(plan.dims[k] for k in tables)
+    if kind == TABLE_WISE:
+      served = [sum(plan.lookups[k] for k in tables if plan.placements[k].device == d)
+                for d in range(n)]
+      out[kind] = (batch * max(served), dim)
+    elif kind == ROW_WISE:
+      out[kind] = (row_capacity(int(batch * hot), n, capacity), dim)
+    elif kind == COLUMN_WISE:
+      out[kind] = (batch * hot, dim / n)
+    else:
+      rows = sum(plan.rows[k] for k in tables)
+      out[kind] = (batch * hot if sparse_replica_update(batch * hot, rows) else batch * hot / n,
+                   dim)
+  return out
+
+
+def embedding_temporaries(plan: Plan, slots_per_row: Callable[[int], int],
+                          capacity: float = 0.0) -> int:
+  """Bytes of a train step's embedding temporaries per device (the module docstring):
+  `slots_per_row(width)`, the sparse optimiser's float32 values per row."""
+  n, batch = plan.num_shards, plan.batch_size
+  handled = ids_per_device(plan, capacity).values()
+  gradients = sum(ids * width * 4 for ids, width in handled)  # all live when updates start
+  update = max((ids * (width + slots_per_row(int(width))) * 4 for ids, width in handled),
+               default=0)  # one group at a time: its summed gradients, its new slot values
+  features = len(plan.placements)
+  pooled = 2 * batch / n * features * max(plan.dims) * 4  # a device's, and their gradients
+  row_wise = [k for k, p in enumerate(plan.placements) if p.kind == ROW_WISE]
+  partial = 0  # partial sums of every sample's row-wise bags, and their gradients
+  if row_wise and n > 1:
+    partial = 2 * batch * len(row_wise) * max(plan.dims[k] for k in row_wise) * 4
+  return int(gradients + update + pooled + partial)
+
+
+def dense_values_per_sample(model) -> int:
+  """Values a DLRM's dense network writes per sample in the forward pass (the MLPs'
+  layers, the interaction's input and output, the cross layers); 0 for a model
+  without DLRM's MLPs (DLRMv4's encoder: not estimated)."""
+  if not hasattr(model, "bottom"):
+    return 0
+  inputs = (model.num_tables + 1) * model.embedding_dim
+  cross = inputs * model.dcn_num_layers if model.interaction == "dcn" else 0
+  return int(sum(model.bottom[1:]) + inputs + cross + model.interaction_width
+             + sum(model.top))
+
+
+def dense_temporaries(model, batch_per_device: float, param_bytes: int) -> int:
+  """Bytes of the dense network's temporaries per device: its activations and their
+  gradients (float32), and three copies of its parameters."""
+  return int(2 * dense_values_per_sample(model) * batch_per_device * 4 + 3 * param_bytes)
+
+
+def step_temporaries(plan: Plan, model, slots_per_row: Callable[[int], int],
+                     param_bytes: int, capacity: float = 0.0) -> int:
+  """The train step's temporaries per device: the larger of its two peaks, the dense
+  network's backward pass (with a device's pooled vectors) and the embedding's
+  gradients and sparse update (the dense activations are gone by then)."""
+  batch_per_device = plan.batch_size / plan.num_shards
+  pooled = batch_per_device * len(plan.placements) * max(plan.dims) * 4
+  return max(embedding_temporaries(plan, slots_per_row, capacity),
+             dense_temporaries(model, batch_per_device, param_bytes) + int(pooled))
