@@ -230,10 +230,13 @@ def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
 
   try:
     plan = plan_within(budget)
-    if budget is not None and _device_total(plan) > budget:
-      plan = plan_within(budget - plan.temporaries - plan.dense_bytes)
   except PlanError as e:
     raise ConfigError(str(e)) from None
+  if budget is not None and _device_total(plan) > budget:
+    try:
+      plan = plan_within(budget - plan.temporaries - plan.dense_bytes)
+    except PlanError:
+      pass  # the tables do not fit beside the step however they are placed
   if budget is not None and _device_total(plan) > budget:
     raise ConfigError(
         f"the embedding tables need {fmt_bytes(max(plan.device_bytes()))} per device and the "

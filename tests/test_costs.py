@@ -1,0 +1,69 @@
+"""The planner keeps room for the train step: its temporaries (dlrm_jax.embedding.costs)
+and the dense network's state come out of a device's budget before tables are placed."""
+
+import numpy as np
+import pytest
+
+from conftest import load_config
+from dlrm_jax.config import ConfigError
+from dlrm_jax.embedding import costs
+from dlrm_jax.embedding.optimizers import SPARSE_OPTIMIZERS
+from dlrm_jax.specs import RunSpec
+from dlrm_jax.task import Task, dlrm_parts, make_plan
+
+MiB = 2**20
+
+
+def _run(rows="400000-300000-200000-100000-64-40-30-20", batch=4096):
+  c = load_config("tiny", devices=8)
+  c.arch_embedding_size = rows
+  c.mini_batch_size = c.test_mini_batch_size = batch
+  c.embedding_optimizer = "adagrad"  # per element: state the tables' size
+  return RunSpec.from_config(c)
+
+
+def test_the_plan_states_and_counts_the_steps_temporaries():
+  run = _run()
+  collection = dlrm_parts(run).collection
+  plan = make_plan(run, collection, 8, memory=4096 * MiB, dense=(1000, 3000))
+  slots = SPARSE_OPTIMIZERS["adagrad"]().slot_values_per_row
+  assert plan.temporaries == costs.step_temporaries(plan, run.model, slots, 1000,
+                                                    run.sharding.row_wise_capacity) > 0
+  assert plan.dense_bytes == 3000
+  assert "and the step's temporaries" in plan.describe() and "(an estimate)" in plan.describe()
+  unlimited = make_plan(run, collection, 8)  # CPU: no budget, and the same estimate
+  assert unlimited.temporaries == costs.step_temporaries(unlimited, run.model, slots, 0,
+                                                         run.sharding.row_wise_capacity)
+
+
+def test_a_budget_that_holds_the_tables_but_not_the_step_is_refused_with_the_numbers():
+  """Where the tables fit a device's budget but not beside the step's temporaries and the
+  dense network's state, however they are placed, the planner says so in one error with
+  the numbers, before anything is compiled; with room for both, the plan keeps within."""
+  run = _run()
+  collection = dlrm_parts(run).collection
+  free = make_plan(run, collection, 8)
+  tables = max(free.device_bytes())
+  with pytest.raises(ConfigError, match=r"^the embedding tables need [\d.]+ \w+ per device and "
+                     r"the step about [\d.]+ \w+ more \(its temporaries, an estimate\) and "
+                     r"[\d.]+ \w+ \(the dense network's state\): over the per-device budget of "
+                     r"[\d.]+ \w+ by [\d.]+ \w+; use more devices"):
+    make_plan(run, collection, 8, memory=int((tables + free.temporaries // 2) / 0.9))
+  room = tables + free.temporaries + 3000
+  planned = make_plan(run, collection, 8, memory=int(room / 0.9) + 1, dense=(1000, 3000))
+  assert max(planned.device_bytes()) + planned.temporaries + planned.dense_bytes <= room
+
+
+def test_the_estimate_is_of_the_order_of_the_compilers():
+  """On 8 CPU devices, a small DCNv2 step's temporaries by the model and by XLA's buffer
+  assignment agree within a factor of two (docs/compile.md gives the MLPerf model's
+  agreement per accelerator target)."""
+  c = load_config("dcnv2_small", devices=8)
+  c.data.kind = "random"
+  task = Task(c)
+  from dlrm_jax import compile as compile_lib
+
+  compiled, _ = compile_lib.compile_train_step(task, compile_lib.batch_shapes(task.run))
+  compiler = compiled.memory_analysis().temp_size_in_bytes
+  assert 0.5 < task.plan.temporaries / compiler < 2.0, (task.plan.temporaries, compiler)
+  assert np.isfinite(task.plan.temporaries)
