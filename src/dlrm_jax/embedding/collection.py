@@ -34,7 +34,7 @@ class IdOutOfRangeError(ValueError):
 POOLINGS = ("sum", "mean")
 # embedding_dtype -> the tables' storage type. Lookups return float32 vectors and the
 # optimiser state is float32 whatever the storage; 16-bit tables get the update rounded
-# stochastically (dlrm_jax.embedding.optimizers.store_rows).
+# stochastically (dlrm_jax.embedding.optimizers.subtract_rows).
 STORAGE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # A 16-bit table of even width is stored packed, two values in each 32-bit element
 # ([rows, D / 2]; the 32-bit type names the 16-bit one): XLA:CPU updates rows of a 32-bit

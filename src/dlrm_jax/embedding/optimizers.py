@@ -24,7 +24,7 @@ gather would hold for that row:
                       differs in where eps goes: lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v) + eps).
 
 The state is float32 whatever the tables' storage type. 16-bit tables (bfloat16,
-float16) are updated in float32 and stored with `store_rows`, which rounds
+float16) are updated in float32 and stored with `subtract_rows`, which rounds
 stochastically; SGD then also sums a row's gradients first.
 """
 
@@ -115,25 +115,38 @@ def stochastic_round(x: jax.Array, dtype, u: jax.Array) -> jax.Array:
   return jnp.where(u < p, other, near)
 
 
-def store_rows(table: jax.Array, rows: jax.Array, values: jax.Array, step: jax.Array,
-               element_ids=None) -> jax.Array:
-  """`table` with rows [N] (unique, sorted; slots >= its row count dropped) set to
-  float32 `values` [N, C]; a 16-bit table gets them stochastically rounded, with
+def subtract_rows(table: jax.Array, rows: jax.Array, delta: jax.Array, step: jax.Array,
+                  element_ids=None) -> jax.Array:
+  """`table` with float32 `delta` [N, C] taken from rows [N] (unique, sorted; slots >=
+  its row count dropped).
+
+  A float32 table gets a scatter-add of -delta (on distinct rows: no atomics, and the
+  same values as gathering the rows, subtracting and writing them back). It does not
+  read the rows first: XLA:TPU fused such a gather into the scatter that writes the
+  table, and a fusion that reads the array it writes cannot update it in place, so
+  the compiled step copied the whole donated table every step (docs/compile.md).
+
+  A 16-bit table's new rows are computed in float32 and stochastically rounded, with
   noise that is a fixed function of (step, row, column) of the unsharded table
   (`element_ids`: (local rows -> those rows, the local columns' numbers), from the
   sharded layout; None: the rows and columns as they are), so that every layout and
-  every copy of a replicated table rounds alike."""
+  every copy of a replicated table rounds alike. Its gather of the old rows stays
+  out of the scatter's fusion (an optimisation barrier) for the same reason.
+  """
   dtype = value_dtype(table)
-  if dtype.itemsize < 4:
-    seed = jnp.asarray(step, jnp.uint32) * jnp.uint32(0x9E3779B1) + jnp.uint32(0x5851F42D)
-    if element_ids is None:
-      global_rows, cols = rows, jnp.arange(values.shape[1], dtype=jnp.uint32)
-    else:
-      global_rows, cols = element_ids[0](rows), element_ids[1]
-    u = (hash_uniform(seed, global_rows.astype(jnp.uint32)[:, None], cols[None, :]) + 1.0) * 0.5
-    values = stochastic_round(values.astype(jnp.float32), dtype, u)
-    if is_packed(table):
-      values = pack(values)
+  if dtype.itemsize == 4:
+    return table.at[rows].add(-delta.astype(table.dtype), mode="drop", unique_indices=True,
+                              indices_are_sorted=True)
+  values = jax.lax.optimization_barrier(gather_rows(table, rows)) - delta
+  seed = jnp.asarray(step, jnp.uint32) * jnp.uint32(0x9E3779B1) + jnp.uint32(0x5851F42D)
+  if element_ids is None:
+    global_rows, cols = rows, jnp.arange(values.shape[1], dtype=jnp.uint32)
+  else:
+    global_rows, cols = element_ids[0](rows), element_ids[1]
+  u = (hash_uniform(seed, global_rows.astype(jnp.uint32)[:, None], cols[None, :]) + 1.0) * 0.5
+  values = stochastic_round(values, dtype, u)
+  if is_packed(table):
+    values = pack(values)
   return _put(table, rows, values)
 
 
@@ -149,7 +162,7 @@ class _RowUpdates:
 
     `column_axis` names the mesh axis a column-wise table's width is split
     over (inside `shard_map`), for optimisers whose state spans a whole row;
-    `element_ids` is the layout's numbering for 16-bit rounding (`store_rows`).
+    `element_ids` is the layout's numbering for 16-bit rounding (`subtract_rows`).
     """
     unique, g = sum_duplicates(rows, grads, tables["stacked"].shape[0])
     return self.apply_rows(tables, state, unique, g, lr, step, column_axis, element_ids)
@@ -193,8 +206,7 @@ class SparseSGD(_RowUpdates):
   def apply_rows(self, tables, state, rows, grads, lr, step, column_axis=None, element_ids=None):
     del column_axis
     table = tables["stacked"]
-    w = gather_rows(table, rows) - lr * grads
-    return {"stacked": store_rows(table, rows, w, step, element_ids)}, state
+    return {"stacked": subtract_rows(table, rows, lr * grads, step, element_ids)}, state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,8 +231,8 @@ class SparseRowWiseAdagrad(_RowUpdates):
     if column_axis is not None:  # equal slices of the row on each device: mean of their means
       mean_square = jax.lax.pmean(mean_square, column_axis)
     a = _take(acc, unique) + mean_square
-    w = gather_rows(table, unique) - lr * g / (jnp.sqrt(a)[:, None] + self.eps)
-    return ({"stacked": store_rows(table, unique, w, step, element_ids)},
+    delta = lr * g / (jnp.sqrt(a)[:, None] + self.eps)
+    return ({"stacked": subtract_rows(table, unique, delta, step, element_ids)},
             {"accumulator": _put(acc, unique, a)})
 
 
@@ -243,8 +255,8 @@ class SparseAdagrad(_RowUpdates):
     del column_axis  # element-wise: a column slice needs nothing from the others.
     table, acc = tables["stacked"], state["accumulator"]
     a = _take(acc, unique) + jnp.square(g)
-    w = gather_rows(table, unique) - lr * g / (jnp.sqrt(a) + self.eps)
-    return ({"stacked": store_rows(table, unique, w, step, element_ids)},
+    delta = lr * g / (jnp.sqrt(a) + self.eps)
+    return ({"stacked": subtract_rows(table, unique, delta, step, element_ids)},
             {"accumulator": _put(acc, unique, a)})
 
 
@@ -276,8 +288,8 @@ class SparseLazyAdam(_RowUpdates):
     v = self.b2 * _take(state["nu"], unique) + (1 - self.b2) * jnp.square(g)
     m_hat = m / (1 - self.b1**t)
     v_hat = v / (1 - self.b2**t)
-    w = gather_rows(table, unique) - lr * m_hat / (jnp.sqrt(v_hat) + self.eps)
-    return ({"stacked": store_rows(table, unique, w, step, element_ids)},
+    delta = lr * m_hat / (jnp.sqrt(v_hat) + self.eps)
+    return ({"stacked": subtract_rows(table, unique, delta, step, element_ids)},
             {"mu": _put(state["mu"], unique, m), "nu": _put(state["nu"], unique, v)})
 
 
