@@ -449,7 +449,7 @@ def _embedding_step(devices, overrides, batch, replicas=1, row_capacity=0.0):
   mesh, axes = parallel.make_mesh(MeshSpec(devices, replicas, "explicit"))
   plan = plan_tables(coll.specs, devices // replicas, batch_size=BATCH, lookups=coll.hotness,
                      min_column_width=1, overrides=parse_overrides(overrides))
-  emb = ShardedEmbedding(coll, plan, mesh, axes, row_capacity=row_capacity)
+  emb = ShardedEmbedding(coll, plan, mesh, axes, row_wise_capacity=row_capacity)
   opt = make_sparse_optimizer("rowwise_adagrad")
   tables = jax.jit(emb.init, out_shardings=emb.table_shardings())(np.uint32(4))
   state = emb.init_optimizer(opt, tables)

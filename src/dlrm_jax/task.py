@@ -74,7 +74,7 @@ class Task:
                           device_memory(device), device.platform,
                           dense_bytes(abstract_params, self.tx))
     self.embedding = ShardedEmbedding(self.collection, self.plan, self.mesh, self.axes,
-                                      row_capacity=self.run.sharding.row_wise_capacity)
+                                      row_wise_capacity=self.run.sharding.row_wise_capacity)
     self.batch_sharding = NamedSharding(self.mesh, self.embedding.batch_spec)
     self.state_shapes = state_lib.state_shapes(abstract_params, self.embedding, self.tx,
                                                self.sparse_opt)

@@ -258,10 +258,11 @@ class RowWise(Layout):
   share of the batch's ids, not all of them. The partial sums of each sample's bags
   (zero where a device owns none of a bag's ids) are reduce-scattered to the samples'
   devices. Ids beyond a device's capacity are dropped and counted ("dropped"): the
-  trainer stops on any, before a checkpoint keeps their step (`dlrm_jax.trainer`).
+  trainer stops on any, before a checkpoint keeps their step (`dlrm_jax.stopping`).
   """
 
   kind = ROW_WISE
+  MIN_CAPACITY = MIN_ROW_CAPACITY
 
   def __init__(self, collection, features, n, axes, kernel=None, capacity: float = 0.0,
                order: str = "cyclic"):
@@ -275,8 +276,6 @@ class RowWise(Layout):
     self.shape = (n * self.rows_per_device, self.dim)
     self.spec = P(axes.shard, None)
     self.capacity_factor = float(capacity)
-
-  MIN_CAPACITY = MIN_ROW_CAPACITY
 
   def capacity(self, ids: int) -> int:
     """The slots a device keeps for its share of `ids` ids (`costs.row_capacity`)."""
@@ -409,11 +408,12 @@ class ColumnWise(WholeTables):
 
 class Replicated(WholeTables):
   """Small tables copied to every device. Every copy applies the same update: where the
-  batch's ids are fewer than the tables' rows, the ids and their gradients of every
-  device are all-gathered and each copy applies the sparse update to the touched rows
-  (cost follows the batch); otherwise a dense gradient of the rows is all-reduced
-  (cost follows the table, the smaller). Either way the copies stay bit-identical:
-  each device runs the same update on the same values in the same order."""
+  batch's ids are fewer than twice the tables' rows (`planner.sparse_replica_update`),
+  the ids and their gradients of every device are all-gathered and each copy applies
+  the sparse update to the touched rows (cost follows the batch); otherwise a dense
+  gradient of the rows is all-reduced (cost follows the table, the smaller). Either way
+  the copies stay bit-identical: each device runs the same update on the same values
+  in the same order."""
 
   kind = REPLICATED
 
@@ -449,12 +449,12 @@ class Replicated(WholeTables):
 
 
 def plan_groups(collection: EmbeddingCollection, plan: Plan, axes: MeshAxes = MeshAxes(),
-                kernel: LocalLookup | None = None, row_capacity: float = 0.0
+                kernel: LocalLookup | None = None, row_wise_capacity: float = 0.0
                 ) -> dict[str, Layout]:
   """The stacked layout of each sharding type (and table width, for tables of several:
   keys `kind`, `kind_dW`, dlrm_jax.embedding.mixed) of `plan`; needs no mesh (checkpoints
-  re-lay out saved tables of another plan with it, on the host). `row_capacity`: the
-  row-wise lookups' capacity factor (`RowWise.capacity`)."""
+  re-lay out saved tables of another plan with it, on the host). `row_wise_capacity`:
+  the row-wise lookups' capacity factor (`RowWise.capacity`)."""
   n = plan.num_shards
   groups: dict[str, Layout] = {}
   for kind in SHARDING_TYPES:
@@ -468,7 +468,7 @@ def plan_groups(collection: EmbeddingCollection, plan: Plan, axes: MeshAxes = Me
         owners = [plan.placements[t].device for t in features]
         groups[key] = TableWise(collection, features, n, axes, owners, kernel)
       elif kind == ROW_WISE:
-        groups[key] = RowWise(collection, features, n, axes, kernel, row_capacity,
+        groups[key] = RowWise(collection, features, n, axes, kernel, row_wise_capacity,
                               plan.row_order)
       else:
         cls = {COLUMN_WISE: ColumnWise, REPLICATED: Replicated}[kind]

@@ -28,8 +28,8 @@ whose communication is explicit:
 3. `update`: each device applies the sparse optimiser to the rows it owns,
    with the gradients that arrived in step 2's transpose. Replicated tables
    all-gather every device's ids and gradients and apply the same sparse
-   update on every copy (or, where the tables have fewer rows than the batch
-   has ids, all-reduce a dense gradient of their rows).
+   update on every copy (or, where the tables have at most half as many rows
+   as the batch has ids, all-reduce a dense gradient of their rows).
 
 The gradient is taken with respect to the looked-up vectors where they live
 (on the owning device), so no gradient the size of a table ever exists and
@@ -101,7 +101,7 @@ class ShardedEmbedding:
 
   def __init__(self, collection: EmbeddingCollection, plan: Plan, mesh: Mesh,
                axes: MeshAxes = MeshAxes(), kernel: LocalLookup | None = None,
-               row_capacity: float = 0.0):
+               row_wise_capacity: float = 0.0):
     if len(plan.placements) != collection.num_tables:
       raise ValueError(f"the plan places {len(plan.placements)} tables, the collection has "
                        f"{collection.num_tables}")
@@ -113,7 +113,7 @@ class ShardedEmbedding:
     self.specs = collection.specs
     self.kernel = kernel or local_lookup(mesh.devices.flat[0].platform)
     self.groups: dict[str, Layout] = plan_groups(collection, plan, axes, self.kernel,
-                                                 row_capacity)
+                                                 row_wise_capacity)
 
   # Shardings ------------------------------------------------------------------
   def table_shardings(self) -> dict[str, NamedSharding]:
