@@ -131,3 +131,34 @@ def test_a_compiled_step_has_every_phase_and_consistent_totals():
   text = compile_lib.format_report(r)
   assert compile_lib.TRAFFIC_TITLE in text and f"HBM bytes / physical need: " \
       f"{hbm / need:.1f}x" in text
+
+
+NESTED = """%scatter_rows (param_0: f32[1000000,8], param_1: s32[16,1], param_2: f32[16,8]) -> f32[1000000,8] {
+  %param_0 = f32[1000000,8]{1,0} parameter(0)
+  %param_1 = s32[16,1]{1,0} parameter(1)
+  %param_2 = f32[16,8]{1,0} parameter(2)
+  ROOT %s = f32[1000000,8]{1,0} scatter(%param_0, %param_1, %param_2), update_window_dims={1}, inserted_window_dims={0}, scatter_dims_to_operand_dims={0}, index_vector_dim=1, to_apply=%add, metadata={op_name="jit(train_step)/sparse update/scatter-add"}
+}
+
+%fused_step (param_0.1: f32[1000000,8], param_1.1: s32[16,1], param_2.1: f32[16,8]) -> f32[1000000,8] {
+  %param_0.1 = f32[1000000,8]{1,0} parameter(0)
+  %param_1.1 = s32[16,1]{1,0} parameter(1)
+  %param_2.1 = f32[16,8]{1,0} parameter(2)
+  %neg = f32[16,8]{1,0} negate(%param_2.1), metadata={op_name="jit(train_step)/sparse update/neg"}
+  ROOT %inner = f32[1000000,8]{1,0} fusion(%param_0.1, %param_1.1, %neg), kind=kCustom, calls=%scatter_rows, metadata={op_name="jit(train_step)/sparse update/scatter-add"}
+}"""
+
+
+def test_a_scatter_nested_in_a_fusion_counts_its_rows():
+  """XLA:TPU nests a scatter's own fusion inside the fusion that computes its updates:
+  the table passed through counts the rows written, not its 32 MB twice."""
+  hlo = _module(f"""
+  %table = f32[1000000,8]{{1,0}} parameter(0)
+  %ids = s32[16,1]{{1,0}} parameter(1)
+  %grad = f32[16,8]{{1,0}} parameter(2)
+  ROOT %t = f32[1000000,8]{{1,0}} fusion(%table, %ids, %grad), kind=kCustom, calls=%fused_step, {_OP % 'sparse update'}""",
+                NESTED)
+  rows = 16 * 8 * 4
+  # ids and gradients read, the rows written
+  assert traffic.hlo_traffic(hlo) == {"sparse update": {"hbm": 16 * 4 + rows + rows,
+                                                        "interconnect": 0}}

@@ -23,7 +23,9 @@ not seen):
   scatter-add also reads the rows it adds to: not counted.)
 - A fusion (and XLA:GPU's async fusion-start) counts once, as one op: its
   operands (the fused computation's parameters) and its result(s), not its
-  inner ops. A parameter whose every use inside (looking through bitcasts) is
+  inner ops. A parameter whose every use inside (looking through bitcasts, and
+  into fusions nested in it, as XLA:TPU nests a scatter's fusion in the one that
+  computes its updates) is
   as the data operand of a gather, dynamic-slice or slice, or the in-place
   operand of a scatter or dynamic-update-slice, is only indexed: it counts the
   rows those ops read, as above, and a result that is an in-place update of it
@@ -246,22 +248,41 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   return {k: v for k, v in out.items() if v["count"]}
 
 
-def _indexed_uses(name: str, users) -> list[Instruction] | None:
+def _indexed_uses(name: str, users, computations) -> list[Instruction] | None:
   """The gathers, dynamic-slices, scatters and dynamic-update-slices that index the
-  fusion parameter `name` (looking through bitcasts), or None where it has another use
-  (then it counts whole)."""
+  fusion parameter `name` (looking through bitcasts, and into fusions nested in the
+  fusion, as XLA:TPU nests its scatters), or None where it has another use (then it
+  counts whole)."""
   out, todo = [], [name]
   while todo:
     for user, i in users.get(todo.pop(), []):
       op = user.opcode
+      nested = _nested_parameter(user, i, computations)
       if op == "bitcast":
         todo.append(user.name)
       elif ((op in _INDEXED or op in _UPDATES) and i == 0) or (
           op == "scatter" and i < (len(user.operands) - 1) // 2):
         out.append(user)
+      elif nested is not None:
+        uses = _indexed_uses(nested[1], nested[0].users(), computations)
+        if uses is None:
+          return None
+        out += uses
       else:
         return None
   return out or None
+
+
+def _nested_parameter(ins: Instruction, i: int, computations):
+  """(the fused computation, the name of its parameter i) of a nested fusion `ins`;
+  None for any other instruction."""
+  called = [c for c in ins.called() if c in computations]
+  if ins.opcode != "fusion" or not called:
+    return None
+  comp = computations[called[0]]
+  names = [p.name for p in comp.instructions.values()
+           if p.opcode == "parameter" and p.number == i]
+  return (comp, names[0]) if names else None
 
 
 def _through_bitcasts(comp: Computation, name: str) -> Instruction:
@@ -271,11 +292,17 @@ def _through_bitcasts(comp: Computation, name: str) -> Instruction:
   return ins
 
 
-def _in_place_rows(comp: Computation, name: str, indexed: set[str]) -> tuple[int, str] | None:
+def _in_place_rows(comp: Computation, name: str, indexed: set[str],
+                   computations) -> tuple[int, str] | None:
   """For a fused computation's output `name`: the bytes it writes where it is an
-  in-place update (scatters, dynamic-update-slices) of an only-indexed parameter, and
-  the phase of the last update; None otherwise."""
+  in-place update (scatters, dynamic-update-slices, or a nested fusion that is one) of
+  an only-indexed parameter, and the phase of the last update; None otherwise."""
   ins = _through_bitcasts(comp, name)
+  if ins.opcode == "fusion" and _nested_parameter(ins, 0, computations) is not None:
+    nested = computations[[c for c in ins.called() if c in computations][0]]
+    inner = {p.name for p in nested.instructions.values() if p.opcode == "parameter"
+             and _through_bitcasts(comp, ins.operands[p.number]).name in indexed}
+    return _in_place_rows(nested, nested.root, inner, computations)
   written, phase = 0, ins.phase
   while ins.opcode in ("scatter", *_UPDATES):
     if ins.opcode == "scatter":
@@ -289,7 +316,7 @@ def _in_place_rows(comp: Computation, name: str, indexed: set[str]) -> tuple[int
   return None
 
 
-def _fusion_traffic(ins: Instruction, fused: Computation):
+def _fusion_traffic(ins: Instruction, fused: Computation, computations):
   """(phase, HBM bytes, interconnect bytes) of the parts of one fusion (see the rule)."""
   own = ins.phase
   users = fused.users()
@@ -297,7 +324,7 @@ def _fusion_traffic(ins: Instruction, fused: Computation):
   for p in fused.instructions.values():
     if p.opcode != "parameter":
       continue
-    uses = _indexed_uses(p.name, users)
+    uses = _indexed_uses(p.name, users, computations)
     if uses is None:
       yield own, p.result_bytes, 0
       continue
@@ -307,7 +334,7 @@ def _fusion_traffic(ins: Instruction, fused: Computation):
         yield (use.phase if use.op_name else own), use.result_bytes, 0
   root = fused.instructions[fused.root]
   for out in (root.operands if root.opcode == "tuple" else [root.name]):
-    rows = _in_place_rows(fused, out, indexed)
+    rows = _in_place_rows(fused, out, indexed, computations)
     producer = _through_bitcasts(fused, out)
     if rows is not None:
       yield (rows[1] if producer.op_name else own), rows[0], 0
@@ -329,7 +356,7 @@ def contributions(hlo_text: str):
     for ins in comp.instructions.values():
       called = [c for c in ins.called() if c in computations]
       if ins.opcode in ("fusion", "fusion-start") and called:
-        for phase, hbm, link in _fusion_traffic(ins, computations[called[0]]):
+        for phase, hbm, link in _fusion_traffic(ins, computations[called[0]], computations):
           yield ins.name, phase, hbm, link
       elif ins.opcode in ("while", "call", "conditional", "async-start"):
         for c in called:
