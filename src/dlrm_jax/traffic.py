@@ -25,9 +25,9 @@ not seen):
   operands (the fused computation's parameters) and its result(s), not its
   inner ops. A parameter whose every use inside (looking through bitcasts, and
   into fusions nested in it, as XLA:TPU nests a scatter's fusion in the one that
-  computes its updates) is
-  as the data operand of a gather, dynamic-slice or slice, or the in-place
-  operand of a scatter or dynamic-update-slice, is only indexed: it counts the
+  computes its updates) is as the data operand of a gather, dynamic-slice or
+  slice, or the in-place operand of a scatter or dynamic-update-slice, is only
+  indexed: it counts the
   rows those ops read, as above, and a result that is an in-place update of it
   (through bitcasts and chains of updates) counts the updates' bytes. Each
   part goes to the phase of the instruction inside that makes it (the gather,
