@@ -162,6 +162,23 @@ MUTATIONS = (
         "  return tuple(int(dim) if n <= threshold else d for n, d in zip(rows, solved))\n",
         "  return tuple(solved)\n",
         ("tests/test_mixed.py::test_small_tables_keep_d_and_explicit_widths",)),
+    Mutation(
+        "row_wise_drops_uncounted", "row-wise ids past a device's capacity are dropped silently",
+        "src/dlrm_jax/embedding/layouts.py",
+        "  return at, jnp.maximum(count[-1] - capacity, 0)\n",
+        "  return at, jnp.int32(0)\n",
+        ("tests/test_sharding.py::test_row_wise_ids_past_capacity_are_counted",
+         "tests/test_sharding.py::"
+         "test_a_train_step_past_the_row_wise_capacity_stops_the_run_before_any_checkpoint")),
+    Mutation(
+        "replicas_update_own_ids_only",
+        "each copy of a replicated table applies only its own device's touched rows",
+        "src/dlrm_jax/embedding/layouts.py",
+        "      rows = jax.lax.all_gather(rows, self.axes.batch, tiled=True)\n"
+        "      grads = jax.lax.all_gather(grads, self.axes.batch, tiled=True)\n",
+        "",
+        ("tests/test_sharding.py::"
+         "test_replicated_copies_stay_bit_identical_and_equal_one_device",)),
 )
 
 

@@ -39,7 +39,9 @@ def test_the_plan_states_and_counts_the_steps_temporaries():
 def test_a_budget_that_holds_the_tables_but_not_the_step_is_refused_with_the_numbers():
   """Where the tables fit a device's budget but not beside the step's temporaries and the
   dense network's state, however they are placed, the planner says so in one error with
-  the numbers, before anything is compiled; with room for both, the plan keeps within."""
+  the numbers and the smallest change that fits (row-wise Adagrad's one value a row for
+  per-element Adagrad's D), before anything is compiled; with room for both, the plan
+  keeps within."""
   run = _run()
   collection = dlrm_parts(run).collection
   free = make_plan(run, collection, 8)
@@ -47,7 +49,8 @@ def test_a_budget_that_holds_the_tables_but_not_the_step_is_refused_with_the_num
   with pytest.raises(ConfigError, match=r"^the embedding tables need [\d.]+ \w+ per device and "
                      r"the step about [\d.]+ \w+ more \(its temporaries, an estimate\) and "
                      r"[\d.]+ \w+ \(the dense network's state\): over the per-device budget of "
-                     r"[\d.]+ \w+ by [\d.]+ \w+; use more devices"):
+                     r"[\d.]+ \w+ by [\d.]+ \w+; embedding_optimizer=rowwise_adagrad would fit "
+                     r"\([\d.]+ \w+ of tables, state and the step per device\)\n"):
     make_plan(run, collection, 8, memory=int((tables + free.temporaries // 2) / 0.9))
   room = tables + free.temporaries + 3000
   planned = make_plan(run, collection, 8, memory=int(room / 0.9) + 1, dense=(1000, 3000))

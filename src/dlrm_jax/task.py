@@ -211,40 +211,69 @@ def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
   plan, which is made again within what they leave where they do not fit beside it);
   column slices of at least `sharding.min_column_width` values, else the platform's
   (`planner.min_column_width`)."""
-  sharding = run.sharding
-  budget_mb = sharding.memory_budget_mb
+  budget_mb = run.sharding.memory_budget_mb
   budget = int(budget_mb * 2**20) if budget_mb > 0 else (
       int(0.9 * memory) if memory else None)
-  slots = make_sparse_optimizer(run.training.embedding_optimizer).slot_values_per_row
+  fit = lambda optimizer, itemsize: _plan_within(
+      run, collection, num_shards, budget, platform, dense, optimizer, itemsize)
+  try:
+    plan = fit(run.training.embedding_optimizer, collection.dtype.itemsize)
+    if budget is None or _device_total(plan) <= budget:
+      return plan
+    problem = (
+        f"the embedding tables need {fmt_bytes(max(plan.device_bytes()))} per device and the "
+        f"step about {fmt_bytes(plan.temporaries)} more (its temporaries, an estimate) and "
+        f"{fmt_bytes(plan.dense_bytes)} (the dense network's state): over the per-device "
+        f"budget of {fmt_bytes(budget)} by {fmt_bytes(_device_total(plan) - budget)}")
+    details = plan.describe()
+  except PlanError as e:
+    problem, _, details = str(e).partition("\n")
+  own = (run.training.embedding_optimizer, collection.dtype.itemsize)
+  changes = [c for c in dict.fromkeys([("rowwise_adagrad", own[1]), (own[0], min(own[1], 2)),
+                                       ("rowwise_adagrad", min(own[1], 2))]) if c != own]
+  for optimizer, itemsize in changes:  # the smallest change that fits, if any
+    try:
+      other = fit(optimizer, itemsize)
+    except PlanError:
+      continue
+    if _device_total(other) <= budget:
+      named = " and ".join(
+          ([f"embedding_optimizer={optimizer}"] if optimizer != run.training.embedding_optimizer
+           else []) + (["16-bit tables (embedding_dtype=bfloat16)"] if itemsize == 2
+                       and collection.dtype.itemsize > 2 else []))
+      problem += (f"; {named} would fit ({fmt_bytes(_device_total(other))} of tables, state "
+                  f"and the step per device)")
+      break
+  else:
+    problem += "; use more devices or a smaller mini_batch_size"
+  raise ConfigError(f"{problem}\n{details}")
+
+
+def _plan_within(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
+                 budget: int | None, platform: str, dense: tuple[int, int], optimizer: str,
+                 itemsize: int) -> Plan:
+  """`make_plan`'s plan with the sparse `optimizer` and tables of `itemsize` bytes a
+  value, and its estimate of the step; placed again within what the step leaves where
+  the first plan does not fit beside it. PlanError where the tables alone do not fit."""
+  sharding = run.sharding
+  slots = make_sparse_optimizer(optimizer).slot_values_per_row
 
   def plan_within(limit):
     plan = plan_tables(
         collection.specs, num_shards, batch_size=run.training.mini_batch_size,
-        lookups=collection.hotness, optimizer=run.training.embedding_optimizer,
-        memory_budget=limit,
+        lookups=collection.hotness, optimizer=optimizer, memory_budget=limit,
         min_column_width=sharding.min_column_width or min_column_width(platform),
-        overrides=parse_overrides(sharding.overrides), table_itemsize=collection.dtype.itemsize)
+        overrides=parse_overrides(sharding.overrides), table_itemsize=itemsize)
     step = costs.step_temporaries(plan, run.model, slots, dense[0],
                                   sharding.row_wise_capacity)
     return dataclasses.replace(plan, temporaries=step, dense_bytes=dense[1])
 
-  try:
-    plan = plan_within(budget)
-  except PlanError as e:
-    raise ConfigError(str(e)) from None
+  plan = plan_within(budget)
   if budget is not None and _device_total(plan) > budget:
     try:
       plan = plan_within(budget - plan.temporaries - plan.dense_bytes)
     except PlanError:
       pass  # the tables do not fit beside the step however they are placed
-  if budget is not None and _device_total(plan) > budget:
-    raise ConfigError(
-        f"the embedding tables need {fmt_bytes(max(plan.device_bytes()))} per device and the "
-        f"step about {fmt_bytes(plan.temporaries)} more (its temporaries, an estimate) and "
-        f"{fmt_bytes(plan.dense_bytes)} (the dense network's state): over the per-device "
-        f"budget of {fmt_bytes(budget)} by {fmt_bytes(_device_total(plan) - budget)}; use "
-        "more devices, a smaller mini_batch_size, embedding_optimizer=rowwise_adagrad or "
-        f"16-bit tables\n{plan.describe()}")
   return plan
 
 
