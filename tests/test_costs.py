@@ -70,3 +70,14 @@ def test_the_estimate_is_of_the_order_of_the_compilers():
   compiler = compiled.memory_analysis().temp_size_in_bytes
   assert 0.5 < task.plan.temporaries / compiler < 2.0, (task.plan.temporaries, compiler)
   assert np.isfinite(task.plan.temporaries)
+
+
+def test_overrides_that_cannot_be_met_are_not_called_a_memory_problem():
+  """An override naming no table fails as such, with no change of optimiser or dtype
+  offered, also where a device's memory is known."""
+  c = load_config("tiny", devices=8)
+  c.sharding.overrides = "nope:row_wise"
+  run = RunSpec.from_config(c)
+  with pytest.raises(ConfigError, match=r"^sharding overrides name unknown tables \['nope'\]"
+                     r"[^\n]*$"):
+    make_plan(run, dlrm_parts(run).collection, 8, memory=4096 * MiB)

@@ -9,6 +9,7 @@ plan and donates it to the train step.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -214,10 +215,11 @@ def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
   budget_mb = run.sharding.memory_budget_mb
   budget = int(budget_mb * 2**20) if budget_mb > 0 else (
       int(0.9 * memory) if memory else None)
-  fit = lambda optimizer, itemsize: _plan_within(
-      run, collection, num_shards, budget, platform, dense, optimizer, itemsize)
+  own = (run.training.embedding_optimizer, collection.dtype.itemsize)
+  fit = lambda optimizer, itemsize, limit=budget: _plan_within(
+      run, collection, num_shards, limit, platform, dense, optimizer, itemsize)
   try:
-    plan = fit(run.training.embedding_optimizer, collection.dtype.itemsize)
+    plan = fit(*own)
     if budget is None or _device_total(plan) <= budget:
       return plan
     problem = (
@@ -225,10 +227,11 @@ def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
         f"step about {fmt_bytes(plan.temporaries)} more (its temporaries, an estimate) and "
         f"{fmt_bytes(plan.dense_bytes)} (the dense network's state): over the per-device "
         f"budget of {fmt_bytes(budget)} by {fmt_bytes(_device_total(plan) - budget)}")
-    details = plan.describe()
-  except PlanError as e:
-    problem, _, details = str(e).partition("\n")
-  own = (run.training.embedding_optimizer, collection.dtype.itemsize)
+    details, advice = plan.describe(), "; use more devices or a smaller mini_batch_size"
+  except PlanError as e:  # over the budget (its message advises), or bad overrides
+    if budget is None or not _plans(lambda: fit(*own, limit=None)):
+      raise ConfigError(str(e)) from None
+    (problem, _, details), advice = str(e).partition("\n"), ""
   changes = [c for c in dict.fromkeys([("rowwise_adagrad", own[1]), (own[0], min(own[1], 2)),
                                        ("rowwise_adagrad", min(own[1], 2))]) if c != own]
   for optimizer, itemsize in changes:  # the smallest change that fits, if any
@@ -241,12 +244,20 @@ def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
           ([f"embedding_optimizer={optimizer}"] if optimizer != run.training.embedding_optimizer
            else []) + (["16-bit tables (embedding_dtype=bfloat16)"] if itemsize == 2
                        and collection.dtype.itemsize > 2 else []))
-      problem += (f"; {named} would fit ({fmt_bytes(_device_total(other))} of tables, state "
-                  f"and the step per device)")
+      advice = (f"; {named} would fit ({fmt_bytes(_device_total(other))} of tables, state "
+                f"and the step per device)")
       break
-  else:
-    problem += "; use more devices or a smaller mini_batch_size"
-  raise ConfigError(f"{problem}\n{details}")
+  raise ConfigError(f"{problem}{advice}\n{details}")
+
+
+def _plans(make: Callable[[], Plan]) -> bool:
+  """Whether `make` plans the tables (a PlanError without a budget is not about memory:
+  overrides that cannot be met)."""
+  try:
+    make()
+  except PlanError:
+    return False
+  return True
 
 
 def _plan_within(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
