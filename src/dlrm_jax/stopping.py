@@ -133,11 +133,23 @@ class DroppedIdsError(RuntimeError):
 def check_losses(run, prog, upto: int) -> None:
   """Stops on a NaN or infinite loss among losses[losses_checked:upto], or on row-wise ids
   dropped by a step up to that loss's, naming its step (`run`, `prog`: the trainer's
-  `Run` and `Progress`)."""
-  check_dropped(run, prog, prog.steps_done - len(prog.losses) + upto)
-  if upto <= prog.losses_checked:
+  `Run` and `Progress`). One transfer from the devices for both."""
+  last_step = prog.steps_done - len(prog.losses) + upto
+  due = [(s, n) for s, n in prog.dropped if s <= last_step]
+  losses = prog.losses[prog.losses_checked:upto]
+  if not due and not losses:
     return
-  values = np.asarray(jax.device_get(prog.losses[prog.losses_checked:upto]), np.float32)
+  counts, values = jax.device_get(([n for _, n in due], losses))
+  prog.dropped = prog.dropped[len(due):]
+  dropped = np.flatnonzero(np.asarray(counts))
+  if dropped.size:  # its update is not exact, so no checkpoint may keep it
+    step, count = due[int(dropped[0])][0], int(counts[int(dropped[0])])
+    raise DroppedIdsError(
+        f"step {step} had {count:,} row-wise ids more than their devices' capacity "
+        f"(sharding.row_wise_capacity={run.spec.sharding.row_wise_capacity:g} x an even "
+        "share of the batch's ids): training stopped. " + _last_good(run)
+        + "raise sharding.row_wise_capacity (0: every id) and rerun (a rerun resumes from it).")
+  values = np.asarray(values, np.float32)
   bad = np.flatnonzero(~np.isfinite(values))
   if bad.size:
     bad_step = prog.steps_done - len(prog.losses) + prog.losses_checked + int(bad[0]) + 1
@@ -145,25 +157,7 @@ def check_losses(run, prog, upto: int) -> None:
         f"the training loss is {values[bad[0]]} at step {bad_step}: training stopped. "
         + _last_good(run) + "lower the learning rate or check the data, then rerun (a rerun "
         "resumes from it).")
-  prog.losses_checked = upto
-
-
-def check_dropped(run, prog, upto_step: int) -> None:
-  """Stops on a step up to `upto_step` that left out row-wise ids past their owner's
-  capacity (its update is not exact, so no checkpoint may keep it), naming the step."""
-  due = [(s, n) for s, n in prog.dropped if s <= upto_step]
-  if not due:
-    return
-  prog.dropped = prog.dropped[len(due):]
-  counts = np.asarray(jax.device_get([n for _, n in due]))
-  if counts.any():
-    k = int(np.flatnonzero(counts)[0])
-    capacity = run.spec.sharding.row_wise_capacity
-    raise DroppedIdsError(
-        f"step {due[k][0]} had {int(counts[k]):,} row-wise ids more than their devices' "
-        f"capacity (sharding.row_wise_capacity={capacity:g} x an even share of the batch's "
-        "ids): training stopped. " + _last_good(run) + "raise sharding.row_wise_capacity "
-        "(0: every id) and rerun (a rerun resumes from it).")
+  prog.losses_checked = max(prog.losses_checked, upto)
 
 
 def _last_good(run) -> str:

@@ -449,7 +449,8 @@ def take_step(run: Run, prog: Progress, host_batch: Batch) -> dict:
     prog.interval_steps += 1
   prog.losses.append(out["loss"])
   prog.steps_done += 1
-  prog.dropped.append((prog.steps_done, out["dropped_ids"]))
+  if run.task.embedding.may_drop_ids:
+    prog.dropped.append((prog.steps_done, out["dropped_ids"]))
   return out
 
 

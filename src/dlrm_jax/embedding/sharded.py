@@ -70,7 +70,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dlrm_jax.embedding.bags import Bags, with_sequences
 from dlrm_jax.embedding.collection import EmbeddingCollection, Tables, pad_to, unpack
 from dlrm_jax.embedding.kernels import LocalLookup, local_lookup
-from dlrm_jax.embedding.layouts import Layout, local_shape, plan_groups, stack_rows, unstack_rows
+from dlrm_jax.embedding.layouts import (Layout, RowWise, local_shape, plan_groups, stack_rows,
+                                        unstack_rows)
 from dlrm_jax.embedding.planner import Plan
 from dlrm_jax.ops import take_static
 from dlrm_jax.parallel import MeshAxes, gather_to_host
@@ -114,6 +115,12 @@ class ShardedEmbedding:
     self.kernel = kernel or local_lookup(mesh.devices.flat[0].platform)
     self.groups: dict[str, Layout] = plan_groups(collection, plan, axes, self.kernel,
                                                  row_wise_capacity)
+
+  @property
+  def may_drop_ids(self) -> bool:
+    """Whether a train step can leave out ids (row-wise groups with a capacity below
+    every id: `layouts.RowWise.capacity`); `Forward.dropped` is 0 otherwise."""
+    return any(isinstance(g, RowWise) and g.capacity_factor > 0 for g in self.groups.values())
 
   # Shardings ------------------------------------------------------------------
   def table_shardings(self) -> dict[str, NamedSharding]:
