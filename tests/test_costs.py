@@ -28,7 +28,7 @@ def test_the_plan_states_and_counts_the_steps_temporaries():
   plan = make_plan(run, collection, 8, memory=4096 * MiB, dense=(1000, 3000))
   slots = SPARSE_OPTIMIZERS["adagrad"]().slot_values_per_row
   assert plan.temporaries == costs.step_temporaries(plan, run.model, slots, 1000,
-                                                    run.sharding.row_wise_capacity) > 0
+                                                    run.sharding.row_wise_capacity, 1) > 0
   assert plan.dense_bytes == 3000
   assert "and the step's temporaries" in plan.describe() and "(an estimate)" in plan.describe()
   unlimited = make_plan(run, collection, 8)  # CPU: no budget, and the same estimate

@@ -771,11 +771,13 @@ def test_row_wise_tables_saved_in_contiguous_blocks_relayout_into_the_cyclic_ord
     np.testing.assert_array_equal(got, want)
 
 
-def test_the_temporaries_model_counts_the_ids_each_layout_handles(monkeypatch):
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_the_temporaries_model_counts_the_ids_each_layout_handles(monkeypatch, replicas):
   """`costs.ids_per_device`, the planner's model of what a device handles in a step, is
   what the step's lookups hold, per layout: table-wise the owners' slots, row-wise the
   capacity, column-wise every id at a slice of the width, replicated its own (or, where
-  copies exchange touched rows, every device's)."""
+  copies exchange touched rows, every device's); on a 2 x 4 mesh the update gathers
+  every replica group's."""
   from dlrm_jax.embedding import costs
   from dlrm_jax.embedding.layouts import RowWise
   from dlrm_jax.embedding.planner import sparse_replica_update
@@ -783,13 +785,15 @@ def test_the_temporaries_model_counts_the_ids_each_layout_handles(monkeypatch):
   monkeypatch.setattr(RowWise, "MIN_CAPACITY", 8)
   monkeypatch.setattr(costs, "MIN_ROW_CAPACITY", 8)
   flat, _ = _flat_and_padded()
-  got = _embedding_step(8, MIXED, flat, row_capacity=2.0)
+  got = _embedding_step(8, MIXED, flat, replicas=replicas, row_capacity=2.0)
   emb = got["embedding"]
-  model = costs.ids_per_device(emb.plan, 2.0)
+  model = costs.ids_per_device(emb.plan, 2.0, replicas)
   assert set(model) == set(emb.groups)
   for kind, (ids, width) in model.items():
     rows = got["bounded"][kind]["rows"]
-    handled = rows.size // 8
+    handled = rows.size // 8  # a device's lookups
     if kind == REPLICATED and sparse_replica_update(rows.size, emb.groups[kind].shape[0]):
       handled *= 8  # every device's ids, all-gathered for the update
-    assert (handled, width) == (ids, emb.groups[kind].dim / (8 if kind == COLUMN_WISE else 1))
+    elif kind != REPLICATED:
+      handled *= replicas  # every replica group's, gathered for the update
+    assert (handled, width) == (ids, emb.groups[kind].dim / (emb.plan.num_shards if kind == COLUMN_WISE else 1))

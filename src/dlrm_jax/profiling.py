@@ -29,6 +29,9 @@ PHASES = ("lookup", "exchange", "dense", "dense update", "sparse update")
 # Phases that run in the forward and the backward pass, reported apart.
 DIFFERENTIATED = ("exchange", "dense")
 OTHER = "other"
+# The phases as reported, the differentiated ones split into their two passes.
+REPORTED = tuple(f"{p} {d}" if p in DIFFERENTIATED else p for p in PHASES
+                 for d in (("forward", "backward") if p in DIFFERENTIATED else ("",)))
 
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?op_name="([^"]*)"', re.M)
 _WRAPPED = re.compile(r"^((?:\w+\()*)([^()]*)\)*$")
@@ -103,8 +106,6 @@ def phase_times(trace_dir: str, hlo_text: str, module: str | None = None) -> dic
 def format_phases(times: dict[str, float], steps: int) -> str:
   """A Markdown table of per-step milliseconds and shares of each phase."""
   total = sum(times.values()) or 1.0
-  order = [f"{p} {d}" if p in DIFFERENTIATED else p for p in PHASES
-           for d in (("forward", "backward") if p in DIFFERENTIATED else ("",))]
-  rows = [(name, times[name]) for name in order + [OTHER] if name in times]
+  rows = [(name, times[name]) for name in REPORTED + (OTHER,) if name in times]
   return "| phase | ms per step | share |\n|---|---|---|\n" + "\n".join(
       f"| {name} | {t / steps * 1e3:.2f} | {t / total:.0%} |" for name, t in rows)

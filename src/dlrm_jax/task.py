@@ -9,7 +9,6 @@ plan and donates it to the train step.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +25,8 @@ from dlrm_jax.embedding import (EmbeddingCollection, SequenceSpec, Tables, Table
                                 make_sparse_optimizer)
 from dlrm_jax.embedding import costs
 from dlrm_jax.embedding.collection import POOLINGS, STORAGE_DTYPES
-from dlrm_jax.embedding.planner import (Plan, PlanError, fmt_bytes, min_column_width,
-                                        parse_overrides, plan_tables)
+from dlrm_jax.embedding.planner import (OverBudgetError, Plan, PlanError, fmt_bytes,
+                                        min_column_width, parse_overrides, plan_tables)
 from dlrm_jax.embedding.qr import QRTables
 from dlrm_jax.embedding.sharded import ShardedEmbedding
 from dlrm_jax.functional import Functions, ModelParts
@@ -216,8 +215,8 @@ def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
   budget = int(budget_mb * 2**20) if budget_mb > 0 else (
       int(0.9 * memory) if memory else None)
   own = (run.training.embedding_optimizer, collection.dtype.itemsize)
-  fit = lambda optimizer, itemsize, limit=budget: _plan_within(
-      run, collection, num_shards, limit, platform, dense, optimizer, itemsize)
+  fit = lambda optimizer, itemsize: _plan_within(
+      run, collection, num_shards, budget, platform, dense, optimizer, itemsize)
   try:
     plan = fit(*own)
     if budget is None or _device_total(plan) <= budget:
@@ -228,10 +227,10 @@ def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
         f"{fmt_bytes(plan.dense_bytes)} (the dense network's state): over the per-device "
         f"budget of {fmt_bytes(budget)} by {fmt_bytes(_device_total(plan) - budget)}")
     details, advice = plan.describe(), "; use more devices or a smaller mini_batch_size"
-  except PlanError as e:  # over the budget (its message advises), or bad overrides
-    if budget is None or not _plans(lambda: fit(*own, limit=None)):
-      raise ConfigError(str(e)) from None
-    (problem, _, details), advice = str(e).partition("\n"), ""
+  except OverBudgetError as e:  # its message advises
+    problem, details, advice = e.summary, e.plan.describe(), ""
+  except PlanError as e:  # overrides that cannot be met
+    raise ConfigError(str(e)) from None
   changes = [c for c in dict.fromkeys([("rowwise_adagrad", own[1]), (own[0], min(own[1], 2)),
                                        ("rowwise_adagrad", min(own[1], 2))]) if c != own]
   for optimizer, itemsize in changes:  # the smallest change that fits, if any
@@ -250,16 +249,6 @@ def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
   raise ConfigError(f"{problem}{advice}\n{details}")
 
 
-def _plans(make: Callable[[], Plan]) -> bool:
-  """Whether `make` plans the tables (a PlanError without a budget is not about memory:
-  overrides that cannot be met)."""
-  try:
-    make()
-  except PlanError:
-    return False
-  return True
-
-
 def _plan_within(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
                  budget: int | None, platform: str, dense: tuple[int, int], optimizer: str,
                  itemsize: int) -> Plan:
@@ -276,7 +265,7 @@ def _plan_within(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
         min_column_width=sharding.min_column_width or min_column_width(platform),
         overrides=parse_overrides(sharding.overrides), table_itemsize=itemsize)
     step = costs.step_temporaries(plan, run.model, slots, dense[0],
-                                  sharding.row_wise_capacity)
+                                  sharding.row_wise_capacity, run.mesh.replicas)
     return dataclasses.replace(plan, temporaries=step, dense_bytes=dense[1])
 
   plan = plan_within(budget)

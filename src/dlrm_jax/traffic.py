@@ -66,10 +66,7 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
                 "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "s4": 0.5,
                 "u4": 0.5}
 SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
-# The phases in report order (profiling's, the differentiated ones split), then OTHER.
-PHASES = tuple(name for p in profiling.PHASES
-               for name in ((f"{p} forward", f"{p} backward")
-                            if p in profiling.DIFFERENTIATED else (p,))) + (profiling.OTHER,)
+PHASES = profiling.REPORTED + (profiling.OTHER,)  # in report order
 
 _FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "copy-start",
          "copy-done", "after-all", "partition-id", "replica-id", "opt-barrier",

@@ -55,9 +55,12 @@ def row_capacity(ids: int, n: int, factor: float, minimum: int | None = None) ->
   return min(ids, max(share, minimum))
 
 
-def ids_per_device(plan: Plan, capacity: float = 0.0) -> dict[str, tuple[float, float]]:
-  """Sharding type -> (ids a device handles per train step, the width of their vectors
-  there) for `plan`'s global batch; row-wise with the capacity factor `capacity`."""
+def ids_per_device(plan: Plan, capacity: float = 0.0,
+                   replicas: int = 1) -> dict[str, tuple[float, float]]:
+  """Sharding type -> (ids a device's sparse update handles per train step, the width of
+  their vectors there) for `plan`'s global batch over `replicas` groups of its devices:
+  each group routes its share of the batch within it, and the update gathers every
+  group's (`layouts.Layout.update`); row-wise with the capacity factor `capacity`."""
   n, batch = plan.num_shards, plan.batch_size
   out = {}
   for kind in (TABLE_WISE, ROW_WISE, COLUMN_WISE, REPLICATED):
@@ -71,27 +74,26 @@ def ids_per_device(plan: Plan, capacity: float = 0.0) -> dict[str, tuple[float, 
                 for d in range(n)]
       out[kind] = (batch * max(served), dim)
     elif kind == ROW_WISE:
-      out[kind] = (row_capacity(int(batch * hot), n, capacity), dim)
+      out[kind] = (replicas * row_capacity(int(batch / replicas * hot), n, capacity), dim)
     elif kind == COLUMN_WISE:
       out[kind] = (batch * hot, dim / n)
     else:
       rows = sum(plan.rows[k] for k in tables)
-      out[kind] = (batch * hot if sparse_replica_update(batch * hot, rows) else batch * hot / n,
-                   dim)
+      out[kind] = (batch * hot if sparse_replica_update(batch * hot, rows)
+                   else batch * hot / (n * replicas), dim)
   return out
 
 
 def embedding_temporaries(plan: Plan, slots_per_row: Callable[[int], int],
-                          capacity: float = 0.0) -> int:
+                          capacity: float = 0.0, replicas: int = 1) -> int:
   """Bytes of a train step's embedding temporaries per device (the module docstring):
   `slots_per_row(width)`, the sparse optimiser's float32 values per row."""
-  n, batch = plan.num_shards, plan.batch_size
-  handled = ids_per_device(plan, capacity).values()
+  n, batch = plan.num_shards, plan.batch_size / replicas
+  handled = ids_per_device(plan, capacity, replicas).values()
   gradients = sum(ids * width * 4 for ids, width in handled)  # all live when updates start
   update = max((ids * (width + slots_per_row(int(width))) * 4 for ids, width in handled),
                default=0)  # one group at a time: its summed gradients, its new slot values
-  features = len(plan.placements)
-  pooled = 2 * batch / n * features * max(plan.dims) * 4  # a device's, and their gradients
+  pooled = 2 * _pooled(plan, replicas)  # a device's, and their gradients
   row_wise = [k for k, p in enumerate(plan.placements) if p.kind == ROW_WISE]
   partial = 0  # partial sums of every sample's row-wise bags, and their gradients
   if row_wise and n > 1:
@@ -117,12 +119,19 @@ def dense_temporaries(model, batch_per_device: float, param_bytes: int) -> int:
   return int(2 * dense_values_per_sample(model) * batch_per_device * 4 + 3 * param_bytes)
 
 
+def _pooled(plan: Plan, replicas: int) -> float:
+  """Bytes of a device's pooled vectors (float32, its share of the batch)."""
+  return plan.batch_size / replicas / plan.num_shards * len(plan.placements) * max(
+      plan.dims) * 4
+
+
 def step_temporaries(plan: Plan, model, slots_per_row: Callable[[int], int],
-                     param_bytes: int, capacity: float = 0.0) -> int:
-  """The train step's temporaries per device: the larger of its two peaks, the dense
-  network's backward pass (with a device's pooled vectors) and the embedding's
-  gradients and sparse update (the dense activations are gone by then)."""
-  batch_per_device = plan.batch_size / plan.num_shards
-  pooled = batch_per_device * len(plan.placements) * max(plan.dims) * 4
-  return max(embedding_temporaries(plan, slots_per_row, capacity),
-             dense_temporaries(model, batch_per_device, param_bytes) + int(pooled))
+                     param_bytes: int, capacity: float = 0.0, replicas: int = 1) -> int:
+  """The train step's temporaries per device, `plan`'s devices in `replicas` groups: the
+  larger of its two peaks, the dense network's backward pass (with a device's pooled
+  vectors) and the embedding's gradients and sparse update (the dense activations are
+  gone by then)."""
+  batch_per_device = plan.batch_size / replicas / plan.num_shards
+  return max(embedding_temporaries(plan, slots_per_row, capacity, replicas),
+             dense_temporaries(model, batch_per_device, param_bytes)
+             + int(_pooled(plan, replicas)))

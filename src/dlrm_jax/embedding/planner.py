@@ -91,6 +91,15 @@ class PlanError(ValueError):
   """The tables cannot be placed on the devices; the message gives the numbers."""
 
 
+class OverBudgetError(PlanError):
+  """No placement keeps the tables within the budget: `summary`, the numbers in one line;
+  `plan`, the placement that came closest (the message adds its description)."""
+
+  def __init__(self, summary: str, plan: "Plan"):
+    super().__init__(f"{summary}\n{plan.describe()}")
+    self.summary, self.plan = summary, plan
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
   """Where one table lives: its sharding type and, for table-wise, its device."""
@@ -307,11 +316,11 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
   per = plan.device_bytes()
   if max(per) > budget:
     worst = max(range(num_shards), key=lambda d: per[d])
-    raise PlanError(
+    raise OverBudgetError(
         f"the embedding tables need {fmt_bytes(per[worst])} on device {worst}, over the "
         f"per-device budget of {fmt_bytes(budget)} ({fmt_bytes(sum(sizes))} of tables and "
         f"optimiser state in all, over {num_shards} device(s)); use more devices, a smaller "
-        f"model, or a larger embedding memory budget\n{plan.describe()}")
+        f"model, or a larger embedding memory budget", plan)
   return plan
 
 
