@@ -661,9 +661,9 @@ def test_row_wise_owners_gather_only_their_share_of_the_ids_and_match_one_device
   """In a train step each device gathers, pools and updates only the ids of its own rows
   (row r on device r mod 8), compacted into `capacity` slots (2 x an even share): its
   work is a share of the batch's ids, not all of them, and the step equals one device's."""
-  from dlrm_jax.embedding.layouts import RowWise
+  from dlrm_jax.embedding import costs
 
-  monkeypatch.setattr(RowWise, "MIN_CAPACITY", 8)
+  monkeypatch.setattr(costs, "MIN_ROW_CAPACITY", 8)
   flat, _ = _flat_and_padded()
   n, ids = 8, BATCH * sum(HOTNESS)
   got = _embedding_step(n, FLAT_PLANS["row_wise"], flat, row_capacity=2.0)
@@ -680,23 +680,23 @@ def test_row_wise_owners_gather_only_their_share_of_the_ids_and_match_one_device
 
 def test_row_wise_ids_past_capacity_are_counted():
   """Ids past a device's capacity are left out of the step and counted, never silently:
-  every id a multiple of 8 falls on device 0, which keeps MIN_CAPACITY of them."""
-  from dlrm_jax.embedding.layouts import RowWise
+  every id a multiple of 8 falls on device 0, which keeps MIN_ROW_CAPACITY of them."""
+  from dlrm_jax.embedding import costs
 
   flat, _ = _flat_and_padded()
   ids = flat["sparse"] // 8 * 8
   total = ids.size
-  assert total > RowWise.MIN_CAPACITY * 1.5
+  assert total > costs.MIN_ROW_CAPACITY * 1.5
   got = _embedding_step(8, FLAT_PLANS["row_wise"], {**flat, "sparse": ids}, row_capacity=2.0)
-  assert got["embedding"].groups[ROW_WISE].capacity(total) == RowWise.MIN_CAPACITY
-  assert got["dropped"] == total - RowWise.MIN_CAPACITY
+  assert got["embedding"].groups[ROW_WISE].capacity(total) == costs.MIN_ROW_CAPACITY
+  assert got["dropped"] == total - costs.MIN_ROW_CAPACITY
 
 
 def test_a_train_step_past_the_row_wise_capacity_stops_the_run_before_any_checkpoint(
     tmp_path, monkeypatch):
-  from dlrm_jax.embedding.layouts import RowWise
+  from dlrm_jax.embedding import costs
 
-  monkeypatch.setattr(RowWise, "MIN_CAPACITY", 8)
+  monkeypatch.setattr(costs, "MIN_ROW_CAPACITY", 8)
   c = _config(8, _all(ROW_WISE))
   c.sharding.row_wise_capacity = 0.5  # half an even share: every device drops ids
   c.num_batches = 4
@@ -779,10 +779,8 @@ def test_the_temporaries_model_counts_the_ids_each_layout_handles(monkeypatch, r
   copies exchange touched rows, every device's); on a 2 x 4 mesh the update gathers
   every replica group's."""
   from dlrm_jax.embedding import costs
-  from dlrm_jax.embedding.layouts import RowWise
   from dlrm_jax.embedding.planner import sparse_replica_update
 
-  monkeypatch.setattr(RowWise, "MIN_CAPACITY", 8)
   monkeypatch.setattr(costs, "MIN_ROW_CAPACITY", 8)
   flat, _ = _flat_and_padded()
   got = _embedding_step(8, MIXED, flat, replicas=replicas, row_capacity=2.0)

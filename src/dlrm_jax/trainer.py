@@ -33,7 +33,6 @@ from dlrm_jax import observe
 from dlrm_jax import optim
 from dlrm_jax import parallel
 from dlrm_jax import stopping
-from dlrm_jax.stopping import check_losses
 from dlrm_jax.config import ConfigError
 from dlrm_jax.data import configure_data, make_data
 from dlrm_jax.data.prefetch import prefetch
@@ -400,7 +399,7 @@ def train_loop(run: Run, prog: Progress, stream: BatchStream) -> None:
         observers.before_step(prog)
         out = take_step(run, prog, next(batches))
         bar.update(1)
-        check_losses(run, prog, len(prog.losses) - 1)  # the previous step's: done by now
+        stopping.check_losses(run, prog, len(prog.losses) - 1)  # the previous step's: done by now
         observers.after_step(prog, out)
         evaluated, stop, record = run.cadence.due(prog.steps_done), False, None
         if evaluated:
@@ -463,7 +462,7 @@ def is_save_step(run: Run, steps_done: int, evaluated: bool, stop: bool) -> bool
 
 def evaluate_interval(run: Run, prog: Progress, lr: jax.Array) -> dict:
   """The evaluation record closing an interval of steps; starts the next interval."""
-  check_losses(run, prog, len(prog.losses))
+  stopping.check_losses(run, prog, len(prog.losses))
   mean_loss = float(np.mean(jax.device_get(prog.losses)))
   elapsed = time.perf_counter() - prog.interval_start
   prog.train_seconds += elapsed
@@ -487,7 +486,7 @@ def evaluate_interval(run: Run, prog: Progress, lr: jax.Array) -> dict:
 def save(run: Run, prog: Progress, stream: BatchStream, metrics: dict | None,
          finished: bool) -> None:
   """Checkpoints the state after `prog.steps_done` steps (asynchronously)."""
-  check_losses(run, prog, len(prog.losses))
+  stopping.check_losses(run, prog, len(prog.losses))
   contents = checkpoint_lib.Contents(
       config=run.spec.source, plan=run.task.plan,
       mesh={"shape": dict(run.task.mesh.shape), "processes": jax.process_count()},

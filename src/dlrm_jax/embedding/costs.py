@@ -43,16 +43,14 @@ from dlrm_jax.embedding.planner import (COLUMN_WISE, REPLICATED, ROW_WISE, TABLE
 MIN_ROW_CAPACITY = 1024
 
 
-def row_capacity(ids: int, n: int, factor: float, minimum: int | None = None) -> int:
+def row_capacity(ids: int, n: int, factor: float) -> int:
   """The slots a row-wise device keeps for its share of a group's `ids` ids over `n`
-  devices: `factor` times an even share, a multiple of 8 and at least `minimum`
-  (default MIN_ROW_CAPACITY), at most all of them (factor 0: all of them, which never
-  drops one)."""
+  devices: `factor` times an even share, a multiple of 8 and at least MIN_ROW_CAPACITY,
+  at most all of them (factor 0: all of them, which never drops one)."""
   if factor <= 0:
     return ids
-  minimum = MIN_ROW_CAPACITY if minimum is None else minimum
   share = -(-int(np.ceil(factor * ids / n)) // 8) * 8
-  return min(ids, max(share, minimum))
+  return min(ids, max(share, MIN_ROW_CAPACITY))
 
 
 def ids_per_device(plan: Plan, capacity: float = 0.0,

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from dlrm_jax.embedding.bags import Bags
 from dlrm_jax.embedding.collection import EmbeddingCollection
-from dlrm_jax.embedding.costs import MIN_ROW_CAPACITY, row_capacity
+from dlrm_jax.embedding.costs import row_capacity
 from dlrm_jax.embedding.kernels import LocalLookup, PortableLookup
 from dlrm_jax.embedding.mixed import width_key
 from dlrm_jax.embedding.planner import (COLUMN_WISE, REPLICATED, ROW_ORDERS, ROW_WISE,
@@ -262,7 +262,6 @@ class RowWise(Layout):
   """
 
   kind = ROW_WISE
-  MIN_CAPACITY = MIN_ROW_CAPACITY
 
   def __init__(self, collection, features, n, axes, kernel=None, capacity: float = 0.0,
                order: str = "cyclic"):
@@ -279,7 +278,7 @@ class RowWise(Layout):
 
   def capacity(self, ids: int) -> int:
     """The slots a device keeps for its share of `ids` ids (`costs.row_capacity`)."""
-    return row_capacity(ids, self.n, self.capacity_factor, self.MIN_CAPACITY)
+    return row_capacity(ids, self.n, self.capacity_factor)
 
   def blocks(self, t):
     g = self.features.index(t)
@@ -318,7 +317,7 @@ class RowWise(Layout):
     kept = at < mine.shape[0]
     at = jnp.where(kept, at, 0)
     column = at % width
-    offset = jnp.asarray(bags.per_table_column(self.local_offset).astype(np.int32))
+    offset = self._column_const(self.local_offset, bags)[0]
     rows = jnp.where(kept, row.reshape(-1)[at] + offset[column], table.shape[0])
     weight = kept.astype(jnp.float32)
     if scale is not None:

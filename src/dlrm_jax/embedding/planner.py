@@ -194,10 +194,9 @@ class Plan:
       elif p.kind == COLUMN_WISE:  # all ids to every device; column slices exchanged both ways.
         out["all_gather"] += int(frac * n * ids)
         out["all_to_all"] += int(frac * 2 * vec)
-      elif sparse_replica_update(b * h, rows):  # replicated: touched rows' ids, gradients
-        out["all_gather"] += int(frac * n * replica_exchange_bytes(b * h, rows, d))
-      else:  # replicated: the dense gradient (and touch counts) all-reduced.
-        out["all_reduce"] += int(frac * n * replica_exchange_bytes(b * h, rows, d))
+      else:  # replicated: touched rows' ids and gradients, or a dense gradient all-reduced
+        key = "all_gather" if sparse_replica_update(b * h, rows) else "all_reduce"
+        out[key] += int(frac * n * replica_exchange_bytes(b * h, rows, d))
     return out
 
   def describe(self) -> str:

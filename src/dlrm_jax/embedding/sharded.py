@@ -115,12 +115,10 @@ class ShardedEmbedding:
     self.kernel = kernel or local_lookup(mesh.devices.flat[0].platform)
     self.groups: dict[str, Layout] = plan_groups(collection, plan, axes, self.kernel,
                                                  row_wise_capacity)
-
-  @property
-  def may_drop_ids(self) -> bool:
-    """Whether a train step can leave out ids (row-wise groups with a capacity below
-    every id: `layouts.RowWise.capacity`); `Forward.dropped` is 0 otherwise."""
-    return any(isinstance(g, RowWise) and g.capacity_factor > 0 for g in self.groups.values())
+    # Whether a train step can leave out ids (row-wise groups with a capacity below every
+    # id: `layouts.RowWise.capacity`); `Forward.dropped` is 0 otherwise.
+    self.may_drop_ids = any(isinstance(g, RowWise) and g.capacity_factor > 0
+                            for g in self.groups.values())
 
   # Shardings ------------------------------------------------------------------
   def table_shardings(self) -> dict[str, NamedSharding]:
