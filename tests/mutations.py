@@ -93,13 +93,18 @@ MUTATIONS = (
         "row_wise_exchange_transposed",
         "row-wise partial sums scattered sample-major instead of device-major",
         "src/dlrm_jax/embedding/layouts.py",
-        "    return jax.lax.psum_scatter(partial, self.axes.shard, scatter_dimension=0, "
-        "tiled=True)\n",
+        "    return self.kernel.sum_scatter(partial, self.axes.shard, self.n)\n",
         "    partial = partial.reshape(self.n, -1, *partial.shape[1:]).swapaxes(0, 1).reshape(\n"
         "        partial.shape)\n"
-        "    return jax.lax.psum_scatter(partial, self.axes.shard, scatter_dimension=0, "
-        "tiled=True)\n",
+        "    return self.kernel.sum_scatter(partial, self.axes.shard, self.n)\n",
         ("tests/test_sharding.py::test_each_sharding_type_alone_matches_single_device_sgd",)),
+    Mutation(
+        "tpu_sum_scatter_blocks_transposed",
+        "the TPU kernel sends each device every n-th sample instead of its block",
+        "src/dlrm_jax/embedding/kernels.py",
+        "    blocks = partial.reshape(n, partial.shape[0] // n, *partial.shape[1:])\n",
+        "    blocks = partial.reshape(partial.shape[0] // n, n, *partial.shape[1:]).swapaxes(0, 1)\n",
+        ("tests/test_sharding.py::test_the_tpu_kernel_exchanges_row_wise_sums_by_all_to_all",)),
     Mutation(
         "flat_mean_not_divided", "mean tables of flat bags pool to the sum of their ids",
         "src/dlrm_jax/embedding/sharded.py",

@@ -88,6 +88,9 @@ def test_each_sharding_type_compiles_for_tpu_and_gpu(target, kind):
   assert "all-reduce" in r.collectives, r.collectives
   if kind != "replicated":
     assert len(r.collectives) >= 2, (kind, r.collectives)
+  if kind == "row_wise":  # the owners' partial sums: reduce-scattered on GPUs; on TPU an
+    # all-to-all (XLA:TPU may make a reduce-scatter an all-reduce of the whole input)
+    assert ("reduce-scatter" in r.collectives) == (t.chip.platform != "tpu"), r.collectives
 
 
 @pytest.mark.parametrize("target", [TPU, GPU])

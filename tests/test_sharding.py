@@ -398,6 +398,31 @@ def test_the_gpu_kernel_matches_the_portable_one_and_adds_no_scatter(monkeypatch
   assert any("unique_indices=true" not in s for s in scatters["portable"])
 
 
+def test_the_tpu_kernel_exchanges_row_wise_sums_by_all_to_all(monkeypatch):
+  """`TpuLookup` (the portable kernel, with the row-wise owners' partial sums sent by an
+  all-to-all and added where they land, as XLA:TPU makes a reduce-scatter an all-reduce)
+  run on the 8 CPU devices with every layout in one plan and rows repeated across
+  devices gives the single-device numbers; its compiled step has no reduce-scatter,
+  where the portable kernel's has the row-wise one."""
+  from dlrm_jax import traffic
+  from dlrm_jax.embedding import kernels
+
+  want = _train(_config(1), make_batches=_repeated_id_batches)
+  portable = Task(_config(8, MIXED))
+  monkeypatch.setitem(kernels.KERNELS, "cpu", kernels.TpuLookup())
+  got = _train(_config(8, MIXED), make_batches=_repeated_id_batches)
+  assert all(isinstance(g.kernel, kernels.TpuLookup)
+             for g in got["task"].embedding.groups.values())
+  _assert_same(got, want)
+  ops = {}
+  for name, task in (("tpu", got["task"]), ("portable", portable)):
+    batch = task.device_batch(_repeated_id_batches(task)[0])
+    ops[name] = traffic.collectives(
+        task.lower_train_step(task.init_state(0), batch).compile().as_text())
+  assert "reduce-scatter" in ops["portable"] and "reduce-scatter" not in ops["tpu"], ops
+  assert ops["tpu"]["all-to-all"]["count"] > ops["portable"]["all-to-all"]["count"], ops
+
+
 # Flat bags: feature f's h_f ids end to end, [B, sum(hotness)] --------------------
 
 HOTNESS = (3, 1, 2, 5, 1, 4, 2, 1)  # 19 ids per sample; padded, 8 x 5 = 40 slots

@@ -24,10 +24,19 @@ the bags (`sum_rows`, over the ids it kept, in batch order) stay a sorted segmen
 sum on every backend: its segments are bags, each added to by at most a bag's
 width of ids, so its atomics barely contend, and a segmented scan of the same
 (log2 N passes over N vectors) moved many times the bytes in the compiled GPU step.
+
+One collective is here too, as its best form differs by backend: `sum_scatter`,
+which sums the row-wise owners' partial sums over the devices and leaves each
+device its own samples'. It is a reduce-scatter, except on TPU: XLA:TPU rewrites a
+reduce-scatter over an axis of 8 or more chips into an all-reduce of the whole
+input (its pass `reduce-scatter-decomposer`, docs/compile.md), so `TpuLookup`
+sends each device its samples' block with an all-to-all and adds the n blocks it
+receives, in device order.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import jax
@@ -69,6 +78,10 @@ class LocalLookup(Protocol):
     dropped) with gradients [N, D], and how often each row was looked up [num_rows]
     (> 0: touched)."""
 
+  def sum_scatter(self, partial: jax.Array, axis: str, n: int) -> jax.Array:
+    """Inside shard_map over mesh axis `axis` of `n` devices: [B, ...] on each device ->
+    [B / n, ...], device i's the sum over the devices of their rows [i B / n, (i + 1) B / n)."""
+
 
 class PortableLookup:
   """XLA's gather, an einsum and the optimiser's own scatter: every backend."""
@@ -93,6 +106,9 @@ class PortableLookup:
     dense = jax.ops.segment_sum(grads, rows, num_segments=num_rows + 1)[:num_rows]
     touched = jax.ops.segment_sum(jnp.ones_like(rows), rows, num_segments=num_rows + 1)
     return dense, touched[:num_rows]
+
+  def sum_scatter(self, partial, axis, n):
+    return jax.lax.psum_scatter(partial, axis, scatter_dimension=0, tiled=True)
 
 
 class SortedLookup(PortableLookup):
@@ -120,11 +136,41 @@ class SortedLookup(PortableLookup):
     return dense, touched
 
 
+class TpuLookup(PortableLookup):
+  """The portable lookup, with the row-wise partial sums exchanged by an all-to-all (the
+  module's docstring): for TPUs."""
+
+  def sum_scatter(self, partial, axis, n):
+    return _all_to_all_sum(partial, axis, n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _all_to_all_sum(partial, axis, n):
+  """psum_scatter's value by an all-to-all of the n blocks of samples and a sum of the
+  blocks received, in device order."""
+  blocks = partial.reshape(n, partial.shape[0] // n, *partial.shape[1:])
+  return jax.lax.all_to_all(blocks, axis, 0, 0, tiled=True).sum(0)  # [source, B / n, ...]
+
+
+def _all_to_all_sum_forward(partial, axis, n):
+  return _all_to_all_sum(partial, axis, n), None
+
+
+def _all_to_all_sum_backward(axis, n, _, grad):
+  # Every device's block of the sum had every device's part in it: each device gets
+  # every block's gradient, an all-gather (psum_scatter's transpose), rather than an
+  # all-to-all of the gradient broadcast n times.
+  return (jax.lax.all_gather(grad, axis, tiled=True),)
+
+
+_all_to_all_sum.defvjp(_all_to_all_sum_forward, _all_to_all_sum_backward)
+
+
 # A device platform ("cpu", "gpu", "tpu": the mesh's devices') -> the local lookup it runs.
 KERNELS: dict[str, LocalLookup] = {
     "cpu": PortableLookup(),
     "gpu": SortedLookup(),
-    "tpu": PortableLookup(),
+    "tpu": TpuLookup(),
 }
 
 

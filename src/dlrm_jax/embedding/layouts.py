@@ -256,9 +256,10 @@ class RowWise(Layout):
   those of its own rows, compacted into a buffer of `capacity(ids)` slots, in the
   batch's order: it gathers, pools and updates those rows only, so its work is its
   share of the batch's ids, not all of them. The partial sums of each sample's bags
-  (zero where a device owns none of a bag's ids) are reduce-scattered to the samples'
-  devices. Ids beyond a device's capacity are dropped and counted ("dropped"): the
-  trainer stops on any, before a checkpoint keeps their step (`dlrm_jax.stopping`).
+  (zero where a device owns none of a bag's ids) are summed over the devices and
+  scattered to the samples' devices (`kernel.sum_scatter`: a reduce-scatter). Ids
+  beyond a device's capacity are dropped and counted ("dropped"): the trainer stops
+  on any, before a checkpoint keeps their step (`dlrm_jax.stopping`).
   """
 
   kind = ROW_WISE
@@ -334,7 +335,7 @@ class RowWise(Layout):
     batch = lookup["samples"].shape[0]
     partial = self.kernel.sum_rows(lookup["bag"], vectors * lookup["scale"][:, None].astype(
         vectors.dtype), batch * k).reshape(batch, k, -1)  # my rows' part of each bag
-    return jax.lax.psum_scatter(partial, self.axes.shard, scatter_dimension=0, tiled=True)
+    return self.kernel.sum_scatter(partial, self.axes.shard, self.n)
 
 
 def _compact(keep: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
