@@ -265,7 +265,7 @@ def _plan_within(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
         min_column_width=sharding.min_column_width or min_column_width(platform),
         overrides=parse_overrides(sharding.overrides), table_itemsize=itemsize)
     step = costs.step_temporaries(plan, run.model, slots, dense[0],
-                                  sharding.row_wise_capacity, run.mesh.replicas)
+                                  sharding.row_wise_capacity, run.mesh.replicas, platform)
     return dataclasses.replace(plan, temporaries=step, dense_bytes=dense[1])
 
   plan = plan_within(budget)

@@ -11,22 +11,26 @@ anything is compiled, from shapes alone (no constants fitted to a compiler):
   (`layouts.RowWise.capacity`); column-wise, every id of the batch at its slice
   of the width; replicated, its own samples' ids (and, when copies exchange
   touched rows, every device's);
-- every id's gradient (all live when the sparse update starts), and, for the
-  group being updated (one at a time), its summed gradients and its new
-  optimiser slot values;
-- the pooled vectors of a device's samples and their gradients, and row-wise's
-  partial sums of the whole batch's bags and their all-gathered gradients;
-- the dense network's activations and their gradients (`dense_values_per_sample`
-  values per sample), and three copies of its parameters (gradients, update,
-  optimiser arithmetic).
+- the embedding's peak, as the compiled steps of configs/mlperf_dcnv2.py hold
+  it (XLA's buffer assignments, docs/compile.md), by the devices' platform:
+  - TPU and CPU (`PortableLookup`): every id's gradient, all live when the
+    updates start; for the group being updated (one at a time) its summed
+    gradients and its new optimiser slot values; the gradients of row-wise's
+    partial sums of every sample's bags (all-gathered); on TPU, the table-wise
+    gradients twice, as the all-to-all's [owner, sample, slot, D] and as one
+    row per id (with TPU's 8 x 128 tiles that reshape is a copy);
+  - GPU (`SortedLookup`, whose update writes the summed rows and slots in
+    place): one group's id gradients at a time and the same sorted into row
+    order, and the row-wise partial sums' gradients;
+- the dense network's backward pass (`dense_peak_values` per sample: the
+  activations it reads and the gradients in flight), three copies of its
+  parameters (gradients, update, optimiser arithmetic) and a device's pooled
+  vectors.
 
-The step's peak is the larger of two: the dense network's backward pass (its
-activations, their gradients, its parameters' copies, a device's pooled
-vectors), and the embedding's (every id's gradient, one group's update, the
-pooled vectors' and row-wise partial sums' gradients), as the dense
-activations are gone before the sparse update starts. A model of buffers, not
-XLA's schedule (which fuses, and reuses memory differently on each backend): an
-estimate, printed beside the compiler's figure by `python -m dlrm_jax.compile`.
+The step's peak is the larger of the two, as the dense activations are gone
+before the sparse update starts. A model of buffers, not XLA's schedule (which
+fuses, pads TPU arrays to its tiles, and reuses memory differently on each chip):
+an estimate, printed beside the compiler's figure by `python -m dlrm_jax.compile`.
 """
 
 from __future__ import annotations
@@ -83,20 +87,40 @@ def ids_per_device(plan: Plan, capacity: float = 0.0,
 
 
 def embedding_temporaries(plan: Plan, slots_per_row: Callable[[int], int],
-                          capacity: float = 0.0, replicas: int = 1) -> int:
-  """Bytes of a train step's embedding temporaries per device (the module docstring):
-  `slots_per_row(width)`, the sparse optimiser's float32 values per row."""
-  n, batch = plan.num_shards, plan.batch_size / replicas
-  handled = ids_per_device(plan, capacity, replicas).values()
-  gradients = sum(ids * width * 4 for ids, width in handled)  # all live when updates start
-  update = max((ids * (width + slots_per_row(int(width))) * 4 for ids, width in handled),
-               default=0)  # one group at a time: its summed gradients, its new slot values
-  pooled = 2 * _pooled(plan, replicas)  # a device's, and their gradients
+                          capacity: float = 0.0, replicas: int = 1,
+                          platform: str = "cpu") -> int:
+  """Bytes of a train step's embedding temporaries per device on `platform`'s devices
+  (the module docstring): `slots_per_row(width)`, the sparse optimiser's float32 values
+  per row."""
+  handled = ids_per_device(plan, capacity, replicas)
+  gradients = {kind: ids * width * 4 for kind, (ids, width) in handled.items()}
   row_wise = [k for k, p in enumerate(plan.placements) if p.kind == ROW_WISE]
-  partial = 0  # partial sums of every sample's row-wise bags, and their gradients
-  if row_wise and n > 1:
-    partial = 2 * batch * len(row_wise) * max(plan.dims[k] for k in row_wise) * 4
-  return int(gradients + update + pooled + partial)
+  partial = 0  # the gradients of the row-wise partial sums of every sample's bags
+  if row_wise and plan.num_shards > 1:
+    partial = (plan.batch_size / replicas * len(row_wise) * max(plan.dims[k] for k in row_wise)
+               * 4)
+  if platform == "gpu":  # one group at a time: its gradients, and them in row order
+    return int(max(2 * g for g in gradients.values()) + partial) if gradients else 0
+  update = max(ids * (width + slots_per_row(int(width))) * 4 for ids, width in handled.values())
+  relayout = gradients.get(TABLE_WISE, 0) if platform == "tpu" else 0
+  return int(sum(gradients.values()) + update + partial + relayout)
+
+
+def dense_peak_values(model) -> int:
+  """Values per sample live at the peak of a DLRM's dense backward pass (0 for a model
+  without DLRM's MLPs: DLRMv4's encoder is not estimated): what the backward pass reads
+  (each layer's output, the interaction's input, and per cross layer its low-rank and
+  full-width products and its output) and the gradients in flight (two of the widest
+  layer's; with DCN, x0's gradient as one term per cross layer besides)."""
+  if not hasattr(model, "bottom"):
+    return 0
+  x0 = (model.num_tables + 1) * model.embedding_dim
+  saved = sum(model.bottom[1:]) + x0 + sum(model.top)
+  widest = max(x0, model.interaction_width, *model.bottom, *model.top)
+  if model.interaction == "dcn":
+    layers = model.dcn_num_layers
+    return saved + layers * (2 * x0 + model.dcn_low_rank_dim) + (layers + 2) * x0
+  return saved + model.interaction_width + 2 * widest
 
 
 def dense_values_per_sample(model) -> int:
@@ -112,9 +136,9 @@ def dense_values_per_sample(model) -> int:
 
 
 def dense_temporaries(model, batch_per_device: float, param_bytes: int) -> int:
-  """Bytes of the dense network's temporaries per device: its activations and their
-  gradients (float32), and three copies of its parameters."""
-  return int(2 * dense_values_per_sample(model) * batch_per_device * 4 + 3 * param_bytes)
+  """Bytes of the dense network's temporaries per device: its backward pass's peak
+  (`dense_peak_values`, float32) and three copies of its parameters."""
+  return int(dense_peak_values(model) * batch_per_device * 4 + 3 * param_bytes)
 
 
 def _pooled(plan: Plan, replicas: int) -> float:
@@ -124,12 +148,13 @@ def _pooled(plan: Plan, replicas: int) -> float:
 
 
 def step_temporaries(plan: Plan, model, slots_per_row: Callable[[int], int],
-                     param_bytes: int, capacity: float = 0.0, replicas: int = 1) -> int:
-  """The train step's temporaries per device, `plan`'s devices in `replicas` groups: the
-  larger of its two peaks, the dense network's backward pass (with a device's pooled
-  vectors) and the embedding's gradients and sparse update (the dense activations are
-  gone by then)."""
+                     param_bytes: int, capacity: float = 0.0, replicas: int = 1,
+                     platform: str = "cpu") -> int:
+  """The train step's temporaries per device, `plan`'s devices (of `platform`) in
+  `replicas` groups: the larger of its two peaks, the dense network's backward pass
+  (with a device's pooled vectors) and the embedding's gradients and sparse update (the
+  dense activations are gone by then)."""
   batch_per_device = plan.batch_size / replicas / plan.num_shards
-  return max(embedding_temporaries(plan, slots_per_row, capacity, replicas),
+  return max(embedding_temporaries(plan, slots_per_row, capacity, replicas, platform),
              dense_temporaries(model, batch_per_device, param_bytes)
              + int(_pooled(plan, replicas)))
