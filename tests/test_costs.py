@@ -81,3 +81,36 @@ def test_overrides_that_cannot_be_met_are_not_called_a_memory_problem():
   with pytest.raises(ConfigError, match=r"^sharding overrides name unknown tables \['nope'\]"
                      r"[^\n]*$"):
     make_plan(run, dlrm_parts(run).collection, 8, memory=4096 * MiB)
+
+
+def test_the_temporaries_model_by_platform():
+  """The embedding's peak as each platform's compiled step holds it (docs/compile.md):
+  on GPU one group's id gradients at a time, twice (as they come and sorted), with the
+  row-wise partial sums' gradients; on CPU every group's gradients, one group's update
+  (summed gradients and new slot values) and the partial sums' gradients; on TPU the
+  table-wise gradients once more (their relayout). The dense peak of a DCN: what its
+  backward pass reads and the gradients in flight, counted here from the docstring."""
+  run = _run(rows="400000-300000-20000-10000-64-40-30-20")
+  collection = dlrm_parts(run).collection
+  plan = make_plan(run, collection, 8)
+  slots = SPARSE_OPTIMIZERS["adagrad"]().slot_values_per_row
+  handled = costs.ids_per_device(plan, run.sharding.row_wise_capacity)
+  assert {"table_wise", "row_wise", "replicated"} <= set(handled), handled
+  grads = {k: ids * w * 4 for k, (ids, w) in handled.items()}
+  row_wise = [k for k, p in enumerate(plan.placements) if p.kind == "row_wise"]
+  partial = (plan.batch_size * len(row_wise) * max(plan.dims[k] for k in row_wise) * 4
+             if row_wise else 0)
+  update = max(ids * (w + slots(int(w))) * 4 for ids, w in handled.values())
+  emb = lambda platform: costs.embedding_temporaries(plan, slots,
+                                                     run.sharding.row_wise_capacity,
+                                                     platform=platform)
+  assert emb("gpu") == int(max(2 * g for g in grads.values()) + partial)
+  assert emb("cpu") == int(sum(grads.values()) + update + partial)
+  assert emb("tpu") == int(emb("cpu") + grads.get("table_wise", 0))
+
+  c = load_config("dcnv2_small", devices=1)
+  model = RunSpec.from_config(c).model
+  x0 = (model.num_tables + 1) * model.embedding_dim
+  layers, rank = model.dcn_num_layers, model.dcn_low_rank_dim
+  saved = sum(model.bottom[1:]) + x0 + sum(model.top) + layers * (x0 + rank + x0)
+  assert costs.dense_peak_values(model) == saved + layers * x0 + 2 * x0

@@ -65,6 +65,42 @@ def test_a_fusion_counts_once_and_an_indexed_table_by_its_rows():
       "sparse update": {"hbm": rows + 16 * 4 + rows + rows, "interconnect": 0}}
 
 
+SLICED = """%fused_slice (param_0: f32[8192,512], param_1: f32[8192,512]) -> f32[8192,64] {
+  %param_0 = f32[8192,512]{1,0} parameter(0)
+  %param_1 = f32[8192,512]{1,0} parameter(1)
+  %sum = f32[8192,512]{1,0} add(%param_0, %param_1)
+  %twice = f32[8192,512]{1,0} multiply(%sum, %param_1)
+  ROOT %part = f32[8192,64]{1,0} slice(%twice), slice={[0:8192], [128:192]}
+}
+
+%fused_window (param_0: f32[8192,512]) -> f32[8192,64] {
+  %param_0 = f32[8192,512]{1,0} parameter(0)
+  %zero = f32[] constant(0)
+  ROOT %w = f32[8192,64]{1,0} reduce-window(%param_0, %zero), window={size=1x8 stride=1x8}, to_apply=%add
+}"""
+
+
+def test_a_loop_fusion_reads_its_parameters_once_per_element_it_makes():
+  """A loop fusion of element-wise ops and slices computes each output element once:
+  a slice of a sum of two [8192, 512] parameters reads each where the slice is (once
+  per use: param_1 twice), not whole; a loop fusion with a window over its parameter
+  reads it whole."""
+  out = 8192 * 64 * 4
+  hlo = _module(f"""
+  %a = f32[8192,512]{{1,0}} parameter(0)
+  %b = f32[8192,512]{{1,0}} parameter(1)
+  ROOT %s = f32[8192,64]{{1,0}} fusion(%a, %b), kind=kLoop, calls=%fused_slice, {_OP % 'jvp(dense)'}""",
+                SLICED)
+  assert traffic.hlo_traffic(hlo) == {"dense forward": {"hbm": out + 2 * out + out,
+                                                        "interconnect": 0}}
+  hlo = _module(f"""
+  %a = f32[8192,512]{{1,0}} parameter(0)
+  ROOT %w = f32[8192,64]{{1,0}} fusion(%a), kind=kLoop, calls=%fused_window, {_OP % 'jvp(dense)'}""",
+                SLICED)
+  assert traffic.hlo_traffic(hlo) == {"dense forward": {"hbm": 8192 * 512 * 4 + out,
+                                                        "interconnect": 0}}
+
+
 def test_collectives_count_their_results_as_interconnect_bytes():
   """A collective's result bytes are interconnect bytes (an async start's outputs, not
   the operands its tuple carries), its operands and results HBM bytes; a while body is

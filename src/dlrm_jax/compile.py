@@ -122,6 +122,9 @@ class Report:
   traffic: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
   need: dict[str, int] = dataclasses.field(default_factory=dict)
   roofline: dict[str, float] = dataclasses.field(default_factory=dict)
+  # The embedding's phases in seconds: the planner's time model ("planner", slowest
+  # device) and the compiled step's traffic at the chip's bandwidths ("compiled").
+  embedding_seconds: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
   eval_memory: dict[str, int] = dataclasses.field(default_factory=dict)
   eval_compile_seconds: float = 0.0
   versions: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -176,6 +179,25 @@ def roofline(report: Report, chip: targets_lib.Chip | None) -> dict[str, float]:
           "samples_per_s": report.global_batch / bound if bound > 0 else float("inf")}
 
 
+# The compiled step's phases that the planner's time model covers (`step_time.PHASES`).
+EMBEDDING_PHASES = {"lookup": ("lookup",), "exchange": ("exchange forward", "exchange backward"),
+                    "sparse update": ("sparse update",)}
+
+
+def embedding_seconds(report: Report, plan, chip: targets_lib.Chip | None) -> dict:
+  """The embedding's phases in seconds per step: the planner's estimate (its time model,
+  on the slowest device) and the compiled step's, its traffic per phase at the chip's
+  HBM and interconnect bandwidths (each a model, not a measurement)."""
+  if chip is None or not report.traffic or plan.bandwidths is None:
+    return {}
+  compiled = {phase: sum(report.traffic[p]["hbm"] / chip.hbm_bytes_per_s
+                         + report.traffic[p]["interconnect"] / chip.interconnect_bytes_per_s
+                         for p in parts if p in report.traffic)
+              for phase, parts in EMBEDDING_PHASES.items()}
+  return {"planner": plan.step_seconds(),
+          "compiled": {**compiled, "total": sum(compiled.values())}}
+
+
 def compile_config(config, target: targets_lib.Target, *, evaluate: bool = True,
                    name: str = "") -> Report:
   """Plans `config` for `target`, compiles its train step (and evaluation step) from
@@ -222,6 +244,7 @@ def compile_config(config, target: targets_lib.Target, *, evaluate: bool = True,
   report.traffic = traffic_lib.hlo_traffic(text)
   report.need = traffic_lib.physical_need(run, task.plan, len(devices), task.state_shapes)
   report.roofline = roofline(report, target.chip)
+  report.embedding_seconds = embedding_seconds(report, task.plan, target.chip)
   if target.memory_bytes:
     spare = target.memory_bytes - report.memory["total"]
     report.fits = spare >= 0
@@ -303,6 +326,12 @@ def format_report(r: Report) -> str:
               f"  interconnect {f['interconnect_s'] * 1e3:10.3f} ms",
               f"  step >= {f['step_s'] * 1e3:.3f} ms: at most {f['samples_per_s']:,.0f} "
               f"samples/s ({f['samples_per_s'] / r.devices:,.0f} per device)"]
+  if r.embedding_seconds:
+    lines.append("the embedding's phases per step (models: the planner's estimate for its "
+                 "slowest device; the compiled step's traffic at the chip's bandwidths):")
+    for source, phases in r.embedding_seconds.items():
+      lines.append(f"  {source:<9} " + ", ".join(
+          f"{k} {v * 1e3:.3f} ms" for k, v in phases.items()))
   return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ from dlrm_jax.embedding.collection import POOLINGS, STORAGE_DTYPES
 from dlrm_jax.embedding.planner import (OverBudgetError, Plan, PlanError, fmt_bytes,
                                         min_column_width, parse_overrides, plan_tables)
 from dlrm_jax.embedding.qr import QRTables
+from dlrm_jax.embedding.step_time import CPU, Bandwidths
 from dlrm_jax.embedding.sharded import ShardedEmbedding
 from dlrm_jax.functional import Functions, ModelParts
 from dlrm_jax.model import abstract_model, init_params
@@ -72,7 +73,7 @@ class Task:
     device = mine[0] if mine else self.mesh.devices.flat[0]
     self.plan = make_plan(self.run, self.collection, self.mesh.shape[self.axes.shard],
                           device_memory(device), device.platform,
-                          dense_bytes(abstract_params, self.tx))
+                          dense_bytes(abstract_params, self.tx), device_bandwidths(device))
     self.embedding = ShardedEmbedding(self.collection, self.plan, self.mesh, self.axes,
                                       row_wise_capacity=self.run.sharding.row_wise_capacity)
     self.batch_sharding = NamedSharding(self.mesh, self.embedding.batch_spec)
@@ -202,7 +203,7 @@ def dlrmv4_parts(run: RunSpec) -> ModelParts:
 
 def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
               memory: int | None = None, platform: str = "cpu",
-              dense: tuple[int, int] = (0, 0)) -> Plan:
+              dense: tuple[int, int] = (0, 0), bandwidths: Bandwidths = CPU) -> Plan:
   """The sharding plan for the run's tables over `num_shards` devices of `memory` bytes
   each (None: unknown) on `platform` ("cpu", "gpu", "tpu"): within
   `sharding.memory_budget_mb`, else 90% of `memory`, less the dense network's state
@@ -210,13 +211,14 @@ def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
   state with the optimiser's; the temporaries estimated by `embedding.costs` for the
   plan, which is made again within what they leave where they do not fit beside it);
   column slices of at least `sharding.min_column_width` values, else the platform's
-  (`planner.min_column_width`)."""
+  (`planner.min_column_width`); sharding types chosen by the time model at the devices'
+  `bandwidths` (`embedding.step_time`)."""
   budget_mb = run.sharding.memory_budget_mb
   budget = int(budget_mb * 2**20) if budget_mb > 0 else (
       int(0.9 * memory) if memory else None)
   own = (run.training.embedding_optimizer, collection.dtype.itemsize)
   fit = lambda optimizer, itemsize: _plan_within(
-      run, collection, num_shards, budget, platform, dense, optimizer, itemsize)
+      run, collection, num_shards, budget, platform, dense, optimizer, itemsize, bandwidths)
   try:
     plan = fit(*own)
     if budget is None or _device_total(plan) <= budget:
@@ -251,7 +253,7 @@ def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
 
 def _plan_within(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
                  budget: int | None, platform: str, dense: tuple[int, int], optimizer: str,
-                 itemsize: int) -> Plan:
+                 itemsize: int, bandwidths: Bandwidths) -> Plan:
   """`make_plan`'s plan with the sparse `optimizer` and tables of `itemsize` bytes a
   value, and its estimate of the step; placed again within what the step leaves where
   the first plan does not fit beside it. PlanError where the tables alone do not fit."""
@@ -263,7 +265,8 @@ def _plan_within(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
         collection.specs, num_shards, batch_size=run.training.mini_batch_size,
         lookups=collection.hotness, optimizer=optimizer, memory_budget=limit,
         min_column_width=sharding.min_column_width or min_column_width(platform),
-        overrides=parse_overrides(sharding.overrides), table_itemsize=itemsize)
+        overrides=parse_overrides(sharding.overrides), table_itemsize=itemsize,
+        bandwidths=bandwidths)
     step = costs.step_temporaries(plan, run.model, slots, dense[0],
                                   sharding.row_wise_capacity, run.mesh.replicas, platform)
     return dataclasses.replace(plan, temporaries=step, dense_bytes=dense[1])
@@ -289,6 +292,16 @@ def dense_bytes(abstract_params, tx) -> tuple[int, int]:
                           if hasattr(x, "dtype"))
   params = size(abstract_params)
   return params, params + size(jax.eval_shape(tx.init, abstract_params))
+
+
+def device_bandwidths(device) -> Bandwidths:
+  """A device's memory and interconnect bandwidths for the planner's time model: its
+  chip's peak figures (`dlrm_jax.targets`), else this kind of CPU's."""
+  chip = targets.chip_of(device.device_kind)
+  if chip is None:
+    return CPU
+  return Bandwidths(chip.hbm_bytes_per_s, chip.interconnect_bytes_per_s,
+                    f"{chip.name}'s peak figures")
 
 
 def device_memory(device) -> int | None:

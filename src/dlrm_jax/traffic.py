@@ -76,6 +76,15 @@ _FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "copy
 # promise that gather indices are in bounds).
 _FREE_CUSTOM_CALLS = ("ConcatBitcast", "AssumeGatherIndicesInBound")
 _INDEXED = {"gather": 0, "dynamic-slice": 0, "slice": 0}  # op -> its data operand
+# Ops each element of whose result reads at most one element of each operand.
+_PER_ELEMENT = {
+    "parameter", "constant", "bitcast", "reshape", "transpose", "broadcast", "slice",
+    "dynamic-slice", "pad", "concatenate", "gather", "iota", "copy", "tuple", "convert",
+    "add", "subtract", "multiply", "divide", "maximum", "minimum", "select", "compare",
+    "negate", "abs", "exponential", "log", "log-plus-one", "exponential-minus-one", "and",
+    "or", "not", "xor", "clamp", "power", "sqrt", "rsqrt", "tanh", "logistic", "sign",
+    "floor", "ceil", "round-nearest-even", "remainder", "shift-left",
+    "shift-right-logical", "shift-right-arithmetic", "is-finite"}
 _UPDATES = {"dynamic-update-slice": 1}  # op -> its update operand (scatter: by arity)
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
@@ -83,6 +92,17 @@ _CALLS = re.compile(r"\b(?:calls|body|condition|true_computation|false_computati
                     r"%?([\w.\-]+)")
 _BRANCHES = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def _elements(text: str) -> int:
+  """Elements of the first array in a shape's text."""
+  m = SHAPE.search(text)
+  return int(np.prod([int(d) for d in m.group(2).split(",") if d], dtype=np.int64)) if m else 0
+
+
+def _itemsize(text: str) -> float:
+  m = SHAPE.search(text)
+  return _DTYPE_BYTES.get(m.group(1), 4) if m else 4
 
 
 def shape_bytes(text: str) -> int:
@@ -318,12 +338,20 @@ def _fusion_traffic(ins: Instruction, fused: Computation, computations):
   own = ins.phase
   users = fused.users()
   indexed = set()
+  # A loop fusion of ops that each read one element of an operand per element they make
+  # (no reduction or window) computes each output element once.
+  per_element = "kind=kLoop" in ins.attributes and all(
+      i.opcode in _PER_ELEMENT for i in fused.instructions.values())
+  outputs = max(_elements(s) for s in _top_level(ins.shape))
   for p in fused.instructions.values():
     if p.opcode != "parameter":
       continue
     uses = _indexed_uses(p.name, users, computations)
     if uses is None:
-      yield own, p.result_bytes, 0
+      whole = p.result_bytes
+      if per_element:  # at most one element of it per use for each output element
+        whole = min(whole, len(users[p.name]) * outputs * _itemsize(p.shape))
+      yield own, whole, 0
       continue
     indexed.add(p.name)
     for use in uses:  # the rows read; scatters' rows written are counted as outputs

@@ -21,10 +21,10 @@ order, for each table (largest first):
 1. a per-table override from the config wins (`table_wise[:DEVICE]`,
    `row_wise`, `column_wise`, `replicated`);
 2. on one device every table is table-wise (one stacked array);
-3. `replicated` if keeping its copies equal (`replica_exchange_bytes`) moves
-   fewer bytes per device than serving its lookups table-wise (a device's share
-   of the batch's ids out, pooled vectors and gradients back), and a copy fits
-   on every device;
+3. `replicated` if that takes less time per step, summed over the devices, than
+   the table whole on one device (`dlrm_jax.embedding.step_time`'s model: bytes
+   through memory and over the interconnect at the devices' bandwidths; copies
+   kept equal by `replica_exchange_bytes`), and a copy fits on every device;
 4. `table_wise` if it is no bigger than half an even share of all
    non-replicated bytes (table-wise storage is one array per table width with
    an equal share per device, so one big table would pad every device up to
@@ -37,22 +37,29 @@ order, for each table (largest first):
    all, where it fits under the fullest device's share) comes first;
 5. otherwise split it: `column_wise` when its width splits into slices of at
    least `min_column_width` values (`MIN_COLUMN_WIDTH`: 128 on TPU, 32
-   elsewhere), else `row_wise`.
+   elsewhere) and the time model gives it no more time than `row_wise`, else
+   `row_wise`.
+
+The plan prints the time model's estimate per table and phase, and the slowest
+device's step (`Plan.step_seconds`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Mapping, Sequence
+
+import numpy as np
 
 from dlrm_jax.embedding.collection import TableSpec
 from dlrm_jax.embedding.optimizers import SPARSE_OPTIMIZERS
+from dlrm_jax.embedding.step_time import (COLUMN_WISE, CPU, PHASES, REPLICATED, ROW_WISE,
+                                          SHARDING_TYPES, TABLE_WISE, Bandwidths, TableTime,
+                                          replica_exchange_bytes, sparse_replica_update,
+                                          table_time)
+from dlrm_jax.embedding.step_time import describe as describe_times
 
-TABLE_WISE = "table_wise"
-ROW_WISE = "row_wise"
-COLUMN_WISE = "column_wise"
-REPLICATED = "replicated"
-SHARDING_TYPES = (TABLE_WISE, ROW_WISE, COLUMN_WISE, REPLICATED)
 # Which rows of a row-wise table a device holds: "cyclic", row r on device r mod n
 # (hot rows spread over the devices whatever their numbers); "blocks", contiguous
 # blocks (the layout of checkpoints written before the cyclic one).
@@ -68,23 +75,6 @@ DEFAULT_MIN_COLUMN_WIDTH = 32  # other platforms (GPU, CPU)
 def min_column_width(platform: str) -> int:
   """The narrowest column slice for devices of `platform` ("tpu", "gpu", "cpu")."""
   return MIN_COLUMN_WIDTH.get(platform, DEFAULT_MIN_COLUMN_WIDTH)
-
-
-def sparse_replica_update(ids: int, rows: int) -> bool:
-  """Whether replicated tables of `rows` rows in all, read by `ids` ids per step over all
-  devices, keep their copies equal by exchanging the touched rows (an all-gather of
-  ids x (D + 1) values) rather than by all-reducing a dense gradient of every row
-  (about 2 x rows x (D + 1) values moved): whichever moves fewer."""
-  return ids < 2 * rows
-
-
-def replica_exchange_bytes(ids: float, rows: int, dim: int) -> float:
-  """Bytes a device moves per step to keep a replicated table's copies equal: the touched
-  rows' ids and gradients of every device, or a dense gradient (and touch counts)
-  all-reduced (`sparse_replica_update`)."""
-  if sparse_replica_update(ids, rows):
-    return ids * (dim + 1) * 4
-  return 2 * rows * (dim + 1) * 4
 
 
 class PlanError(ValueError):
@@ -129,6 +119,12 @@ class Plan:
   # `dlrm_jax.embedding.costs`) and the dense network's parameters and optimiser state.
   temporaries: int = 0
   dense_bytes: int = 0
+  # What the time model (`dlrm_jax.embedding.step_time`) needs besides: the stored value's
+  # bytes, the sparse optimiser, the devices' bandwidths (None: not known, e.g. a plan
+  # read from a checkpoint written before).
+  table_itemsize: int = 4
+  optimizer: str = "sgd"
+  bandwidths: Bandwidths | None = None
 
   def to_json(self) -> dict:
     """The plan as JSON values (checkpoints keep the plan their tables were laid out by)."""
@@ -144,6 +140,8 @@ class Plan:
     for k in ("table_bytes", "lookups", "dims", "rows", "names"):
       d[k] = tuple(d[k])
     d.setdefault("row_order", "blocks")  # saved before row-wise tables went cyclic
+    if d.get("bandwidths") is not None:
+      d["bandwidths"] = Bandwidths(**d["bandwidths"])
     return cls(**d)
 
   def same_layout(self, other: "Plan") -> bool:
@@ -199,6 +197,20 @@ class Plan:
         out[key] += int(frac * n * replica_exchange_bytes(b * h, rows, d))
     return out
 
+  def table_times(self) -> list[TableTime]:
+    """Each table's bytes per device and phase per step (`step_time.table_time`)."""
+    slots = SPARSE_OPTIMIZERS[self.optimizer]().slot_values_per_row
+    return [table_time(p.kind, p.device, rows=r, dim=d, hot=h, batch=self.batch_size,
+                       n=self.num_shards, itemsize=self.table_itemsize, slots=slots)
+            for p, r, d, h in zip(self.placements, self.rows, self.dims, self.lookups)]
+
+  def step_seconds(self) -> dict[str, float]:
+    """The embedding's estimated seconds per step by phase on the slowest device (at
+    `bandwidths`), and their sum ("total")."""
+    total = sum(t.seconds(self.bandwidths) for t in self.table_times())
+    slowest = total[int(np.argmax(total.sum(1)))]
+    return {**dict(zip(PHASES, map(float, slowest))), "total": float(slowest.sum())}
+
   def describe(self) -> str:
     """The plan as a table, with per-device totals and the traffic estimate."""
     lines = [f"Embedding sharding plan: {len(self.placements)} tables over {self.num_shards} "
@@ -220,6 +232,8 @@ class Plan:
     traffic = self.traffic()
     lines.append("  per step (estimate): " + ", ".join(
         f"{name} {fmt_bytes(v)}" for name, v in traffic.items()))
+    if self.bandwidths is not None:
+      lines += describe_times(self.table_times(), list(self.names), self.bandwidths)
     return "\n".join(lines)
 
 
@@ -265,7 +279,8 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
                 lookups: Sequence[float] | float = 1.0, optimizer: str = "sgd",
                 memory_budget: int | None = None,
                 min_column_width: int = DEFAULT_MIN_COLUMN_WIDTH,
-                overrides: Mapping[str, str] | None = None, table_itemsize: int = 4) -> Plan:
+                overrides: Mapping[str, str] | None = None, table_itemsize: int = 4,
+                bandwidths: Bandwidths = CPU) -> Plan:
   """Places every table over `num_shards` devices (see the module docstring).
 
   Args:
@@ -281,6 +296,8 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
     overrides: table name -> placement text, e.g. {"t3": "row_wise"}.
     table_itemsize: bytes per stored table value (4: float32, 2: bfloat16 or float16);
       optimiser state is float32 either way.
+    bandwidths: the devices' memory and interconnect bandwidths, for the time model that
+      chooses between sharding types (`dlrm_jax.embedding.step_time`).
 
   Raises:
     PlanError: an unknown table or type in the overrides, a column-wise table
@@ -303,7 +320,11 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
     raise PlanError(f"sharding overrides name unknown tables {unknown}; tables are "
                     f"{names[:6]}{' ...' if len(names) > 6 else ''}")
   budget = float("inf") if memory_budget is None else int(memory_budget)
-  placer = _Placer(specs, num_shards, batch_size, hot, sizes, budget)
+  placer = _Placer(specs, num_shards, batch_size, hot, sizes, budget,
+                   lambda k, kind: float(table_time(
+                       kind, 0, rows=specs[k].rows, dim=specs[k].dim, hot=hot[k],
+                       batch=batch_size, n=num_shards, itemsize=int(table_itemsize),
+                       slots=slots).seconds(bandwidths).sum()))
   pinned_table_wise = placer.place_overrides(overrides)
   for k in sorted(range(len(specs)), key=lambda k: -sizes[k]):
     if placer.placements[k] is None:
@@ -311,7 +332,8 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
   plan = Plan(placements=tuple(placer.placements), num_shards=num_shards,
               table_bytes=tuple(sizes), lookups=tuple(hot), batch_size=int(batch_size),
               dims=tuple(s.dim for s in specs), rows=tuple(s.rows for s in specs),
-              names=tuple(names))
+              names=tuple(names), table_itemsize=int(table_itemsize), optimizer=optimizer,
+              bandwidths=bandwidths)
   per = plan.device_bytes()
   if max(per) > budget:
     worst = max(range(num_shards), key=lambda d: per[d])
@@ -327,9 +349,10 @@ class _Placer:
   """The planner's running account: each device's bytes and lookup traffic so far."""
 
   def __init__(self, specs, n: int, batch_size: int, hot: list[float], sizes: list[int],
-               budget: float):
+               budget: float, seconds):
     self.specs, self.n, self.batch_size, self.hot = specs, n, batch_size, hot
     self.sizes, self.budget = sizes, budget
+    self.seconds = seconds  # (table, sharding type) -> its estimated time summed over devices
     self.placements: list[Placement | None] = [None] * len(specs)
     self.table_wise: dict[int, list[int]] = {}  # table-wise bytes per device, per width
     self.other = [0] * n  # bytes of split and replicated tables per device
@@ -342,12 +365,12 @@ class _Placer:
     self.total_load = max(1.0, sum(batch_size * h * s.dim for h, s in zip(hot, specs)))
 
   def replicable(self, k: int) -> bool:
-    """Whether keeping copies of the table equal moves fewer bytes per device than
-    serving its lookups table-wise would (ids out, pooled vectors and their gradients
-    back: a device's share of the batch's)."""
-    spec, b, h = self.specs[k], self.batch_size, self.hot[k]
-    table_wise = b * (4 * h + 2 * spec.dim * 4) / self.n
-    return self.n > 1 and replica_exchange_bytes(b * h, spec.rows, spec.dim) < table_wise
+    """Whether a copy on every device takes less time, summed over the devices (the
+    lookups of its samples, keeping the copies equal), than the table whole on one
+    (serving the batch's lookups, their exchange and update); a tie (to rounding) goes to
+    the one copy, which holds less."""
+    copies, one = self.seconds(k, REPLICATED), self.seconds(k, TABLE_WISE)
+    return self.n > 1 and copies < one and not math.isclose(copies, one, rel_tol=1e-9)
 
   def add(self, k: int, p: Placement) -> None:
     self.placements[k] = p
@@ -425,7 +448,8 @@ class _Placer:
                       f"{fmt_bytes(self.sizes[k])} for a whole copy on one device, but the "
                       f"most any device has left is {fmt_bytes(free)} of its "
                       f"{fmt_bytes(self.budget)} budget")
-    if spec.dim % n == 0 and spec.dim // n >= min_column_width:
+    if (spec.dim % n == 0 and spec.dim // n >= min_column_width
+        and self.seconds(k, COLUMN_WISE) <= self.seconds(k, ROW_WISE)):
       return self.add(k, Placement(COLUMN_WISE))
     return self.add(k, Placement(ROW_WISE))
 
