@@ -106,13 +106,6 @@ MUTATIONS = (
         "  blocks = partial.reshape(partial.shape[0] // n, n, *partial.shape[1:]).swapaxes(0, 1)\n",
         ("tests/test_sharding.py::test_the_tpu_kernel_exchanges_row_wise_sums_by_all_to_all",)),
     Mutation(
-        "replicated_whatever_the_time",
-        "the planner replicates every table whose copies fit, whatever the time model says",
-        "src/dlrm_jax/embedding/planner.py",
-        "    return self.n > 1 and copies < one and not math.isclose(copies, one, rel_tol=1e-9)\n",
-        "    return self.n > 1\n",
-        ("tests/test_sharding.py::test_planner_replicates_where_the_time_model_says_copies_are_faster",)),
-    Mutation(
         "loop_fusion_reads_uncapped",
         "a loop fusion's parameters count whole, however few elements it makes",
         "src/dlrm_jax/traffic.py",

@@ -21,10 +21,11 @@ order, for each table (largest first):
 1. a per-table override from the config wins (`table_wise[:DEVICE]`,
    `row_wise`, `column_wise`, `replicated`);
 2. on one device every table is table-wise (one stacked array);
-3. `replicated` if that takes less time per step, summed over the devices, than
-   the table whole on one device (`dlrm_jax.embedding.step_time`'s model: bytes
-   through memory and over the interconnect at the devices' bandwidths; copies
-   kept equal by `replica_exchange_bytes`), and a copy fits on every device;
+3. `replicated` if keeping its copies equal (`replica_exchange_bytes`) moves
+   fewer bytes per device than serving its lookups table-wise (a device's share
+   of the batch's ids out, pooled vectors and gradients back), and a copy fits
+   on every device (by bytes, not by the time model below: choosing by its time
+   replicated more tables, and the compiled MLPerf step moved more, docs/compile.md);
 4. `table_wise` if it is no bigger than half an even share of all
    non-replicated bytes (table-wise storage is one array per table width with
    an equal share per device, so one big table would pad every device up to
@@ -47,17 +48,14 @@ device's step (`Plan.step_seconds`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Mapping, Sequence
-
-import numpy as np
 
 from dlrm_jax.embedding.collection import TableSpec
 from dlrm_jax.embedding.optimizers import SPARSE_OPTIMIZERS
 from dlrm_jax.embedding.step_time import (COLUMN_WISE, CPU, PHASES, REPLICATED, ROW_WISE,
                                           SHARDING_TYPES, TABLE_WISE, Bandwidths, TableTime,
-                                          replica_exchange_bytes, sparse_replica_update,
-                                          table_time)
+                                          device_seconds, replica_exchange_bytes,
+                                          sparse_replica_update, table_time)
 from dlrm_jax.embedding.step_time import describe as describe_times
 
 # Which rows of a row-wise table a device holds: "cyclic", row r on device r mod n
@@ -207,8 +205,8 @@ class Plan:
   def step_seconds(self) -> dict[str, float]:
     """The embedding's estimated seconds per step by phase on the slowest device (at
     `bandwidths`), and their sum ("total")."""
-    total = sum(t.seconds(self.bandwidths) for t in self.table_times())
-    slowest = total[int(np.argmax(total.sum(1)))]
+    total = device_seconds(self.table_times(), self.bandwidths)
+    slowest = total[int(total.sum(1).argmax())]
     return {**dict(zip(PHASES, map(float, slowest))), "total": float(slowest.sum())}
 
   def describe(self) -> str:
@@ -365,12 +363,12 @@ class _Placer:
     self.total_load = max(1.0, sum(batch_size * h * s.dim for h, s in zip(hot, specs)))
 
   def replicable(self, k: int) -> bool:
-    """Whether a copy on every device takes less time, summed over the devices (the
-    lookups of its samples, keeping the copies equal), than the table whole on one
-    (serving the batch's lookups, their exchange and update); a tie (to rounding) goes to
-    the one copy, which holds less."""
-    copies, one = self.seconds(k, REPLICATED), self.seconds(k, TABLE_WISE)
-    return self.n > 1 and copies < one and not math.isclose(copies, one, rel_tol=1e-9)
+    """Whether keeping copies of the table equal moves fewer bytes per device than
+    serving its lookups table-wise would (ids out, pooled vectors and their gradients
+    back: a device's share of the batch's)."""
+    spec, b, h = self.specs[k], self.batch_size, self.hot[k]
+    table_wise = b * (4 * h + 2 * spec.dim * 4) / self.n
+    return self.n > 1 and replica_exchange_bytes(b * h, spec.rows, spec.dim) < table_wise
 
   def add(self, k: int, p: Placement) -> None:
     self.placements[k] = p

@@ -70,8 +70,8 @@ class Bandwidths:
 
 
 # XLA:CPU's simulated devices share the host's memory: a collective is a copy through
-# it. Measured on a 2-core Intel Xeon (2026-12-08, numpy copies of 256 MiB float32
-# arrays, read + write bytes over the median time of 5): benchmarks/RESULTS.md.
+# it. `python benchmarks/host_bandwidth.py` on a 2-core Intel Xeon, 2026-12-08: 23.6 GB/s
+# read and written by copies of 256 MiB (benchmarks/RESULTS.md).
 CPU = Bandwidths(hbm=23.6e9, interconnect=23.6e9, source="this CPU's measured copies")
 
 
@@ -129,18 +129,21 @@ def table_time(kind: str, device: int, *, rows: int, dim: int, hot: float, batch
   return TableTime(hbm, link)
 
 
+def device_seconds(times: list[TableTime], bw: Bandwidths) -> np.ndarray:
+  """[device, phase] seconds of every table together at `bw`."""
+  return sum((t.seconds(bw) for t in times), np.zeros((1, len(PHASES))))
+
+
 def describe(times: list[TableTime], names: list[str], bw: Bandwidths) -> list[str]:
   """Lines of the plan's time estimate: each table's seconds per phase on its busiest
   device, and the slowest device's total."""
   lines = [f"  estimated time per step (a model: bytes at {bw.source}; the table's busiest "
            "device)", f"  {'table':<10} " + " ".join(f"{p:>14}" for p in PHASES)]
-  total = np.zeros(times[0].hbm.shape) if times else np.zeros((1, len(PHASES)))
   for name, t in zip(names, times):
     s = t.seconds(bw)
-    total = total + s
-    busiest = s[int(np.argmax(s.sum(1)))]
-    lines.append(f"  {name:<10} " + " ".join(f"{_ms(x):>14}" for x in busiest))
-  slowest = int(np.argmax(total.sum(1)))
+    lines.append(f"  {name:<10} " + " ".join(f"{_ms(x):>14}" for x in s[s.sum(1).argmax()]))
+  total = device_seconds(times, bw)
+  slowest = int(total.sum(1).argmax())
   lines.append(f"  {'step':<10} " + " ".join(f"{_ms(x):>14}" for x in total[slowest])
                + f"   = {_ms(total[slowest].sum())} on device {slowest} (the slowest)")
   return lines
