@@ -28,8 +28,8 @@ from dlrm_jax.embedding.collection import POOLINGS, STORAGE_DTYPES
 from dlrm_jax.embedding.planner import (OverBudgetError, Plan, PlanError, fmt_bytes,
                                         min_column_width, parse_overrides, plan_tables)
 from dlrm_jax.embedding.qr import QRTables
-from dlrm_jax.embedding.step_time import CPU, Bandwidths
 from dlrm_jax.embedding.sharded import ShardedEmbedding
+from dlrm_jax.embedding.step_time import CPU, Bandwidths
 from dlrm_jax.functional import Functions, ModelParts
 from dlrm_jax.model import abstract_model, init_params
 from dlrm_jax.optim import lr_schedule, make_dense_optimizer, make_loss
@@ -211,8 +211,8 @@ def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
   state with the optimiser's; the temporaries estimated by `embedding.costs` for the
   plan, which is made again within what they leave where they do not fit beside it);
   column slices of at least `sharding.min_column_width` values, else the platform's
-  (`planner.min_column_width`); sharding types chosen by the time model at the devices'
-  `bandwidths` (`embedding.step_time`)."""
+  (`planner.min_column_width`); column- against row-wise chosen by, and each table's
+  time estimated with, the time model at the devices' `bandwidths` (`embedding.step_time`)."""
   budget_mb = run.sharding.memory_budget_mb
   budget = int(budget_mb * 2**20) if budget_mb > 0 else (
       int(0.9 * memory) if memory else None)

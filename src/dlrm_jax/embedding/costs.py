@@ -20,12 +20,13 @@ anything is compiled, from shapes alone (no constants fitted to a compiler):
     gradients twice, as the all-to-all's [owner, sample, slot, D] and as one
     row per id (with TPU's 8 x 128 tiles that reshape is a copy);
   - GPU (`SortedLookup`, whose update writes the summed rows and slots in
-    place): one group's id gradients at a time and the same sorted into row
-    order, and the row-wise partial sums' gradients;
+    place): one group's id gradients at a time, and the largest level of its
+    segmented scan over them in row order (pairwise sums: half as many rows),
+    and the row-wise partial sums' gradients;
 - the dense network's backward pass (`dense_peak_values` per sample: the
-  activations it reads and the gradients in flight), three copies of its
-  parameters (gradients, update, optimiser arithmetic) and a device's pooled
-  vectors.
+  activations it reads and the gradients in flight, in the compute dtype), three
+  copies of its parameters (gradients, update, optimiser arithmetic) and a
+  device's pooled vectors.
 
 The step's peak is the larger of the two, as the dense activations are gone
 before the sparse update starts. A model of buffers, not XLA's schedule (which
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax.numpy as jnp
 import numpy as np
 
 from dlrm_jax.embedding.planner import (COLUMN_WISE, REPLICATED, ROW_WISE, TABLE_WISE, Plan,
@@ -99,8 +101,8 @@ def embedding_temporaries(plan: Plan, slots_per_row: Callable[[int], int],
   if row_wise and plan.num_shards > 1:
     partial = (plan.batch_size / replicas * len(row_wise) * max(plan.dims[k] for k in row_wise)
                * 4)
-  if platform == "gpu":  # one group at a time: its gradients, and them in row order
-    return int(max(2 * g for g in gradients.values()) + partial) if gradients else 0
+  if platform == "gpu":  # one group at a time: its gradients, and its scan's pairwise sums
+    return int(max(1.5 * g for g in gradients.values()) + partial) if gradients else 0
   update = max(ids * (width + slots_per_row(int(width))) * 4 for ids, width in handled.values())
   relayout = gradients.get(TABLE_WISE, 0) if platform == "tpu" else 0
   return int(sum(gradients.values()) + update + partial + relayout)
@@ -137,8 +139,10 @@ def dense_values_per_sample(model) -> int:
 
 def dense_temporaries(model, batch_per_device: float, param_bytes: int) -> int:
   """Bytes of the dense network's temporaries per device: its backward pass's peak
-  (`dense_peak_values`, float32) and three copies of its parameters."""
-  return int(dense_peak_values(model) * batch_per_device * 4 + 3 * param_bytes)
+  (`dense_peak_values`, in the model's compute dtype) and three copies of its
+  parameters."""
+  itemsize = jnp.dtype(getattr(model, "compute_dtype", "float32")).itemsize
+  return int(dense_peak_values(model) * batch_per_device * itemsize + 3 * param_bytes)
 
 
 def _pooled(plan: Plan, replicas: int) -> float:
