@@ -32,7 +32,12 @@ not seen):
   (through bitcasts and chains of updates) counts the updates' bytes. Each
   part goes to the phase of the instruction inside that makes it (the gather,
   the scatter, the output's producer), or the fusion's where that has no
-  op_name; the parameters counted whole go to the fusion's.
+  op_name; the parameters counted whole go to the fusion's. A loop fusion
+  whose ops each read at most one element of an operand per element they make
+  (element-wise ops, slices, pads, concatenations, transposes, broadcasts,
+  gathers: no reduction or window) computes each output element once: a
+  parameter counts at most one element per use for each output element (a
+  slice of a sum of large arrays reads each where the slice is).
 - A collective (all-to-all, all-gather, reduce-scatter, all-reduce,
   collective-permute, sync or an async start; also one inside a fusion)
   counts its result bytes as interconnect bytes, and its HBM bytes as any op.

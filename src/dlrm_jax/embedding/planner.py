@@ -295,7 +295,8 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
     table_itemsize: bytes per stored table value (4: float32, 2: bfloat16 or float16);
       optimiser state is float32 either way.
     bandwidths: the devices' memory and interconnect bandwidths, for the time model that
-      chooses between sharding types (`dlrm_jax.embedding.step_time`).
+      chooses column- against row-wise splits and estimates each table's time
+      (`dlrm_jax.embedding.step_time`).
 
   Raises:
     PlanError: an unknown table or type in the overrides, a column-wise table
