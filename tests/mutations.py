@@ -106,11 +106,11 @@ MUTATIONS = (
         "  blocks = partial.reshape(partial.shape[0] // n, n, *partial.shape[1:]).swapaxes(0, 1)\n",
         ("tests/test_sharding.py::test_the_tpu_kernel_exchanges_row_wise_sums_by_all_to_all",)),
     Mutation(
-        "loop_fusion_reads_uncapped",
-        "a loop fusion's parameters count whole, however few elements it makes",
+        "loop_fusion_reads_once",
+        "a loop fusion's parameter counts once per output element, however many paths read it",
         "src/dlrm_jax/traffic.py",
-        "      if per_element:  # at most one element of it per use for each output element\n",
-        "      if False:\n",
+        "        whole = min(whole, paths.get(p.name, 0) * outputs * _itemsize(p.shape))\n",
+        "        whole = min(whole, outputs * _itemsize(p.shape))\n",
         ("tests/test_traffic.py::test_a_loop_fusion_reads_its_parameters_once_per_element_it_makes",)),
     Mutation(
         "flat_mean_not_divided", "mean tables of flat bags pool to the sum of their ids",

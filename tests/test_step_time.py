@@ -1,6 +1,6 @@
 """The planner's time model (dlrm_jax.embedding.step_time): each layout's bytes per
-device and phase as its docstring's table states them, counted here by hand, and the
-plan's estimate of the slowest device."""
+device and phase as its docstring states them, counted here by hand, and the plan's
+estimate of the slowest device."""
 
 import numpy as np
 import pytest
@@ -83,3 +83,22 @@ def test_the_plan_estimates_its_slowest_device_and_prints_each_table():
   assert "test figures" in text and all(f"  {s.name} " in text for s in specs)
   assert f"{got['total'] * 1e3:.3f} ms on device" in text
   assert plan_tables(specs, N, batch_size=B).bandwidths == CPU  # the default: this CPU's
+
+
+def test_without_bandwidths_there_is_no_estimate_and_splits_go_column_wise():
+  """An accelerator without figures in `dlrm_jax.targets` gets no time model: the plan
+  prints no estimate, `step_seconds` is empty, and a table too big for one device is
+  split column-wise wherever its width allows (the rule without a time model)."""
+  from dlrm_jax.task import device_bandwidths
+
+  class Device:
+    device_kind, platform = "an accelerator nobody described", "gpu"
+
+  assert device_bandwidths(Device()) is None
+  Device.platform = "cpu"
+  assert device_bandwidths(Device()) == CPU
+  specs = EmbeddingCollection.uniform([1_000_000, 1_000_000], 64).specs
+  plan = plan_tables(specs, N, batch_size=B, memory_budget=130 * 2**20, min_column_width=16,
+                     bandwidths=None)
+  assert [p.kind for p in plan.placements] == ["column_wise"] * 2
+  assert plan.step_seconds() == {} and "estimated time" not in plan.describe()

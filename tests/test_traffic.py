@@ -73,6 +73,14 @@ SLICED = """%fused_slice (param_0: f32[8192,512], param_1: f32[8192,512]) -> f32
   ROOT %part = f32[8192,64]{1,0} slice(%twice), slice={[0:8192], [128:192]}
 }
 
+%fused_halves (param_0: f32[8192,128]) -> f32[8192,64] {
+  %param_0 = f32[8192,128]{1,0} parameter(0)
+  %e = f32[8192,128]{1,0} exponential(%param_0)
+  %left = f32[8192,64]{1,0} slice(%e), slice={[0:8192], [0:64]}
+  %right = f32[8192,64]{1,0} slice(%e), slice={[0:8192], [64:128]}
+  ROOT %sum = f32[8192,64]{1,0} add(%left, %right)
+}
+
 %fused_window (param_0: f32[8192,512]) -> f32[8192,64] {
   %param_0 = f32[8192,512]{1,0} parameter(0)
   %zero = f32[] constant(0)
@@ -83,8 +91,9 @@ SLICED = """%fused_slice (param_0: f32[8192,512], param_1: f32[8192,512]) -> f32
 def test_a_loop_fusion_reads_its_parameters_once_per_element_it_makes():
   """A loop fusion of element-wise ops and slices computes each output element once:
   a slice of a sum of two [8192, 512] parameters reads each where the slice is (once
-  per use: param_1 twice), not whole; a loop fusion with a window over its parameter
-  reads it whole."""
+  per path to the output: param_1 twice), not whole, and a parameter whose one use
+  reaches the output by two slices twice; a loop fusion with a window over its
+  parameter reads it whole."""
   out = 8192 * 64 * 4
   hlo = _module(f"""
   %a = f32[8192,512]{{1,0}} parameter(0)
@@ -92,6 +101,13 @@ def test_a_loop_fusion_reads_its_parameters_once_per_element_it_makes():
   ROOT %s = f32[8192,64]{{1,0}} fusion(%a, %b), kind=kLoop, calls=%fused_slice, {_OP % 'jvp(dense)'}""",
                 SLICED)
   assert traffic.hlo_traffic(hlo) == {"dense forward": {"hbm": out + 2 * out + out,
+                                                        "interconnect": 0}}
+  # One use, two paths to the output (both halves of it added): read twice per element.
+  hlo = _module(f"""
+  %a = f32[8192,128]{{1,0}} parameter(0)
+  ROOT %h = f32[8192,64]{{1,0}} fusion(%a), kind=kLoop, calls=%fused_halves, {_OP % 'jvp(dense)'}""",
+                SLICED)
+  assert traffic.hlo_traffic(hlo) == {"dense forward": {"hbm": 2 * out + out,
                                                         "interconnect": 0}}
   hlo = _module(f"""
   %a = f32[8192,512]{{1,0}} parameter(0)

@@ -203,7 +203,7 @@ def dlrmv4_parts(run: RunSpec) -> ModelParts:
 
 def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
               memory: int | None = None, platform: str = "cpu",
-              dense: tuple[int, int] = (0, 0), bandwidths: Bandwidths = CPU) -> Plan:
+              dense: tuple[int, int] = (0, 0), bandwidths: Bandwidths | None = CPU) -> Plan:
   """The sharding plan for the run's tables over `num_shards` devices of `memory` bytes
   each (None: unknown) on `platform` ("cpu", "gpu", "tpu"): within
   `sharding.memory_budget_mb`, else 90% of `memory`, less the dense network's state
@@ -253,7 +253,7 @@ def make_plan(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
 
 def _plan_within(run: RunSpec, collection: EmbeddingCollection, num_shards: int,
                  budget: int | None, platform: str, dense: tuple[int, int], optimizer: str,
-                 itemsize: int, bandwidths: Bandwidths) -> Plan:
+                 itemsize: int, bandwidths: Bandwidths | None) -> Plan:
   """`make_plan`'s plan with the sparse `optimizer` and tables of `itemsize` bytes a
   value, and its estimate of the step; placed again within what the step leaves where
   the first plan does not fit beside it. PlanError where the tables alone do not fit."""
@@ -294,12 +294,13 @@ def dense_bytes(abstract_params, tx) -> tuple[int, int]:
   return params, params + size(jax.eval_shape(tx.init, abstract_params))
 
 
-def device_bandwidths(device) -> Bandwidths:
+def device_bandwidths(device) -> Bandwidths | None:
   """A device's memory and interconnect bandwidths for the planner's time model: its
-  chip's peak figures (`dlrm_jax.targets`), else this kind of CPU's."""
+  chip's peak figures (`dlrm_jax.targets`), this kind of CPU's for CPU devices, None
+  for an accelerator without figures there."""
   chip = targets.chip_of(device.device_kind)
   if chip is None:
-    return CPU
+    return CPU if device.platform == "cpu" else None
   return Bandwidths(chip.hbm_bytes_per_s, chip.interconnect_bytes_per_s,
                     f"{chip.name}'s peak figures")
 

@@ -36,8 +36,9 @@ not seen):
   whose ops each read at most one element of an operand per element they make
   (element-wise ops, slices, pads, concatenations, transposes, broadcasts,
   gathers: no reduction or window) computes each output element once: a
-  parameter counts at most one element per use for each output element (a
-  slice of a sum of large arrays reads each where the slice is).
+  parameter counts at most one element per path from it to the output for
+  each output element (a slice of a sum of large arrays reads each where the
+  slice is).
 - A collective (all-to-all, all-gather, reduce-scatter, all-reduce,
   collective-permute, sync or an async start; also one inside a fusion)
   counts its result bytes as interconnect bytes, and its HBM bytes as any op.
@@ -347,15 +348,17 @@ def _fusion_traffic(ins: Instruction, fused: Computation, computations):
   # (no reduction or window) computes each output element once.
   per_element = "kind=kLoop" in ins.attributes and all(
       i.opcode in _PER_ELEMENT for i in fused.instructions.values())
-  outputs = max(_elements(s) for s in _top_level(ins.shape))
+  if per_element:  # each parameter: how many paths lead from it to the output
+    outputs = max((_elements(s) for s in _top_level(ins.shape)), default=0)
+    paths = _paths_to_output(fused)
   for p in fused.instructions.values():
     if p.opcode != "parameter":
       continue
     uses = _indexed_uses(p.name, users, computations)
     if uses is None:
       whole = p.result_bytes
-      if per_element:  # at most one element of it per use for each output element
-        whole = min(whole, len(users[p.name]) * outputs * _itemsize(p.shape))
+      if per_element:  # at most one element of it per path for each output element
+        whole = min(whole, paths.get(p.name, 0) * outputs * _itemsize(p.shape))
       yield own, whole, 0
       continue
     indexed.add(p.name)
@@ -374,6 +377,16 @@ def _fusion_traffic(ins: Instruction, fused: Computation, computations):
   for inner in fused.instructions.values():
     if _collective(inner.opcode):
       yield (inner.phase if inner.op_name else own), 0, inner.result_bytes
+
+
+def _paths_to_output(fused: Computation) -> dict[str, int]:
+  """Instruction name -> the number of paths from it to the fused computation's root
+  (each path reads it once per output element)."""
+  paths = collections.Counter({fused.root: 1})
+  for ins in reversed(list(fused.instructions.values())):  # users after their operands
+    for name in ins.operands:
+      paths[name] += paths[ins.name]
+  return paths
 
 
 def contributions(hlo_text: str):
@@ -447,7 +460,8 @@ def physical_need(run, plan, devices: int, state=None) -> dict[str, int]:
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.params))
     opt = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state)
               if hasattr(x, "dtype"))
-  acts = per_device * dense_values_per_sample(run.model) * 4
+  acts = (per_device * dense_values_per_sample(run.model)
+          * jnp.dtype(getattr(run.model, "compute_dtype", "float32")).itemsize)
   need = {
       "lookup": sum(n * d * item for n, d in zip(ids, plan.dims)),
       "exchange forward": vectors, "exchange backward": vectors,

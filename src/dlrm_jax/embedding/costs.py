@@ -13,7 +13,8 @@ anything is compiled, from shapes alone (no constants fitted to a compiler):
   touched rows, every device's);
 - the embedding's peak, as the compiled steps of configs/mlperf_dcnv2.py hold
   it (XLA's buffer assignments, docs/compile.md), by the devices' platform:
-  - TPU and CPU (`PortableLookup`): every id's gradient, all live when the
+  - TPU and CPU (`PortableLookup`'s update; TPU's kernel, `TpuLookup`, is
+    one but for its exchange): every id's gradient, all live when the
     updates start; for the group being updated (one at a time) its summed
     gradients and its new optimiser slot values; the gradients of row-wise's
     partial sums of every sample's bags (all-gathered); on TPU, the table-wise
@@ -103,7 +104,8 @@ def embedding_temporaries(plan: Plan, slots_per_row: Callable[[int], int],
                * 4)
   if platform == "gpu":  # one group at a time: its gradients, and its scan's pairwise sums
     return int(max(1.5 * g for g in gradients.values()) + partial) if gradients else 0
-  update = max(ids * (width + slots_per_row(int(width))) * 4 for ids, width in handled.values())
+  update = max((ids * (width + slots_per_row(int(width))) * 4
+                for ids, width in handled.values()), default=0)
   relayout = gradients.get(TABLE_WISE, 0) if platform == "tpu" else 0
   return int(sum(gradients.values()) + update + partial + relayout)
 
@@ -113,7 +115,8 @@ def dense_peak_values(model) -> int:
   without DLRM's MLPs: DLRMv4's encoder is not estimated): what the backward pass reads
   (each layer's output, the interaction's input, and per cross layer its low-rank and
   full-width products and its output) and the gradients in flight (two of the widest
-  layer's; with DCN, x0's gradient as one term per cross layer besides)."""
+  layer's; with DCN, x0's gradient as one term per cross layer besides, summed at the
+  end)."""
   if not hasattr(model, "bottom"):
     return 0
   x0 = (model.num_tables + 1) * model.embedding_dim
@@ -121,7 +124,7 @@ def dense_peak_values(model) -> int:
   widest = max(x0, model.interaction_width, *model.bottom, *model.top)
   if model.interaction == "dcn":
     layers = model.dcn_num_layers
-    return saved + layers * (2 * x0 + model.dcn_low_rank_dim) + (layers + 2) * x0
+    return saved + layers * (2 * x0 + model.dcn_low_rank_dim) + layers * x0 + 2 * widest
   return saved + model.interaction_width + 2 * widest
 
 

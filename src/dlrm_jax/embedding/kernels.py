@@ -28,10 +28,10 @@ width of ids, so its atomics barely contend, and a segmented scan of the same
 One collective is here too, as its best form differs by backend: `sum_scatter`,
 which sums the row-wise owners' partial sums over the devices and leaves each
 device its own samples'. It is a reduce-scatter, except on TPU: XLA:TPU rewrites a
-reduce-scatter over an axis of 8 or more chips into an all-reduce of the whole
-input (its pass `reduce-scatter-decomposer`, docs/compile.md), so `TpuLookup`
-sends each device its samples' block with an all-to-all and adds the n blocks it
-receives, in device order.
+reduce-scatter over a v5p slice of 8 or more chips into an all-reduce of the whole
+input (its pass `reduce-scatter-decomposer`; on smaller slices it depends on the size
+and layout, docs/compile.md), so on every TPU `TpuLookup` sends each device its
+samples' block with an all-to-all and adds the n blocks it receives, in device order.
 """
 
 from __future__ import annotations
@@ -144,6 +144,7 @@ class TpuLookup(PortableLookup):
     return _all_to_all_sum(partial, axis, n)
 
 
+# A custom VJP (reverse mode only: the train step's; jax.jvp through it is not defined).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _all_to_all_sum(partial, axis, n):
   """psum_scatter's value by an all-to-all of the n blocks of samples and a sum of the

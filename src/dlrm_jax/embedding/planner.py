@@ -204,7 +204,9 @@ class Plan:
 
   def step_seconds(self) -> dict[str, float]:
     """The embedding's estimated seconds per step by phase on the slowest device (at
-    `bandwidths`), and their sum ("total")."""
+    `bandwidths`), and their sum ("total"); {} where the bandwidths are not known."""
+    if self.bandwidths is None:
+      return {}
     total = device_seconds(self.table_times(), self.bandwidths)
     slowest = total[int(total.sum(1).argmax())]
     return {**dict(zip(PHASES, map(float, slowest))), "total": float(slowest.sum())}
@@ -278,7 +280,7 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
                 memory_budget: int | None = None,
                 min_column_width: int = DEFAULT_MIN_COLUMN_WIDTH,
                 overrides: Mapping[str, str] | None = None, table_itemsize: int = 4,
-                bandwidths: Bandwidths = CPU) -> Plan:
+                bandwidths: Bandwidths | None = CPU) -> Plan:
   """Places every table over `num_shards` devices (see the module docstring).
 
   Args:
@@ -296,7 +298,8 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
       optimiser state is float32 either way.
     bandwidths: the devices' memory and interconnect bandwidths, for the time model that
       chooses column- against row-wise splits and estimates each table's time
-      (`dlrm_jax.embedding.step_time`).
+      (`dlrm_jax.embedding.step_time`); None (not known): no estimate, and column-wise
+      wherever its width allows.
 
   Raises:
     PlanError: an unknown table or type in the overrides, a column-wise table
@@ -320,7 +323,7 @@ def plan_tables(specs: Sequence[TableSpec], num_shards: int, *, batch_size: int,
                     f"{names[:6]}{' ...' if len(names) > 6 else ''}")
   budget = float("inf") if memory_budget is None else int(memory_budget)
   placer = _Placer(specs, num_shards, batch_size, hot, sizes, budget,
-                   lambda k, kind: float(table_time(
+                   lambda k, kind: 0.0 if bandwidths is None else float(table_time(
                        kind, 0, rows=specs[k].rows, dim=specs[k].dim, hot=hot[k],
                        batch=batch_size, n=num_shards, itemsize=int(table_itemsize),
                        slots=slots).seconds(bandwidths).sum()))

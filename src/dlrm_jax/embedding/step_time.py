@@ -4,23 +4,30 @@ For each table and each way of placing it, the bytes a device moves per step in
 each of the embedding's phases, through its memory (HBM) and over the
 interconnect, and the time they take at the device's bandwidths (`Bandwidths`:
 an accelerator's peak figures from `dlrm_jax.targets`, or this kind of CPU's,
-measured). With B the global batch, n devices, h ids per sample, D the width, s
-the stored value's bytes and o the sparse optimiser's float32 values per row
-(ids int32, vectors and gradients float32; a collective's bytes are those a
-device sends, (n - 1) / n of what its ring moves):
+measured). With B the global batch, n devices, h ids per sample and D the width
+(ids int32, vectors and gradients float32, rows and optimiser slots as stored; a
+collective's bytes are those that cross a device's links, sent or received,
+(n - 1) / n of what it holds for all):
 
-| layout | lookup (HBM) | exchange (interconnect; HBM: its buffers) | sparse update (HBM) |
-|---|---|---|---|
-| table-wise, its owner | B h rows read, B pooled vectors written | B h ids in, B vectors out and B gradients in | B h ids' gradients read; their rows (at most the table's) and slots read and written |
-| table-wise, every device | - | its B / n samples' ids out, vectors in, gradients out | - |
-| row-wise, each device | its B h / n rows, every sample's partial sum written | B h ids all-gathered, B partial sums reduce-scattered, their gradients all-gathered | its B h / n ids (at most its rows) |
-| column-wise, each device | B h rows of D / n | B h ids all-gathered, slices of B / n samples' vectors and gradients exchanged | B h ids at D / n |
-| replicated, each device | its B / n samples' rows | - | every device's B h ids (their ids and gradients all-gathered), or every row (a dense gradient all-reduced: twice its bytes), whichever moves fewer (`planner.sparse_replica_update`) |
+- table-wise, on its owner: lookup, the batch's B h rows read and B pooled
+  vectors written; exchange, B h ids in, B vectors out, B gradients in (and
+  every device its B / n samples' share of those); sparse update, B h ids'
+  gradients read, their rows (at most the table's) and slots read and written;
+- row-wise, on each device: lookup, its B h / n rows and every sample's partial
+  sum written; exchange, B h ids all-gathered, B partial sums reduce-scattered
+  and their gradients all-gathered; sparse update, its B h / n ids (at most its
+  rows);
+- column-wise, on each device: every one of the B h ids at D / n wide; the ids
+  all-gathered, slices of B / n samples' vectors and gradients exchanged;
+- replicated, on each device: lookup, its B / n samples' rows; sparse update,
+  every device's B h ids (their ids and gradients all-gathered) or every row
+  (a dense gradient all-reduced: twice its bytes), whichever moves fewer
+  (`sparse_replica_update`).
 
 A device's time is the sum over its tables and phases of HBM bytes / HBM
 bandwidth and interconnect bytes / interconnect bandwidth (no overlap of the
-two); the step's embedding time is the slowest device's. The planner places
-each table where that time grows least (`planner.plan_tables`), and the plan
+two); the step's embedding time is the slowest device's. The planner chooses
+column- against row-wise splits by it (`planner.plan_tables`), and the plan
 prints each table's time per phase. A model from sizes and peak figures, not a
 measurement: `python -m dlrm_jax.compile` prints it beside the compiled step's
 traffic and roofline.
