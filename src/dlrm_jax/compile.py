@@ -188,14 +188,14 @@ def embedding_seconds(report: Report, plan, chip: targets_lib.Chip | None) -> di
   """The embedding's phases in seconds per step: the planner's estimate (its time model,
   on the slowest device) and the compiled step's, its traffic per phase at the chip's
   HBM and interconnect bandwidths (each a model, not a measurement)."""
-  if chip is None or not report.traffic or plan.bandwidths is None:
+  planner = plan.step_seconds()  # {} where the plan has no bandwidths
+  if chip is None or not report.traffic or not planner:
     return {}
   compiled = {phase: sum(report.traffic[p]["hbm"] / chip.hbm_bytes_per_s
                          + report.traffic[p]["interconnect"] / chip.interconnect_bytes_per_s
                          for p in parts if p in report.traffic)
               for phase, parts in EMBEDDING_PHASES.items()}
-  return {"planner": plan.step_seconds(),
-          "compiled": {**compiled, "total": sum(compiled.values())}}
+  return {"planner": planner, "compiled": {**compiled, "total": sum(compiled.values())}}
 
 
 def compile_config(config, target: targets_lib.Target, *, evaluate: bool = True,
