@@ -161,6 +161,25 @@ def test_tpu_step_updates_the_donated_tables_in_place(kind):
   assert not copies, copies
 
 
+@pytest.mark.parametrize("kind", ["table_wise", "row_wise"])
+def test_tpu_exchange_keeps_vectors_flat(kind):
+  """A TPU tiles an array's two minor dimensions by (8, 128): [owner, sample, ids, D]
+  vectors or [sample, bags, D] partial sums with a width that is no multiple of 8 would be
+  padded, and each reshape between them and the [ids, D] rows the update scatters would
+  be a copy. The looked-up vectors, the row-wise partial sums and their gradients stay
+  [rows, D]: no copy or reshape in the compiled step makes a float array of rank 4 with
+  as many values as the batch's pooled vectors or more (the table-wise owners' pooled vectors
+  [owner, sample, bag, D], one per bag, may still be padded: a small cost)."""
+  _need("tpu")
+  c = _small("dcnv2_small", kind=kind)  # MLPerf's hotness: bags of 1 to 100 ids
+  text = compile_lib.compile_train_step(*_task(c, targets.get(TPU)))[0].as_text()
+  pooled = c.mini_batch_size * len(c.arch_embedding_size.split("-")) * c.arch_sparse_feature_size
+  relayouts = [line.strip()[:160] for line in text.splitlines()
+               if (m := re.search(r"= f\d+\[(\d+),(\d+),(\d+),(\d+)\]\S* (copy|reshape)\(", line))
+               and np.prod([int(x) for x in m.groups()[:4]]) >= pooled]
+  assert relayouts == [], relayouts
+
+
 def test_command_line_report_agrees_with_memory_analysis(tmp_path):
   """`python -m dlrm_jax.compile` as a user runs it: its JSON's memory is the compiler's
   memory_analysis of the same step compiled here, and its Markdown row names the target."""

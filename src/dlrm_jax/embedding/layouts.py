@@ -226,7 +226,9 @@ class TableWise(Layout):
     d = jax.lax.axis_index(self.axes.shard)
     offset = jnp.asarray(slots.offset)[d][None, None, :]
     rows = jnp.where(received >= 0, received + offset, table.shape[0])
-    out = {"vectors": self.kernel.gather(table, rows), "rows": rows}
+    # Flat [n b slot, D] vectors (and so gradients): a TPU tiles the two minor dimensions,
+    # and [n, b, slot, D] would pad the slot to 8 rows and copy at each reshape.
+    out = {"vectors": self.kernel.gather(table, rows.reshape(-1)), "rows": rows}
     if scale is not None:
       out["scale"] = self._to_owners(scale, 0.0, slots)
     return out
@@ -234,13 +236,15 @@ class TableWise(Layout):
   def exchange(self, lookup, bags):
     vectors, scale, slots = lookup["vectors"], lookup.get("scale"), self.slots(bags)
     kmax, width = slots.bags_per_device, bags.uniform
+    lead = lookup["rows"].shape[:2]  # [source, b]
     if width is not None:  # whole slots of one width: [source, b, slot, width, D]
-      vectors = vectors.reshape(*vectors.shape[:2], kmax, width, self.dim)
+      vectors = vectors.reshape(*lead, kmax, width, self.dim)
       pooled = self.kernel.pool(vectors, None if scale is None else
                                 scale.reshape(vectors.shape[:-1]))
     else:  # the bags of each owner's own tables end to end: its own segments
       segments = jnp.asarray(slots.segment)[jax.lax.axis_index(self.axes.shard)]
-      pooled = self.kernel.segment_pool(vectors, scale, segments, kmax)
+      pooled = self.kernel.segment_pool(vectors.reshape(*lead, slots.width, self.dim), scale,
+                                        segments, kmax)
     back = jax.lax.all_to_all(pooled, self.axes.shard, 0, 0, tiled=True)  # [owner, b, slot, D]
     b = back.shape[1]
     flat = back.transpose(1, 0, 2, 3).reshape(b, self.n * kmax, self.dim)
@@ -334,8 +338,11 @@ class RowWise(Layout):
     vectors, k = lookup["vectors"], len(bags.widths)
     batch = lookup["samples"].shape[0]
     partial = self.kernel.sum_rows(lookup["bag"], vectors * lookup["scale"][:, None].astype(
-        vectors.dtype), batch * k).reshape(batch, k, -1)  # my rows' part of each bag
-    return self.kernel.sum_scatter(partial, self.axes.shard, self.n)
+        vectors.dtype), batch * k)  # my rows' part of each bag, [batch k, D]
+    # Exchanged flat (the samples' blocks are contiguous rows): on a TPU, [batch, k, D]
+    # would pad k to 8 rows and copy.
+    summed = self.kernel.sum_scatter(partial, self.axes.shard, self.n)
+    return summed.reshape(batch // self.n, k, -1)
 
 
 def _compact(keep: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
