@@ -81,6 +81,15 @@ SLICED = """%fused_slice (param_0: f32[8192,512], param_1: f32[8192,512]) -> f32
   ROOT %sum = f32[8192,64]{1,0} add(%left, %right)
 }
 
+%fused_bias (param_0: f32[8192,512], param_1: f32[8192,512]) -> f32[64] {
+  %param_0 = f32[8192,512]{1,0} parameter(0)
+  %param_1 = f32[8192,512]{1,0} parameter(1)
+  %sum = f32[8192,512]{1,0} add(%param_0, %param_1)
+  %part = f32[8192,64]{1,0} slice(%sum), slice={[0:8192], [128:192]}
+  %zero = f32[] constant(0)
+  ROOT %bias = f32[64]{0} reduce(%part, %zero), dimensions={0}, to_apply=%add
+}
+
 %fused_window (param_0: f32[8192,512]) -> f32[8192,64] {
   %param_0 = f32[8192,512]{1,0} parameter(0)
   %zero = f32[] constant(0)
@@ -88,12 +97,12 @@ SLICED = """%fused_slice (param_0: f32[8192,512], param_1: f32[8192,512]) -> f32
 }"""
 
 
-def test_a_loop_fusion_reads_its_parameters_once_per_element_it_makes():
-  """A loop fusion of element-wise ops and slices computes each output element once:
-  a slice of a sum of two [8192, 512] parameters reads each where the slice is (once
-  per path to the output: param_1 twice), not whole, and a parameter whose one use
-  reaches the output by two slices twice; a loop fusion with a window over its
-  parameter reads it whole."""
+def test_a_fusion_reads_of_its_parameters_what_its_outputs_need():
+  """A fusion computes each output element once from the elements it needs: a slice of
+  a sum of two [8192, 512] parameters reads each where the slice is (once per path to
+  the output: param_1 twice), not whole; a parameter whose one use reaches the output
+  by two slices twice; a reduction over the slice all of the slice's elements, and no
+  more; a window over a parameter (no per-element op) all of it."""
   out = 8192 * 64 * 4
   hlo = _module(f"""
   %a = f32[8192,512]{{1,0}} parameter(0)
@@ -108,6 +117,13 @@ def test_a_loop_fusion_reads_its_parameters_once_per_element_it_makes():
   ROOT %h = f32[8192,64]{{1,0}} fusion(%a), kind=kLoop, calls=%fused_halves, {_OP % 'jvp(dense)'}""",
                 SLICED)
   assert traffic.hlo_traffic(hlo) == {"dense forward": {"hbm": 2 * out + out,
+                                                        "interconnect": 0}}
+  hlo = _module(f"""
+  %a = f32[8192,512]{{1,0}} parameter(0)
+  %b = f32[8192,512]{{1,0}} parameter(1)
+  ROOT %r = f32[64]{{0}} fusion(%a, %b), kind=kInput, calls=%fused_bias, {_OP % 'jvp(dense)'}""",
+                SLICED)
+  assert traffic.hlo_traffic(hlo) == {"dense forward": {"hbm": 2 * out + 64 * 4,
                                                         "interconnect": 0}}
   hlo = _module(f"""
   %a = f32[8192,512]{{1,0}} parameter(0)

@@ -32,13 +32,15 @@ not seen):
   (through bitcasts and chains of updates) counts the updates' bytes. Each
   part goes to the phase of the instruction inside that makes it (the gather,
   the scatter, the output's producer), or the fusion's where that has no
-  op_name; the parameters counted whole go to the fusion's. A loop fusion
-  whose ops each read at most one element of an operand per element they make
-  (element-wise ops, slices, pads, concatenations, transposes, broadcasts,
-  gathers: no reduction or window) computes each output element once: a
-  parameter counts at most one element per path from it to the output for
-  each output element (a slice of a sum of large arrays reads each where the
-  slice is).
+  op_name; the other parameters go to the fusion's. A fusion computes each
+  output element once, so any other parameter counts the elements its outputs
+  read of it (at most all of it), counted back from the outputs: an op that
+  reads one element of an operand per element it makes (element-wise ops,
+  slices, pads, concatenations, transposes, broadcasts, gathers) reads as many
+  of each operand as are read of it, once per use; a reduce all the elements
+  it reduces into those; any other op (a dot, a window, a sort) its operands
+  whole. So a slice of a sum of large arrays reads each where the slice is,
+  also where a reduction of the slice follows.
 - A collective (all-to-all, all-gather, reduce-scatter, all-reduce,
   collective-permute, sync or an async start; also one inside a fusion)
   counts its result bytes as interconnect bytes, and its HBM bytes as any op.
@@ -344,22 +346,13 @@ def _fusion_traffic(ins: Instruction, fused: Computation, computations):
   own = ins.phase
   users = fused.users()
   indexed = set()
-  # A loop fusion of ops that each read one element of an operand per element they make
-  # (no reduction or window) computes each output element once.
-  per_element = "kind=kLoop" in ins.attributes and all(
-      i.opcode in _PER_ELEMENT for i in fused.instructions.values())
-  if per_element:  # each parameter: how many paths lead from it to the output
-    outputs = max((_elements(s) for s in _top_level(ins.shape)), default=0)
-    paths = _paths_to_output(fused)
+  read = _elements_read(fused)
   for p in fused.instructions.values():
     if p.opcode != "parameter":
       continue
     uses = _indexed_uses(p.name, users, computations)
-    if uses is None:
-      whole = p.result_bytes
-      if per_element:  # at most one element of it per path for each output element
-        whole = min(whole, paths.get(p.name, 0) * outputs * _itemsize(p.shape))
-      yield own, whole, 0
+    if uses is None:  # the elements the outputs need, at most all of it
+      yield own, min(p.result_bytes, read[p.name] * _itemsize(p.shape)), 0
       continue
     indexed.add(p.name)
     for use in uses:  # the rows read; scatters' rows written are counted as outputs
@@ -379,14 +372,29 @@ def _fusion_traffic(ins: Instruction, fused: Computation, computations):
       yield (inner.phase if inner.op_name else own), 0, inner.result_bytes
 
 
-def _paths_to_output(fused: Computation) -> dict[str, int]:
-  """Instruction name -> the number of paths from it to the fused computation's root
-  (each path reads it once per output element)."""
-  paths = collections.Counter({fused.root: 1})
+def _elements_read(fused: Computation) -> collections.Counter:
+  """Instruction name -> how many of its elements the fused computation's outputs read,
+  counted back from each output's elements: an op of `_PER_ELEMENT` reads one element
+  of each operand per element of it that is read, a reduce all the elements it reduces
+  into those, any other op its operands whole (an operand read by several users, or by
+  one along several paths, counts once per read; no count exceeds the whole)."""
+  root = fused.instructions[fused.root]
+  read = collections.Counter()
+  for out in (root.operands if root.opcode == "tuple" else [root.name]):
+    read[out] += _elements(fused.instructions[out].shape)
   for ins in reversed(list(fused.instructions.values())):  # users after their operands
+    made = min(read[ins.name], _elements(ins.shape))
     for name in ins.operands:
-      paths[name] += paths[ins.name]
-  return paths
+      if name not in fused.instructions:
+        continue
+      size = _elements(fused.instructions[name].shape)
+      if ins.opcode in _PER_ELEMENT:
+        read[name] += made
+      elif ins.opcode == "reduce":  # each element made reduces size / its size of them
+        read[name] += made * size / max(1, _elements(ins.shape))
+      else:
+        read[name] += size
+  return read
 
 
 def contributions(hlo_text: str):
