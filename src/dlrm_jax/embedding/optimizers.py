@@ -100,6 +100,17 @@ def _put(x: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
                         indices_are_sorted=True)
 
 
+def _accumulate(x: jax.Array, rows: jax.Array, increment: jax.Array) -> jax.Array:
+  """`x` with `increment` added to rows [N] (unique, sorted; slots >= its row count
+  dropped): the same values as `_put(x, rows, _take(x, rows) + increment)`, with no
+  gather of the rows into the scatter that writes them, so that the scatter reads only
+  the increments (and updates `x` in place, as `subtract_rows` does the tables). Read
+  the new rows from its result, not the old ones from `x`: a read of `x` that could
+  come after the update would make the compiler copy `x` first."""
+  return x.at[rows].add(increment.astype(x.dtype), mode="drop", unique_indices=True,
+                        indices_are_sorted=True)
+
+
 def stochastic_round(x: jax.Array, dtype, u: jax.Array) -> jax.Array:
   """float32 `x` rounded to the 16-bit `dtype` up or down at random, unbiased: to the
   neighbour on the other side of the nearest with probability (distance to the
@@ -230,10 +241,11 @@ class SparseRowWiseAdagrad(_RowUpdates):
     mean_square = jnp.mean(jnp.square(g), axis=1)
     if column_axis is not None:  # equal slices of the row on each device: mean of their means
       mean_square = jax.lax.pmean(mean_square, column_axis)
-    a = _take(acc, unique) + mean_square
+    acc = _accumulate(acc, unique, mean_square)
+    a = _take(acc, unique)
     delta = lr * g / (jnp.sqrt(a)[:, None] + self.eps)
     return ({"stacked": subtract_rows(table, unique, delta, step, element_ids)},
-            {"accumulator": _put(acc, unique, a)})
+            {"accumulator": acc})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,10 +266,11 @@ class SparseAdagrad(_RowUpdates):
   def apply_rows(self, tables, state, unique, g, lr, step, column_axis=None, element_ids=None):
     del column_axis  # element-wise: a column slice needs nothing from the others.
     table, acc = tables["stacked"], state["accumulator"]
-    a = _take(acc, unique) + jnp.square(g)
+    acc = _accumulate(acc, unique, jnp.square(g))
+    a = _take(acc, unique)
     delta = lr * g / (jnp.sqrt(a) + self.eps)
     return ({"stacked": subtract_rows(table, unique, delta, step, element_ids)},
-            {"accumulator": _put(acc, unique, a)})
+            {"accumulator": acc})
 
 
 @dataclasses.dataclass(frozen=True)
