@@ -93,10 +93,10 @@ MUTATIONS = (
         "row_wise_exchange_transposed",
         "row-wise partial sums scattered sample-major instead of device-major",
         "src/dlrm_jax/embedding/layouts.py",
-        "    return self.kernel.sum_scatter(partial, self.axes.shard, self.n)\n",
+        "    summed = self.kernel.sum_scatter(partial, self.axes.shard, self.n)\n",
         "    partial = partial.reshape(self.n, -1, *partial.shape[1:]).swapaxes(0, 1).reshape(\n"
         "        partial.shape)\n"
-        "    return self.kernel.sum_scatter(partial, self.axes.shard, self.n)\n",
+        "    summed = self.kernel.sum_scatter(partial, self.axes.shard, self.n)\n",
         ("tests/test_sharding.py::test_each_sharding_type_alone_matches_single_device_sgd",)),
     Mutation(
         "tpu_sum_scatter_blocks_transposed",
@@ -106,12 +106,19 @@ MUTATIONS = (
         "  blocks = partial.reshape(partial.shape[0] // n, n, *partial.shape[1:]).swapaxes(0, 1)\n",
         ("tests/test_sharding.py::test_the_tpu_kernel_exchanges_row_wise_sums_by_all_to_all",)),
     Mutation(
-        "loop_fusion_reads_once",
-        "a loop fusion's parameter counts once per output element, however many paths read it",
+        "fusion_reads_once",
+        "a fusion's parameter counts once per output element, however many paths read it",
         "src/dlrm_jax/traffic.py",
-        "        whole = min(whole, paths.get(p.name, 0) * outputs * _itemsize(p.shape))\n",
-        "        whole = min(whole, outputs * _itemsize(p.shape))\n",
-        ("tests/test_traffic.py::test_a_loop_fusion_reads_its_parameters_once_per_element_it_makes",)),
+        "        read[name] += made\n",
+        "        read[name] = max(read[name], made)\n",
+        ("tests/test_traffic.py::test_a_fusion_reads_of_its_parameters_what_its_outputs_need",)),
+    Mutation(
+        "reduce_reads_one_element",
+        "a reduction in a fusion reads one element of its input per element it makes",
+        "src/dlrm_jax/traffic.py",
+        "        read[name] += made * size / max(1, _elements(ins.shape))\n",
+        "        read[name] += made\n",
+        ("tests/test_traffic.py::test_a_fusion_reads_of_its_parameters_what_its_outputs_need",)),
     Mutation(
         "flat_mean_not_divided", "mean tables of flat bags pool to the sum of their ids",
         "src/dlrm_jax/embedding/sharded.py",

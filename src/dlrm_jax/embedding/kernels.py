@@ -69,8 +69,8 @@ class LocalLookup(Protocol):
     allowed; rows >= the table's row count are padding)."""
 
   def sum_rows(self, rows: jax.Array, values: jax.Array, num_rows: int) -> jax.Array:
-    """[num_rows, D]: row r the sum of the values [N, D] whose rows [N] (sorted) are r;
-    rows >= num_rows dropped. Differentiable with respect to `values`."""
+    """[num_rows, D]: row r the sum of the values [N, D] whose rows [N] (sorted, each
+    < num_rows) are r. Differentiable with respect to `values`."""
 
   def row_gradients(self, rows: jax.Array, grads: jax.Array,
                     num_rows: int) -> tuple[jax.Array, jax.Array]:
@@ -100,7 +100,8 @@ class PortableLookup:
     return tables["stacked"], state
 
   def sum_rows(self, rows, values, num_rows):
-    return jax.ops.segment_sum(values, rows, num_segments=num_rows, indices_are_sorted=True)
+    return jax.ops.segment_sum(values, rows, num_segments=num_rows, indices_are_sorted=True,
+                               mode="promise_in_bounds")  # no masking, nor in the gradient
 
   def row_gradients(self, rows, grads, num_rows):
     dense = jax.ops.segment_sum(grads, rows, num_segments=num_rows + 1)[:num_rows]

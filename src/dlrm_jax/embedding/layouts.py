@@ -324,25 +324,50 @@ class RowWise(Layout):
     column = at % width
     offset = self._column_const(self.local_offset, bags)[0]
     rows = jnp.where(kept, row.reshape(-1)[at] + offset[column], table.shape[0])
-    weight = kept.astype(jnp.float32)
+    k = len(bags.widths)  # the bag of each kept id, sample by sample; the empty slots
+    # (after the kept ones) add a zero vector to the last bag, so every bag is in bounds.
+    bag = jnp.where(kept, (at // width) * k + jnp.asarray(bags.segments())[column],
+                    batch * k - 1)
+    out = {"vectors": self.kernel.gather(table, rows), "rows": rows, "kept": kept,
+           "bag": bag, "dropped": dropped[None],
+           "samples": jnp.zeros((batch, 0), jnp.int8)}  # B_group, for `exchange`
     if scale is not None:
       scale = jax.lax.all_gather(scale, self.axes.shard, tiled=True)
-      weight = jnp.where(kept, scale.reshape(-1)[at], 0.0)
-    k = len(bags.widths)  # the bag of each kept id, sample by sample; k * batch: none
-    bag = jnp.where(kept, (at // width) * k + jnp.asarray(bags.segments())[column], batch * k)
-    return {"vectors": self.kernel.gather(table, rows), "rows": rows, "scale": weight,
-            "bag": bag, "dropped": dropped[None],
-            "samples": jnp.zeros((batch, 0), jnp.int8)}  # B_group, for `exchange`
+      out["scale"] = jnp.where(kept, scale.reshape(-1)[at], 0.0)
+    return out
 
   def exchange(self, lookup, bags):
     vectors, k = lookup["vectors"], len(bags.widths)
     batch = lookup["samples"].shape[0]
-    partial = self.kernel.sum_rows(lookup["bag"], vectors * lookup["scale"][:, None].astype(
-        vectors.dtype), batch * k)  # my rows' part of each bag, [batch k, D]
+    if "scale" in lookup:  # zero where not kept
+      values = vectors * lookup["scale"][:, None].astype(vectors.dtype)
+    else:
+      values = _zero_where_not_kept(vectors, lookup["kept"])
+    partial = self.kernel.sum_rows(lookup["bag"], values, batch * k)  # my rows' part of
+    # each bag, [batch k, D]
     # Exchanged flat (the samples' blocks are contiguous rows): on a TPU, [batch, k, D]
     # would pad k to 8 rows and copy.
     summed = self.kernel.sum_scatter(partial, self.axes.shard, self.n)
     return summed.reshape(batch // self.n, k, -1)
+
+
+@jax.custom_vjp
+def _zero_where_not_kept(vectors: jax.Array, kept: jax.Array) -> jax.Array:
+  """`vectors` [N, D] with the rows not `kept` [N] zeroed. Its gradient passes through
+  unmasked: a slot not kept has no row (the update drops it), so its gradient is never
+  used, and leaving it unmasked spares a pass over every id's gradient."""
+  return jnp.where(kept[:, None], vectors, 0)
+
+
+def _zero_where_not_kept_forward(vectors, kept):
+  return _zero_where_not_kept(vectors, kept), None
+
+
+def _zero_where_not_kept_backward(_, grad):
+  return grad, None
+
+
+_zero_where_not_kept.defvjp(_zero_where_not_kept_forward, _zero_where_not_kept_backward)
 
 
 def _compact(keep: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
