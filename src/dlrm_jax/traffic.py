@@ -377,7 +377,8 @@ def _elements_read(fused: Computation) -> collections.Counter:
   counted back from each output's elements: an op of `_PER_ELEMENT` reads one element
   of each operand per element of it that is read, a reduce all the elements it reduces
   into those, any other op its operands whole (an operand read by several users, or by
-  one along several paths, counts once per read; no count exceeds the whole)."""
+  one along several paths, counts once per read; what an op passes on is at most its
+  own size, and the caller caps a parameter's count at its size)."""
   root = fused.instructions[fused.root]
   read = collections.Counter()
   for out in (root.operands if root.opcode == "tuple" else [root.name]):

@@ -16,10 +16,8 @@ anything is compiled, from shapes alone (no constants fitted to a compiler):
   - TPU and CPU (`PortableLookup`'s update; TPU's kernel, `TpuLookup`, is
     one but for its exchange): every id's gradient, all live when the
     updates start; for the group being updated (one at a time) its summed
-    gradients and its new optimiser slot values; the gradients of row-wise's
-    partial sums of every sample's bags (all-gathered); on TPU, the table-wise
-    gradients twice, as the all-to-all's [owner, sample, slot, D] and as one
-    row per id (with TPU's 8 x 128 tiles that reshape is a copy);
+    gradients and its optimiser slots' rows; the gradients of row-wise's
+    partial sums of every sample's bags (all-gathered);
   - GPU (`SortedLookup`, whose update writes the summed rows and slots in
     place): one group's id gradients at a time, and the largest level of its
     segmented scan over them in row order (pairwise sums: half as many rows),
@@ -106,8 +104,7 @@ def embedding_temporaries(plan: Plan, slots_per_row: Callable[[int], int],
     return int(max(1.5 * g for g in gradients.values()) + partial) if gradients else 0
   update = max((ids * (width + slots_per_row(int(width))) * 4
                 for ids, width in handled.values()), default=0)
-  relayout = gradients.get(TABLE_WISE, 0) if platform == "tpu" else 0
-  return int(sum(gradients.values()) + update + partial + relayout)
+  return int(sum(gradients.values()) + update + partial)
 
 
 def dense_peak_values(model) -> int:

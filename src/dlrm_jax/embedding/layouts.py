@@ -351,6 +351,7 @@ class RowWise(Layout):
     return summed.reshape(batch // self.n, k, -1)
 
 
+# A custom VJP (reverse mode only, the train step's; jax.jvp through it is not defined).
 @jax.custom_vjp
 def _zero_where_not_kept(vectors: jax.Array, kept: jax.Array) -> jax.Array:
   """`vectors` [N, D] with the rows not `kept` [N] zeroed. Its gradient passes through
