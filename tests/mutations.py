@@ -99,6 +99,13 @@ MUTATIONS = (
         "    summed = self.kernel.sum_scatter(partial, self.axes.shard, self.n)\n",
         ("tests/test_sharding.py::test_each_sharding_type_alone_matches_single_device_sgd",)),
     Mutation(
+        "row_wise_empty_slots_not_zeroed",
+        "a row-wise device's empty slots add their clipped rows to the last bag",
+        "src/dlrm_jax/embedding/layouts.py",
+        "  return jnp.where(kept[:, None], vectors, 0)\n",
+        "  return vectors\n",
+        ("tests/test_sharding.py::test_each_sharding_type_alone_matches_single_device_sgd",)),
+    Mutation(
         "tpu_sum_scatter_blocks_transposed",
         "the TPU kernel sends each device every n-th sample instead of its block",
         "src/dlrm_jax/embedding/kernels.py",
