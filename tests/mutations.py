@@ -100,11 +100,18 @@ MUTATIONS = (
         ("tests/test_sharding.py::test_each_sharding_type_alone_matches_single_device_sgd",)),
     Mutation(
         "row_wise_empty_slots_not_zeroed",
-        "a row-wise device's empty slots add their clipped rows to the last bag",
+        "a row-wise device's empty slots add their clipped rows to the last bag (TPU)",
         "src/dlrm_jax/embedding/layouts.py",
         "  return jnp.where(kept[:, None], vectors, 0)\n",
         "  return vectors\n",
-        ("tests/test_sharding.py::test_each_sharding_type_alone_matches_single_device_sgd",)),
+        ("tests/test_sharding.py::test_the_tpu_kernel_exchanges_row_wise_sums_by_all_to_all",)),
+    Mutation(
+        "row_wise_table_gradient_unmasked",
+        "a lookup differentiated with respect to the tables passes the empty slots' gradient",
+        "src/dlrm_jax/embedding/layouts.py",
+        "      values = jnp.where(lookup[\"kept\"][:, None], vectors, 0)\n",
+        "      values = _zero_where_not_kept(vectors, lookup[\"kept\"])\n",
+        ("tests/test_train.py::test_sparse_sgd_step_equals_dense_optax_sgd",)),
     Mutation(
         "tpu_sum_scatter_blocks_transposed",
         "the TPU kernel sends each device every n-th sample instead of its block",

@@ -587,6 +587,8 @@ def test_flat_bags_cost_per_id_in_every_layout():
       assert rows.shape == (BATCH, ids)
     elif kind == ROW_WISE:  # unbounded (evaluation): room for every id of the group
       assert rows.shape == (n * BATCH * ids,)
+      bag = np.asarray(lookups[kind]["bag"]).reshape(n, -1)  # sorted on each device, as
+      assert (bag >= 0).all() and (np.diff(bag, axis=1) >= 0).all()  # its sum declares
     else:  # all-gathered ids: each device has every sample's ids of the group
       assert rows.shape == (n * BATCH, ids)
     vectors = lookups[kind]["vectors"].shape[:-1]  # table-wise: flat, one per id

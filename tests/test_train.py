@@ -20,14 +20,26 @@ from dlrm_jax.specs import TrainingSpec
 from dlrm_jax.task import Task
 
 
-@pytest.mark.parametrize("step", [0, 5])
-def test_sparse_sgd_step_equals_dense_optax_sgd(tiny_config, step):
+@pytest.mark.parametrize("step,row_wise", [(0, None), (5, None), (0, "cpu"), (0, "tpu")])
+def test_sparse_sgd_step_equals_dense_optax_sgd(tiny_config, step, row_wise, monkeypatch):
   """The rows-only update equals jax.grad through the gather + optax.sgd on everything,
-  at the rate the reference's schedule gives the step (here in its warmup)."""
+  at the rate the reference's schedule gives the step (here in its warmup); also with
+  every table row-wise over 8 devices, where the dense gradient goes through the owners'
+  gathers, whose empty slots must give the rows they read no gradient, with the
+  portable kernel and with the TPU's (which adds the empty slots to a bag)."""
+  from dlrm_jax.embedding import kernels
+
   c = tiny_config
   c.learning_rate, c.lr_num_warmup_steps = 0.5, 8
+  if row_wise:
+    monkeypatch.setitem(kernels.KERNELS, "cpu", kernels.KERNELS[row_wise])
+    c.mesh.num_devices = 8
+    tables = len(c.arch_embedding_size.split("-"))
+    c.sharding.overrides = ",".join(f"t{t}:row_wise" for t in range(tables))
   lr = ReferenceLRPolicy(0.5, 8, 8, 0).rates(step + 1)[step]
   task = Task(c)
+  if row_wise:
+    assert {p.kind for p in task.plan.placements} == {"row_wise"}
   state = task.init_state(0)
   state = state.replace(step=jax.device_put(jnp.int32(step), task.state_shardings.step))
   batch = SyntheticCTR(task.spec.table_rows, 13, 64, seed=0, zipf_exponent=2.0).batch(0)

@@ -351,8 +351,10 @@ def _fusion_traffic(ins: Instruction, fused: Computation, computations):
     if p.opcode != "parameter":
       continue
     uses = _indexed_uses(p.name, users, computations)
-    if uses is None:  # the elements the outputs need, at most all of it
-      yield own, min(p.result_bytes, read[p.name] * _itemsize(p.shape)), 0
+    if uses is None:  # the elements the outputs need, at most all of it (a tuple: whole)
+      tuple_shaped = p.shape.lstrip().startswith("(")
+      yield own, (p.result_bytes if tuple_shaped else
+                  min(p.result_bytes, read[p.name] * _itemsize(p.shape))), 0
       continue
     indexed.add(p.name)
     for use in uses:  # the rows read; scatters' rows written are counted as outputs

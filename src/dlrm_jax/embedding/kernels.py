@@ -25,6 +25,10 @@ sum on every backend: its segments are bags, each added to by at most a bag's
 width of ids, so its atomics barely contend, and a segmented scan of the same
 (log2 N passes over N vectors) moved many times the bytes in the compiled GPU step.
 
+The TPU's `sum_rows` adds the empty slots' zero vectors to the last bag rather
+than dropping them, so that no pass masks every id's gradient; its scatter has no
+atomics to contend on that bag.
+
 One collective is here too, as its best form differs by backend: `sum_scatter`,
 which sums the row-wise owners' partial sums over the devices and leaves each
 device its own samples'. It is a reduce-scatter, except on TPU: XLA:TPU rewrites a
@@ -52,7 +56,8 @@ class LocalLookup(Protocol):
 
   def gather(self, table: jax.Array, rows: jax.Array) -> jax.Array:
     """table[rows] for rows [..., H] -> [..., H, D]; a row past the end (padding) may
-    give any value: its pooling scale is 0 and its update is dropped."""
+    give any value: its vector is left out of its bag (a pooling scale of 0, a padding
+    segment, or zeroed) and its update is dropped."""
 
   def pool(self, vectors: jax.Array, scale: jax.Array | None) -> jax.Array:
     """Bags of one width: [..., H, D] vectors with [..., H] scales (None: weight 1) -> [..., D]."""
@@ -69,8 +74,10 @@ class LocalLookup(Protocol):
     allowed; rows >= the table's row count are padding)."""
 
   def sum_rows(self, rows: jax.Array, values: jax.Array, num_rows: int) -> jax.Array:
-    """[num_rows, D]: row r the sum of the values [N, D] whose rows [N] (sorted, each
-    < num_rows) are r. Differentiable with respect to `values`."""
+    """[num_rows, D]: row r the sum of the values [N, D] whose rows [N] (sorted) are r;
+    rows >= num_rows dropped (their values are zero: a kernel may add them to a row
+    instead, and their gradient may be any value). Differentiable with respect to
+    `values`."""
 
   def row_gradients(self, rows: jax.Array, grads: jax.Array,
                     num_rows: int) -> tuple[jax.Array, jax.Array]:
@@ -100,8 +107,7 @@ class PortableLookup:
     return tables["stacked"], state
 
   def sum_rows(self, rows, values, num_rows):
-    return jax.ops.segment_sum(values, rows, num_segments=num_rows, indices_are_sorted=True,
-                               mode="promise_in_bounds")  # no masking, nor in the gradient
+    return jax.ops.segment_sum(values, rows, num_segments=num_rows, indices_are_sorted=True)
 
   def row_gradients(self, rows, grads, num_rows):
     dense = jax.ops.segment_sum(grads, rows, num_segments=num_rows + 1)[:num_rows]
@@ -140,6 +146,13 @@ class SortedLookup(PortableLookup):
 class TpuLookup(PortableLookup):
   """The portable lookup, with the row-wise partial sums exchanged by an all-to-all (the
   module's docstring): for TPUs."""
+
+  def sum_rows(self, rows, values, num_rows):
+    # The dropped rows' zero values added to the last row: every row in bounds, so
+    # neither the sum nor its gradient's gather masks every id (a pass over all of
+    # them). A TPU's scatter has no atomics to contend on that row; a GPU's would.
+    return jax.ops.segment_sum(values, jnp.minimum(rows, num_rows - 1), num_segments=num_rows,
+                               indices_are_sorted=True, mode="promise_in_bounds")
 
   def sum_scatter(self, partial, axis, n):
     return _all_to_all_sum(partial, axis, n)

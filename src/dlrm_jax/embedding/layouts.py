@@ -324,13 +324,16 @@ class RowWise(Layout):
     column = at % width
     offset = self._column_const(self.local_offset, bags)[0]
     rows = jnp.where(kept, row.reshape(-1)[at] + offset[column], table.shape[0])
-    k = len(bags.widths)  # the bag of each kept id, sample by sample; the empty slots
-    # (after the kept ones) add a zero vector to the last bag, so every bag is in bounds.
-    bag = jnp.where(kept, (at // width) * k + jnp.asarray(bags.segments())[column],
-                    batch * k - 1)
-    out = {"vectors": self.kernel.gather(table, rows), "rows": rows, "kept": kept,
-           "bag": bag, "dropped": dropped[None],
+    k = len(bags.widths)  # the bag of each kept id, sample by sample; k * batch: none
+    bag = jnp.where(kept, (at // width) * k + jnp.asarray(bags.segments())[column], batch * k)
+    out = {"vectors": self.kernel.gather(table, rows), "rows": rows, "bag": bag,
+           "dropped": dropped[None],
            "samples": jnp.zeros((batch, 0), jnp.int8)}  # B_group, for `exchange`
+    # The train step's lookup (bounded) is differentiated with respect to its vectors
+    # alone, and the update drops the empty slots' rows: their gradient need not be
+    # masked. Any other may be differentiated with respect to the table (through the
+    # gather, whose empty slots read a clipped row): masked exactly.
+    out["kept_in_update" if bounded else "kept"] = kept
     if scale is not None:
       scale = jax.lax.all_gather(scale, self.axes.shard, tiled=True)
       out["scale"] = jnp.where(kept, scale.reshape(-1)[at], 0.0)
@@ -339,10 +342,13 @@ class RowWise(Layout):
   def exchange(self, lookup, bags):
     vectors, k = lookup["vectors"], len(bags.widths)
     batch = lookup["samples"].shape[0]
+    # The empty slots' vectors zeroed (`kernel.sum_rows` may add them to any bag).
     if "scale" in lookup:  # zero where not kept
       values = vectors * lookup["scale"][:, None].astype(vectors.dtype)
+    elif "kept_in_update" in lookup:
+      values = _zero_where_not_kept(vectors, lookup["kept_in_update"])
     else:
-      values = _zero_where_not_kept(vectors, lookup["kept"])
+      values = jnp.where(lookup["kept"][:, None], vectors, 0)
     partial = self.kernel.sum_rows(lookup["bag"], values, batch * k)  # my rows' part of
     # each bag, [batch k, D]
     # Exchanged flat (the samples' blocks are contiguous rows): on a TPU, [batch, k, D]
@@ -351,12 +357,13 @@ class RowWise(Layout):
     return summed.reshape(batch // self.n, k, -1)
 
 
-# A custom VJP (reverse mode only, the train step's; jax.jvp through it is not defined).
+# A custom VJP (reverse mode only: the train step's; jax.jvp through it is not defined).
 @jax.custom_vjp
 def _zero_where_not_kept(vectors: jax.Array, kept: jax.Array) -> jax.Array:
-  """`vectors` [N, D] with the rows not `kept` [N] zeroed. Its gradient passes through
-  unmasked: a slot not kept has no row (the update drops it), so its gradient is never
-  used, and leaving it unmasked spares a pass over every id's gradient."""
+  """`vectors` [N, D] with the rows not `kept` [N] zeroed, for the train step. Its
+  gradient passes through unmasked: a slot not kept has no row (the sparse update drops
+  it), so its gradient is never used, and leaving it unmasked spares a pass over every
+  id's gradient. Not for a lookup differentiated with respect to the table."""
   return jnp.where(kept[:, None], vectors, 0)
 
 
