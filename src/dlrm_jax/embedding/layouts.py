@@ -349,10 +349,9 @@ class RowWise(Layout):
       values = _zero_where_not_kept(vectors, lookup["kept_in_update"])
     else:
       values = jnp.where(lookup["kept"][:, None], vectors, 0)
-    partial = self.kernel.sum_rows(lookup["bag"], values, batch * k)  # my rows' part of
-    # each bag, [batch k, D]
-    # Exchanged flat (the samples' blocks are contiguous rows): on a TPU, [batch, k, D]
-    # would pad k to 8 rows and copy.
+    # My rows' part of each bag, [batch k, D], exchanged flat (the samples' blocks are
+    # contiguous rows): on a TPU, [batch, k, D] would pad k to 8 rows and copy.
+    partial = self.kernel.sum_rows(lookup["bag"], values, batch * k)
     summed = self.kernel.sum_scatter(partial, self.axes.shard, self.n)
     return summed.reshape(batch // self.n, k, -1)
 

@@ -54,7 +54,7 @@ from dlrm_jax.embedding.collection import TableSpec
 from dlrm_jax.embedding.optimizers import SPARSE_OPTIMIZERS
 from dlrm_jax.embedding.step_time import (COLUMN_WISE, CPU, PHASES, REPLICATED, ROW_WISE,
                                           SHARDING_TYPES, TABLE_WISE, Bandwidths, TableTime,
-                                          device_seconds, replica_exchange_bytes,
+                                          replica_exchange_bytes, slowest_device,
                                           sparse_replica_update, table_time)
 from dlrm_jax.embedding.step_time import describe as describe_times
 
@@ -207,8 +207,7 @@ class Plan:
     `bandwidths`), and their sum ("total"); {} where the bandwidths are not known."""
     if self.bandwidths is None:
       return {}
-    total = device_seconds(self.table_times(), self.bandwidths)
-    slowest = total[int(total.sum(1).argmax())]
+    _, slowest = slowest_device(self.table_times(), self.bandwidths)
     return {**dict(zip(PHASES, map(float, slowest))), "total": float(slowest.sum())}
 
   def describe(self) -> str:

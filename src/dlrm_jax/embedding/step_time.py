@@ -141,6 +141,13 @@ def device_seconds(times: list[TableTime], bw: Bandwidths) -> np.ndarray:
   return sum((t.seconds(bw) for t in times), np.zeros((1, len(PHASES))))
 
 
+def slowest_device(times: list[TableTime], bw: Bandwidths) -> tuple[int, np.ndarray]:
+  """The device whose tables take longest at `bw`, and its seconds per phase."""
+  total = device_seconds(times, bw)
+  slowest = int(total.sum(1).argmax())
+  return slowest, total[slowest]
+
+
 def describe(times: list[TableTime], names: list[str], bw: Bandwidths) -> list[str]:
   """Lines of the plan's time estimate: each table's seconds per phase on its busiest
   device, and the slowest device's total."""
@@ -149,10 +156,9 @@ def describe(times: list[TableTime], names: list[str], bw: Bandwidths) -> list[s
   for name, t in zip(names, times):
     s = t.seconds(bw)
     lines.append(f"  {name:<10} " + " ".join(f"{_ms(x):>14}" for x in s[s.sum(1).argmax()]))
-  total = device_seconds(times, bw)
-  slowest = int(total.sum(1).argmax())
-  lines.append(f"  {'step':<10} " + " ".join(f"{_ms(x):>14}" for x in total[slowest])
-               + f"   = {_ms(total[slowest].sum())} on device {slowest} (the slowest)")
+  slowest, phases = slowest_device(times, bw)
+  lines.append(f"  {'step':<10} " + " ".join(f"{_ms(x):>14}" for x in phases)
+               + f"   = {_ms(phases.sum())} on device {slowest} (the slowest)")
   return lines
 
 
